@@ -1,0 +1,120 @@
+"""Benchmark of the validate stage: generated conversations through `run_validate` in a fresh process.
+
+Usage:
+
+    python benchmarks/validate.py                 # 100,000 conversations, 2 cores
+    python benchmarks/validate.py --rows 20000 --cores 1
+
+The stage runs in a child process pinned to `--cores` CPUs so that the wall time includes the interpreter
+start and every import (Great Expectations alone takes several seconds), as it does in a pipeline run.
+About 1% of the generated rows are bad on purpose, so the quarantine path is exercised too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+WORDS = ("the model data train token answer question system user assistant value result file line error report "
+         "check split learn rate batch layer weight query context retrieve document policy reward pair").split()
+
+
+def _sentence(rng: random.Random, low: int, high: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high))).capitalize() + "."
+
+
+def _conversation(rng: random.Random, i: int) -> dict:
+    messages = [{"role": "system", "content": "You are a helpful assistant."}] if rng.random() < 0.3 else []
+    for turn in range(rng.randint(1, 3)):
+        messages.append({"role": "user", "content": f"Question {i}.{turn}: {_sentence(rng, 5, 30)}"})
+        messages.append({"role": "assistant", "content": _sentence(rng, 10, 80)})
+    return {"messages": messages}
+
+
+def _bad_line(rng: random.Random, i: int) -> str:
+    good = json.dumps(_conversation(rng, i))
+    return rng.choice([
+        good[: len(good) // 2],                                              # truncated line
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}),
+        json.dumps({"messages": [{"role": None, "content": ["a"]}]}),        # wrong types
+        json.dumps({"messages": [{"role": "tool", "content": "x"}]}),        # unknown role, bad order
+        '"just a string"',
+    ])
+
+
+def generate(raw_dir: Path, rows: int, seed: int = 0) -> int:
+    """Write `rows` lines of OpenAI-style chat JSONL (about 1% bad) and return the file size in bytes."""
+    rng = random.Random(seed)
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    path = raw_dir / "chat.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(rows):
+            line = _bad_line(rng, i) if rng.random() < 0.01 else json.dumps(_conversation(rng, i))
+            f.write(line + "\n")
+    return path.stat().st_size
+
+
+def _inner(raw_dir: Path, out_dir: Path) -> int:
+    """The measured part: import and run the stage, print its summary with the peak memory."""
+    from tunepath.validate import ValidateConfig, run_validate
+
+    summary = run_validate(ValidateConfig(), raw_dir, out_dir)
+    summary["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    print(json.dumps(summary))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=100_000, help="generated conversations")
+    parser.add_argument("--cores", type=int, default=2, help="CPUs the stage process may use")
+    parser.add_argument("--inner", nargs=2, metavar=("RAW", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.inner:
+        return _inner(Path(args.inner[0]), Path(args.inner[1]))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        raw, out = Path(tmp) / "raw", Path(tmp) / "out"
+        size = generate(raw, args.rows)
+        cores = sorted(os.sched_getaffinity(0))[: args.cores]
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, __file__, "--inner", str(raw), str(out)], capture_output=True,
+                              text=True, preexec_fn=lambda: os.sched_setaffinity(0, cores))
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            print(proc.stderr, file=sys.stderr)
+            return proc.returncode
+        s = json.loads(proc.stdout.strip().splitlines()[-1])
+        t = s["timings_s"]
+        stage = sum(t.values())
+        rows = [
+            ("rows read", f"{s['read']:,} ({size / 2**20:.0f} MiB JSONL)"),
+            ("accepted / rejected", f"{s['accepted']:,} / {s['rejected']:,}"),
+            ("cores", str(len(cores))),
+            ("wall time, process incl. imports", f"{wall:.1f} s"),
+            ("  read + parse + normalise", f"{t['read_normalise']:.1f} s"),
+            ("  GX import", f"{t['gx_import']:.1f} s"),
+            ("  GX contracts (frames + suites)", f"{t['contracts']:.1f} s"),
+            ("  split + profile", f"{t['split_profile']:.1f} s"),
+            ("  write outputs", f"{t['write']:.1f} s"),
+            ("  interpreter + other imports", f"{wall - stage:.1f} s"),
+            ("rows/s (wall)", f"{s['read'] / wall:,.0f}"),
+            ("peak RSS", f"{s['peak_rss_mb']:,.0f} MiB"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        print(f"| {'validate benchmark':<{width}} | value |\n|{'-' * (width + 2)}|-------|")
+        for k, v in rows:
+            print(f"| {k:<{width}} | {v} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Prefect tasks: each stage's core function, skipped when DVC says it is up to date, recorded after it runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from tunepath.ledger import Ledger
+from tunepath.stages import Workspace, run_stage
+
+REPORTS = {"validate": "report.md", "tokenize": "report.md", "route": "plan.md", "evaluate": "report.md"}
+
+
+# DVC is the cache: Prefect's own result cache stays off so there is one source of truth about staleness.
+@task(name="stage", task_run_name="{name}", cache_policy=NO_CACHE)
+def run_stage_task(name: str, config, workspace: Workspace) -> dict:
+    logger = get_run_logger()
+    ledger = Ledger(workspace.root)
+    try:
+        if ledger.is_current(name):
+            logger.info("%s: up to date in dvc.lock, skipped", name)
+            return {"stage": name, "skipped": True}
+        summary = run_stage(name, config, workspace)
+        ledger.record(name)
+    finally:
+        ledger.close()
+    publish(name, workspace, summary)
+    return {"stage": name, "skipped": False}
+
+
+def publish(name: str, workspace: Workspace, summary: dict) -> None:
+    """Put what a person wants to see of this stage into the Prefect UI."""
+    out = workspace.out(name)
+    key = f"tunepath-{name}"
+    if name in REPORTS and (out / REPORTS[name]).exists():
+        create_markdown_artifact((out / REPORTS[name]).read_text(encoding="utf-8"), key=key, description=f"{name} report")
+    elif name == "train":
+        create_markdown_artifact(loss_table(out / "loss.csv"), key=key, description="training loss curve")
+    elif name == "register":
+        create_markdown_artifact(
+            f"# Registered\n\n`{summary['uri']}` is version **{summary['version']}** of `{summary['name']}` "
+            f"(MLflow run `{summary['run_id']}`, tracking `{summary['tracking_uri']}`).\n",
+            key=key, description="MLflow model version",
+        )
+
+
+def loss_table(path: Path, rows: int = 20) -> str:
+    lines = path.read_text(encoding="utf-8").splitlines()[1:]
+    every = max(1, len(lines) // rows)
+    picked = lines[::every] + ([lines[-1]] if lines and (len(lines) - 1) % every else [])
+    table = ["# Training loss", "", "| step | stage | loss | learning rate |", "|---|---|---|---|"]
+    for line in picked:
+        step, stage, loss, lr, _ = line.split(",")
+        table.append(f"| {step} | {stage} | {float(loss):.4f} | {float(lr):.2e} |")
+    return "\n".join(table) + "\n"

@@ -1,0 +1,72 @@
+"""Shared fixtures: the demo assets built once per session, and project folders for end-to-end runs.
+
+The environment is set before anything imports Prefect, MLflow or DVC: offline, and one Prefect home for the
+whole session, so every flow in the session shares one temporary Prefect server.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="tunepath-tests-"))
+os.environ.update({
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "GIT_PYTHON_REFRESH": "quiet",
+    "PREFECT_HOME": str(_SESSION_HOME / "prefect"),
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "tunepath",
+})
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("PREFECT_API_URL", None)
+
+# Small and fast for tests; the pipeline code path is the same as `make run`.
+FAST_OVERRIDES = ["train.max_steps=30", "evaluate.samples=3", "evaluate.max_new_tokens=16"]
+
+
+@pytest.fixture(scope="session")
+def demo_assets(tmp_path_factory) -> Path:
+    """A folder with `data/raw` (demo data) and `models/demo` (the tiny model), built once."""
+    from tunepath.demo import DemoConfig, build_demo_model, generate_demo_data
+
+    root = tmp_path_factory.mktemp("demo-assets")
+    cfg = DemoConfig()
+    generate_demo_data(root / "data" / "raw", cfg)
+    files = sorted((root / "data" / "raw").iterdir())
+    build_demo_model(root / "models" / "demo", cfg, files)
+    return root
+
+
+def make_project(dest: Path, assets: Path) -> Path:
+    """A fresh tunepath project: the repo's params, dvc.yaml and code, the demo assets, git and DVC initialised."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("params.yaml", "dvc.yaml", ".gitignore"):
+        shutil.copy(REPO / name, dest / name)
+    shutil.copytree(REPO / "tunepath", dest / "tunepath", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(assets / "data", dest / "data")
+    shutil.copytree(assets / "models", dest / "models")
+    git = ["git", "-c", "user.email=t@example.invalid", "-c", "user.name=t"]
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=dest, check=True)
+    subprocess.run(git + ["add", "-A"], cwd=dest, check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "project"], cwd=dest, check=True)
+    return dest
+
+
+@pytest.fixture
+def project(tmp_path, demo_assets) -> Path:
+    return make_project(tmp_path / "project", demo_assets)

@@ -1,0 +1,79 @@
+"""The whole pipeline through the real Prefect flow, DVC ledger and MLflow registry, on the tiny demo model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import FAST_OVERRIDES, make_project
+from tunepath.config import STAGES
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, demo_assets):
+    """One project with one completed `finetune` flow run (shared by the tests of this module)."""
+    from flows.finetune import finetune
+    from tunepath.params import load_config
+    from tunepath.stages import default_tracking_uri
+
+    root = make_project(tmp_path_factory.mktemp("e2e") / "project", demo_assets)
+    cfg = load_config(root / "params.yaml", FAST_OVERRIDES)
+    result = finetune(config=cfg, project_dir=str(root), tracking_uri=default_tracking_uri(root))
+    return root, cfg, result
+
+
+def test_every_stage_runs_and_writes_its_folder(finished):
+    root, _, result = finished
+    assert result["ran"] == list(STAGES)
+    for stage in STAGES:
+        assert any((root / "artifacts" / stage).iterdir()), f"{stage} wrote nothing"
+
+
+def test_tuned_model_beats_base_on_held_out_data(finished):
+    root, _, _ = finished
+    metrics = json.loads((root / "artifacts" / "evaluate" / "metrics.json").read_text())
+    assert metrics["tuned_loss"] < metrics["base_loss"]
+    assert metrics["passed"] is True
+
+
+def test_overrides_are_written_to_params_for_dvc(finished):
+    import yaml
+
+    root, _, _ = finished
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    assert params["train"]["max_steps"] == 30
+
+
+def test_dvc_status_is_clean_after_the_flow(finished):
+    root, _, _ = finished
+    out = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=root, capture_output=True, text=True, check=True)
+    assert "up to date" in out.stdout, out.stdout
+
+
+def test_registered_candidate_loads_from_mlflow_and_generates(finished):
+    import mlflow
+
+    from tunepath.stages import default_tracking_uri
+
+    root, _, _ = finished
+    record = json.loads((root / "artifacts" / "register" / "model.json").read_text())
+    assert record["uri"] == "models:/tunepath-demo@candidate"
+    assert record["tags"]["git_commit"] and record["tags"]["data_hash"]
+    mlflow.set_tracking_uri(default_tracking_uri(root))
+    pipe = mlflow.transformers.load_model("models:/tunepath-demo@candidate")
+    messages = [{"role": "user", "content": "Where is my order?"}]
+    prompt = pipe.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = pipe(prompt, max_new_tokens=12, do_sample=False, return_full_text=False)[0]["generated_text"]
+    assert isinstance(text, str) and text.strip()
+
+
+def test_second_run_skips_every_stage(finished):
+    from flows.finetune import finetune
+
+    root, cfg, _ = finished
+    result = finetune(config=cfg, project_dir=str(root))
+    assert result["ran"] == []
+    assert result["skipped"] == list(STAGES)

@@ -1,0 +1,175 @@
+"""The `tunepath` command.
+
+    tunepath demo                      # build the demo model and data (if missing) and track the data with DVC
+    tunepath run [--set train.max_steps=20 ...]   # the Prefect flow `finetune`, end to end
+    tunepath stage NAME                # one stage, as `dvc repro` runs it
+    tunepath params > params.yaml      # every knob with its default and a comment
+    tunepath route --profile examples/profiles/sft_task.yaml [--json]   # explain a route for a profile
+
+Every command works in the project folder (the one holding params.yaml), or the one given with --project.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+SERVICES_ENV = Path(".tunepath") / "services.env"
+OFFLINE_ENV = {
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "GIT_PYTHON_REFRESH": "quiet",
+}
+
+
+def prepare_env(root: Path) -> None:
+    """Environment for everything this process starts: offline, the project's own Prefect home, services if up."""
+    env = dict(OFFLINE_ENV)
+    env.update({
+        "PREFECT_HOME": str(root / ".prefect"),
+        # the temporary Prefect server takes 13-27 s to start here; the default 20 s limit fails now and then
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "tunepath",
+    })
+    services = root / SERVICES_ENV
+    if services.exists():
+        for line in services.read_text(encoding="utf-8").splitlines():
+            key, sep, value = line.partition("=")
+            if sep and not line.lstrip().startswith("#"):
+                env[key.strip()] = value.strip()
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+
+
+def tracking_uri(root: Path) -> str:
+    from tunepath.stages import default_tracking_uri
+
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
+
+
+def preflight(cfg, root: Path) -> None:
+    """Catch the common mistakes before any server starts or model loads."""
+    from tunepath.stages import Workspace, resolve_model
+
+    raw = root / cfg.data.raw_dir
+    if not raw.is_dir():
+        raise FileNotFoundError(f"data.raw_dir: {raw} does not exist; put your data files there or run `tunepath demo`")
+    if not any(p.is_file() and not p.name.startswith(".") and p.suffix != ".dvc" for p in raw.rglob("*")):
+        raise FileNotFoundError(f"data.raw_dir: {raw} has no data files (.jsonl, .json, .parquet, .csv, .txt)")
+    resolve_model(cfg.model, Workspace(root, ""))
+
+
+def cmd_run(args) -> int:
+    from tunepath.params import load_config
+
+    cfg = load_config(args.project / "params.yaml", args.set)
+    preflight(cfg, args.project)
+    from flows.finetune import finetune
+
+    result = finetune(config=cfg, project_dir=str(args.project), tracking_uri=tracking_uri(args.project))
+    print(f"stages run: {', '.join(result['ran']) or 'none'}; up to date: {', '.join(result['skipped']) or 'none'}")
+    print(f"results: {args.project / 'artifacts'} (evaluate/metrics.json, merge/, register/model.json)")
+    print(f"registry: MLflow at {tracking_uri(args.project)}  (open it: make mlflow-ui)")
+    return 0
+
+
+def cmd_stage(args) -> int:
+    from tunepath.params import load_config
+    from tunepath.stages import Workspace, run_stage
+
+    cfg = load_config(args.project / "params.yaml")
+    run_stage(args.name, cfg, Workspace(args.project, tracking_uri(args.project)))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from tunepath.demo import build_demo_model, generate_demo_data
+    from tunepath.params import load_config
+
+    cfg = load_config(args.project / "params.yaml")
+    raw = args.project / cfg.data.raw_dir
+    if args.force or not raw.is_dir() or not any(raw.iterdir()):
+        counts = generate_demo_data(raw, cfg.demo)
+        print(f"demo data: {raw} {counts}")
+    track_data(args.project, cfg.data.raw_dir)
+    model_dir = args.project / cfg.model.base
+    if args.force or not (model_dir / "config.json").exists():
+        files = sorted(p for p in raw.iterdir() if p.is_file() and not p.name.startswith("."))
+        build_demo_model(model_dir, cfg.demo, files)
+        print(f"demo model: {model_dir}")
+    return 0
+
+
+def track_data(root: Path, raw_dir: str) -> None:
+    """`dvc add` the data folder (a no-op when unchanged) and push it to the project's DVC remote."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        if repo.status(targets=[f"{raw_dir}.dvc"]) if (root / f"{raw_dir}.dvc").exists() else True:
+            repo.add(raw_dir)
+        repo.push()
+
+
+def cmd_route(args) -> int:
+    from tunepath.route.cli import route_main
+
+    return route_main(args.rest)
+
+
+def cmd_params(args) -> int:
+    from tunepath.params import render_defaults
+
+    sys.stdout.write(render_defaults())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tunepath", description="Validate, tokenize, route, train, evaluate, merge and register an LLM fine-tune.")
+    parser.add_argument("--project", type=Path, default=Path("."), help="project folder holding params.yaml (default: .)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the finetune flow end to end")
+    run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a params.yaml value (repeatable); written back to params.yaml")
+    run.set_defaults(func=cmd_run)
+    stage = sub.add_parser("stage", help="run one stage (what dvc.yaml calls)")
+    stage.add_argument("name", choices=["validate", "tokenize", "route", "train", "evaluate", "merge", "register"])
+    stage.set_defaults(func=cmd_stage)
+    demo = sub.add_parser("demo", help="build the demo model and data when missing")
+    demo.add_argument("--force", action="store_true", help="rebuild even if present")
+    demo.set_defaults(func=cmd_demo)
+    params = sub.add_parser("params", help="print params.yaml with every default and what it does")
+    params.set_defaults(func=cmd_params)
+    route = sub.add_parser("route", help="explain the training route for a profile file", add_help=False)
+    route.add_argument("rest", nargs=argparse.REMAINDER)
+    route.set_defaults(func=cmd_route)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.project = args.project.resolve()
+    prepare_env(args.project)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from tunepath.errors import USER_ERRORS, describe
+
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        print(f"tunepath: error: {describe(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tunepath: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

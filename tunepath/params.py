@@ -1,0 +1,119 @@
+"""Reading params.yaml into the typed Config, `--set` overrides, and writing effective values back.
+
+Writing back keeps comments and order (ruamel round-trip), like `dvc exp run --set-param`: the params file
+always holds the values of the last run, which is what lets `dvc repro` reproduce it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """params.yaml or an override is wrong; the message names the key and what to do."""
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    import yaml
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. --set train.max_steps=20")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({e.problem})") from e
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text!r}: {part} is a value, not a section")
+        node[path[-1]] = value
+    return raw
+
+
+def build_config(raw: dict, source: str = "params.yaml"):
+    """Validate a plain dict into Config; every error names its key path."""
+    from pydantic import ValidationError
+
+    from tunepath.config import Config
+
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            where = ".".join(str(p) for p in err["loc"])
+            msg = "unknown key (check the spelling against params.yaml)" if err["type"] == "extra_forbidden" else err["msg"]
+            problems.append(f"{where}: {msg}")
+        raise ConfigError(f"{source}: " + "; ".join(problems)) from None
+
+
+def load_config(path: Path, overrides: list[str] | None = None):
+    import yaml
+
+    if not path.exists():
+        raise ConfigError(f"{path}: not found; run from the project folder or pass --params FILE")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (data, model, validate, ...), got {type(raw).__name__}")
+    return build_config(apply_overrides(raw, overrides or []), str(path))
+
+
+def write_params(path: Path, config) -> list[str]:
+    """Write the config's values into params.yaml where they differ; returns the changed key paths."""
+    from ruamel.yaml import YAML
+
+    yaml = YAML()
+    yaml.preserve_quotes = True
+    doc = yaml.load(path.read_text(encoding="utf-8")) if path.exists() else None
+    if doc is None:
+        from ruamel.yaml.comments import CommentedMap
+
+        doc = CommentedMap()
+    changed: list[str] = []
+    _merge(doc, config.model_dump(mode="json"), [], changed)
+    if changed:
+        with open(path, "w", encoding="utf-8") as f:
+            yaml.dump(doc, f)
+    return changed
+
+
+def _merge(doc, values: dict, prefix: list[str], changed: list[str]) -> None:
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(doc.get(key), dict):
+            _merge(doc[key], value, prefix + [key], changed)
+        elif key not in doc or doc[key] != value:
+            doc[key] = value
+            changed.append(".".join(prefix + [key]))
+
+
+def render_defaults() -> str:
+    """params.yaml with every default and its description as a comment (`tunepath params > params.yaml`)."""
+    import json
+
+    from tunepath.config import Config
+
+    lines = ["# tunepath parameters: one section per stage of dvc.yaml. Unknown keys are errors.",
+             "# Generated from the typed config (tunepath params); edit values freely, comments explain each knob.", ""]
+    defaults = Config().model_dump(mode="json")
+    for section, field in Config.model_fields.items():
+        lines.append(f"{section}:  # {field.description}")
+        model_cls = field.annotation
+        for key, sub in model_cls.model_fields.items():
+            value = json.dumps(defaults[section][key], ensure_ascii=False)
+            lines.append(f"  {key}: {value}  # {sub.description}")
+        lines.append("")
+    return "\n".join(lines)

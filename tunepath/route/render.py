@@ -1,0 +1,82 @@
+"""plan.md: the route explained for a person (also the Prefect markdown artifact and the CLI's output)."""
+
+from __future__ import annotations
+
+from tunepath.route.plan import RoutePlan
+from tunepath.route.profile import Profile
+
+SCENARIOS = {
+    1: "new model from scratch",
+    2: "much unlabelled domain data",
+    3: "labelled data for a task",
+    4: "strict grounding",
+    5: "styled domain assistant",
+    6: "limited resources",
+}
+
+
+def render_markdown(plan: RoutePlan, profile: Profile | None = None) -> str:
+    stages = " → ".join(plan.stages) if plan.stages else "none (training not advised)"
+    lines = [
+        "# Training route",
+        "",
+        f"- **Stages:** {stages}",
+        f"- **Method:** {plan.method}",
+        f"- **Start from:** {plan.start_from}",
+        f"- **Retrieval:** {plan.retrieval}",
+        f"- **Forced by params:** {'yes' if plan.forced else 'no'}",
+        "",
+        "## Why",
+        "",
+        "| rule | scenario | reason |",
+        "|---|---|---|",
+    ]
+    for r in plan.rules:
+        scenario = f"{r.scenario}: {SCENARIOS[r.scenario]}" if r.scenario else "-"
+        lines.append(f"| {r.id} | {scenario} | {escape(r.reason)} |")
+    if plan.warnings:
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in plan.warnings]
+    lines += render_memory(plan.memory)
+    if profile is not None:
+        lines += render_profile(profile)
+    return "\n".join(lines) + "\n"
+
+
+def render_memory(memory: dict) -> list[str]:
+    inputs = memory["inputs"]
+    gpus = memory["gpus"]
+    avail = memory["available_gb"]
+    where = f"{avail:,.2f} GB available per GPU on {gpus} GPU(s)" if avail is not None else "no GPU (CPU): nothing to fit"
+    lines = [
+        "",
+        "## Memory estimate per GPU (GB = 1e9 bytes)",
+        "",
+        f"{where}. Model: {inputs['params'] / 1e9:g}B parameters, hidden {inputs['hidden_size']}, {inputs['num_layers']} layers, "
+        f"MLP {inputs['intermediate_size']}, vocabulary {inputs['vocab_size']:,}"
+        + (f" (derived: {', '.join(inputs['derived'])})" if inputs["derived"] else "")
+        + f"; max_length {inputs['max_length']}, batch {inputs['batch_size']}, LoRA rank {inputs['lora_rank']}, "
+        f"gradient checkpointing {'on' if inputs['gradient_checkpointing'] else 'off'}.",
+        "",
+        "| method | weights | gradients | optimizer | activations | overhead | total | fits | hours |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method, parts in memory["breakdown_gb"].items():
+        fits = {True: "yes", False: "no", None: "-"}[memory["fits"][method]]
+        h = memory.get("hours", {}).get(method)
+        cells = [f"{parts[k]:,.2f}" for k in ("weights", "gradients", "optimizer", "activations", "overhead")]
+        total = f"{memory['per_gpu_gb'][method]:,.2f}"
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {total} | {fits} | {'-' if h is None else f'{h:,.1f}'} |")
+    lines += ["", f"Formula: {memory['formula']}"]
+    return lines
+
+
+def render_profile(profile: Profile) -> list[str]:
+    lines = ["", "## Profile", ""]
+    for part, values in profile.model_dump().items():
+        shown = ", ".join(f"{k}={v}" for k, v in values.items() if v is not None)
+        lines.append(f"- **{part}:** {shown}")
+    return lines
+
+
+def escape(text: str) -> str:
+    return text.replace("|", "\\|")

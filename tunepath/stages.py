@@ -1,0 +1,82 @@
+"""One place that knows how each stage's core function is called: the DVC `cmd` and the Prefect task share it.
+
+Every stage reads files under the project root and writes only `artifacts/<stage>/`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """The project folder a run works in, and where MLflow records it."""
+
+    root: Path
+    tracking_uri: str
+
+    def out(self, stage: str) -> Path:
+        return self.root / "artifacts" / stage
+
+    def path(self, relative: str) -> Path:
+        p = Path(relative)
+        return p if p.is_absolute() else self.root / p
+
+
+def default_tracking_uri(root: Path) -> str:
+    """MLflow on a SQLite file in the project (absolute: DVC may run stages from another folder)."""
+    return f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def run_stage(name: str, cfg, ws: Workspace) -> dict:
+    """Run one stage's core function with exactly the config sections and folders it depends on."""
+    if name == "validate":
+        from tunepath.validate import run_validate
+
+        raw = ws.path(cfg.data.raw_dir)
+        return run_validate(cfg.validate, raw, ws.out("validate"))
+    if name == "tokenize":
+        from tunepath.tokenize import run_tokenize
+
+        return run_tokenize(cfg.tokenize, resolve_model(cfg.model, ws), ws.out("validate"), ws.out("tokenize"))
+    if name == "route":
+        from tunepath.route import run_route
+
+        return run_route(cfg.route, resolve_model(cfg.model, ws), ws.out("tokenize"), ws.out("route"),
+                         max_length=cfg.tokenize.max_length, batch_size=cfg.train.batch_size, lora_rank=cfg.train.lora_r)
+    if name == "train":
+        from tunepath.train.stage import run_train
+
+        return run_train(cfg.train, resolve_model(cfg.model, ws), ws.out("route") / "plan.json", ws.out("tokenize"), ws.out("train"))
+    if name == "evaluate":
+        from tunepath.evaluate.stage import run_evaluate
+
+        return run_evaluate(cfg.evaluate, resolve_model(cfg.model, ws), ws.out("validate"), ws.out("tokenize"), ws.out("train"), ws.out("evaluate"))
+    if name == "merge":
+        from tunepath.merge.stage import run_merge
+
+        return run_merge(cfg.merge, resolve_model(cfg.model, ws), ws.out("tokenize"), ws.out("train"), ws.out("merge"))
+    if name == "register":
+        from tunepath.register.stage import run_register
+
+        return run_register(cfg.register, cfg.model_dump(mode="json"), ws.root, ws.tracking_uri, ws.root / "artifacts", ws.out("register"))
+    raise ValueError(f"unknown stage {name!r}; stages are validate, tokenize, route, train, evaluate, merge, register")
+
+
+def resolve_model(model, ws: Workspace):
+    """Make a local base-model path absolute (hub ids pass through); fail early if a local-looking path is missing."""
+    local = ws.path(model.base)
+    looks_local = model.base.startswith((".", "/")) or local.exists() or model.base.count("/") != 1
+    if looks_local and not (local / "config.json").exists():
+        raise FileNotFoundError(
+            f"model.base: {model.base!r} is not a model folder (no config.json at {local}). "
+            "Build the demo model with `tunepath demo`, or set model.base to a Hugging Face model folder or hub id."
+        )
+    chat = model.chat_variant
+    if chat and ws.path(chat).exists():
+        chat = str(ws.path(chat))
+    return model.model_copy(update={"base": str(local) if looks_local else model.base, "chat_variant": chat})

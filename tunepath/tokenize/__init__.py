@@ -1,0 +1,75 @@
+"""The tokenize stage: chat templates, SFT label masks, injection-safe tokenization, packing, CPT blocks, DPO pairs.
+
+Usage (Python):
+
+    from pathlib import Path
+    from tunepath.sections import ModelConfig
+    from tunepath.tokenize import TokenizeConfig, run_tokenize
+
+    run_tokenize(TokenizeConfig(), ModelConfig(base="models/demo"), Path("artifacts/validate"), Path("artifacts/tokenize"))
+
+Outputs (all under `out_dir`): `tokenizer/` (saved with the chat template used), `sft/{train,eval}`,
+`cpt/{train,eval}`, `dpo/{train,eval}` (datasets `save_to_disk`), `stats.json` and `report.md`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field, model_validator
+
+from tunepath.strict import Strict
+
+if TYPE_CHECKING:
+    from tunepath.tokenize.stage import run_tokenize
+
+__all__ = ["TokenizeConfig", "run_tokenize"]
+
+
+class TokenizeConfig(Strict):
+    """How records become token ids: template, masks, length policy, packing, parallelism."""
+
+    max_length: int = Field(256, ge=16, le=1_048_576, description="Longest row in tokens (samples, packed rows and CPT blocks).")
+    template: Literal["tokenizer", "chatml", "llama2", "custom"] = Field(
+        "tokenizer",
+        description="Chat template: the tokenizer's own, a built-in (chatml, llama2) or `custom_template`.",
+    )
+    custom_template: str | None = Field(
+        None, description="A Jinja chat template (Hugging Face conventions); only with template: custom."
+    )
+    pack: bool = Field(True, description="Pack SFT train samples into rows of max_length (best-fit decreasing).")
+    overlong: Literal["truncate", "drop"] = Field(
+        "truncate", description="A sample longer than max_length is cut to max_length (truncate) or left out (drop)."
+    )
+    last_turn_only: bool = Field(False, description="Learn only the last assistant turn of each conversation.")
+    cpt_remainder: Literal["drop", "pad", "keep"] = Field(
+        "keep", description="The last, short CPT block: drop it, pad it to max_length (labels -100), or keep it short."
+    )
+    cpt_isolate_documents: bool = Field(
+        True, description="Position ids restart at each document inside a CPT block, so documents do not attend to each other."
+    )
+    num_proc: int = Field(1, ge=1, le=256, description="Worker processes for datasets.map.")
+    batch_size: int = Field(1000, ge=1, le=1_000_000, description="Records per datasets.map batch.")
+    cache_dir: str | None = Field(
+        None, description="Where tokenized records are cached by input fingerprint; null: the datasets cache folder."
+    )
+
+    @model_validator(mode="after")
+    def _check_template(self) -> TokenizeConfig:
+        if self.template == "custom" and not (self.custom_template or "").strip():
+            raise ValueError("tokenize.template is 'custom' but tokenize.custom_template is empty; give a Jinja chat template")
+        if self.template != "custom" and self.custom_template is not None:
+            raise ValueError(
+                f"tokenize.custom_template is set but tokenize.template is {self.template!r}; "
+                "set template: custom to use it, or remove custom_template"
+            )
+        return self
+
+
+def __getattr__(name: str):
+    # Deferred: the stage imports datasets and transformers, the config module must not.
+    if name == "run_tokenize":
+        from tunepath.tokenize.stage import run_tokenize
+
+        return run_tokenize
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,314 @@
+"""run_tokenize: canonical records to tokenized data sets, with the chat template saved beside them.
+
+Each (kind, split) is tokenized by `datasets.map(batched=True, num_proc=...)` and the result is cached under
+a fingerprint of the records file, the tokenizer and template, the settings that change ids, and this
+package's code; packing, blocks and the writing of `out_dir` run every time (they are fast).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+from tunepath.records import read_records
+from tunepath.sections import ModelConfig
+from tunepath.tokenize import TokenizeConfig
+from tunepath.tokenize.batches import KEPT, STATUS_NAMES, TRUNCATED, EncodePlan, cpt_batch, encoder_for, sft_batch
+from tunepath.tokenize.masks import check_encoder
+from tunepath.tokenize.packing import best_fit_decreasing, build_rows, padding_share
+from tunepath.tokenize.report import write_report
+from tunepath.tokenize.templates import select_template, template_hash
+
+log = logging.getLogger(__name__)
+
+FOLDERS = {"conversation": "sft", "text": "cpt", "preference": "dpo"}
+SPLITS = ("train", "eval")
+# Settings that change the tokenized records (the rest act after the cache: packing, blocks, parallelism).
+CACHE_KEYS = ("max_length", "template", "custom_template", "overlong", "last_turn_only")
+
+
+def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, out_dir: Path) -> dict:
+    """Tokenize `validate_dir/records.jsonl` into `out_dir` (cleared first); returns a small summary."""
+    from transformers import AutoTokenizer
+
+    started = time.perf_counter()
+    records_path = Path(validate_dir) / "records.jsonl"
+    out_dir = Path(out_dir)
+    if not records_path.exists():
+        raise FileNotFoundError(f"{records_path}: no canonical records; run the validate stage first")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model.base, trust_remote_code=model.trust_remote_code)
+    except OSError as e:
+        raise FileNotFoundError(f"model.base {model.base!r}: cannot load its tokenizer: {e}") from e
+    if not tokenizer.is_fast:
+        raise ValueError(f"model.base {model.base!r}: tokenize needs a fast tokenizer (a tokenizer.json); this one is {type(tokenizer).__name__}")
+    template = select_template(cfg.template, cfg.custom_template, tokenizer, model.base)
+
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tokenizer_dir = out_dir / "tokenizer"
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(str(tokenizer_dir))
+    (tokenizer_dir / "chat_template.jinja").write_text(template, encoding="utf-8")
+    plan = EncodePlan(
+        str(tokenizer_dir.resolve()), _hash_files(tokenizer_dir), template, cfg.max_length, cfg.overlong,
+        cfg.last_turn_only, model.trust_remote_code,
+    )
+    check_encoder(encoder_for(plan))
+
+    fingerprint = _fingerprint(records_path, plan, cfg)
+    cache_root = _cache_root(cfg)
+    records = _Records(records_path)
+    stats: dict = {}
+    cached = []
+    for kind, folder in FOLDERS.items():
+        stats[folder] = {}
+        for split in SPLITS:
+            key = hashlib.sha256(f"{fingerprint}/{kind}/{split}".encode()).hexdigest()[:32]
+            mapped, hit = _tokenized(kind, split, records, plan, cfg, cache_root / key)
+            cached.append(hit)
+            target = out_dir / folder / split
+            if folder == "sft":
+                stats[folder][split] = _finish_sft(mapped, split, cfg, target)
+            elif folder == "cpt":
+                pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+                stats[folder][split] = _finish_cpt(mapped, cfg, pad_id, target)
+            else:
+                stats[folder][split] = _finish_dpo(mapped, cfg, target)
+
+    summary = {
+        "labeled_examples": stats["sft"]["train"]["samples_out"],
+        "unlabeled_tokens": stats["cpt"]["train"]["tokens"],
+        "preference_pairs": stats["dpo"]["train"]["samples_out"],
+        "max_length": cfg.max_length,
+        "template_hash": template_hash(template),
+        "template_source": cfg.template,
+        "fingerprint": fingerprint,
+        "cached": all(cached),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    (out_dir / "stats.json").write_text(json.dumps({**summary, **stats}, indent=2) + "\n", encoding="utf-8")
+    write_report(out_dir / "report.md", summary, stats)
+    log.info(
+        "tokenize: %d SFT conversations, %d CPT tokens, %d preference pairs (template %s %s, %.1f s%s)",
+        summary["labeled_examples"], summary["unlabeled_tokens"], summary["preference_pairs"], cfg.template,
+        summary["template_hash"][:12], summary["seconds"], ", cached" if summary["cached"] else "",
+    )
+    return {**summary, "out_dir": str(out_dir)}
+
+
+class _Records:
+    """records.jsonl grouped by (kind, split), read only when some split is not cached."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._groups: dict | None = None
+
+    def get(self, kind: str, split: str) -> list[dict]:
+        if self._groups is None:
+            self._groups = {}
+            for record in read_records(self.path):
+                self._groups.setdefault((record["kind"], record["split"]), []).append(record)
+        return self._groups.get((kind, split), [])
+
+
+def _columns(kind: str, records: list[dict]) -> dict:
+    def messages(ms):
+        return [{"role": m["role"], "content": m["content"]} for m in ms]
+
+    columns: dict = {"id": [r["id"] for r in records]}
+    if kind == "conversation":
+        columns["messages"] = [messages(r["messages"]) for r in records]
+    elif kind == "text":
+        columns["text"] = [r["text"] for r in records]
+    else:
+        for name in ("prompt", "chosen", "rejected"):
+            columns[name] = [messages(r[name]) for r in records]
+    return columns
+
+
+def _tokenized(kind: str, split: str, records: _Records, plan: EncodePlan, cfg: TokenizeConfig, cache: Path):
+    """The map output for one (kind, split) and whether it came from the cache; None when there are no records."""
+    from datasets import Dataset, load_from_disk
+
+    if (cache / "empty").exists():
+        return None, True
+    if (cache / "dataset_info.json").exists():
+        return load_from_disk(str(cache)), True
+    rows = records.get(kind, split)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    if not rows:
+        cache.mkdir(exist_ok=True)
+        (cache / "empty").touch()
+        return None, False
+    from tunepath.tokenize.dpo import dpo_batch
+
+    function, kwargs = {
+        "conversation": (sft_batch, {"plan": plan, "with_prompt": split == "eval"}),
+        "text": (cpt_batch, {"plan": plan}),
+        "preference": (dpo_batch, {"plan": plan}),
+    }[kind]
+    source = Dataset.from_dict(_columns(kind, rows))
+    mapped = source.map(
+        function,
+        batched=True,
+        batch_size=cfg.batch_size,
+        num_proc=min(cfg.num_proc, math.ceil(len(rows) / cfg.batch_size)) if cfg.num_proc > 1 else None,
+        fn_kwargs=kwargs,
+        remove_columns=source.column_names,
+        new_fingerprint=cache.name,
+        load_from_cache_file=False,
+        desc=f"tokenize {FOLDERS[kind]}/{split}",
+    )
+    partial = cache.with_name(cache.name + f".partial-{os.getpid()}")
+    mapped.save_to_disk(str(partial))
+    shutil.rmtree(cache, ignore_errors=True)
+    os.replace(partial, cache)
+    return load_from_disk(str(cache)), False
+
+
+def _zero_stats() -> dict:
+    return {
+        "samples_in": 0, "samples_out": 0, "tokens": 0, "label_tokens": 0, "truncated": 0,
+        "dropped_too_long": 0, "dropped_no_labels": 0, "dropped_unrenderable": 0, "longest": 0,
+        "padding_share_unpacked": 0.0, "padding_share_packed": 0.0, "rows": 0, "packed": False,
+    }
+
+
+def _status_stats(table) -> tuple[dict, object]:
+    import numpy as np
+
+    status = table["status"].to_numpy()
+    kept = np.flatnonzero(status <= TRUNCATED)
+    counts = {name: int((status == code).sum()) for code, name in STATUS_NAMES.items()}
+    longest = int(table["length"].to_numpy().max()) if len(status) else 0
+    return {"samples_in": len(status), "samples_out": len(kept), "longest": longest, **counts}, kept
+
+
+def _finish_sft(mapped, split: str, cfg: TokenizeConfig, target: Path) -> dict:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if mapped is None:
+        return _zero_stats()
+    table = mapped.data.table
+    stats, kept = _status_stats(table)
+    extra = ("prompt_ids",) if split == "eval" else ()
+    samples = table.select(["input_ids", "labels", *extra]).take(pa.array(kept))
+    lengths = pc.list_value_length(samples["input_ids"]).to_numpy(zero_copy_only=False).astype(np.int64).tolist()
+    tokens = sum(lengths)
+    packed_bins = best_fit_decreasing(lengths, cfg.max_length)
+    pack = cfg.pack and split == "train"
+    bins = packed_bins if pack else [[i] for i in range(len(lengths))]
+    stats.update(
+        tokens=tokens,
+        label_tokens=int(table["label_tokens"].to_numpy()[kept].sum()),
+        padding_share_unpacked=padding_share(tokens, len(lengths), cfg.max_length),
+        padding_share_packed=padding_share(tokens, len(packed_bins), cfg.max_length),
+        rows=len(bins),
+        packed=pack,
+    )
+    _save(build_rows(samples, bins, extra), target, stats)
+    return {**_zero_stats(), **stats}
+
+
+def _finish_cpt(mapped, cfg: TokenizeConfig, pad_id: int, target: Path) -> dict:
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from tunepath.tokenize.cpt import cut_blocks
+
+    if mapped is None:
+        return _zero_stats()
+    docs = mapped.data.table["input_ids"]
+    lengths = pc.list_value_length(docs).to_numpy(zero_copy_only=False).astype(np.int64)
+    blocks = cut_blocks(docs, cfg.max_length, cfg.cpt_remainder, cfg.cpt_isolate_documents, pad_id)
+    rows = blocks.table.num_rows
+    stats = {
+        **_zero_stats(),
+        "samples_in": len(lengths),
+        "samples_out": len(lengths),
+        "tokens": blocks.tokens,
+        "label_tokens": blocks.tokens,
+        "longest": int(lengths.max()) if len(lengths) else 0,
+        "dropped_tokens": blocks.dropped_tokens,
+        "padding_share_unpacked": padding_share(int(lengths.sum()), int(np.ceil(lengths / cfg.max_length).sum()), cfg.max_length),
+        "padding_share_packed": padding_share(blocks.tokens, rows, cfg.max_length),
+        "rows": rows,
+        "packed": True,
+    }
+    _save(blocks.table, target, stats)
+    return stats
+
+
+def _finish_dpo(mapped, cfg: TokenizeConfig, target: Path) -> dict:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if mapped is None:
+        return _zero_stats()
+    table = mapped.data.table
+    stats, kept = _status_stats(table)
+    pairs = table.select(["prompt_ids", "chosen_ids", "rejected_ids", "prompt", "chosen", "rejected"]).take(pa.array(kept))
+
+    def total(name):
+        return int(pc.list_value_length(pairs[name]).to_numpy(zero_copy_only=False).astype(np.int64).sum()) if len(kept) else 0
+
+    prompt, chosen, rejected = total("prompt_ids"), total("chosen_ids"), total("rejected_ids")
+    # Each pair runs as two sequences (prompt+chosen, prompt+rejected); DPO rows are not packed.
+    share = padding_share(2 * prompt + chosen + rejected, 2 * len(kept), cfg.max_length)
+    stats.update(
+        tokens=prompt + chosen + rejected,
+        label_tokens=chosen + rejected,
+        padding_share_unpacked=share,
+        padding_share_packed=share,
+        rows=len(kept),
+    )
+    _save(pairs, target, stats)
+    return {**_zero_stats(), **stats}
+
+
+def _save(table, target: Path, stats: dict) -> None:
+    from datasets import Dataset
+    from datasets.table import InMemoryTable
+
+    if table.num_rows == 0:
+        log.warning("%s: every record was dropped (%s); nothing written", target, {k: v for k, v in stats.items() if k.startswith("dropped")})
+        return
+    Dataset(InMemoryTable(table)).save_to_disk(str(target))
+
+
+def _hash_files(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _fingerprint(records_path: Path, plan: EncodePlan, cfg: TokenizeConfig) -> str:
+    digest = hashlib.sha256()
+    with open(records_path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    digest.update(plan.tokenizer_hash.encode())
+    digest.update(json.dumps({k: getattr(cfg, k) for k in CACHE_KEYS}, sort_keys=True).encode())
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _cache_root(cfg: TokenizeConfig) -> Path:
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir)
+    import datasets
+
+    return Path(datasets.config.HF_DATASETS_CACHE) / "tunepath-tokenize"

@@ -1,0 +1,43 @@
+"""The train stage: runs the stages and method of the RoutePlan on the tokenized data."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from tunepath.strict import Strict
+
+
+class TrainConfig(Strict):
+    """How to train. The route plan decides what (stages) and how (full/LoRA/QLoRA); this section tunes it."""
+
+    backend: Literal["auto", "hf", "unsloth"] = Field(
+        "auto", description="auto: unsloth when CUDA and unsloth are present, else hf (transformers + peft)."
+    )
+    seed: int = Field(0, description="Seed for initialisation and data order; same seed, data and machine give the same loss curve.")
+    max_steps: int = Field(60, ge=-1, description="Optimizer steps per training stage; -1 trains for `epochs` instead.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the data when max_steps is -1.")
+    batch_size: int = Field(8, ge=1, description="Rows per device per step (packed rows hold several samples).")
+    grad_accum: int = Field(1, ge=1, description="Steps accumulated per optimizer step; raises the effective batch without memory.")
+    learning_rate: float = Field(2e-3, gt=0, description="Peak learning rate; LoRA tolerates about 10x what full fine-tuning does.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field("cosine", description="Learning-rate schedule.")
+    warmup_steps: float = Field(0.1, ge=0, description="Warm-up: a share of all steps when below 1, else a step count.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    lora_r: int = Field(16, ge=1, description="LoRA rank; higher learns more and costs more memory.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator (the update is scaled by alpha / r).")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input; regularises small data sets.")
+    target_modules: str | list[str] = Field("all-linear", description="Layers that get adapters: 'all-linear' or a list of module names.")
+    use_dora: bool = Field(False, description="DoRA: weight-decomposed LoRA; a little better, slower.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, about 30% slower.")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPUs that support it, else fp32.")
+    save_steps: int = Field(0, ge=0, description="Checkpoint every N steps for resume; 0 keeps no checkpoints.")
+    logging_steps: int = Field(1, ge=1, description="Log loss, learning rate and grad norm every N steps.")
+    num_processes: int = Field(1, ge=1, description="Processes (GPUs) for accelerate launch; 1 trains in this process.")
+
+    @model_validator(mode="after")
+    def _check_steps(self) -> "TrainConfig":
+        if self.max_steps == 0:
+            raise ValueError("train.max_steps: 0 trains nothing; use -1 to train by epochs or a positive step count")
+        return self

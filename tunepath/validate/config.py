@@ -1,0 +1,104 @@
+"""The `validate` section of params.yaml and the stage's error type."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from tunepath.strict import Strict
+
+FormatName = Literal["auto", "text", "alpaca", "sharegpt", "openai", "preference"]
+
+# Canonical field names that `field_map` may rename (keys: our name, values: the name in the user's data).
+MAPPABLE_FIELDS = (
+    "text", "instruction", "input", "output", "system", "history", "conversations", "messages",
+    "role", "content", "from", "value", "prompt", "chosen", "rejected",
+)
+
+DEFAULT_CONTROL_TOKENS = [
+    "<|im_start|>", "<|im_end|>", "<|endoftext|>", "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "<s>", "</s>",
+]
+
+
+class DataValidationError(ValueError):
+    """The input data cannot be used: missing, unreadable, or too many rows rejected."""
+
+
+class LengthBounds(Strict):
+    """Accepted length of one record in characters (all message contents together for chats and pairs)."""
+
+    min: int = Field(1, ge=0, description="Records shorter than this are rejected as too_short (near-empty).")
+    max: int = Field(200_000, ge=1, description="Records longer than this are rejected as too_long.")
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> LengthBounds:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
+        return self
+
+
+class ValidateConfig(Strict):
+    """Validate stage: read raw files, normalise them to canonical records, check contracts, split train/eval."""
+
+    format: FormatName = Field(
+        "auto", description="Input format of every row; 'auto' detects it per row from its keys (mixed files work)."
+    )
+    file_formats: dict[str, FormatName] = Field(
+        default_factory=dict,
+        description="Per-file format override: glob pattern relative to the raw folder -> format (first match wins).",
+    )
+    field_map: dict[str, str] = Field(
+        default_factory=dict,
+        description="Rename fields: canonical name (e.g. 'instruction', 'messages', 'content') -> name in your data.",
+    )
+    role_map: dict[str, Literal["system", "user", "assistant"]] = Field(
+        default_factory=dict, description="Extra role names -> canonical role (human/gpt/bot/... are built in)."
+    )
+    text_split: Literal["blank_line", "file"] = Field(
+        "blank_line", description="Plain-text files: one document per blank-line-separated block, or per file."
+    )
+    eval_share: float = Field(
+        0.05, ge=0.0, le=0.5, description="Share of records held out for evaluation (by record-id hash, stable)."
+    )
+    seed: int = Field(42, description="Seed of the train/eval split hash; changing it reshuffles the split.")
+    max_reject_share: float = Field(
+        0.1, ge=0.0, le=1.0, description="Fail the stage when more than this share of read rows is rejected."
+    )
+    text_chars: LengthBounds = Field(
+        default_factory=lambda: LengthBounds(min=20, max=1_000_000),
+        description="Length bounds of raw-text documents in characters.",
+    )
+    conversation_chars: LengthBounds = Field(
+        default_factory=lambda: LengthBounds(min=2, max=200_000),
+        description="Length bounds of a conversation (all turns together) in characters.",
+    )
+    preference_chars: LengthBounds = Field(
+        default_factory=lambda: LengthBounds(min=2, max=200_000),
+        description="Length bounds of a preference pair (prompt, chosen and rejected together) in characters.",
+    )
+    require_final_assistant: bool = Field(
+        True, description="Reject conversations whose last turn is not the assistant's (SFT learns that turn)."
+    )
+    control_tokens: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_CONTROL_TOKENS),
+        description="Chat-template control strings to look for inside content.",
+    )
+    control_token_policy: Literal["reject", "warn"] = Field(
+        "warn", description="Content containing a control token: reject the row, or accept it and report it."
+    )
+
+    @field_validator("field_map")
+    @classmethod
+    def _known_fields(cls, v: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(v) - set(MAPPABLE_FIELDS))
+        if unknown:
+            raise ValueError(f"field_map keys {unknown} are not canonical field names; use some of {list(MAPPABLE_FIELDS)}")
+        return v
+
+    @field_validator("control_tokens")
+    @classmethod
+    def _non_empty_tokens(cls, v: list[str]) -> list[str]:
+        if any(not t for t in v):
+            raise ValueError("control_tokens must not contain an empty string (it would match every row)")
+        return v

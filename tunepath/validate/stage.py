@@ -1,0 +1,280 @@
+"""The validate stage end to end: read, normalise, check contracts, quarantine, split, profile, report."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tunepath.records import KINDS
+from tunepath.validate.config import DataValidationError, ValidateConfig
+from tunepath.validate.readers import DATA_SUFFIXES, RawRow, list_data_files, read_rows
+from tunepath.validate.report import FileTally, build_report, reason_code, render_markdown
+
+log = logging.getLogger(__name__)
+
+OUTPUTS = ("records.jsonl", "rejects.jsonl", "report.json", "report.md", "profile.json", "gx_results.json")
+
+
+@dataclass(slots=True)
+class Item:
+    """One read row on its way through the stage."""
+
+    row: RawRow
+    fmt: str | None = None
+    kind: str | None = None
+    fields: dict | None = None
+    id: str | None = None
+    duplicate_of: str | None = None
+    reasons: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def record_id(kind: str, fields: dict) -> str:
+    """sha256 of the normalised content (not the source): equal content, equal id.
+
+    Every string is length-prefixed, so no two different records hash the same input.
+    """
+    h = hashlib.sha256(kind.encode())
+    for name, value in fields.items():
+        h.update(b"\x00" + name.encode())
+        for s in (value,) if isinstance(value, str) else (x for m in value for x in (m["role"], m["content"])):
+            b = s.encode("utf-8")
+            h.update(b"%d:" % len(b))
+            h.update(b)
+    return h.hexdigest()[:16]
+
+
+def run_validate(cfg: ValidateConfig, raw_dir: Path, out_dir: Path) -> dict:
+    """Validate every data file under raw_dir and write records, rejects, report and profile into out_dir.
+
+    Raises DataValidationError when raw_dir has no data, no row is usable, or the rejected share exceeds
+    `cfg.max_reject_share` (the outputs are written first, so rejects.jsonl can be inspected).
+    """
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    paths = _data_files(raw_dir)
+    items, tallies, warnings = _read_all(cfg, raw_dir, paths.files)
+    timings["read_normalise"] = _lap(start)
+
+    outcome = _check(cfg, items, timings)
+    start = time.perf_counter()
+    accepted = [item for item in items if not item.reasons]
+    from tunepath.validate.split import assign_splits
+
+    splits = assign_splits([(item.id, item.kind) for item in accepted], cfg.eval_share, cfg.seed)
+    records = [_record(item, split) for item, split in zip(accepted, splits)]
+    from tunepath.validate.profile import build_profile
+
+    profile = build_profile(records)
+    for item in items:
+        tally = tallies[item.row.file]
+        if item.fmt:
+            tally.formats[item.fmt] += 1
+        if item.reasons:
+            tally.rejected += 1
+            tally.reasons.update({reason_code(r) for r in item.reasons})
+        else:
+            tally.accepted += 1
+    warnings += _file_warnings(tallies)
+    control = _control_summary(items, cfg)
+    if control["rows"]:
+        warnings.append(f"{control['rows']} rows contain chat-template control text (policy {cfg.control_token_policy}); "
+                        "tokenization treats it as plain text")
+    timings["split_profile"] = _lap(start)
+
+    start = time.perf_counter()
+    kinds = {kind: {"accepted": sum(1 for r in records if r["kind"] == kind),
+                    "rejected": sum(1 for i in items if i.reasons and i.kind == kind),
+                    "train": profile["splits"]["train"][kind], "eval": profile["splits"]["eval"][kind]}
+             for kind in KINDS}
+    report = build_report(
+        files={name: t for name, t in tallies.items()}, kinds=kinds, splits=dict(Counter(splits)),
+        control_tokens=control, gx=outcome.summaries if outcome else {}, warnings=warnings,
+        skipped=[p.as_posix() for p in paths.skipped], max_reject_share=cfg.max_reject_share, timings=timings)
+    _prepare_out_dir(out_dir, raw_dir)
+    _write_jsonl(out_dir / "records.jsonl", records)
+    _write_jsonl(out_dir / "rejects.jsonl", (_reject(item) for item in items if item.reasons))
+    _write_json(out_dir / "profile.json", profile)
+    _write_json(out_dir / "gx_results.json", outcome.results if outcome else {})
+    timings["write"] = _lap(start)
+    _write_json(out_dir / "report.json", report)
+    (out_dir / "report.md").write_text(render_markdown(report), encoding="utf-8")
+    for warning in warnings:
+        log.warning("validate: %s", warning)
+
+    totals = report["totals"]
+    _fail_on_rejects(totals, report["reasons"], out_dir, cfg)
+    log.info("validate: %d of %d rows accepted (%d train, %d eval)", totals["accepted"], totals["read"],
+             report["splits"].get("train", 0), report["splits"].get("eval", 0))
+    return {**totals, "kinds": {k: v["accepted"] for k, v in kinds.items()}, "splits": report["splits"],
+            "warnings": len(warnings), "timings_s": timings}
+
+
+def _lap(start: float) -> float:
+    return round(time.perf_counter() - start, 3)
+
+
+def _data_files(raw_dir: Path):
+    readable = ", ".join(f"*{s}" for s in DATA_SUFFIXES)
+    if not raw_dir.is_dir():
+        raise DataValidationError(
+            f"the raw data folder '{raw_dir}' does not exist: put your data files ({readable}) there "
+            "or point data.raw_dir at your folder")
+    paths = list_data_files(raw_dir)
+    if not paths.files:
+        found = f" (found only {', '.join(p.name for p in paths.skipped[:5])})" if paths.skipped else ""
+        raise DataValidationError(
+            f"no data files in '{raw_dir}'{found}: the validate stage reads {readable}, recursively; "
+            "hidden files and *.dvc pointers are ignored (run `dvc pull` if the data is tracked by DVC)")
+    for p in paths.skipped:
+        log.warning("validate: skipping %s: not a data file type (%s)", p, readable)
+    return paths
+
+
+def _display_name(raw_dir: Path, path: Path) -> str:
+    """The file name written into records: relative to the working directory when possible (portable)."""
+    if path.is_absolute():
+        try:
+            return path.relative_to(Path.cwd()).as_posix()
+        except ValueError:
+            return path.as_posix()
+    return path.as_posix()
+
+
+def _read_all(cfg: ValidateConfig, raw_dir: Path, files: list[Path]):
+    from tunepath.validate.formats import Normaliser
+
+    normaliser = Normaliser(cfg)
+    items: list[Item] = []
+    tallies: dict[str, FileTally] = {}
+    first_seen: dict[str, str] = {}
+    warnings: list[str] = []
+    for path in files:
+        display = _display_name(raw_dir, path)
+        fmt = normaliser.format_for(path.relative_to(raw_dir).as_posix())
+        tally = tallies[display] = FileTally()
+        for row in read_rows(path, display, cfg.text_split):
+            tally.read += 1
+            item = Item(row, reasons=row.reasons)
+            items.append(item)
+            if row.reasons:
+                continue
+            norm = normaliser.normalise(row, fmt)
+            item.fmt, item.kind = norm.fmt, norm.kind
+            if norm.reasons:
+                item.reasons = norm.reasons
+                continue
+            item.fields = norm.fields
+            row.value = None  # the canonical fields replace the parsed row: halves the memory
+            item.id = record_id(norm.kind, norm.fields)
+            here = f"{display}:{row.line}"
+            first = first_seen.setdefault(item.id, here)
+            if first != here:
+                item.duplicate_of = first
+        if tally.read == 0:
+            warnings.append(f"{display} holds no rows (empty file)")
+    if not items:
+        raise DataValidationError(
+            f"no rows could be read from {len(files)} data file(s) under '{raw_dir}': every file is empty")
+    return items, tallies, warnings
+
+
+def _check(cfg: ValidateConfig, items: list[Item], timings: dict):
+    valid = [item for item in items if not item.reasons]
+    if not valid:
+        timings["gx_import"] = timings["contracts"] = 0.0
+        return None
+    start = time.perf_counter()
+    from tunepath.validate.contracts import ContractInput, check_contracts, import_gx
+
+    import_gx()  # timed apart: the import alone takes several seconds
+
+    timings["gx_import"] = _lap(start)
+    start = time.perf_counter()
+    outcome = check_contracts([ContractInput(i.kind, i.fields, i.duplicate_of) for i in valid], cfg)
+    for position, reasons in outcome.reasons.items():
+        valid[position].reasons.extend(reasons)
+    for position, notes in outcome.warnings.items():
+        valid[position].warnings.extend(notes)
+    timings["contracts"] = _lap(start)
+    return outcome
+
+
+def _record(item: Item, split: str) -> dict:
+    return {"id": item.id, "kind": item.kind, "split": split,
+            "source": {"file": item.row.file, "line": item.row.line}, **item.fields}
+
+
+def _reject(item: Item) -> dict:
+    return {"source": {"file": item.row.file, "line": item.row.line}, "raw": item.row.raw, "reasons": item.reasons}
+
+
+def _file_warnings(tallies: dict[str, FileTally]) -> list[str]:
+    warnings = []
+    for name, t in tallies.items():
+        if t.read and t.accepted == 0:
+            top = ", ".join(f"{k} {v}" for k, v in t.reasons.most_common(3))
+            warnings.append(f"every row of {name} was rejected ({t.rejected} rows: {top})")
+        elif t.rejected:
+            warnings.append(f"{t.rejected} of {t.read} rows of {name} rejected (see rejects.jsonl)")
+    return warnings
+
+
+def _control_summary(items: list[Item], cfg: ValidateConfig) -> dict:
+    by_token: Counter = Counter()
+    examples, rows = [], 0
+    for item in items:
+        notes = [n for n in (item.warnings + item.reasons) if n.startswith("control_token:")]
+        if not notes:
+            continue
+        rows += 1
+        found = {t for t in cfg.control_tokens if any(t in n for n in notes)}
+        by_token.update(found)
+        if len(examples) < 20:
+            examples.append({"file": item.row.file, "line": item.row.line, "notes": notes})
+    return {"policy": cfg.control_token_policy, "rows": rows, "by_token": dict(by_token.most_common()),
+            "examples": examples}
+
+
+def _fail_on_rejects(totals: dict, reasons: dict, out_dir: Path, cfg: ValidateConfig) -> None:
+    top = ", ".join(f"{k} ({v})" for k, v in list(reasons.items())[:5])
+    where = f"see {out_dir / 'rejects.jsonl'} and {out_dir / 'report.md'}"
+    if totals["accepted"] == 0:
+        raise DataValidationError(f"no usable rows: all {totals['read']} rows were rejected ({top}); {where}")
+    if totals["reject_share"] > cfg.max_reject_share:
+        raise DataValidationError(
+            f"{totals['rejected']} of {totals['read']} rows ({totals['reject_share']:.1%}) were rejected, above "
+            f"validate.max_reject_share={cfg.max_reject_share}; most common reasons: {top}; {where}. "
+            "Fix the data, map its fields (validate.field_map/role_map), or raise validate.max_reject_share.")
+
+
+def _prepare_out_dir(out_dir: Path, raw_dir: Path) -> None:
+    """Empty the stage's own folder so no stale output survives; refuse folders that hold the input."""
+    resolved, raw = out_dir.resolve(), raw_dir.resolve()
+    if resolved == raw or resolved in raw.parents or resolved == Path.cwd().resolve():
+        raise DataValidationError(f"the output folder '{out_dir}' contains the input data or the project: "
+                                  "give the validate stage a folder of its own (e.g. artifacts/validate)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for child in out_dir.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def _write_jsonl(path: Path, rows) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False))
+            f.write("\n")
+
+
+def _write_json(path: Path, value: dict) -> None:
+    path.write_text(json.dumps(value, ensure_ascii=False, indent=2, default=str) + "\n", encoding="utf-8")
