@@ -91,13 +91,14 @@ def _write_all_file_types(raw: Path) -> None:
     raw.mkdir(parents=True)
     rows = [SOURCES[k] for k in ("openai", "sharegpt", "text", "preference")]
     (raw / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
-    alpaca = [SOURCES["alpaca"], {"instruction": "Name a colour.", "input": "", "output": "Blue."}]
+    alpaca = [{**SOURCES["alpaca"], "output": "Paris!"}, {"instruction": "Name a colour.", "input": "", "output": "Blue."}]
     (raw / "b.json").write_text(json.dumps(alpaca, indent=2), encoding="utf-8")
     (raw / "c.csv").write_text(
         'instruction,input,output\n"Add 2 and 3.",,5\n"Say ""hi""\nnicely",,"Hi, friend!"\n', encoding="utf-8")
-    pq.write_table(pa.Table.from_pylist([{"messages": [USER, {"role": "assistant", "content": "Paris, France."}]},
-                                         {"text": DOC + " Parquet."}]), raw / "d.parquet")
-    (raw / "e.txt").write_text(f"{DOC}\n\n\n  Second document of the corpus, long enough.\n", encoding="utf-8")
+    # a mixed Parquet file: every row has both columns, the other format's one is null
+    pq.write_table(pa.Table.from_pylist([{"messages": [USER, {"role": "assistant", "content": "Paris, France."}], "text": None},
+                                         {"messages": None, "text": DOC + " Parquet."}]), raw / "d.parquet")
+    (raw / "e.txt").write_text(f"{DOC} Text.\n\n\n  Second document of the corpus, long enough.\n", encoding="utf-8")
     (raw / "sub").mkdir()
     (raw / "sub" / "f.txt").write_text("A document in a sub folder of the raw data.", encoding="utf-8")
     (raw / ".hidden.jsonl").write_text("not data\n", encoding="utf-8")
@@ -115,23 +116,25 @@ def test_listing_skips_hidden_and_dvc_files_and_reports_unknown_types(tmp_path):
 def test_all_file_types_round_trip_through_the_stage(tmp_path):
     raw, out = tmp_path / "raw", tmp_path / "out"
     _write_all_file_types(raw)
-    summary = run_validate(ValidateConfig(eval_share=0.0), raw, out)
-    assert summary["rejected"] == 0, (out / "rejects.jsonl").read_text()
+    summary = run_validate(ValidateConfig(eval_share=0.0, max_reject_share=0.5), raw, out)
+    # a.jsonl line 2 is the ShareGPT form of line 1: same content, same id, so it is a duplicate
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["source"]["line"], r["reasons"]) for r in rejects] == [(2, [f"duplicate: same content as {raw}/a.jsonl:1"])]
+    assert summary["read"] == 13 and summary["accepted"] == 12
     records = list(read_records(out / "records.jsonl"))
     by_place = {(Path(r["source"]["file"]).name, r["source"]["line"]): r for r in records}
     assert by_place[("a.jsonl", 1)]["messages"] == CONVERSATION
     assert by_place[("a.jsonl", 3)]["text"] == DOC
     assert by_place[("a.jsonl", 4)]["chosen"] == [{"role": "assistant", "content": "Paris."}]
-    assert by_place[("b.json", 2)]["messages"] == CONVERSATION  # element start line in the array file
+    assert by_place[("b.json", 2)]["messages"] == [SYSTEM, USER, {"role": "assistant", "content": "Paris!"}]
     assert by_place[("b.json", 8)]["messages"][-1] == {"role": "assistant", "content": "Blue."}
     assert by_place[("c.csv", 3)]["messages"] == [{"role": "user", "content": 'Say "hi"\nnicely'},
                                                    {"role": "assistant", "content": "Hi, friend!"}]
     assert by_place[("d.parquet", 1)]["messages"][0] == USER  # line = row number for Parquet
     assert by_place[("e.txt", 4)]["text"] == "Second document of the corpus, long enough."
+    assert by_place[("d.parquet", 2)]["text"] == DOC + " Parquet."
     assert by_place[("f.txt", 1)]["kind"] == "text"
-    # a.jsonl line 2 is the ShareGPT form of line 1: same content, same id, so it is a duplicate
-    assert ("a.jsonl", 2) not in by_place
-    assert len(records) == 10
+    assert len(records) == 12
     for r in records:
         assert set(r) >= {"id", "kind", "split", "source"} and len(r["id"]) == 16 and r["split"] == "train"
     report = json.loads((out / "report.json").read_text())

@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     args.project = args.project.resolve()
     prepare_env(args.project)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "httpcore", "alembic", "dvc"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     from tunepath.errors import USER_ERRORS, describe
 
     try:

@@ -20,8 +20,9 @@ from tunepath.validate import ValidateConfig
 STAGES = ("validate", "tokenize", "route", "train", "evaluate", "merge", "register")
 
 with warnings.catch_warnings():
-    # `validate` is the stage's name in params.yaml and dvc.yaml; shadowing BaseModel.validate (deprecated) is harmless.
-    warnings.filterwarnings("ignore", message='Field name "validate"')
+    # `validate` and `register` are stage names in params.yaml and dvc.yaml; shadowing BaseModel.validate
+    # (deprecated) and ABCMeta.register on an instance is harmless.
+    warnings.filterwarnings("ignore", message='Field name "(validate|register)"')
 
     class Config(Strict):
         """Everything a tunepath run depends on. Mirrors params.yaml; unknown keys are errors."""

@@ -40,7 +40,7 @@ class DemoConfig(Strict):
     num_kv_heads: int = Field(2, ge=1, le=128, description="Key/value heads (grouped-query attention); must divide num_heads.")
     intermediate_size: int = Field(256, ge=8, le=65536, description="Width of the MLP inside each layer.")
     pretrain_steps: int = Field(
-        300, ge=0, le=100_000, description="Steps of plain-text pretraining on the demo text so the demo base knows the domain's words; 0 keeps random weights."
+        100, ge=0, le=100_000, description="Steps of plain-text pretraining on the demo text so the demo base knows the domain's words; 0 keeps random weights."
     )
     pretrain_lr: float = Field(3e-3, gt=0, description="Learning rate of that pretraining.")
     max_position_embeddings: int = Field(1024, ge=64, le=131072, description="Longest sequence the model accepts (also the tokenizer's model_max_length).")

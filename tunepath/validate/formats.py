@@ -84,16 +84,22 @@ class Normaliser:
         return out
 
     def _detect(self, value: dict) -> str | None:
+        """Format by the keys with a value; keys that are only null or empty (Parquet/CSV columns of other
+        formats in a mixed file) count only when no key has a value, so `{"messages": null}` is a wrong type."""
+        filled = {k for k, v in value.items() if v is not None and v != ""}
+        return self._detect_keys(filled) or self._detect_keys(value.keys())
+
+    def _detect_keys(self, keys) -> str | None:
         n = self.names
-        if n["messages"] in value:
+        if n["messages"] in keys:
             return "openai"
-        if n["conversations"] in value:
+        if n["conversations"] in keys:
             return "sharegpt"
-        if n["chosen"] in value or n["rejected"] in value:
+        if n["chosen"] in keys or n["rejected"] in keys:
             return "preference"
-        if n["instruction"] in value or n["output"] in value:
+        if n["instruction"] in keys or n["output"] in keys:
             return "alpaca"
-        if n["text"] in value:
+        if n["text"] in keys:
             return "text"
         return None
 

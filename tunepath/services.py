@@ -1,0 +1,443 @@
+"""The project's own services on loopback: a Prefect server, an MLflow server, a process worker and the deployments.
+
+    tunepath up       # start what is not running, create the `gpu` limit, register the deployments, print the URLs
+    tunepath status   # each service: running or not, PID, URL, log file
+    tunepath down     # stop exactly the processes `up` started (and the flow runs their worker started)
+
+Everything lives in `.tunepath/` in the project: `pids/`, `logs/`, `services.json` (host, ports, URLs) and
+`services.env`, the KEY=VALUE file the CLI reads so that `tunepath run` and `dvc repro` report to these servers.
+Prefect keeps its SQLite database in the project's PREFECT_HOME (`.prefect/`), MLflow in `mlflow.db` with artifacts
+in `mlartifacts/`: the same stores `tunepath run` uses when no server is up, so earlier runs show in the UIs too.
+
+This module talks to Prefect and MLflow only through their CLIs and HTTP APIs (no Prefect import in the core).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = ".tunepath"
+SERVICES = ("prefect", "mlflow", "worker")
+DEPLOYMENTS = {"finetune": "flows/finetune.py", "promote": "flows/promote.py"}
+GPU_LIMIT = "gpu"
+# Offline and quiet: no telemetry from any of the tools the services run.
+QUIET_ENV = {
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "GIT_PYTHON_REFRESH": "quiet",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "tunepath",
+    # the job runner would start a second process pool inside the server; tunepath has no MLflow jobs
+    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+}
+
+
+class ServiceError(RuntimeError):
+    """A service did not start or stop; the message says which one, why, and where its log is."""
+
+
+@dataclass(frozen=True)
+class ServiceOptions:
+    """How `tunepath up` starts the services. Port 0 picks a free port; a busy port falls back to a free one."""
+
+    host: str = "127.0.0.1"
+    prefect_port: int = 4200
+    mlflow_port: int = 5000
+    pool: str = "tunepath"
+    gpu_slots: int | None = None  # None: one per CUDA card found by nvidia-smi, at least 1
+    deploy: bool = True
+    timeout_s: float = 180.0
+
+
+@dataclass
+class Report:
+    """What `start_services` did: per service 'started' or 'already running', and the URLs."""
+
+    actions: dict[str, str] = field(default_factory=dict)
+    prefect_url: str = ""
+    mlflow_url: str = ""
+    deployments: list[str] = field(default_factory=list)
+    gpu_slots: int = 0
+    seconds: float = 0.0
+
+
+# ---------------------------------------------------------------- state files
+
+
+def state_dir(root: Path) -> Path:
+    return root / STATE_DIR
+
+
+def pid_file(root: Path, name: str) -> Path:
+    return state_dir(root) / "pids" / f"{name}.pid"
+
+
+def log_file(root: Path, name: str) -> Path:
+    return state_dir(root) / "logs" / f"{name}.log"
+
+
+def read_state(root: Path) -> dict:
+    path = state_dir(root) / "services.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def write_state(root: Path, state: dict) -> None:
+    (state_dir(root) / "services.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+
+
+def write_env_file(root: Path, prefect_api: str, mlflow_url: str) -> Path:
+    """The file the CLI loads (`prepare_env`): URLs only, never a secret."""
+    path = state_dir(root) / "services.env"
+    path.write_text(
+        "# written by `tunepath up`; removed by `tunepath down`. The tunepath CLI (and so dvc repro) reads it.\n"
+        f"PREFECT_API_URL={prefect_api}\nMLFLOW_TRACKING_URI={mlflow_url}\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def running_pid(root: Path, name: str) -> int | None:
+    """The PID of a service this project started, if that very process still runs (PIDs get reused)."""
+    import psutil
+
+    path = pid_file(root, name)
+    if not path.exists():
+        return None
+    try:
+        pid_text, started_text = path.read_text(encoding="utf-8").split()[:2]
+        proc = psutil.Process(int(pid_text))
+        if abs(proc.create_time() - float(started_text)) < 1.0 and proc.status() != psutil.STATUS_ZOMBIE:
+            return proc.pid
+    except (ValueError, psutil.Error):
+        pass
+    return None
+
+
+# ---------------------------------------------------------------- processes
+
+
+def tool(name: str) -> str:
+    """The `prefect`/`mlflow` script of the interpreter running tunepath (the venv's), else the one on PATH."""
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if not found:
+        raise ServiceError(f"`{name}` not found next to {sys.executable} or on PATH; install tunepath's dependencies (make install)")
+    return found
+
+
+def service_env(root: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(QUIET_ENV)
+    env["PREFECT_HOME"] = str(root / ".prefect")
+    env.update(extra or {})
+    return env
+
+
+def spawn(root: Path, name: str, argv: list[str], env: dict[str, str]) -> int:
+    """Start a service in its own session (so `down` can stop it and its children), logging to logs/NAME.log."""
+    import psutil
+
+    log_path = log_file(root, name)
+    with open(log_path, "ab") as out:
+        out.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv[:4])} ...\n".encode())
+        proc = subprocess.Popen(argv, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    pid_file(root, name).write_text(f"{proc.pid}\n{psutil.Process(proc.pid).create_time()}\n", encoding="utf-8")
+    return proc.pid
+
+
+def stop_pid(pid: int, grace_s: float = 15.0) -> None:
+    """SIGTERM the process and every descendant (uvicorn workers, flow runs), SIGKILL what is left after grace_s."""
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+        procs = [parent] + parent.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    if not path.exists():
+        return "(no log)"
+    return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+
+
+# ---------------------------------------------------------------- network
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def choose_port(host: str, wanted: int, what: str) -> int:
+    if wanted and port_free(host, wanted):
+        return wanted
+    port = free_port(host)
+    if wanted:
+        log.warning("%s: port %d on %s is busy; using %d instead", what, wanted, host, port)
+    return port
+
+
+def url_host(host: str) -> str:
+    """The address clients use: a server bound to every interface is still reached on loopback from here."""
+    return "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host in ("::", "::1") else host)
+
+
+def http(method: str, url: str, body: dict | None = None, timeout: float = 10.0) -> tuple[int, object]:
+    """One JSON request with the standard library; returns (status, parsed body or text)."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, raw = resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    text = raw.decode("utf-8", errors="replace")
+    try:
+        return status, json.loads(text)
+    except json.JSONDecodeError:
+        return status, text
+
+
+def healthy(url: str) -> bool:
+    try:
+        return http("GET", url, timeout=2.0)[0] == 200
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+def wait_until(check, what: str, root: Path, name: str, timeout_s: float) -> None:
+    """Poll `check()` until true; fail early with the log tail if the service's process died."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if running_pid(root, name) is None:
+            raise ServiceError(f"{what} exited while starting; last lines of {log_file(root, name)}:\n{log_tail(log_file(root, name))}")
+        time.sleep(0.5)
+    raise ServiceError(f"{what} not ready after {timeout_s:.0f} s; see {log_file(root, name)}:\n{log_tail(log_file(root, name))}")
+
+
+# ---------------------------------------------------------------- the services
+
+
+def start_services(root: Path, options: ServiceOptions = ServiceOptions()) -> Report:
+    """Start whatever is not running yet; idempotent. Returns what it did and the two URLs."""
+    t0 = time.monotonic()
+    root = root.resolve()
+    for sub in ("pids", "logs"):
+        (state_dir(root) / sub).mkdir(parents=True, exist_ok=True)
+    if options.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("binding to %s: these local servers have no authentication; for a shared setup use infra/ "
+                    "(Prefect API auth string, MLflow basic auth)", options.host)
+    state, report = read_state(root), Report()
+    host = options.host
+    ports = {}
+    for name, wanted in (("prefect", options.prefect_port), ("mlflow", options.mlflow_port)):
+        pid = running_pid(root, name)
+        if pid and state.get("host") == host and state.get(f"{name}_port"):
+            ports[name] = state[f"{name}_port"]
+            report.actions[name] = f"already running (pid {pid})"
+        else:
+            if pid:  # running with other settings: restart it with these
+                stop_pid(pid)
+            ports[name] = choose_port(host, wanted, name)
+            report.actions[name] = "started"
+    prefect_url = f"http://{url_host(host)}:{ports['prefect']}"
+    mlflow_url = f"http://{url_host(host)}:{ports['mlflow']}"
+    report.prefect_url, report.mlflow_url = prefect_url, mlflow_url
+    env = service_env(root)
+
+    if report.actions["prefect"] == "started":
+        spawn(root, "prefect", [tool("prefect"), "server", "start", "--host", host, "--port", str(ports["prefect"]),
+                                "--analytics-off"], env)
+    if report.actions["mlflow"] == "started":
+        (root / "mlartifacts").mkdir(exist_ok=True)
+        spawn(root, "mlflow", [tool("mlflow"), "server", "--host", host, "--port", str(ports["mlflow"]), "--workers", "1",
+                               "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                               "--artifacts-destination", (root / "mlartifacts").as_uri()], env)
+    state = {"host": host, "prefect_port": ports["prefect"], "mlflow_port": ports["mlflow"], "pool": options.pool,
+             "prefect_url": prefect_url, "mlflow_url": mlflow_url}
+    write_state(root, state)
+    wait_until(lambda: healthy(f"{prefect_url}/api/health"), f"Prefect server ({prefect_url})", root, "prefect", options.timeout_s)
+    wait_until(lambda: healthy(f"{mlflow_url}/health"), f"MLflow server ({mlflow_url})", root, "mlflow", options.timeout_s)
+    write_env_file(root, f"{prefect_url}/api", mlflow_url)
+
+    api = f"{prefect_url}/api"
+    run_env = service_env(root, {"PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": mlflow_url,
+                                 "TUNEPATH_PROJECT_DIR": str(root)})
+    pid = running_pid(root, "worker")
+    if pid and report.actions["prefect"] != "started" and state.get("pool") == options.pool:
+        report.actions["worker"] = f"already running (pid {pid})"
+    else:
+        if pid:
+            stop_pid(pid)
+        spawn(root, "worker", [tool("prefect"), "worker", "start", "--pool", options.pool, "--type", "process",
+                               "--name", f"tunepath-{socket.gethostname()}"], run_env)
+        report.actions["worker"] = "started"
+    wait_until(lambda: worker_online(api, options.pool), f"Prefect worker (pool {options.pool})", root, "worker", options.timeout_s)
+
+    report.gpu_slots = options.gpu_slots or count_gpus()
+    ensure_limit(api, GPU_LIMIT, report.gpu_slots)
+    if options.deploy:
+        report.deployments = register_deployments(root, api, run_env, options.timeout_s)
+    report.seconds = time.monotonic() - t0
+    return report
+
+
+def worker_online(api: str, pool: str) -> bool:
+    try:
+        status, workers = http("POST", f"{api}/work_pools/{pool}/workers/filter", {})
+    except (OSError, urllib.error.URLError):
+        return False
+    return status == 200 and any(w.get("status") == "ONLINE" for w in workers)
+
+
+def count_gpus() -> int:
+    """One `gpu` slot per CUDA card (nvidia-smi, no torch import); 1 on a machine without one."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return 1
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 1
+    return max(1, sum(1 for line in out.splitlines() if line.startswith("GPU ")))
+
+
+def ensure_limit(api: str, name: str, limit: int) -> None:
+    """Create or resize the global concurrency limit the train task takes."""
+    status, body = http("GET", f"{api}/v2/concurrency_limits/{name}")
+    if status == 404:
+        status, body = http("POST", f"{api}/v2/concurrency_limits/", {"name": name, "limit": limit, "active": True})
+    elif status == 200 and (body.get("limit") != limit or not body.get("active")):
+        status, body = http("PATCH", f"{api}/v2/concurrency_limits/{name}", {"limit": limit, "active": True})
+    if status not in (200, 201, 204):
+        raise ServiceError(f"could not create the global concurrency limit {name!r} (HTTP {status}): {body}")
+
+
+def deployment_parameters(root: Path) -> dict[str, dict]:
+    """Each deployment's default parameters: `finetune` shows params.yaml as its form's defaults."""
+    from tunepath.params import load_config
+
+    config = load_config(root / "params.yaml")
+    return {"finetune": {"config": config.model_dump(mode="json")}, "promote": {}}
+
+
+def register_deployments(root: Path, api: str, env: dict[str, str], timeout_s: float) -> list[str]:
+    """`prefect deploy` each deployment of prefect.yaml whose flow file exists, when it or params.yaml changed."""
+    if not (root / "prefect.yaml").exists():
+        raise ServiceError(f"{root / 'prefect.yaml'} not found; the deployments are defined there")
+    params = deployment_parameters(root)
+    recorded_path = state_dir(root) / "deployed.json"
+    recorded = json.loads(recorded_path.read_text(encoding="utf-8")) if recorded_path.exists() else {}
+    names, jobs = [], {}
+    for name, source in DEPLOYMENTS.items():
+        if not (root / source).exists():
+            log.warning("deployment %s skipped: %s does not exist yet", name, source)
+            continue
+        names.append(name)
+        digest = fingerprint(root, source, params[name])
+        exists = http("GET", f"{api}/deployments/name/{name}/{name}")[0] == 200
+        if exists and recorded.get(name) == digest:
+            continue
+        argv = [tool("prefect"), "--no-prompt", "deploy", "--name", name, "--params", json.dumps(params[name])]
+        with open(log_file(root, "deploy"), "ab") as out:
+            jobs[name] = (digest, subprocess.Popen(argv, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                                   stderr=subprocess.STDOUT))
+    for name, (digest, proc) in jobs.items():
+        try:
+            code = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = -1
+        if code != 0:
+            raise ServiceError(f"`prefect deploy --name {name}` failed; see {log_file(root, 'deploy')}:\n{log_tail(log_file(root, 'deploy'))}")
+        recorded[name] = digest
+    recorded_path.write_text(json.dumps(recorded, indent=2) + "\n", encoding="utf-8")
+    return names
+
+
+def fingerprint(root: Path, source: str, params: dict) -> str:
+    h = hashlib.sha256()
+    for path in (root / "prefect.yaml", root / source):
+        h.update(path.read_bytes())
+    h.update(json.dumps(params, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def stop_services(root: Path) -> dict[str, str]:
+    """Stop the worker, then the servers, that this project's `up` started; remove services.env. Idempotent."""
+    root = root.resolve()
+    done = {}
+    for name in reversed(SERVICES):
+        pid = running_pid(root, name)
+        if pid:
+            stop_pid(pid)
+            done[name] = f"stopped (pid {pid})"
+        else:
+            done[name] = "not running"
+        pid_file(root, name).unlink(missing_ok=True)
+    (state_dir(root) / "services.env").unlink(missing_ok=True)
+    return done
+
+
+def service_status(root: Path) -> dict[str, dict]:
+    """Per service: running, pid, url (servers), healthy (servers), log."""
+    root = root.resolve()
+    state = read_state(root)
+    out = {}
+    for name in SERVICES:
+        pid = running_pid(root, name)
+        entry = {"running": pid is not None, "pid": pid, "log": str(log_file(root, name))}
+        if name in ("prefect", "mlflow") and state.get(f"{name}_url"):
+            entry["url"] = state[f"{name}_url"]
+            health = f"{entry['url']}/api/health" if name == "prefect" else f"{entry['url']}/health"
+            entry["healthy"] = pid is not None and healthy(health)
+        out[name] = entry
+    return out
