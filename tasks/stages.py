@@ -19,16 +19,26 @@ REPORTS = {"validate": "report.md", "tokenize": "report.md", "route": "plan.md",
 def run_stage_task(name: str, config, workspace: Workspace) -> dict:
     logger = get_run_logger()
     ledger = Ledger(workspace.root)
-    try:
-        if ledger.is_current(name):
-            logger.info("%s: up to date in dvc.lock, skipped", name)
-            return {"stage": name, "skipped": True}
-        summary = run_stage(name, config, workspace)
-        ledger.record(name)
-    finally:
-        ledger.close()
+    changes = ledger.changes(name)
+    if not changes:
+        logger.info("%s: up to date in dvc.lock, skipped", name)
+        return {"stage": name, "skipped": True}
+    logger.info("%s: running (%s)", name, describe_changes(changes.get(name, [])))
+    summary = run_stage(name, config, workspace)
+    ledger.record(name)
     publish(name, workspace, summary)
     return {"stage": name, "skipped": False}
+
+
+def describe_changes(entries: list) -> str:
+    """DVC's status entries as one line, e.g. 'changed deps: data/raw; changed params: train.max_steps'."""
+    parts = []
+    for entry in entries:
+        if isinstance(entry, dict):
+            parts += [f"{kind}: {', '.join(map(str, what))}" for kind, what in entry.items()]
+        else:
+            parts.append(str(entry))
+    return "; ".join(parts) or "not in dvc.lock yet"
 
 
 def publish(name: str, workspace: Workspace, summary: dict) -> None:

@@ -7,32 +7,45 @@ would reproduce it. A stage whose lock entry still matches the workspace is skip
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 
+@contextlib.contextmanager
+def _inside(root: Path) -> Iterator[None]:
+    """DVC resolves output paths against the working directory (asserts otherwise): work from the project root."""
+    before = Path.cwd()
+    os.chdir(root)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 class Ledger:
-    """A thin handle on the project's DVC repository (one per flow run; the DVC import costs about a second)."""
+    """A thin handle on the project's DVC repository (the DVC import costs about a second per process)."""
 
     def __init__(self, root: Path) -> None:
-        from dvc.repo import Repo
-
-        self.root = root
-        self.repo = Repo(str(root))
-
-    def is_current(self, stage: str) -> bool:
-        """True when dvc.lock records this stage and its deps, params and outs are unchanged."""
-        changes = self.repo.status(targets=[stage])
-        return not changes
+        self.root = Path(root).resolve()
 
     def changes(self, stage: str) -> dict:
-        return self.repo.status(targets=[stage])
+        """What DVC sees changed for this stage (deps, params, outs) against dvc.lock; empty when up to date."""
+        from dvc.repo import Repo
+
+        with _inside(self.root), Repo(str(self.root)) as repo:
+            return repo.status(targets=[stage])
+
+    def is_current(self, stage: str) -> bool:
+        return not self.changes(stage)
 
     def record(self, stage: str) -> None:
-        """Store the stage's outputs in the DVC cache and its hashes in dvc.lock."""
-        self.repo.commit(stage, force=True)
+        """Store the stage's outputs in the DVC cache and its deps/params/outs hashes in dvc.lock."""
+        from dvc.repo import Repo
 
-    def close(self) -> None:
-        self.repo.close()
+        with _inside(self.root), Repo(str(self.root)) as repo:
+            repo.commit(stage, force=True)

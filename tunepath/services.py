@@ -294,8 +294,11 @@ def start_services(root: Path, options: ServiceOptions = ServiceOptions()) -> Re
     env = service_env(root)
 
     if report.actions["prefect"] == "started":
+        # the UI asks /ui-settings for its API address, derived from these settings, not from --host/--port
+        server_env = service_env(root, {"PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(ports["prefect"]),
+                                        "PREFECT_UI_API_URL": f"{prefect_url}/api", "PREFECT_API_URL": f"{prefect_url}/api"})
         spawn(root, "prefect", [tool("prefect"), "server", "start", "--host", host, "--port", str(ports["prefect"]),
-                                "--analytics-off"], env)
+                                "--analytics-off"], server_env)
     if report.actions["mlflow"] == "started":
         (root / "mlartifacts").mkdir(exist_ok=True)
         spawn(root, "mlflow", [tool("mlflow"), "server", "--host", host, "--port", str(ports["mlflow"]), "--workers", "1",

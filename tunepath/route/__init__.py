@@ -12,9 +12,8 @@ from tunepath.route.profile import Profile, ProfileError, load_profile, parse_pr
 from tunepath.route.plan import RoutePlan, RuleHit, plan_route, plan_tags
 from tunepath.route.render import render_markdown
 from tunepath.route.stage import run_route
-from tunepath.route.cli import route_main
 
 __all__ = [
     "Goal", "Method", "Profile", "ProfileError", "RouteConfig", "RoutePlan", "RuleHit", "Stage",
-    "load_profile", "parse_profile", "plan_route", "plan_tags", "render_markdown", "route_main", "run_route",
+    "load_profile", "parse_profile", "plan_route", "plan_tags", "render_markdown", "run_route",
 ]

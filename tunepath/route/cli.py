@@ -34,6 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# RouteConfig keys that the profile file carries instead (the route stage copies them into the profile).
+IN_PROFILE = {
+    "goal": "intent.goal", "strict_grounding": "intent.strict_grounding", "style_required": "intent.style_required",
+    "gpus": "resources.gpus", "gpu_memory_gb": "resources.gpu_memory_gb",
+    "time_budget_hours": "resources.time_budget_hours", "params_b": "model.params_b",
+}
+
+
 def parse_overrides(items: list[str]) -> RouteConfig:
     import yaml
     from pydantic import ValidationError
@@ -41,9 +49,12 @@ def parse_overrides(items: list[str]) -> RouteConfig:
     values = {}
     for item in items:
         key, sep, value = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise ProfileError(f"--set {item!r}: write KEY=VALUE, e.g. --set sft_min_examples=50")
-        values[key.strip()] = yaml.safe_load(value)
+        if key in IN_PROFILE:
+            raise ProfileError(f"--set {key}: this command reads it from the profile; set profile.{IN_PROFILE[key]} there")
+        values[key] = yaml.safe_load(value)
     try:
         return RouteConfig.model_validate(values)
     except ValidationError as e:

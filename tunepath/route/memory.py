@@ -20,6 +20,9 @@ Per GPU, in GB (1e9 bytes), for P parameters, micro-batch b, sequence length s, 
     A         activations: s·b·h·L·a without checkpointing; s·b·h·(2·L + a) with it (each layer keeps its
               2-byte input and one layer is recomputed at a time); plus the logits, s·b·V·12 bytes (bf16
               logits, the fp32 copy the loss makes, and its fp32 gradient, with the log-softmax output).
+              LoRA and QLoRA add s·b·(16·h + 2·f) per layer (per recomputed layer with checkpointing): peft
+              casts each adapted layer's input to the adapters' fp32 and keeps it for their gradients
+              (constants fitted to the measurements below).
     a         activation bytes per token, layer and hidden unit (route.activation_factor), by default
               20 + 8·f/h. Korthikanti et al. 2022 ("Reducing Activation Recomputation", §4.1) count 34 for a
               GPT layer with a 4h GeLU MLP: 11 attention (without the s² score terms, which SDPA/flash
@@ -27,6 +30,13 @@ Per GPU, in GB (1e9 bytes), for P parameters, micro-batch b, sequence length s, 
               f-wide tensors (gate, up, activation, product): 2·h + 8·f. Attention and two RMSNorms that
               upcast to fp32 give the other 18·h, with no dropout masks.
     overhead  route.overhead_gb per GPU: CUDA context, cuBLAS workspace, allocator slack.
+
+Checked on one H200 (torch 2.11, transformers 5.17, peft 0.21, bitsandbytes 0.50; random-init Qwen2.5-1.5B
+and TinyLlama-1.1B shapes, sequence 2048, batch 1 and 4, checkpointing off and on, 17 runs): the estimate
+without overhead was 1.01-1.21× the peak allocated memory for full training and 0.99-1.16× for LoRA and QLoRA,
+and 0.83-1.08× the peak reserved memory, a gap that route.overhead_gb and route.headroom cover. Full training
+there kept AdamW's moments in bf16 (optimizer_bytes_per_param 4) or trained fp32 weights under bf16 autocast
+(weights 4, gradients 4, optimizer 8). docs/routing.md has the table.
 
 Unknown shapes are derived from P for a standard decoder: P ≈ 12·L·h² and L ≈ h/128 (LLaMA-7B: h 4096,
 L 32), so h ≈ (128·P/12)^(1/3); f = 8/3·h (LLaMA's SwiGLU width); V = 32,000.
@@ -48,6 +58,7 @@ GB = 1e9
 ADAPTER_BYTES = 16.0
 NF4_BYTES = (4 + 0.127) / 8
 LOGIT_BYTES = 12.0
+LORA_ACT_H, LORA_ACT_F = 16.0, 2.0
 LAYERS_PER_HIDDEN = 1 / 128
 DEFAULT_VOCAB = 32_000
 METHODS = ("full", "lora", "qlora")
@@ -55,8 +66,8 @@ METHODS = ("full", "lora", "qlora")
 FORMULA = (
     "full = P·(w+g+o)/n + A + overhead; lora = P·w + 16·P_lora + A + overhead; "
     "qlora = (P−E)·0.516 + E·w + 16·P_lora + A + overhead; "
-    "P_lora = r·L·(11h+3f); E = 2·V·h; A = s·b·h·L·a (+ s·b·V·12 logits), or s·b·h·(2L+a) with checkpointing; "
-    "a = 20 + 8f/h unless set. Sources: ZeRO (Rajbhandari 2020) for 16 bytes/param, LoRA (Hu 2021), "
+    "P_lora = r·L·(11h+3f); E = 2·V·h; A = s·b·h·L·a (+ s·b·V·12 logits), or s·b·h·(2L+a) with checkpointing, "
+    "+ s·b·L·(16h+2f) for adapters; a = 20 + 8f/h unless set. Sources: ZeRO (Rajbhandari 2020) for 16 bytes/param, LoRA (Hu 2021), "
     "QLoRA (Dettmers 2023) for 4.127 bits/param, Korthikanti 2022 for activations. GB = 1e9 bytes."
 )
 
@@ -99,12 +110,17 @@ def lora_param_count(shape: ModelShape, rank: int) -> float:
     return rank * shape.num_layers * (11 * shape.hidden_size + 3 * shape.intermediate_size)
 
 
-def activation_bytes(shape: ModelShape, cfg: RouteConfig, max_length: int, batch_size: int) -> float:
+def activation_bytes(shape: ModelShape, cfg: RouteConfig, max_length: int, batch_size: int, *, adapters: bool) -> float:
     h, f, layers = shape.hidden_size, shape.intermediate_size, shape.num_layers
     a = cfg.activation_factor if cfg.activation_factor is not None else 20 + 8 * f / h
     tokens = max_length * batch_size
-    per_layers = tokens * h * (2 * layers + a) if cfg.gradient_checkpointing else tokens * h * layers * a
-    return per_layers + tokens * shape.vocab_size * LOGIT_BYTES
+    stored = 1 if cfg.gradient_checkpointing else layers  # layers whose full activations are alive at once
+    total = tokens * h * a * stored + tokens * shape.vocab_size * LOGIT_BYTES
+    if cfg.gradient_checkpointing:
+        total += tokens * h * 2 * layers
+    if adapters:
+        total += tokens * (LORA_ACT_H * h + LORA_ACT_F * f) * stored
+    return total
 
 
 def estimate_memory(profile: Profile, cfg: RouteConfig, *, max_length: int, batch_size: int, lora_rank: int) -> dict:
@@ -115,7 +131,11 @@ def estimate_memory(profile: Profile, cfg: RouteConfig, *, max_length: int, batc
     p = shape.params
     p_lora = lora_param_count(shape, lora_rank)
     embed = min(p, 2 * shape.vocab_size * shape.hidden_size)
-    act = activation_bytes(shape, cfg, max_length, batch_size)
+    act = {
+        "full": activation_bytes(shape, cfg, max_length, batch_size, adapters=False),
+        "lora": activation_bytes(shape, cfg, max_length, batch_size, adapters=True),
+    }
+    act["qlora"] = act["lora"]
     over = cfg.overhead_gb * GB
     adapter = {"weights": 4 * p_lora, "gradients": 4 * p_lora, "optimizer": (ADAPTER_BYTES - 8) * p_lora}
     parts = {
@@ -124,11 +144,11 @@ def estimate_memory(profile: Profile, cfg: RouteConfig, *, max_length: int, batc
         "lora": {**adapter, "weights": p * cfg.weight_bytes + adapter["weights"]},
         "qlora": {**adapter, "weights": (p - embed) * NF4_BYTES + embed * cfg.weight_bytes + adapter["weights"]},
     }
-    breakdown = {}
+    breakdown, per_gpu = {}, {}
     for method, part in parts.items():
-        part = {**part, "activations": act, "overhead": over}
+        part = {**part, "activations": act[method], "overhead": over}
         breakdown[method] = {k: round(v / GB, 3) for k, v in part.items()}
-    per_gpu = {m: round(sum(parts[m].values(), act + over) / GB, 3) for m in METHODS}
+        per_gpu[method] = round(sum(part.values()) / GB, 3)
     available = round(profile.resources.gpu_memory_gb * (1 - cfg.headroom), 3) if gpus > 0 else None
     fits = {m: (per_gpu[m] <= available if available is not None else None) for m in METHODS}
     return {

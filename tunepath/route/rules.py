@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tunepath.route.config import STAGE_ORDER, RouteConfig
+from tunepath.route.config import RouteConfig
 from tunepath.route.memory import estimate_hours, labeled_tokens
 from tunepath.route.profile import Profile
 
@@ -177,7 +177,7 @@ def plan_new_model(profile: Profile, cfg: RouteConfig, f: Facts, memory: dict, d
         draft.fire("S1-not-feasible", 1, "goal new_model but " + "; ".join(problems) + ": planning from the data as for goal auto")
         draft.warn("pretraining from scratch is not feasible with these resources and data; the plan builds on the base model instead")
         return False
-    flops = 6 * params_b * 1e9 * f.unlabeled * cfg.epochs
+    flops = h * gpus * cfg.gpu_tflops * 1e12 * 3600  # the same k·N·D as the hours (6 per parameter and token)
     draft.fire(
         "S1-new-model", 1,
         f"goal new_model with {num(f.unlabeled)} unlabelled tokens ≥ {num(need)} ({cfg.pretrain_tokens_per_param:g} tokens/param × "
@@ -392,7 +392,3 @@ def choose_start(profile: Profile, cfg: RouteConfig, f: Facts, stages: list[str]
         draft.fire("start", 5, "DPO without SFT starts from the chat variant")
         return "chat" if has_chat else "base"
     return "chat" if has_chat else "base"
-
-
-def ordered(stages: list[str]) -> list[str]:
-    return sorted(stages, key=STAGE_ORDER.index)

@@ -44,7 +44,7 @@ def run_route(
     profile = Profile.model_validate({
         "data": {
             **{k: stats[k] for k in STATS_KEYS},
-            "labeled_tokens": stats.get("labeled_tokens"),
+            "labeled_tokens": labeled_tokens(stats),
         },
         "resources": {"gpus": gpus, "gpu_memory_gb": memory_gb, "time_budget_hours": cfg.time_budget_hours},
         "model": {**shape, "has_chat_variant": model.chat_variant is not None},
@@ -81,6 +81,14 @@ def read_stats(path: Path) -> dict:
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{path}: {key} must be a non-negative integer, got {value!r}")
     return stats
+
+
+def labeled_tokens(stats: dict) -> int | None:
+    """Tokens of the labelled (SFT) training rows: top-level `labeled_tokens`, else `sft.train.tokens`, else None."""
+    if "labeled_tokens" in stats:
+        return stats["labeled_tokens"]
+    value = (stats.get("sft") or {}).get("train", {}).get("tokens") if isinstance(stats.get("sft"), dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def model_shape_from_config(model: ModelConfig, params_b: float | None) -> dict:

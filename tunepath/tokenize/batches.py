@@ -46,22 +46,25 @@ def encoder_for(plan: EncodePlan):
     return _ENCODERS[key]
 
 
-def fit_length(ids: list[int], labels: list[int], max_length: int, overlong: str) -> tuple[list[int], list[int], int]:
-    """Apply the length policy; a sample left with no learnt token is dropped, never trained on.
+def fit_length(chat, max_length: int, overlong: str) -> tuple[list[int], list[int], int, int]:
+    """Apply the length policy: (input_ids, labels, learnt tokens, status); a sample left with no learnt token is
+    dropped, never trained on.
 
     The first label is always -100: no token predicts it inside the sample, and in a packed row it would be
     predicted from the previous sample.
     """
-    if labels:
-        labels = [IGNORE_INDEX, *labels[1:]]
+    ids, labels, count = chat.input_ids, chat.labels, chat.label_count
+    if labels and labels[0] != IGNORE_INDEX:
+        labels, count = [IGNORE_INDEX, *labels[1:]], count - 1
     status = KEPT
     if len(ids) > max_length:
         if overlong == "drop":
-            return [], [], DROPPED_TOO_LONG
+            return [], [], 0, DROPPED_TOO_LONG
         ids, labels, status = ids[:max_length], labels[:max_length], TRUNCATED
-    if all(x == IGNORE_INDEX for x in labels):
-        return [], [], DROPPED_NO_LABELS
-    return ids, labels, status
+        count = sum(1 for x in labels if x != IGNORE_INDEX)
+    if count == 0:
+        return [], [], 0, DROPPED_NO_LABELS
+    return ids, labels, count, status
 
 
 def sft_batch(batch: dict, plan: EncodePlan, with_prompt: bool) -> dict:
@@ -71,15 +74,15 @@ def sft_batch(batch: dict, plan: EncodePlan, with_prompt: bool) -> dict:
         out["prompt_ids"] = []
     for chat in encoder.encode(batch["messages"]):
         if chat is None:
-            ids, labels, status, length = [], [], DROPPED_UNRENDERABLE, 0
+            ids, labels, count, status, length = [], [], 0, DROPPED_UNRENDERABLE, 0
         else:
             length = len(chat.input_ids)
-            ids, labels, status = fit_length(chat.input_ids, chat.labels, plan.max_length, plan.overlong)
+            ids, labels, count, status = fit_length(chat, plan.max_length, plan.overlong)
         out["input_ids"].append(ids)
         out["labels"].append(labels)
         out["status"].append(status)
         out["length"].append(length)
-        out["label_tokens"].append(sum(1 for x in labels if x != IGNORE_INDEX))
+        out["label_tokens"].append(count)
         if with_prompt:
             out["prompt_ids"].append(chat.input_ids[: chat.prompt_len] if chat is not None and ids else [])
     return out

@@ -30,14 +30,18 @@ def _sentinel(index: int) -> str:
     return f"{_OPEN}{index}{_CLOSE}"
 
 
+CONTROL, MARKUP, TEXT = 0, 1, 2
+
+
 @dataclass(frozen=True)
 class Part:
-    """One piece of a rendered conversation: a control token, or a text run of markup and content slots."""
+    """One piece of a rendered conversation: a control token, a markup-only text run, or a run holding contents."""
 
     labeled: bool
-    token_id: int | None = None  # set for a control token emitted by the template
-    text: str = ""  # the control token's text (for checking a render)
-    pieces: tuple[str | int, ...] = ()  # markup strings and message indices, in order
+    kind: int = TEXT
+    token_id: int | None = None  # CONTROL: the token the template emits
+    text: str = ""  # CONTROL and MARKUP: the fixed text
+    pieces: tuple[str | int, ...] = ()  # TEXT: markup strings and message indices, in order
 
 
 @dataclass(frozen=True)
@@ -151,17 +155,19 @@ class ChatRenderer:
                 prompt_part = len(parts)
             labeled = any(s <= a and b <= e for s, e in spans)
             if a in control_at:
-                parts.append(Part(labeled, token_id=control_at[a][1], text=full[a:b]))
+                parts.append(Part(labeled, CONTROL, token_id=control_at[a][1], text=full[a:b]))
                 continue
             piece = slot_at[a][1] if a in slot_at else full[a:b]
             last = parts[-1] if parts else None
             starts_here = a == prompt_start
-            if last is not None and last.token_id is None and last.labeled == labeled and not starts_here:
+            if last is not None and last.kind == TEXT and last.labeled == labeled and not starts_here:
                 parts[-1] = Part(labeled, pieces=_merge(last.pieces, piece))
             else:
                 parts.append(Part(labeled, pieces=(piece,)))
         if prompt_part is None:
             prompt_part = len(parts)
+        # Runs of markup alone repeat in every conversation of this shape: mark them to tokenize them once.
+        parts = [Part(p.labeled, MARKUP, text=p.pieces[0]) if p.kind == TEXT and all(isinstance(x, str) for x in p.pieces) else p for p in parts]
         return parts, prompt_part
 
 
@@ -171,19 +177,12 @@ def _merge(pieces: tuple[str | int, ...], piece: str | int) -> tuple[str | int, 
     return (*pieces, piece)
 
 
-def fill(layout: ChatLayout, contents: list[str]) -> list[str | int]:
-    """The layout with contents in place: control token ids and text-run strings, one per part."""
-    out: list[str | int] = []
-    for part in layout.parts:
-        if part.token_id is not None:
-            out.append(part.token_id)
-        else:
-            out.append("".join(p if isinstance(p, str) else contents[p] for p in part.pieces))
-    return out
-
-
-def filled_text(layout: ChatLayout, filled: list[str | int]) -> str:
-    return "".join(part.text if part.token_id is not None else text for part, text in zip(layout.parts, filled))
+def fill(layout: ChatLayout, contents: list[str]) -> list[str]:
+    """The text of every part with the contents in place; their concatenation is the rendered conversation."""
+    return [
+        "".join(p if isinstance(p, str) else contents[p] for p in part.pieces) if part.kind == TEXT else part.text
+        for part in layout.parts
+    ]
 
 
 def rendered_contents(renderer: ChatRenderer, layout: ChatLayout, messages: list[dict]) -> list[str] | None:

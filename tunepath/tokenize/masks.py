@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from tunepath.tokenize.layout import ChatRenderer, fill, filled_text, rendered_contents
+from tunepath.tokenize.layout import CONTROL, MARKUP, TEXT, ChatLayout, ChatRenderer, fill, rendered_contents
 from tunepath.tokenize.templates import TemplateError
 
 log = logging.getLogger(__name__)
@@ -24,6 +24,7 @@ class EncodedChat:
     input_ids: list[int]
     labels: list[int]
     prompt_len: int
+    label_count: int = 0  # tokens whose label is not -100
     answer_len: int = 0  # tokens of the last learnt span (its content and end-of-turn token)
     prompt_text: str = ""
     answer_text: str = ""
@@ -39,28 +40,25 @@ class ChatEncoder:
         self.backend.encode_special_tokens = True
         self.last_turn_only = last_turn_only
         self.eos_id = tokenizer.eos_token_id
-        self._markup_ids: dict[str, list[int]] = {}
+        self._fixed: dict[int, list[list[int] | None]] = {}  # per layout: ids of its control and markup parts
 
     def encode(self, conversations: list[list[dict]], with_text: bool = False) -> list[EncodedChat | None]:
         """One EncodedChat per conversation; None where the template cannot render it (logged).
 
         `with_text` adds the rendered prompt and last answer as strings (for preference pairs).
         """
-        filled_all: list[tuple | None] = []
-        pending: list[str] = []
-        for messages in conversations:
-            filled_all.append(self._fill(messages))
-            if filled_all[-1] is not None:
-                layout, filled = filled_all[-1]
-                for part, value in zip(layout.parts, filled):
-                    if part.token_id is None and not _is_markup(part) and value:
-                        pending.append(value)
-        for text in {p.pieces[0] for f in filled_all if f for p in f[0].parts if _is_markup(p)} - self._markup_ids.keys():
-            self._markup_ids[text] = self.backend.encode(text, add_special_tokens=False).ids
-        encoded = iter(e.ids for e in self.backend.encode_batch_fast(pending, add_special_tokens=False)) if pending else iter(())
-        return [self._assemble(f, encoded, with_text) if f is not None else None for f in filled_all]
+        prepared = [self._fill(messages) for messages in conversations]
+        pending = [
+            text
+            for item in prepared
+            if item is not None
+            for part, text in zip(item[0].parts, item[1])
+            if part.kind == TEXT and text
+        ]
+        encoded = iter([e.ids for e in self.backend.encode_batch_fast(pending, add_special_tokens=False)] if pending else [])
+        return [self._assemble(item[0], item[1], encoded, with_text) if item is not None else None for item in prepared]
 
-    def _fill(self, messages: list[dict]):
+    def _fill(self, messages: list[dict]) -> tuple[ChatLayout, list[str]] | None:
         roles = tuple(m["role"] for m in messages)
         try:
             layout = self.renderer.layout(roles, self.last_turn_only)
@@ -68,51 +66,52 @@ class ChatEncoder:
         except Exception as e:  # jinja raises TemplateError, UndefinedError, TypeError...
             log.debug("conversation with roles %s cannot be rendered: %s", roles, e)
             return None
-        contents = [m["content"] for m in messages]
-        filled = fill(layout, contents)
-        if filled_text(layout, filled) != rendered:
+        texts = fill(layout, [m["content"] for m in messages])
+        if "".join(texts) != rendered:
             # The template rewrites contents (strip, trim): take them as it writes them.
             contents = rendered_contents(self.renderer, layout, messages)
-            filled = fill(layout, contents) if contents is not None else None
-            if filled is None or filled_text(layout, filled) != rendered:
+            texts = fill(layout, contents) if contents is not None else None
+            if texts is None or "".join(texts) != rendered:
                 log.debug("conversation with roles %s: the template's markup depends on the content", roles)
                 return None
-        return layout, filled
+        return layout, texts
 
-    def _assemble(self, layout_filled, encoded, with_text: bool) -> EncodedChat:
-        layout, filled = layout_filled
+    def _fixed_ids(self, layout: ChatLayout) -> list[list[int] | None]:
+        key = id(layout)  # layouts live as long as the renderer's cache, which never evicts
+        if key not in self._fixed:
+            self._fixed[key] = [
+                [p.token_id] if p.kind == CONTROL
+                else self.backend.encode(p.text, add_special_tokens=False).ids if p.kind == MARKUP
+                else None
+                for p in layout.parts
+            ]
+        return self._fixed[key]
+
+    def _assemble(self, layout: ChatLayout, texts: list[str], encoded, with_text: bool) -> EncodedChat:
         ids: list[int] = []
         labels: list[int] = []
-        prompt_len = answer_end = 0
-        for index, (part, value) in enumerate(zip(layout.parts, filled)):
-            if index == layout.prompt_part:
+        prompt_len = answer_end = label_count = 0
+        prompt_part = layout.prompt_part
+        for index, (part, fixed, text) in enumerate(zip(layout.parts, self._fixed_ids(layout), texts)):
+            if index == prompt_part:
                 prompt_len = len(ids)
-            if part.token_id is not None:
-                piece = [part.token_id]
-            elif not value:
-                continue
-            elif _is_markup(part):
-                piece = self._markup_ids[value]
-            else:
-                piece = next(encoded)
+            piece = fixed if fixed is not None else next(encoded) if text else []
             ids += piece
-            labels += piece if part.labeled else [IGNORE_INDEX] * len(piece)
-            if part.labeled and index >= layout.prompt_part:
-                answer_end = len(ids)
-        if layout.prompt_part >= len(layout.parts):
+            if part.labeled:
+                labels += piece
+                label_count += len(piece)
+                if index >= prompt_part:
+                    answer_end = len(ids)
+            else:
+                labels += [IGNORE_INDEX] * len(piece)
+        if prompt_part >= len(layout.parts):
             prompt_len = len(ids)
-        chat = EncodedChat(ids, labels, prompt_len, max(answer_end - prompt_len, 0))
+        chat = EncodedChat(ids, labels, prompt_len, label_count, max(answer_end - prompt_len, 0))
         if with_text:
-            texts = [part.text if part.token_id is not None else value for part, value in zip(layout.parts, filled)]
-            last = max([i for i, p in enumerate(layout.parts) if p.labeled and i >= layout.prompt_part], default=layout.prompt_part - 1)
-            chat.prompt_text = "".join(texts[: layout.prompt_part])
-            chat.answer_text = "".join(texts[layout.prompt_part : last + 1])
+            last = max([i for i, p in enumerate(layout.parts) if p.labeled and i >= prompt_part], default=prompt_part - 1)
+            chat.prompt_text = "".join(texts[:prompt_part])
+            chat.answer_text = "".join(texts[prompt_part : last + 1])
         return chat
-
-
-def _is_markup(part) -> bool:
-    """A text run of template markup only (repeats across conversations: tokenized once and cached)."""
-    return part.token_id is None and len(part.pieces) == 1 and isinstance(part.pieces[0], str)
 
 
 def check_encoder(encoder: ChatEncoder) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -30,11 +30,23 @@ class TrainConfig(Strict):
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input; regularises small data sets.")
     target_modules: str | list[str] = Field("all-linear", description="Layers that get adapters: 'all-linear' or a list of module names.")
     use_dora: bool = Field(False, description="DoRA: weight-decomposed LoRA; a little better, slower.")
+    lora_train_embeddings: bool = Field(
+        False,
+        description="LoRA/QLoRA: also train the input embeddings and the LM head in full (for continued pretraining on "
+        "new vocabulary or style); the adapter then holds copies of both, which costs memory and disk.",
+    )
+    dpo_beta: float = Field(0.1, gt=0, description="DPO: how strongly the policy is held to the reference (the model before DPO); lower lets it drift further.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, about 30% slower.")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPUs that support it, else fp32.")
-    save_steps: int = Field(0, ge=0, description="Checkpoint every N steps for resume; 0 keeps no checkpoints.")
-    logging_steps: int = Field(1, ge=1, description="Log loss, learning rate and grad norm every N steps.")
-    num_processes: int = Field(1, ge=1, description="Processes (GPUs) for accelerate launch; 1 trains in this process.")
+    save_steps: int = Field(0, ge=0, description="Checkpoint every N steps (and at the end of each plan stage) so a killed run resumes; 0 keeps no checkpoints.")
+    checkpoint_limit: int = Field(2, ge=1, description="Complete checkpoints kept per plan stage while training; older ones are deleted.")
+    keep_checkpoints: bool = Field(
+        False, description="Keep the checkpoints after a successful run (a rerun with the same inputs then finishes at once); they hold optimizer state."
+    )
+    logging_steps: int = Field(1, ge=1, description="Log loss, learning rate, grad norm and tokens/s every N steps.")
+    num_processes: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="Processes (GPUs) for accelerate launch; auto: one per visible GPU; 1 trains in this process."
+    )
 
     @model_validator(mode="after")
     def _check_steps(self) -> "TrainConfig":

@@ -1,43 +1,48 @@
-"""The hf backend's recipe: a linear script over transformers.Trainer and peft.
+"""The recipe: a linear script over transformers.Trainer and peft, shared by the hf and unsloth backends.
 
-trl's SFTTrainer is not used for CPT/SFT: the tokenize stage already rendered, masked and packed the data, and
-trl 1.15's SFTTrainer cannot train on a CPU-only torch (its fused loss needs Triton). Plain Trainer on
-pre-tokenized rows behaves the same on CPU and GPU, and under unsloth.
+trl's SFTTrainer is not used for pretraining, CPT or SFT: the tokenize stage already rendered, masked and
+packed the data, and trl 1.15's SFTTrainer cannot train on a CPU-only torch (its fused loss needs Triton).
+Plain Trainer on pre-tokenized rows behaves the same on CPU and GPU, and under unsloth. DPO is a Trainer
+with DPO's loss (`tunepath.train.dpo`, which says why trl's DPOTrainer is not used either).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 
-from tunepath.collate import PadCollator
 from tunepath.train import TrainConfig
+from tunepath.train import checkpoints, tracking
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_STAGES = ("cpt", "sft")
-SUPPORTED_METHODS = ("lora", "full")
+# plan stage -> tokenized data folder; pretraining from scratch learns from the same raw-text blocks as CPT
+DATA_FOLDERS = {"pretrain": "cpt", "cpt": "cpt", "sft": "sft", "dpo": "dpo"}
+METHODS = ("full", "lora", "qlora")
+ADAPTER_METHODS = ("lora", "qlora")
 
 
-def check_plan(stages: list[str], method: str) -> None:
-    """Fail before any work when the plan asks for something this train stage cannot do yet."""
+class TrainingOOM(RuntimeError):
+    """The GPU ran out of memory; the message names the settings that reduce memory and their current values."""
+
+
+def check_plan(stages: list[str], method: str, start_from: str) -> None:
+    """Fail before any work when the plan asks for something this train stage cannot do."""
     if not stages:
         raise ValueError(
             "route plan has no training stages (training is not advised for this profile; see artifacts/route/plan.md). "
             "Force a route with route.force_stages if you want to train anyway."
         )
-    unsupported = [s for s in stages if s not in SUPPORTED_STAGES]
-    if unsupported:
-        raise NotImplementedError(
-            f"route plan asks for stage(s) {unsupported}; this train stage runs {list(SUPPORTED_STAGES)} so far. "
-            "Force a supported route with route.force_stages."
-        )
-    if method not in SUPPORTED_METHODS:
-        raise NotImplementedError(
-            f"route plan asks for method {method!r}; this train stage runs {list(SUPPORTED_METHODS)} so far. "
-            "Force one with route.force_method."
+    unknown = [s for s in stages if s not in DATA_FOLDERS]
+    if unknown:
+        raise ValueError(f"route plan asks for stage(s) {unknown}; the train stage runs {list(DATA_FOLDERS)}")
+    if method not in METHODS:
+        raise ValueError(f"route plan asks for method {method!r}; the train stage runs {list(METHODS)}")
+    if start_from == "scratch" and method != "full":
+        raise ValueError(
+            f"route plan starts from scratch (random weights) with method {method!r}: an adapter on random weights "
+            "learns almost nothing. Use route.force_method: full, or start from the base model (drop 'pretrain' from route.force_stages)."
         )
 
 
@@ -53,44 +58,73 @@ def pick_precision(cfg: TrainConfig) -> str:
     return "fp32"
 
 
-def build_model(base: str, cfg: TrainConfig, method: str, precision: str, trust_remote_code: bool):
-    """Load the start model and, for LoRA, wrap it with fresh adapters."""
+def load_dtype(method: str, precision: str):
+    """Weights dtype: adapters train on a bf16 base; full fine-tuning keeps fp32 master weights under bf16 autocast
+    (pure-bf16 AdamW updates round away small steps; the route's memory estimate counts the fp32 copy)."""
     import torch
+
+    return torch.bfloat16 if precision == "bf16" and method != "full" else torch.float32
+
+
+def load_pretrained(base: str, cfg: TrainConfig, method: str, precision: str, trust_remote_code: bool):
+    """The start model as transformers loads it (hf backend, full or LoRA)."""
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(
-        base, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        base, dtype=load_dtype(method, precision), trust_remote_code=trust_remote_code, use_safetensors=True
     )
     # With the KV cache on, the forward pass skips packed-sequence detection and packed samples attend to
     # each other (measured: logits off by 0.27 on a tiny Qwen2). Training never needs the cache.
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(
-            r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
-            target_modules=cfg.target_modules,
-            use_dora=cfg.use_dora,
-            task_type="CAUSAL_LM",
-        )
-        if cfg.gradient_checkpointing:
-            model.enable_input_require_grads()
-        model = get_peft_model(model, lora)
     return model
 
 
-def build_args(cfg: TrainConfig, out_dir: Path, precision: str):
+def init_from_config(base: str, out: Path, tokenizer, seed: int, trust_remote_code: bool) -> Path:
+    """Random weights in `base`'s architecture (pretraining from scratch), seeded, saved as the run's start model."""
+    from transformers import AutoConfig, AutoModelForCausalLM, set_seed
+
+    config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+    set_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    log.info("pretraining from scratch: %s random parameters in %s's architecture (seed %d), saved to %s",
+             f"{sum(p.numel() for p in model.parameters()):,}", base, seed, out)
+    return out
+
+
+def add_lora(model, cfg: TrainConfig):
+    """Fresh LoRA (or DoRA) adapters; with lora_train_embeddings the embeddings and LM head train in full too."""
+    from peft import LoraConfig, get_peft_model
+
+    extra = {}
+    if cfg.lora_train_embeddings:
+        extra["modules_to_save"] = ["embed_tokens", "lm_head"]
+        # a tied LM head is the embedding matrix: keep the two trained copies one tensor, or they drift apart
+        extra["ensure_weight_tying"] = bool(getattr(model.config, "tie_word_embeddings", False))
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules,
+        use_dora=cfg.use_dora,
+        task_type="CAUSAL_LM",
+        **extra,
+    )
+    if cfg.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return get_peft_model(model, lora)
+
+
+def build_args(cfg: TrainConfig, output_dir: Path, precision: str):
     import torch
     from transformers import TrainingArguments
 
     save = cfg.save_steps > 0
     return TrainingArguments(
-        output_dir=str(out_dir / "checkpoints"),
+        output_dir=str(output_dir),
         max_steps=cfg.max_steps,
         num_train_epochs=cfg.epochs,
         per_device_train_batch_size=cfg.batch_size,
@@ -110,73 +144,99 @@ def build_args(cfg: TrainConfig, out_dir: Path, precision: str):
         report_to=[],
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=False,
     )
 
 
-def train_stage(model, stage: str, data_dir: Path, tokenizer, cfg: TrainConfig, out_dir: Path, precision: str) -> dict:
-    """Train one plan stage in place on `model`; returns its metrics and per-step log."""
-    from datasets import load_from_disk
-    from transformers import Trainer, TrainerCallback
+def oom_message(stage: str, method: str, cfg: TrainConfig, max_length: int) -> str:
+    b, acc = cfg.batch_size, cfg.grad_accum
+    knobs = [
+        f"train.batch_size {b} -> {max(1, b // 2)}" + (f" (and train.grad_accum {acc} -> {acc * 2} to keep the effective batch)" if b > 1 else ""),
+        f"tokenize.max_length {max_length} -> {max(64, max_length // 2)} (rerun tokenize)",
+    ]
+    if not cfg.gradient_checkpointing:
+        knobs.append("train.gradient_checkpointing false -> true (about 30% slower)")
+    if method == "full":
+        knobs.append("method full -> lora (route.force_method: lora)")
+    elif method == "lora":
+        knobs.append("method lora -> qlora (route.force_method: qlora; 4-bit base)")
+    return (f"CUDA ran out of memory in plan stage {stage!r} (method {method}). Turn one of these knobs: " + "; ".join(knobs) + ".")
 
-    train_path = data_dir / stage / "train"
+
+def train_stage(model, stage: str, position: tuple[int, int], tokenize_dir: Path, tokenizer, collator, cfg: TrainConfig,
+                ckpt_root: Path, precision: str, method: str, max_length: int, step_offset: int,
+                sink=None, on_progress=None) -> dict:
+    """Train one plan stage in place on `model`, resuming from its last complete checkpoint if there is one."""
+    import torch
+    from datasets import load_from_disk
+    from transformers import Trainer
+
+    train_path = tokenize_dir / DATA_FOLDERS[stage] / "train"
     if not train_path.exists():
         raise FileNotFoundError(
-            f"{train_path}: no tokenized {stage} data. The route plan asks for {stage!r} but the tokenize stage "
-            f"found no records of that kind; add data or force another route."
+            f"{train_path}: no tokenized {DATA_FOLDERS[stage]} data. The route plan asks for {stage!r} but the tokenize "
+            "stage found no records of that kind; add data or force another route (route.force_stages)."
         )
     train_set = load_from_disk(str(train_path))
-    steps: list[dict] = []
+    stage_dir = ckpt_root / stage
+    callbacks = [tracking.step_callback(stage, position[0], position[1], step_offset, sink, on_progress)]
+    resume = None
+    if cfg.save_steps > 0:
+        callbacks.append(checkpoints.marker_callback(cfg.checkpoint_limit))
+        if stage_dir.is_dir():
+            checkpoints.prune(stage_dir, cfg.checkpoint_limit)
+            resume = checkpoints.last_complete(stage_dir)
+    args = build_args(cfg, stage_dir, precision)
+    if stage == "dpo":
+        from tunepath.train import dpo
 
-    class StepLog(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                steps.append({"stage": stage, "step": state.global_step, **{k: float(v) for k, v in logs.items()}})
-
-    trainer = Trainer(
-        model=model,
-        args=build_args(cfg, out_dir / stage, precision),
-        train_dataset=train_set,
-        data_collator=PadCollator(tokenizer.pad_token_id),
-        processing_class=tokenizer,
-        callbacks=[StepLog()],
-    )
+        trainer = dpo.build_trainer(model, args, train_set, tokenizer, cfg.dpo_beta, precision, callbacks)
+    else:
+        trainer = Trainer(model=model, args=args, train_dataset=train_set, data_collator=collator,
+                          processing_class=tokenizer, callbacks=callbacks)
+    if resume is not None:
+        log.info("%s: resuming from %s (step %d)", stage, resume, checkpoints.step_of(resume))
+    tokens_before = 0
     started = time.perf_counter()
-    result = trainer.train()
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    except torch.OutOfMemoryError as e:
+        raise TrainingOOM(oom_message(stage, method, cfg, max_length)) from e
     seconds = time.perf_counter() - started
-    tokens = sum(len(r) for r in train_set["input_ids"])
-    epochs_seen = result.metrics.get("epoch", 1.0)
+    state = trainer.state
+    if resume is not None:
+        tokens_before = _tokens_at(resume)
+    session_tokens = state.num_input_tokens_seen - tokens_before
+    steps = tracking.logged_steps(state.log_history, stage)
     metrics = {
         "stage": stage,
-        "steps": result.global_step,
-        "train_loss": float(result.training_loss),
+        "steps": state.global_step,
+        "resumed_from_step": checkpoints.step_of(resume) if resume is not None else None,
+        "train_loss": sum(s["loss"] for s in steps) / len(steps) if steps else None,
+        "final_loss": steps[-1]["loss"] if steps else None,
         "seconds": round(seconds, 2),
-        "tokens_per_second": round(tokens * epochs_seen / seconds, 1) if seconds else None,
+        "tokens": state.num_input_tokens_seen,
+        "tokens_per_second": round(session_tokens / seconds, 1) if seconds and session_tokens else None,
         "rows": len(train_set),
     }
-    (out_dir / stage).mkdir(parents=True, exist_ok=True)
-    trainer.state.save_to_json(str(out_dir / stage / "trainer_state.json"))
-    log.info("%s: %d steps, final loss %.4f, %.1f s", stage, result.global_step, steps[-1]["loss"] if steps else float("nan"), seconds)
-    return {"metrics": metrics, "steps": steps}
+    log.info("%s: %d steps, final loss %s, %.1f s", stage, state.global_step, metrics["final_loss"], seconds)
+    return {"metrics": metrics, "steps": steps, "state": state}
 
 
-def write_loss_curve(steps: list[dict], path: Path) -> None:
-    """A CSV that `dvc plots` reads: one row per logged step, a global step across plan stages."""
-    lines = ["step,stage,loss,learning_rate,grad_norm"]
-    offset, last_stage, last_step = 0, None, 0
-    for s in steps:
-        if s["stage"] != last_stage and last_stage is not None:
-            offset += last_step
-        last_stage, last_step = s["stage"], s["step"]
-        lines.append(f"{offset + s['step']},{s['stage']},{s['loss']:.6f},{s.get('learning_rate', 0):.6g},{s.get('grad_norm', 0):.6g}")
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+def _tokens_at(checkpoint: Path) -> int:
+    import json
+
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    return int(state.get("num_input_tokens_seen", 0))
 
 
-def save_outputs(model, tokenizer, method: str, out_dir: Path, summary: dict) -> None:
+def save_outputs(model, tokenizer, method: str, out_dir: Path) -> str:
+    """Adapter or full weights, the tokenizer with the training chat template; returns the weights folder name."""
     model.config.use_cache = True  # inference wants the cache back
-    if method == "lora":
-        model.save_pretrained(str(out_dir / "adapter"), safe_serialization=True)
-    else:
-        model.save_pretrained(str(out_dir / "model"), safe_serialization=True)
-        tokenizer.save_pretrained(str(out_dir / "model"))
+    weights = "adapter" if method in ADAPTER_METHODS else "model"
+    model.save_pretrained(str(out_dir / weights), safe_serialization=True)
+    if weights == "model":
+        tokenizer.save_pretrained(str(out_dir / weights))
     tokenizer.save_pretrained(str(out_dir / "tokenizer"))
-    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return weights

@@ -218,7 +218,8 @@ class Normaliser:
             for i, pair in enumerate(pairs):
                 at = f"{history_key}[{i}]"
                 if not isinstance(pair, list) or len(pair) != 2:
-                    reasons.append(f"wrong_type: '{at}' is {_type_name(pair)}, expected a [user, assistant] pair")
+                    what = f"a list of {len(pair)}" if isinstance(pair, list) else _type_name(pair)
+                    reasons.append(f"wrong_type: '{at}' is {what}, expected a [user, assistant] pair")
                     continue
                 user = self._check_str(pair[0], f"{at}[0]", reasons)
                 answer = self._check_str(pair[1], f"{at}[1]", reasons)

@@ -62,10 +62,11 @@ def read_rows(path: Path, display: str, text_split: str = "blank_line") -> Itera
     if suffix == ".parquet":
         yield from _read_parquet(data, display)
         return
-    if b"\x00" in data[:8192]:
-        # NUL bytes do not occur in UTF-8 text files: report the file once instead of one garbage row per line
+    if looks_binary(data):
+        # report the file once instead of one garbage row per line
         yield RawRow(display, 1, _replace(data[:1000]), reasons=[
-            f"binary_file: {display} contains NUL bytes: it is not a UTF-8 text file ({suffix} expected)"])
+            f"binary_file: {display} is mostly control bytes: it is not a UTF-8 text file (binary, compressed or "
+            f"UTF-16?); save it as UTF-8 {suffix}"])
         return
     if data.startswith(BOM.encode()):
         data = data[3:]
@@ -79,6 +80,18 @@ def read_rows(path: Path, display: str, text_split: str = "blank_line") -> Itera
         yield from _read_csv(text, display)
     else:
         yield from _read_text(text, display, text_split)
+
+
+_CONTROL_BYTES = bytes([*range(0x00, 0x09), *range(0x0E, 0x20), 0x7F])
+
+
+def looks_binary(data: bytes) -> bool:
+    """More than 5% control bytes in the first 8 KiB: random bytes have about 11%, text with a stray byte ~0%."""
+    sample = data[:8192]
+    if not sample:
+        return False
+    controls = len(sample) - len(sample.translate(None, _CONTROL_BYTES))
+    return controls > 0.05 * len(sample)
 
 
 def has_invalid_utf8(s: str) -> bool:
@@ -116,7 +129,7 @@ def _parse_json(display: str, line: int, raw: str, origin: str = "json") -> RawR
     try:
         value = json.loads(raw)
     except json.JSONDecodeError as e:
-        return RawRow(display, line, raw, reasons=[f"bad_json: {e.msg} at column {e.colno} (truncated or malformed line?)"])
+        return RawRow(display, line, raw, reasons=[f"bad_json: {e.msg}, column {e.colno} (a truncated or malformed line?)"])
     except RecursionError:
         return RawRow(display, line, raw, reasons=["bad_json: nested too deeply to parse"])
     return RawRow(display, line, raw, value, origin=origin)
@@ -129,7 +142,8 @@ def _read_jsonl(text: str, display: str) -> Iterator[RawRow]:
             line = line[:-1]
         if not line or line.isspace():
             continue
-        yield _parse_json(display, number, line)
+        # a BOM inside the file comes from concatenating files that each had one
+        yield _parse_json(display, number, line[1:] if line[0] == BOM else line)
 
 
 def _read_json(text: str, display: str) -> Iterator[RawRow]:

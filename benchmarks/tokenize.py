@@ -1,0 +1,155 @@
+"""Benchmark of the tokenize stage against the raw batched fast tokenizer, on the same chats in the same run.
+
+Usage:
+
+    python benchmarks/tokenize.py                       # 50,000 synthetic chats, a tokenizer trained here
+    python benchmarks/tokenize.py --model models/demo --num-proc 4 --conversations 100000
+
+Prints a markdown table: tokens/s of the raw tokenizer (the rendered chats, batched, special tokens on) and of
+the whole stage (`run_tokenize`: read records, render, mask, tokenize, pack, write), their ratio, the padding
+share unpacked vs packed, and the time of a rerun served from the cache.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# This file is named tokenize.py: run as a script, its folder must not shadow the standard library's tokenize.
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+WORDS = (
+    "the order return refund shipping size boots jacket tent delivery days account label warranty receipt store "
+    "please thanks help can you will we your our is are was has have been a an to of in on for with and or but not "
+    "Northwind trail outdoor waterproof customer support tracking number week exchange color price discount"
+).split()
+CHINESE = ["你好", "订单", "退货", "请问", "什么时候", "能到", "谢谢", "客服", "北京", "运费", "尺码", "保修"]
+
+
+def _sentence(rng: random.Random, words: int) -> str:
+    if rng.random() < 0.15:
+        return "".join(rng.choice(CHINESE) for _ in range(max(1, words // 2))) + "。"
+    text = " ".join(rng.choice(WORDS) for _ in range(words))
+    return text[:1].upper() + text[1:] + rng.choice([".", "?", "!", ".\n\n"])
+
+
+def make_conversations(n: int, seed: int = 0) -> list[list[dict]]:
+    """Length-varied chats: 1-4 turns, answers from a few words to a few hundred (log-uniform)."""
+    rng = random.Random(seed)
+    chats = []
+    for _ in range(n):
+        messages = [{"role": "system", "content": _sentence(rng, rng.randint(4, 20))}] if rng.random() < 0.3 else []
+        for _ in range(rng.choice([1, 1, 1, 2, 2, 3, 4])):
+            messages.append({"role": "user", "content": _sentence(rng, rng.randint(3, 40))})
+            answer = " ".join(_sentence(rng, 12) for _ in range(max(1, int(2 ** rng.uniform(0, 4.5)))))
+            messages.append({"role": "assistant", "content": answer})
+        chats.append(messages)
+    return chats
+
+
+def build_tokenizer(out_dir: Path, texts: list[str], vocab_size: int = 8000) -> Path:
+    """A byte-level BPE with Qwen2's pre-tokenizer and the ChatML template, saved as a Qwen2 tokenizer."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    from tunepath.tokenize.templates import CHATML
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(
+        texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    )
+    model = json.loads(bpe.to_str())["model"]
+    tokenizer = Qwen2Tokenizer(
+        vocab=model["vocab"], merges=[tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]],
+        unk_token=None, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        extra_special_tokens=["<|im_start|>", "<|im_end|>"], chat_template=CHATML,
+    )
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--conversations", type=int, default=50_000)
+    parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--num-proc", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--model", help="a model folder whose tokenizer to use (default: one trained here)")
+    parser.add_argument("--workdir", help="folder for records, cache and outputs (default: a temporary one)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    from datasets import disable_progress_bars
+    from transformers import AutoTokenizer
+
+    from tunepath.sections import ModelConfig
+    from tunepath.tokenize import TokenizeConfig, run_tokenize
+
+    disable_progress_bars()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="tunepath-bench-tokenize-"))
+    work.mkdir(parents=True, exist_ok=True)
+    chats = make_conversations(args.conversations)
+    model_dir = Path(args.model) if args.model else build_tokenizer(work / "tokenizer", [m["content"] for c in chats[:5000] for m in c])
+    validate = work / "validate"
+    validate.mkdir(exist_ok=True)
+    with open(validate / "records.jsonl", "w", encoding="utf-8") as f:
+        for i, messages in enumerate(chats):
+            record = {"id": f"{i:016x}", "kind": "conversation", "split": "train" if i % 50 else "eval",
+                      "source": {"file": "bench.jsonl", "line": i + 1}, "messages": messages}
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in chats]
+    started = time.perf_counter()
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    raw_seconds = time.perf_counter() - started
+    tokens = sum(map(len, ids))
+    del ids, texts
+
+    cfg = TokenizeConfig(max_length=args.max_length, num_proc=args.num_proc, batch_size=args.batch_size, cache_dir=str(work / "cache"))
+    model = ModelConfig(base=str(model_dir))
+    started = time.perf_counter()
+    summary = run_tokenize(cfg, model, validate, work / "out")
+    stage_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    again = run_tokenize(cfg, model, validate, work / "out")
+    cached_seconds = time.perf_counter() - started
+    train = json.loads((work / "out" / "stats.json").read_text())["sft"]["train"]
+    assert again["cached"] and not summary["cached"]
+
+    ratio = raw_seconds / stage_seconds
+    rows = [
+        ("conversations (train/eval)", f"{len(chats):,} ({train['samples_in']:,}/{len(chats) - train['samples_in']:,})"),
+        ("tokens (rendered chats)", f"{tokens:,} (longest {train['longest']}, max_length {args.max_length}, truncated {train['truncated']})"),
+        ("raw fast tokenizer, batched", f"{tokens / raw_seconds:,.0f} tokens/s ({raw_seconds:.2f} s)"),
+        (f"whole stage, cold (num_proc={args.num_proc})", f"{tokens / stage_seconds:,.0f} tokens/s ({stage_seconds:.2f} s)"),
+        ("stage / raw", f"{ratio:.2f} (target >= 0.7)"),
+        ("padding share, unpacked (train)", f"{train['padding_share_unpacked']:.1%}"),
+        ("padding share, packed (train)", f"{train['padding_share_packed']:.2%} (target < 2%), {train['rows']:,} rows"),
+        ("cached rerun", f"{cached_seconds:.2f} s"),
+        ("cpu cores", str(os.cpu_count())),
+    ]
+    print("| measure | value |\n|---|---|")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,610 @@
+"""Training speed on a GPU: a hand-written transformers+peft baseline against tunepath's hf and unsloth backends.
+
+Usage:
+
+    python benchmarks/train_gpu.py                         # GPU: Qwen2.5-0.5B and -1.5B shapes, every variant
+    python benchmarks/train_gpu.py --shapes 1.5b --variants a,b_tuned
+    python benchmarks/train_gpu.py --cpu --tiny            # the same code end to end on CPU, tiny model
+
+Models are randomly initialised Qwen2 models of the real shapes (configs below, nothing downloaded); LoRA r=16
+on all linear layers; a synthetic chat data set with Alpaca-like lengths (mean ~150 tokens, long tail to
+1,300; the prompt part of each sample is masked out of the loss); max length 2048. Each variant runs in its
+own process (unsloth patches transformers process-wide), one after another:
+
+  a        baseline a user writes: Trainer + peft, batch 8 samples, dynamic padding, no packing, bf16
+  b        tunepath hf backend, defaults: rows packed to 2048 by the tokenize stage's best-fit decreasing,
+           position ids restart per sample (no cross-attention), batch 8 rows
+  b_tuned  b with batch 2 rows x grad_accum 4 (same rows per optimizer step) and padding-free varlen attention
+  c        tunepath unsloth backend with b_tuned's batch (rows flattened into one, unsloth's varlen path)
+
+Reported per variant: real (non-padding) tokens/s, peak GPU memory (the worst batch of an epoch included),
+model FLOPs utilisation against the bf16 matrix rate measured in the same run, time from process start to the
+end of the first optimizer step. FLOPs per real token (LoRA, frozen base): 4*N (forward, and backward to the
+activations only) + 6*N_lora + 6*L*H*D*E[s+1] (causal attention over each sample of length s, forward and
+backward), N = weights of every matmul including the LM head. Writes JSON (card, date, versions, every figure)
+to benchmarks/results/ unless --out says otherwise, and prints a markdown table last.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# benchmarks/ holds a tokenize.py: run as a script, this folder must not shadow the standard library's tokenize.
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from datetime import datetime, timezone  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+log = logging.getLogger("train_gpu")
+
+QWEN2 = dict(max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu")
+SHAPES = {
+    "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=4096),
+    # Qwen2.5-0.5B and Qwen2.5-1.5B, as in their config.json
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, vocab_size=151936),
+    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, vocab_size=151936),
+}
+VARIANTS = ("a", "b", "b_tuned", "c")
+MAX_LENGTH = 2048
+LORA_R, LORA_ALPHA = 16, 32
+BASE_BATCH = 8  # samples per step in the baseline; rows per optimizer step in b, b_tuned and c
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data
+
+
+def make_samples(n: int, vocab: int, seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids and labels of `n` chat-like samples: lognormal lengths (mean ~150, clipped to [24, 1300])."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(np.rint(rng.lognormal(mean=4.69, sigma=0.8, size=n)), 24, 1300).astype(int)
+    lengths[0] = 1300  # the tail is there in every run, not only in lucky ones
+    ids, labels = [], []
+    for length in lengths:
+        row = rng.integers(10, vocab - 10, size=length)
+        prompt = max(8, int(length * rng.uniform(0.2, 0.5)))
+        lab = row.copy()
+        lab[:prompt] = -100
+        ids.append(row.tolist())
+        labels.append(lab.tolist())
+    return ids, labels
+
+
+def write_data(work: Path, vocab: int, n: int) -> dict:
+    """The unpacked samples (baseline) and the packed rows (tunepath's tokenize layout) on disk."""
+    import numpy as np
+    import pyarrow as pa
+    from datasets import Dataset
+
+    from tunepath.tokenize.packing import best_fit_decreasing, build_rows, padding_share
+
+    ids, labels = make_samples(n, vocab)
+    lengths = [len(x) for x in ids]
+    Dataset.from_dict({"input_ids": ids, "labels": labels}).save_to_disk(str(work / f"data-{vocab}" / "samples"))
+    bins = best_fit_decreasing(lengths, MAX_LENGTH)
+    table = pa.table({"input_ids": pa.array(ids, pa.list_(pa.int32())), "labels": pa.array(labels, pa.list_(pa.int32()))})
+    rows = build_rows(table, bins)
+    Dataset(rows).shuffle(seed=0).flatten_indices().save_to_disk(str(work / f"data-{vocab}" / "sft" / "train"))
+    arr = np.array(lengths, dtype=np.float64)
+    return {
+        "samples": n,
+        "tokens": int(arr.sum()),
+        "mean_length": round(float(arr.mean()), 1),
+        "p50": int(np.percentile(arr, 50)),
+        "p99": int(np.percentile(arr, 99)),
+        "max_length_seen": int(arr.max()),
+        "token_weighted_mean_length": round(float((arr * arr).sum() / arr.sum()), 1),
+        "packed_rows": len(bins),
+        "padding_share_packed": padding_share(int(arr.sum()), len(bins), MAX_LENGTH),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# padding-free attention for the hf backend (proposed; used by b_tuned)
+
+_SEGMENTS: dict = {}
+
+
+def _segments(position_ids, rows: int, width: int):
+    """cu_seqlens (int32) and the longest segment of a [rows, width] batch whose position ids restart per sample."""
+    import torch
+
+    key = (position_ids.data_ptr(), tuple(position_ids.shape), position_ids._version)
+    if _SEGMENTS.get("key") == key:
+        return _SEGMENTS["value"]
+    flat = position_ids.reshape(-1)
+    if flat.numel() != rows * width:
+        flat = position_ids.expand(rows, width).reshape(-1)
+    start = flat == 0
+    start[::width] = True  # every row starts a segment
+    edges = torch.nonzero(start).flatten()
+    cu = torch.cat([edges, edges.new_tensor([rows * width])]).to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max().item())
+    _SEGMENTS.update(key=key, value=(cu, longest))
+    return cu, longest
+
+
+def _varlen_kernel():
+    import inspect
+
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None, set()
+    return varlen_attn, set(inspect.signature(varlen_attn).parameters)
+
+
+def varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers attention function: causal attention within each packed sample, no mask, no padding work.
+
+    query [B, H, L, D], key/value [B, Hkv, L, D]; sample boundaries come from `position_ids` restarts. On CUDA it
+    runs torch's varlen flash kernel; elsewhere SDPA per segment (slow, for checks only).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    position_ids = kwargs.get("position_ids")
+    if attention_mask is not None or position_ids is None or query.shape[2] == 1:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    b, h, n, d = query.shape
+    hk = key.shape[1]
+    cu, longest = _segments(position_ids, b, n)
+    q = query.transpose(1, 2).reshape(b * n, h, d)
+    k = key.transpose(1, 2).reshape(b * n, hk, d)
+    v = value.transpose(1, 2).reshape(b * n, hk, d)
+    kernel, params = _varlen_kernel()
+    if q.is_cuda and kernel is not None:
+        extra = {}
+        if "enable_gqa" in params:
+            extra["enable_gqa"] = True
+        elif hk != h:
+            k, v = k.repeat_interleave(h // hk, dim=1), v.repeat_interleave(h // hk, dim=1)
+        if "window_size" in params:
+            extra["window_size"] = (-1, 0)  # causal
+        else:
+            extra["is_causal"] = True
+        if "scale" in params and scaling is not None:
+            extra["scale"] = scaling
+        out = kernel(q, k, v, cu, cu, longest, longest, **extra)
+    else:
+        k, v = k.repeat_interleave(h // hk, dim=1), v.repeat_interleave(h // hk, dim=1)
+        bounds = cu.tolist()
+        parts = [
+            F.scaled_dot_product_attention(
+                q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), is_causal=True, scale=scaling
+            ).transpose(0, 1)
+            for s, e in zip(bounds, bounds[1:])
+        ]
+        out = torch.cat(parts)
+    return out.reshape(b, n, h, d), None
+
+
+def use_varlen_attention(model) -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("tunepath_varlen", varlen_attention)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.set_attn_implementation("tunepath_varlen")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one variant, in its own process
+
+
+class SamplePadCollator:
+    """What a user writes by hand (DataCollatorForSeq2Seq's behaviour): pad to the longest sample, attention mask."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, rows):
+        import torch
+
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = [list(r["input_ids"]) + [self.pad_id] * (width - len(r["input_ids"])) for r in rows]
+        labels = [list(r["labels"]) + [-100] * (width - len(r["labels"])) for r in rows]
+        mask = [[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows]
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
+
+
+def flops_per_token(shape: dict, lora_params: int, e_s1: float) -> dict:
+    d, i, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    heads, kv = shape["num_attention_heads"], shape["num_key_value_heads"]
+    hd = d // heads
+    per_layer = d * d * 2 + d * kv * hd * 2 + d * i * 3
+    n = per_layer * layers + d * shape["vocab_size"]
+    attention = 6 * layers * heads * hd * e_s1
+    return {"matmul_params": n, "lora_params": lora_params, "per_token": 4 * n + 6 * lora_params + attention}
+
+
+def run_variant(args) -> dict:
+    """Train `args.variant` for warmup + timed steps; returns its figures (printed as JSON by main)."""
+    spawned = args.spawned
+    work = Path(args.work)
+    shape = SHAPES[args.shape]
+    if args.variant == "c":
+        from tunepath.train import unsloth_backend
+
+        unsloth_backend.preload()  # before transformers, so unsloth can patch it
+    import torch
+    from datasets import load_from_disk
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    from tunepath.collate import PadCollator
+    from tunepath.train import TrainConfig, recipe
+
+    cuda = torch.cuda.is_available() and not args.cpu
+    precision = "bf16" if cuda else "fp32"
+    model_dir = str(work / f"model-{args.shape}")
+    data_dir = work / f"data-{shape['vocab_size']}"
+    pad_id = shape["vocab_size"] - 1
+    steps = args.warmup + (args.timed_a if args.variant == "a" else args.timed)
+    out = work / f"run-{args.shape}-{args.variant}"
+    result: dict = {"variant": args.variant, "shape": args.shape, "device": "cuda" if cuda else "cpu"}
+
+    started = time.perf_counter()
+    if args.variant == "a":
+        from peft import LoraConfig, get_peft_model
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if cuda else torch.float32)
+        model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules="all-linear", task_type="CAUSAL_LM"))
+        train = load_from_disk(str(data_dir / "samples"))
+        collator = SamplePadCollator(pad_id)
+        targs = TrainingArguments(
+            output_dir=str(out), max_steps=steps, per_device_train_batch_size=BASE_BATCH, learning_rate=2e-4,
+            bf16=cuda, use_cpu=not cuda, logging_steps=1, save_strategy="no", report_to=[], seed=0,
+            remove_unused_columns=False, dataloader_num_workers=0,
+        )
+    else:
+        tuned = args.variant in ("b_tuned", "c")
+        cfg = TrainConfig(
+            backend="unsloth" if args.variant == "c" else "hf", max_steps=steps, learning_rate=2e-4,
+            lora_r=LORA_R, lora_alpha=LORA_ALPHA,
+            batch_size=2 if tuned else BASE_BATCH, grad_accum=BASE_BATCH // 2 if tuned else 1,
+        )
+        if args.variant == "c":
+            model = unsloth_backend.build_model(model_dir, cfg, "lora", precision, MAX_LENGTH)
+            collator = unsloth_backend.make_collator(pad_id)
+        else:
+            model = recipe.build_model(model_dir, cfg, "lora", precision, False)
+            collator = PadCollator(pad_id)
+        train = load_from_disk(str(data_dir / "sft" / "train"))
+        targs = recipe.build_args(cfg, out, precision)
+        if args.variant == "b_tuned":
+            if cuda:
+                model.to("cuda")
+            result["attention_check"] = check_varlen(model, collator, train, cuda)
+            use_varlen_attention(model)
+    result["load_s"] = round(time.perf_counter() - started, 2)
+    result["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    # Real tokens per optimizer step: counted on the device at each forward, read once at the end.
+    counts: list = []
+    current = {"step": 0}
+
+    def count(_module, _args, kwargs):
+        if "attention_mask" in kwargs and kwargs["attention_mask"] is not None:
+            real = kwargs["attention_mask"].sum()
+        else:
+            real = (kwargs["input_ids"] != pad_id).sum()
+        counts.append((current["step"], real))
+        width = kwargs["input_ids"].numel()
+        counts.append((current["step"], -width))
+
+    model.register_forward_pre_hook(count, with_kwargs=True)
+    times: list[float] = []
+    marks: dict = {}
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            sync()
+            marks["t"] = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            sync()
+            times.append(time.perf_counter() - marks["t"])
+            if "first_step" not in marks:
+                marks["first_step"] = time.time() - spawned
+            current["step"] += 1
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    trainer = Trainer(model=model, args=targs, train_dataset=train, data_collator=collator, callbacks=[Timer()])
+    fit = trainer.train()
+    sync()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    worst = worst_batch(args.variant, train, collator, trainer.args.per_device_train_batch_size)
+    probe_peak(model, worst, cuda)
+
+    real = [0] * steps
+    slots = [0] * steps
+    for step, value in counts:
+        v = int(value.item()) if hasattr(value, "item") else int(value)
+        if step < steps:
+            if v >= 0:
+                real[step] += v
+            else:
+                slots[step] += -v
+    timed = slice(args.warmup, len(times))
+    seconds = sum(times[timed])
+    tokens = sum(real[timed])
+    lengths = data_lengths(data_dir)
+    flops = flops_per_token(shape, count_lora(model), lengths["e_s1"])
+    result.update(
+        steps=fit.global_step,
+        timed_steps=len(times[timed]),
+        real_tokens_per_s=round(tokens / seconds, 1) if seconds else None,
+        padding_share_seen=round(1 - tokens / max(sum(slots[timed]), 1), 4),
+        real_tokens_per_step=round(tokens / max(len(times[timed]), 1), 1),
+        median_step_s=round(sorted(times[timed])[len(times[timed]) // 2], 4) if times[timed] else None,
+        time_to_first_step_s=round(marks.get("first_step", float("nan")), 2),
+        first_loss=losses[0] if losses else None,
+        last_loss=losses[-1] if losses else None,
+        flops_per_token=round(flops["per_token"]),
+        matmul_params=flops["matmul_params"],
+        lora_params=flops["lora_params"],
+        achieved_tflops=round(flops["per_token"] * tokens / seconds / 1e12, 2) if seconds else None,
+    )
+    if cuda:
+        result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+    return result
+
+
+def count_lora(model) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+
+
+def data_lengths(data_dir: Path) -> dict:
+    from datasets import load_from_disk
+
+    lengths = [len(x) for x in load_from_disk(str(data_dir / "samples"))["input_ids"]]
+    return {"e_s1": sum(s * (s + 1) for s in lengths) / sum(lengths)}
+
+
+def worst_batch(variant: str, train, collator, batch: int):
+    """The batch that sets an epoch's memory peak: the longest sample padded with others (a), else full rows."""
+    if variant == "a":
+        longest = max(range(len(train)), key=lambda i: len(train[i]["input_ids"]))
+        picks = [longest] + [i for i in range(batch) if i != longest][: batch - 1]
+    else:
+        picks = sorted(range(len(train)), key=lambda i: -len(train[i]["input_ids"]))[:batch]
+    return collator([train[i] for i in picks])
+
+
+def probe_peak(model, batch: dict, cuda: bool) -> None:
+    import torch
+
+    device = next(p.device for p in model.parameters())
+    batch = {k: v.to(device) for k, v in batch.items()}
+    model.train()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        loss = model(**batch).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def check_varlen(model, collator, train, cuda: bool) -> dict:
+    """Logits with the varlen attention against transformers' SDPA with its packed-sequence mask, on one batch."""
+    import torch
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("tunepath_varlen", varlen_attention)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    batch = collator([train[i] for i in range(2)])
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    logits = {}
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        for impl in ("sdpa", "tunepath_varlen"):
+            base.set_attn_implementation(impl)
+            logits[impl] = model(**batch).logits.float()
+    base.set_attn_implementation("sdpa")
+    diff = (logits["sdpa"] - logits["tunepath_varlen"]).abs()
+    return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), "logit_scale": float(logits["sdpa"].abs().mean())}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# set-up children: model folders, matmul rate
+
+
+def build_models(work: Path, shapes: list[str], cpu: bool) -> dict:
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
+    built = {}
+    for name in shapes:
+        shape = SHAPES[name]
+        config = Qwen2Config(**QWEN2, **shape, bos_token_id=shape["vocab_size"] - 2, eos_token_id=shape["vocab_size"] - 2,
+                             pad_token_id=shape["vocab_size"] - 1)
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = Qwen2ForCausalLM(config)
+        model = model.to(torch.bfloat16 if device == "cuda" else torch.float32)
+        model.save_pretrained(str(work / f"model-{name}"), safe_serialization=True)
+        built[name] = sum(p.numel() for p in model.parameters())
+        del model
+    return built
+
+
+def matmul_rate(cpu: bool) -> dict:
+    """Dense matrix-product rate in TFLOP/s: bf16 8192^3 on GPU, fp32 1024^3 on CPU (the MFU denominator)."""
+    import torch
+
+    cuda = torch.cuda.is_available() and not cpu
+    n, dtype, device = (8192, torch.bfloat16, "cuda") if cuda else (1024, torch.float32, "cpu")
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    for _ in range(3):
+        a @ b
+    if cuda:
+        torch.cuda.synchronize()
+    reps = 20 if cuda else 5
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t
+    info = {"tflops": round(2 * n**3 * reps / seconds / 1e12, 1), "n": n, "dtype": str(dtype).replace("torch.", "")}
+    if cuda:
+        info["card"] = torch.cuda.get_device_name(0)
+        info["memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the parent: plan, spawn, collect, print
+
+
+def child(args) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    if args.child == "setup":
+        value = {"models": build_models(Path(args.work), args.shapes.split(","), args.cpu), "matmul": matmul_rate(args.cpu)}
+    else:
+        value = run_variant(args)
+    print("RESULT " + json.dumps(value), flush=True)
+    return 0
+
+
+def spawn(argv: list[str], timeout: int) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), *argv, "--spawned", str(time.time())]
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=str(REPO))
+    except subprocess.TimeoutExpired as e:
+        return {"error": f"timed out after {timeout} s", "tail": (e.stderr or "")[-1500:] if isinstance(e.stderr, str) else ""}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = proc.stderr[-3000:]
+    oom = "OutOfMemoryError" in proc.stderr or "CUDA out of memory" in proc.stderr
+    return {"error": "CUDA out of memory" if oom else f"exit {proc.returncode}", "tail": tail}
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("torch", "transformers", "peft", "accelerate", "datasets", "trl", "unsloth", "unsloth_zoo", "bitsandbytes"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def table(report: dict) -> str:
+    rate = report["matmul"]["tflops"]
+    lines = [
+        f"card: {report['card']}, {report['date']}, measured dense {report['matmul']['dtype']} matmul {rate} TFLOP/s",
+        "",
+        "| shape | variant | real tokens/s | vs a | peak GiB | vs a | MFU | first step s | padding seen |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for shape, runs in report["runs"].items():
+        base = runs.get("a", {})
+        for variant, r in runs.items():
+            if "error" in r:
+                lines.append(f"| {shape} | {variant} | {r['error']} | | | | | | |")
+                continue
+            tps, peak = r.get("real_tokens_per_s"), r.get("peak_gib")
+            speedup = f"{tps / base['real_tokens_per_s']:.2f}x" if tps and base.get("real_tokens_per_s") else ""
+            mem = f"{peak / base['peak_gib']:.2f}x" if peak and base.get("peak_gib") else ""
+            mfu = f"{100 * r['achieved_tflops'] / rate:.1f}%" if r.get("achieved_tflops") else ""
+            lines.append(
+                f"| {shape} | {variant} | {tps:,.0f} | {speedup} | {peak if peak is not None else '-'} | {mem} | {mfu} | "
+                f"{r['time_to_first_step_s']} | {r['padding_share_seen']:.1%} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is present")
+    parser.add_argument("--tiny", action="store_true", help="the tiny model only (shapes=tiny)")
+    parser.add_argument("--shapes", default=None, help="comma list of " + ",".join(SHAPES))
+    parser.add_argument("--variants", default=None, help="comma list of " + ",".join(VARIANTS))
+    parser.add_argument("--samples", type=int, default=None, help="synthetic samples (default: 2400 GPU, 600 CPU)")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--timed", type=int, default=None, help="timed optimizer steps for b, b_tuned, c")
+    parser.add_argument("--timed-a", type=int, default=None, help="timed steps for the baseline (its steps are short)")
+    parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/train_<card>_<date>.json)")
+    parser.add_argument("--timeout", type=int, default=240, help="seconds per variant process")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--shape", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--spawned", type=float, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.child:
+        return child(args)
+
+    import tempfile
+
+    import torch
+
+    cpu = args.cpu or not torch.cuda.is_available()
+    shapes = (args.shapes or ("tiny" if args.tiny or cpu else "0.5b,1.5b")).split(",")
+    variants = (args.variants or ("a,b,b_tuned" if cpu else ",".join(VARIANTS))).split(",")
+    warmup = args.warmup if args.warmup is not None else (1 if cpu else 3)
+    timed = args.timed if args.timed is not None else (3 if cpu else 12)
+    timed_a = args.timed_a if args.timed_a is not None else (6 if cpu else 30)
+    samples = args.samples or (600 if cpu else 2400)
+    work = Path(args.work or tempfile.mkdtemp(prefix="train_gpu-"))
+    work.mkdir(parents=True, exist_ok=True)
+    flags = ["--work", str(work)] + (["--cpu"] if cpu else [])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    report: dict = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "versions": versions(), "runs": {},
+                    "settings": {"max_length": MAX_LENGTH, "lora_r": LORA_R, "lora_alpha": LORA_ALPHA, "warmup": warmup,
+                                 "timed_steps": timed, "timed_steps_a": timed_a, "batch": BASE_BATCH}}
+    report["data"] = {v: write_data(work, v, samples) for v in sorted({SHAPES[s]["vocab_size"] for s in shapes})}
+    setup = spawn(["--child", "setup", "--shapes", ",".join(shapes), *flags], args.timeout)
+    if "error" in setup:
+        raise SystemExit(f"set-up failed: {setup}")
+    report["params"], report["matmul"] = setup["models"], setup["matmul"]
+    report["card"] = setup["matmul"].get("card", "CPU")
+    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / (
+        f"train_{'cpu-tiny' if cpu else report['card'].replace(' ', '-')}_{report['date']}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # unsloth last: its process is the slowest to start and the likeliest to fail
+    order = [(s, v) for v in variants if v != "c" for s in shapes] + [(s, "c") for s in shapes if "c" in variants]
+    for shape, variant in order:
+        log.info("running %s %s", shape, variant)
+        extra = ["--warmup", str(warmup), "--timed", str(timed), "--timed-a", str(timed_a)]
+        result = spawn(["--child", "run", "--variant", variant, "--shape", shape, *extra, *flags], args.timeout)
+        report["runs"].setdefault(shape, {})[variant] = result
+        log.info("%s %s: %s", shape, variant, {k: result.get(k) for k in ("real_tokens_per_s", "peak_gib", "time_to_first_step_s", "error")})
+        out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    for shape in report["runs"]:
+        report["runs"][shape] = {v: report["runs"][shape][v] for v in VARIANTS if v in report["runs"][shape]}
+    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(table(report))
+    print(f"\nfull figures: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,130 @@
+"""What a person watching training sees: per-step metrics in the Trainer's history, MLflow, logs, a loss curve.
+
+- Every logged step gets `tokens_per_second` (non-padding input tokens since the previous log, over the wall
+  time since then) added to the Trainer's `log_history`, so it is saved in checkpoints and survives a resume.
+- With a tracking URI, the same metrics go to one MLflow run (experiment `tunepath`, tag `stage=train`) while
+  training runs, at the global step across plan stages; a resumed training continues the same run.
+- Progress lines go to the `tunepath.train` logger (about 20 per plan stage): the Prefect task's logger shows
+  them (PREFECT_LOGGING_EXTRA_LOGGERS=tunepath). An optional `on_progress(dict)` callback gets every logged
+  step, for a progress bar in a UI. On a terminal the Trainer's own tqdm bar shows progress.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+CURVE_COLUMNS = ("step", "stage", "loss", "learning_rate", "grad_norm", "tokens_per_second")
+TRACKED = ("loss", "learning_rate", "grad_norm", "tokens_per_second")
+
+
+class MlflowSink:
+    """Per-step metrics to one MLflow run, logged asynchronously so training does not wait on the database."""
+
+    def __init__(self, tracking_uri: str, experiment: str, artifact_root: Path, run_id: str | None, tags: dict[str, str]) -> None:
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri)
+        if run_id is not None:
+            try:
+                self.client.get_run(run_id)
+            except Exception:  # the run was deleted or the database replaced: start a new one
+                log.warning("MLflow run %s of the interrupted training is gone; starting a new run", run_id)
+                run_id = None
+        if run_id is None:
+            exp = self.client.get_experiment_by_name(experiment)
+            exp_id = exp.experiment_id if exp else self.client.create_experiment(
+                experiment, artifact_location=Path(artifact_root).resolve().as_uri()
+            )
+            run_id = self.client.create_run(exp_id, tags={"stage": "train", **tags}, run_name="train").info.run_id
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+        self.run_id = run_id
+
+    def log_params(self, params: dict) -> None:
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(self.run_id).data.params
+        fresh = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+        if fresh:
+            self.client.log_batch(self.run_id, params=fresh)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and math.isfinite(float(v))]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch, synchronous=False)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        import mlflow
+
+        mlflow.flush_async_logging()
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def step_callback(stage: str, index: int, count: int, step_offset: int, sink: MlflowSink | None,
+                  on_progress: Callable[[dict], None] | None):
+    """A TrainerCallback adding tokens/s to each logged step and passing it to MLflow, the log and on_progress."""
+    from transformers import TrainerCallback
+
+    class StepTracker(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.last_time = time.perf_counter()
+            self.last_tokens = state.num_input_tokens_seen
+            self.every = max(1, state.max_steps // 20)
+            self.last_reported = -1
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs or not state.is_world_process_zero:
+                return
+            now = time.perf_counter()
+            seconds = now - self.last_time
+            tokens = state.num_input_tokens_seen - self.last_tokens
+            self.last_time, self.last_tokens = now, state.num_input_tokens_seen
+            tps = round(tokens / seconds, 1) if seconds > 0 else None
+            # the Trainer appended these logs to its history just before calling us; the history is checkpointed
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1]["tokens_per_second"] = tps
+            row = {"stage": stage, "step": state.global_step, "global_step": step_offset + state.global_step,
+                   "max_steps": state.max_steps, "stage_index": index, "stages": count, "tokens_per_second": tps,
+                   **{k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}}
+            if sink is not None:
+                sink.log({k: row.get(k) for k in TRACKED + tuple(k for k in logs if k.startswith("dpo_"))}, row["global_step"])
+            if on_progress is not None:
+                on_progress(row)
+            final = state.global_step >= state.max_steps
+            if final or state.global_step // self.every != self.last_reported // self.every:
+                self.last_reported = state.global_step
+                log.info("train %s (%d/%d): step %d/%d loss %.4f lr %.3g grad norm %.3g %s tokens/s",
+                         stage, index + 1, count, state.global_step, state.max_steps, row["loss"],
+                         row.get("learning_rate", 0.0), row.get("grad_norm", float("nan")), tps)
+
+    return StepTracker()
+
+
+def logged_steps(log_history: list[dict], stage: str) -> list[dict]:
+    """The per-step rows of one plan stage from a Trainer's history (the final summary entry left out)."""
+    return [{"stage": stage, **h} for h in log_history if "loss" in h and "step" in h]
+
+
+def write_loss_curve(steps: list[dict], path: Path) -> None:
+    """A CSV that `dvc plots` reads: one row per logged step, the step counted across plan stages."""
+    lines = [",".join(CURVE_COLUMNS)]
+    offset, last_stage, last_step = 0, None, 0
+    for s in steps:
+        if s["stage"] != last_stage and last_stage is not None:
+            offset += last_step
+        last_stage, last_step = s["stage"], s["step"]
+        tps = s.get("tokens_per_second")
+        lines.append(
+            f"{offset + s['step']},{s['stage']},{s['loss']:.6f},{s.get('learning_rate', 0):.6g},"
+            f"{s.get('grad_norm', 0):.6g},{'' if tps is None else f'{tps:.1f}'}"
+        )
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
