@@ -245,8 +245,7 @@ def run_variant(args) -> dict:
     from datasets import load_from_disk
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-    from tunepath.collate import PadCollator
-    from tunepath.train import TrainConfig, recipe
+    from tunepath.train import TrainConfig, recipe, stage
 
     cuda = torch.cuda.is_available() and not args.cpu
     precision = "bf16" if cuda else "fp32"
@@ -277,12 +276,10 @@ def run_variant(args) -> dict:
             lora_r=LORA_R, lora_alpha=LORA_ALPHA,
             batch_size=2 if tuned else BASE_BATCH, grad_accum=BASE_BATCH // 2 if tuned else 1,
         )
-        if args.variant == "c":
-            model = unsloth_backend.build_model(model_dir, cfg, "lora", precision, MAX_LENGTH)
-            collator = unsloth_backend.make_collator(pad_id)
-        else:
-            model = recipe.build_model(model_dir, cfg, "lora", precision, False)
-            collator = PadCollator(pad_id)
+        backend = "unsloth" if args.variant == "c" else "hf"
+        # the train stage's own loader and batching, exactly as `run_train` calls them
+        model = stage.build_model(model_dir, cfg, "lora", precision, backend, MAX_LENGTH)
+        collator = stage.pick_collator(backend, pad_id)
         train = load_from_disk(str(data_dir / "sft" / "train"))
         targs = recipe.build_args(cfg, out, precision)
         if args.variant == "b_tuned":
@@ -362,7 +359,7 @@ def run_variant(args) -> dict:
         flops_per_token=round(flops["per_token"]),
         matmul_params=flops["matmul_params"],
         lora_params=flops["lora_params"],
-        achieved_tflops=round(flops["per_token"] * tokens / seconds / 1e12, 2) if seconds else None,
+        achieved_tflops=float(f"{flops['per_token'] * tokens / seconds / 1e12:.4g}") if seconds else None,
     )
     if cuda:
         result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -466,7 +463,7 @@ def matmul_rate(cpu: bool) -> dict:
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t
-    info = {"tflops": round(2 * n**3 * reps / seconds / 1e12, 1), "n": n, "dtype": str(dtype).replace("torch.", "")}
+    info = {"tflops": float(f"{2 * n**3 * reps / seconds / 1e12:.4g}"), "n": n, "dtype": str(dtype).replace("torch.", "")}
     if cuda:
         info["card"] = torch.cuda.get_device_name(0)
         info["memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)

@@ -120,12 +120,6 @@ def track_data(root: Path, raw_dir: str) -> None:
         repo.push()
 
 
-def cmd_route(args) -> int:
-    from tunepath.route.cli import route_main
-
-    return route_main(args.rest)
-
-
 def cmd_params(args) -> int:
     from tunepath.params import render_defaults
 
@@ -148,13 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
     params = sub.add_parser("params", help="print params.yaml with every default and what it does")
     params.set_defaults(func=cmd_params)
-    route = sub.add_parser("route", help="explain the training route for a profile file", add_help=False)
-    route.add_argument("rest", nargs=argparse.REMAINDER)
-    route.set_defaults(func=cmd_route)
+    sub.add_parser("route", help="explain the training route for a profile file (tunepath route --help)", add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["route"]:
+        # argparse cannot hand options like --profile through to a sub-parser's REMAINDER; route has its own parser
+        from tunepath.route.cli import route_main
+
+        return route_main(argv[1:])
     args = build_parser().parse_args(argv)
     args.project = args.project.resolve()
     prepare_env(args.project)

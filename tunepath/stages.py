@@ -47,7 +47,8 @@ def run_stage(name: str, cfg, ws: Workspace) -> dict:
         from tunepath.route import run_route
 
         return run_route(cfg.route, resolve_model(cfg.model, ws), ws.out("tokenize"), ws.out("route"),
-                         max_length=cfg.tokenize.max_length, batch_size=cfg.train.batch_size, lora_rank=cfg.train.lora_r)
+                         max_length=cfg.tokenize.max_length, batch_size=cfg.train.batch_size, lora_rank=cfg.train.lora_r,
+                         gradient_checkpointing=cfg.train.gradient_checkpointing)
     if name == "train":
         from tunepath.train.stage import run_train
 

@@ -67,7 +67,30 @@ def fit_length(chat, max_length: int, overlong: str) -> tuple[list[int], list[in
     return ids, labels, count, status
 
 
-def sft_batch(batch: dict, plan: EncodePlan, with_prompt: bool) -> dict:
+STRING_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+def to_table(columns: dict[str, list]):
+    """A pyarrow Table from Python columns: `*ids` and `labels` as list<int32>, the rendered texts as strings, the
+    rest (status, counts) as int32.
+
+    Typed Arrow output saves datasets from inferring and converting millions of Python ints itself.
+    """
+    from itertools import accumulate, chain
+
+    import pyarrow as pa
+
+    arrays = {}
+    for name, values in columns.items():
+        if name.endswith("ids") or name == "labels":
+            offsets = pa.array([0, *accumulate(map(len, values))], type=pa.int32())
+            arrays[name] = pa.ListArray.from_arrays(offsets, pa.array(list(chain.from_iterable(values)), type=pa.int32()))
+        else:
+            arrays[name] = pa.array(values, type=pa.string() if name in STRING_COLUMNS else pa.int32())
+    return pa.table(arrays)
+
+
+def sft_batch(batch: dict, plan: EncodePlan, with_prompt: bool):
     encoder = encoder_for(plan)
     out: dict[str, list] = {"input_ids": [], "labels": [], "status": [], "length": [], "label_tokens": []}
     if with_prompt:
@@ -85,12 +108,12 @@ def sft_batch(batch: dict, plan: EncodePlan, with_prompt: bool) -> dict:
         out["label_tokens"].append(count)
         if with_prompt:
             out["prompt_ids"].append(chat.input_ids[: chat.prompt_len] if chat is not None and ids else [])
-    return out
+    return to_table(out)
 
 
-def cpt_batch(batch: dict, plan: EncodePlan) -> dict:
+def cpt_batch(batch: dict, plan: EncodePlan):
     encoder = encoder_for(plan)
     eos = encoder.eos_id
     # Special-token matching is off in this backend: document text never becomes a control token.
     encoded = encoder.backend.encode_batch_fast(batch["text"], add_special_tokens=False)
-    return {"input_ids": [e.ids + [eos] for e in encoded]}
+    return to_table({"input_ids": [e.ids + [eos] for e in encoded]})

@@ -17,12 +17,13 @@ from tunepath.tokenize.batches import (
     TRUNCATED,
     EncodePlan,
     encoder_for,
+    to_table,
 )
 
 COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "prompt", "chosen", "rejected", "status", "length", "label_tokens")
 
 
-def dpo_batch(batch: dict, plan: EncodePlan) -> dict:
+def dpo_batch(batch: dict, plan: EncodePlan):
     encoder = encoder_for(plan)
     prompts = batch["prompt"]
     chosen = encoder.encode([p + c for p, c in zip(prompts, batch["chosen"])], with_text=True)
@@ -32,7 +33,7 @@ def dpo_batch(batch: dict, plan: EncodePlan) -> dict:
         row = _pair(c, r, plan)
         for name in COLUMNS:
             out[name].append(row[name])
-    return out
+    return to_table(out)
 
 
 def _pair(c, r, plan: EncodePlan) -> dict:

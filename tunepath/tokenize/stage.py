@@ -16,7 +16,6 @@ import shutil
 import time
 from pathlib import Path
 
-from tunepath.records import read_records
 from tunepath.sections import ModelConfig
 from tunepath.tokenize import TokenizeConfig
 from tunepath.tokenize.batches import KEPT, STATUS_NAMES, TRUNCATED, EncodePlan, cpt_batch, encoder_for, sft_batch
@@ -104,38 +103,43 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
 
 
 class _Records:
-    """records.jsonl grouped by (kind, split), read only when some split is not cached."""
+    """records.jsonl as Arrow, read (by pyarrow's multithreaded JSON reader) only when some split is not cached."""
+
+    COLUMNS = {"conversation": ("messages",), "text": ("text",), "preference": ("prompt", "chosen", "rejected")}
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._groups: dict | None = None
+        self._table = None
 
-    def get(self, kind: str, split: str) -> list[dict]:
-        if self._groups is None:
-            self._groups = {}
-            for record in read_records(self.path):
-                self._groups.setdefault((record["kind"], record["split"]), []).append(record)
-        return self._groups.get((kind, split), [])
+    def get(self, kind: str, split: str):
+        import pyarrow.compute as pc
 
+        table = self._read()
+        mask = pc.and_(pc.equal(table["kind"], kind), pc.equal(table["split"], split))
+        return table.filter(mask).select(list(self.COLUMNS[kind]))
 
-def _columns(kind: str, records: list[dict]) -> dict:
-    def messages(ms):
-        return [{"role": m["role"], "content": m["content"]} for m in ms]
+    def _read(self):
+        import pyarrow as pa
+        import pyarrow.json as pj
 
-    columns: dict = {"id": [r["id"] for r in records]}
-    if kind == "conversation":
-        columns["messages"] = [messages(r["messages"]) for r in records]
-    elif kind == "text":
-        columns["text"] = [r["text"] for r in records]
-    else:
-        for name in ("prompt", "chosen", "rejected"):
-            columns[name] = [messages(r[name]) for r in records]
-    return columns
+        if self._table is None:
+            messages = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+            schema = pa.schema(
+                [("id", pa.string()), ("kind", pa.string()), ("split", pa.string()), ("messages", messages),
+                 ("text", pa.string()), ("prompt", messages), ("chosen", messages), ("rejected", messages)]
+            )
+            options = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+            try:
+                self._table = pj.read_json(self.path, parse_options=options)
+            except pa.ArrowInvalid as e:
+                raise ValueError(f"{self.path}: not canonical records ({e}); rerun the validate stage") from e
+        return self._table
 
 
 def _tokenized(kind: str, split: str, records: _Records, plan: EncodePlan, cfg: TokenizeConfig, cache: Path):
     """The map output for one (kind, split) and whether it came from the cache; None when there are no records."""
     from datasets import Dataset, load_from_disk
+    from datasets.table import InMemoryTable
 
     if (cache / "empty").exists():
         return None, True
@@ -143,7 +147,7 @@ def _tokenized(kind: str, split: str, records: _Records, plan: EncodePlan, cfg: 
         return load_from_disk(str(cache)), True
     rows = records.get(kind, split)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    if not rows:
+    if not rows.num_rows:
         cache.mkdir(exist_ok=True)
         (cache / "empty").touch()
         return None, False
@@ -154,12 +158,12 @@ def _tokenized(kind: str, split: str, records: _Records, plan: EncodePlan, cfg: 
         "text": (cpt_batch, {"plan": plan}),
         "preference": (dpo_batch, {"plan": plan}),
     }[kind]
-    source = Dataset.from_dict(_columns(kind, rows))
+    source = Dataset(InMemoryTable(rows))
     mapped = source.map(
         function,
         batched=True,
         batch_size=cfg.batch_size,
-        num_proc=min(cfg.num_proc, math.ceil(len(rows) / cfg.batch_size)) if cfg.num_proc > 1 else None,
+        num_proc=min(cfg.num_proc, math.ceil(rows.num_rows / cfg.batch_size)) if cfg.num_proc > 1 else None,
         fn_kwargs=kwargs,
         remove_columns=source.column_names,
         new_fingerprint=cache.name,

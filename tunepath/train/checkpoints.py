@@ -88,12 +88,14 @@ def write_run(root: Path, record: dict) -> None:
 
 
 def clear(root: Path) -> None:
-    """Delete every checkpoint, keeping the folder and run.json (DVC expects the output to exist)."""
+    """Delete every checkpoint and the run record, keeping the (empty) folder: DVC expects the output to exist."""
     if not root.is_dir():
         return
     for child in root.iterdir():
         if child.is_dir():
             shutil.rmtree(child)
+        else:
+            child.unlink()
 
 
 def _sync_tree(folder: Path) -> None:

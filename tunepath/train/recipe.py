@@ -195,19 +195,25 @@ def train_stage(model, stage: str, position: tuple[int, int], tokenize_dir: Path
     else:
         trainer = Trainer(model=model, args=args, train_dataset=train_set, data_collator=collator,
                           processing_class=tokenizer, callbacks=callbacks)
+    saved = _saved_state(resume) if resume is not None else {}
+    finished = bool(saved) and saved.get("global_step", 0) >= saved.get("max_steps", float("inf"))
     if resume is not None:
-        log.info("%s: resuming from %s (step %d)", stage, resume, checkpoints.step_of(resume))
-    tokens_before = 0
+        log.info("%s: %s %s (step %d)", stage, "finished earlier, loading" if finished else "resuming from", resume, saved.get("global_step", -1))
     started = time.perf_counter()
     try:
-        trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+        if finished:
+            # Trainer.train from a checkpoint at max_steps would still run one more step: load it instead
+            from transformers import TrainerState
+
+            trainer._load_from_checkpoint(str(resume))
+            trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
+        else:
+            trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     except torch.OutOfMemoryError as e:
         raise TrainingOOM(oom_message(stage, method, cfg, max_length)) from e
     seconds = time.perf_counter() - started
     state = trainer.state
-    if resume is not None:
-        tokens_before = _tokens_at(resume)
-    session_tokens = state.num_input_tokens_seen - tokens_before
+    session_tokens = state.num_input_tokens_seen - int(saved.get("num_input_tokens_seen", 0))
     steps = tracking.logged_steps(state.log_history, stage)
     metrics = {
         "stage": stage,
@@ -224,11 +230,10 @@ def train_stage(model, stage: str, position: tuple[int, int], tokenize_dir: Path
     return {"metrics": metrics, "steps": steps, "state": state}
 
 
-def _tokens_at(checkpoint: Path) -> int:
+def _saved_state(checkpoint: Path) -> dict:
     import json
 
-    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
-    return int(state.get("num_input_tokens_seen", 0))
+    return json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
 
 
 def save_outputs(model, tokenizer, method: str, out_dir: Path) -> str:

@@ -1,16 +1,54 @@
-"""run_train: the train stage's entry, used by `tunepath stage train` (DVC) and the Prefect task alike."""
+"""run_train: the train stage's entry, used by `tunepath stage train` (DVC) and the Prefect task alike.
+
+    from tunepath.train.stage import run_train
+    summary = run_train(cfg.train, model_cfg, Path("artifacts/route/plan.json"), Path("artifacts/tokenize"),
+                        Path("artifacts/train"), tracking_uri="sqlite:///.../mlflow.db")
+
+The RoutePlan's stages run in order on ONE model object, each starting from the previous one's weights:
+pretrain/CPT/SFT with the causal-LM loss on the tokenized rows, DPO with its own loss (`dpo.py`). With LoRA
+one adapter keeps training through all plan stages, so the result is always one adapter on `start_model`,
+which is what merge and evaluate load. DPO's reference is the model when the DPO stage starts (after SFT),
+computed before its first step; see `dpo.py`.
+
+Outputs (`artifacts/train/`, rewritten on every run; the same for both backends):
+
+    metrics.json        backend (and why), method, weights ("adapter" | "model"), start_model, base_model,
+                        stages (per plan stage: steps, losses, seconds, tokens/s, resumed_from_step),
+                        first_loss, final_loss, trainable/total params, precision, mlflow_run_id
+    adapter/            PEFT adapter (lora, qlora), relative to start_model; or
+    model/              full weights + tokenizer (full)
+    tokenizer/          tokenizer with the training chat template
+    loss.csv            step,stage,loss,learning_rate,grad_norm,tokens_per_second (dvc plots)
+    stages/<stage>/trainer_state.json
+    init/               the seeded random init (start_from scratch only; it is start_model then)
+
+Checkpoints live beside it in `artifacts/checkpoints/train/` (see `checkpoints.py`): with train.save_steps > 0
+a killed run, rerun with the same inputs and settings, resumes from the last complete checkpoint with the same
+data order and ends at the same step with the same loss curve.
+
+Backends: `build_model` is the one place that loads the start model. hf: transformers (+ peft; QLoRA through
+`tunepath.train.quantize.load_4bit`, CUDA only). unsloth: `tunepath.train.unsloth_backend.build_model`,
+imported only when chosen (importing unsloth patches transformers for the whole process).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from tunepath.sections import ModelConfig
 from tunepath.train import TrainConfig
 
 log = logging.getLogger(__name__)
+
+QLORA_ON_CPU = ("train.method qlora needs a CUDA GPU (bitsandbytes 4-bit); use lora on this machine or force "
+                "route.force_method: lora")
+# settings that change neither the weights nor the data order: changing them keeps checkpoints usable
+RESUME_NEUTRAL = {"save_steps", "checkpoint_limit", "keep_checkpoints", "logging_steps", "backend", "precision"}
 
 
 def pick_backend(requested: str) -> tuple[str, str]:
@@ -34,58 +72,177 @@ def pick_backend(requested: str) -> tuple[str, str]:
     return "hf", "auto: " + ("unsloth is not installed" if has_cuda else "no CUDA GPU")
 
 
+def build_model(base: str, cfg: TrainConfig, method: str, precision: str, backend: str, max_length: int,
+                trust_remote_code: bool = False):
+    """The start model, ready to train: full weights, or wrapped with fresh LoRA adapters (lora, qlora)."""
+    from tunepath.train import recipe
+
+    if backend == "unsloth":
+        unsloth_backend = _gpu_module("unsloth_backend", "train.backend unsloth")
+        model = unsloth_backend.build_model(base, cfg, method, precision, max_length, trust_remote_code)
+    elif method == "qlora":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(QLORA_ON_CPU)
+        quantize = _gpu_module("quantize", "train.method qlora")
+        model = quantize.load_4bit(base, cfg, trust_remote_code)
+    else:
+        model = recipe.load_pretrained(base, cfg, method, precision, trust_remote_code)
+    if method in recipe.ADAPTER_METHODS and not _is_peft(model):
+        model = recipe.add_lora(model, cfg)
+    return model
+
+
+def _gpu_module(name: str, what: str):
+    import importlib
+
+    try:
+        return importlib.import_module(f"tunepath.train.{name}")
+    except ImportError as e:
+        raise ValueError(f"{what} is not available in this installation (tunepath.train.{name}: {e}); "
+                         "install the GPU extra (pip install 'tunepath[gpu]') or use backend hf with method lora") from e
+
+
+def _is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def pick_collator(backend: str, pad_token_id: int):
+    """Batching of CPT/SFT rows: padded rows on hf; one flattened row under unsloth (its packed-sample path)."""
+    if backend == "unsloth":
+        return _gpu_module("unsloth_backend", "train.backend unsloth").make_collator(pad_token_id)
+    from tunepath.collate import PadCollator
+
+    return PadCollator(pad_token_id)
+
+
 def start_model(plan: dict, model: ModelConfig) -> str:
     start = plan.get("start_from", "base")
     if start == "chat":
         if not model.chat_variant:
-            raise ValueError("route plan starts from the chat variant but model.chat_variant is not set")
+            raise ValueError("route plan starts from the chat variant but model.chat_variant is not set; set it or force a route")
         return model.chat_variant
-    if start == "scratch":
-        raise NotImplementedError("route plan starts from scratch (pretraining); force start from base with route.force_stages")
     return model.base
 
 
-def run_train(cfg: TrainConfig, model: ModelConfig, plan_path: Path, tokenize_dir: Path, out_dir: Path) -> dict:
+def fingerprint(cfg: TrainConfig, plan: dict, start: str, backend: str, precision: str, tokenize_dir: Path) -> dict:
+    """What must be equal for a checkpoint to be resumed: settings, plan, start model files, tokenized data."""
+    model_files = []
+    start_dir = Path(start)
+    if start_dir.is_dir():
+        model_files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in start_dir.iterdir() if p.is_file())
+    stats = tokenize_dir / "stats.json"
+    data = {
+        "stats": hashlib.sha256(stats.read_bytes()).hexdigest() if stats.exists() else None,
+        "files": sorted((str(p.relative_to(tokenize_dir)), p.stat().st_size) for p in tokenize_dir.rglob("*.arrow")),
+    }
+    return {
+        "train": cfg.model_dump(mode="json", exclude=RESUME_NEUTRAL),
+        "backend": backend,
+        "precision": precision,
+        "plan": {k: plan.get(k) for k in ("stages", "method", "start_from")},
+        "start_model": start,
+        "model_files": hashlib.sha256(json.dumps(model_files).encode()).hexdigest(),
+        "data": hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest(),
+    }
+
+
+def run_train(cfg: TrainConfig, model: ModelConfig, plan_path: Path, tokenize_dir: Path, out_dir: Path, *,
+              tracking_uri: str | None = None, on_progress: Callable[[dict], None] | None = None,
+              checkpoint_dir: Path | None = None, experiment: str = "tunepath") -> dict:
+    """Train what the plan says; returns (and writes) metrics.json's content.
+
+    tracking_uri: log per-step metrics to MLflow while training (None: no MLflow).
+    on_progress: called with each logged step's metrics (stage, step, max_steps, loss, ...), e.g. to update a
+    progress bar in a UI. checkpoint_dir: default `artifacts/checkpoints/train` beside `out_dir`.
+    """
     from transformers import AutoTokenizer, set_seed
 
-    from tunepath.train import recipe
+    from tunepath.train import checkpoints, recipe, tracking
 
+    out_dir, tokenize_dir = Path(out_dir), Path(tokenize_dir)
     plan = json.loads(Path(plan_path).read_text(encoding="utf-8"))
-    stages, method = list(plan["stages"]), plan["method"]
-    recipe.check_plan(stages, method)
+    stages, method, start_from = list(plan["stages"]), plan["method"], plan.get("start_from", "base")
+    recipe.check_plan(stages, method, start_from)
     backend, why = pick_backend(cfg.backend)
-    if backend != "hf":
-        raise NotImplementedError(f"train backend {backend!r} ({why}) is not wired yet; set train.backend: hf")
-    log.info("backend %s (%s); stages %s, method %s", backend, why, stages, method)
+    if method == "qlora" and backend == "hf":
+        import torch
 
+        if not torch.cuda.is_available():
+            raise ValueError(QLORA_ON_CPU)
+    precision = recipe.pick_precision(cfg)
+    log.info("backend %s (%s); stages %s, method %s, start from %s, precision %s", backend, why, stages, method, start_from, precision)
+    max_length = int(json.loads((tokenize_dir / "stats.json").read_text(encoding="utf-8")).get("max_length", 0)) \
+        if (tokenize_dir / "stats.json").exists() else 0
+
+    base = start_model(plan, model)
+    ckpt_root = Path(checkpoint_dir) if checkpoint_dir else checkpoints.default_root(out_dir)
+    run = checkpoints.open_run(ckpt_root, fingerprint(cfg, plan, base, backend, precision, tokenize_dir), cfg.save_steps > 0)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
-    set_seed(cfg.seed)
-    precision = recipe.pick_precision(cfg)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenize_dir / "tokenizer"))
-    base = start_model(plan, model)
-    net = recipe.build_model(base, cfg, method, precision, model.trust_remote_code)
+    if start_from == "scratch":
+        base = str(recipe.init_from_config(base, out_dir.resolve() / "init", tokenizer, cfg.seed, model.trust_remote_code))
+    set_seed(cfg.seed)
+    net = build_model(base, cfg, method, precision, backend, max_length, model.trust_remote_code)
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     total = sum(p.numel() for p in net.parameters())
+    collator = pick_collator(backend, tokenizer.pad_token_id)
 
-    per_stage, steps = [], []
-    for stage in stages:
-        result = recipe.train_stage(net, stage, tokenize_dir, tokenizer, cfg, out_dir, precision)
-        per_stage.append(result["metrics"])
-        steps.extend(result["steps"])
-    recipe.write_loss_curve(steps, out_dir / "loss.csv")
+    sink = None
+    if tracking_uri:
+        sink = tracking.MlflowSink(tracking_uri, experiment, out_dir.resolve().parents[1] / "mlartifacts", run.get("mlflow_run_id"),
+                                   {"route.stages": ",".join(stages), "route.method": method, "backend": backend})
+        sink.log_params({f"train.{k}": v for k, v in cfg.model_dump(mode="json").items()})
+        if cfg.save_steps > 0:
+            checkpoints.write_run(ckpt_root, {**run, "mlflow_run_id": sink.run_id})
+
+    per_stage, steps, offset = [], [], 0
+    try:
+        for i, stage in enumerate(stages):
+            result = recipe.train_stage(net, stage, (i, len(stages)), tokenize_dir, tokenizer, collator, cfg, ckpt_root,
+                                        precision, method, max_length, offset, sink, on_progress)
+            result["state"].save_to_json(str(_mkdir(out_dir / "stages" / stage) / "trainer_state.json"))
+            per_stage.append(result["metrics"])
+            steps += [{**s, "global_step": offset + s["step"]} for s in result["steps"]]
+            offset += result["metrics"]["steps"]
+    except BaseException:
+        if sink is not None:
+            sink.finish("FAILED")
+        raise
+    tracking.write_loss_curve(steps, out_dir / "loss.csv")
+    weights = recipe.save_outputs(net, tokenizer, method, out_dir)
     summary = {
         "backend": backend,
         "backend_reason": why,
         "method": method,
+        "weights": weights,
         "stages": per_stage,
         "start_model": base,
+        "base_model": model.base,
+        "start_from": start_from,
         "precision": precision,
         "trainable_params": trainable,
         "total_params": total,
         "first_loss": steps[0]["loss"] if steps else None,
         "final_loss": steps[-1]["loss"] if steps else None,
+        "mlflow_run_id": sink.run_id if sink else None,
     }
-    recipe.save_outputs(net, tokenizer, method, out_dir, summary)
+    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    if sink is not None:
+        sink.log({"final_loss": summary["final_loss"]}, offset)
+        sink.finish()
+    if not cfg.keep_checkpoints:
+        checkpoints.clear(ckpt_root)
     return summary
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -115,16 +115,12 @@ def logged_steps(log_history: list[dict], stage: str) -> list[dict]:
 
 
 def write_loss_curve(steps: list[dict], path: Path) -> None:
-    """A CSV that `dvc plots` reads: one row per logged step, the step counted across plan stages."""
+    """A CSV that `dvc plots` reads: one row per logged step; `step` counts across plan stages (`global_step`)."""
     lines = [",".join(CURVE_COLUMNS)]
-    offset, last_stage, last_step = 0, None, 0
     for s in steps:
-        if s["stage"] != last_stage and last_stage is not None:
-            offset += last_step
-        last_stage, last_step = s["stage"], s["step"]
         tps = s.get("tokens_per_second")
         lines.append(
-            f"{offset + s['step']},{s['stage']},{s['loss']:.6f},{s.get('learning_rate', 0):.6g},"
+            f"{s.get('global_step', s['step'])},{s['stage']},{s['loss']:.6f},{s.get('learning_rate', 0):.6g},"
             f"{s.get('grad_norm', 0):.6g},{'' if tps is None else f'{tps:.1f}'}"
         )
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -51,6 +51,10 @@ class Normaliser:
         self.cfg = cfg
         self.names = {name: cfg.field_map.get(name, name) for name in MAPPABLE_FIELDS}
         self.roles = {**ROLE_VARIANTS, **{k.strip().lower(): v for k, v in cfg.role_map.items()}}
+        n = self.names
+        self._telling_keys = [(n["messages"], "openai"), (n["conversations"], "sharegpt"), (n["chosen"], "preference"),
+                              (n["rejected"], "preference"), (n["instruction"], "alpaca"), (n["output"], "alpaca"),
+                              (n["text"], "text")]
 
     def format_for(self, rel_path: str) -> str:
         """The forced format of a file (params `file_formats`, then `format`), or 'auto'."""
@@ -84,23 +88,15 @@ class Normaliser:
         return out
 
     def _detect(self, value: dict) -> str | None:
-        """Format by the keys with a value; keys that are only null or empty (Parquet/CSV columns of other
-        formats in a mixed file) count only when no key has a value, so `{"messages": null}` is a wrong type."""
-        filled = {k for k, v in value.items() if v is not None and v != ""}
-        return self._detect_keys(filled) or self._detect_keys(value.keys())
-
-    def _detect_keys(self, keys) -> str | None:
-        n = self.names
-        if n["messages"] in keys:
-            return "openai"
-        if n["conversations"] in keys:
-            return "sharegpt"
-        if n["chosen"] in keys or n["rejected"] in keys:
-            return "preference"
-        if n["instruction"] in keys or n["output"] in keys:
-            return "alpaca"
-        if n["text"] in keys:
-            return "text"
+        """Format by the first telling key with a value; keys that are only null or empty (Parquet/CSV columns of
+        other formats in a mixed file) count only when no key has a value, so `{"messages": null}` is a wrong type."""
+        for key, fmt in self._telling_keys:
+            v = value.get(key)
+            if v is not None and v != "":
+                return fmt
+        for key, fmt in self._telling_keys:
+            if key in value:
+                return fmt
         return None
 
     # -- fields ------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import io
 import json
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,12 +53,21 @@ def list_data_files(raw_dir: Path) -> FileListing:
 
 def read_rows(path: Path, display: str, text_split: str = "blank_line") -> Iterator[RawRow]:
     """Yield every row of one data file; `display` is the file name written into records and rejects."""
+    suffix = path.suffix.lower()
     try:
-        data = path.read_bytes()
+        if suffix in JSONL_SUFFIXES:  # streamed: the file is never held twice in memory
+            with open(path, "rb") as f:
+                head = f.read(8192)
+                if not looks_binary(head):
+                    f.seek(0)
+                    yield from _read_jsonl((b.decode("utf-8", errors="surrogateescape") for b in f), display)
+                    return
+            data = head
+        else:
+            data = path.read_bytes()
     except OSError as e:
         yield RawRow(display, 0, "", reasons=[f"unreadable_file: cannot read {display}: {e}"])
         return
-    suffix = path.suffix.lower()
     if suffix == ".parquet":
         yield from _read_parquet(data, display)
         return
@@ -68,13 +77,9 @@ def read_rows(path: Path, display: str, text_split: str = "blank_line") -> Itera
             f"binary_file: {display} is mostly control bytes: it is not a UTF-8 text file (binary, compressed or "
             f"UTF-16?); save it as UTF-8 {suffix}"])
         return
-    if data.startswith(BOM.encode()):
-        data = data[3:]
     # surrogateescape keeps invalid bytes recoverable, so only the rows that hold them are rejected
-    text = data.decode("utf-8", errors="surrogateescape")
-    if suffix in JSONL_SUFFIXES:
-        yield from _read_jsonl(text, display)
-    elif suffix == ".json":
+    text = data.decode("utf-8", errors="surrogateescape").removeprefix(BOM)
+    if suffix == ".json":
         yield from _read_json(text, display)
     elif suffix == ".csv":
         yield from _read_csv(text, display)
@@ -135,14 +140,13 @@ def _parse_json(display: str, line: int, raw: str, origin: str = "json") -> RawR
     return RawRow(display, line, raw, value, origin=origin)
 
 
-def _read_jsonl(text: str, display: str) -> Iterator[RawRow]:
-    # split on \n only: str.splitlines would also split on separators that are legal inside JSON strings
-    for number, line in enumerate(text.split("\n"), 1):
-        if line.endswith("\r"):
-            line = line[:-1]
+def _read_jsonl(lines: Iterable[str], display: str) -> Iterator[RawRow]:
+    # lines split on \n only: str.splitlines would also split on separators that are legal inside JSON strings
+    for number, line in enumerate(lines, 1):
+        line = line.rstrip("\r\n")
         if not line or line.isspace():
             continue
-        # a BOM inside the file comes from concatenating files that each had one
+        # a BOM starts the file, or a line where files that each had one were concatenated
         yield _parse_json(display, number, line[1:] if line[0] == BOM else line)
 
 
@@ -154,7 +158,7 @@ def _read_json(text: str, display: str) -> Iterator[RawRow]:
         value_row = _parse_json(display, text.count("\n", 0, start) + 1, text[start:].rstrip())
         if value_row.reasons and "Extra data" in value_row.reasons[0]:
             # a JSONL file saved as .json: one object per line
-            yield from _read_jsonl(text, display)
+            yield from _read_jsonl(text.split("\n"), display)
         else:
             yield value_row
         return

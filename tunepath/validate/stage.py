@@ -35,17 +35,29 @@ class Item:
     warnings: list[str] = field(default_factory=list)
 
 
+_ROLE_CODES = {"system": b"S", "user": b"U", "assistant": b"A"}
+
+
 def record_id(kind: str, fields: dict) -> str:
     """sha256 of the normalised content (not the source): equal content, equal id.
 
-    Every string is length-prefixed, so no two different records hash the same input.
+    Strings are length-prefixed (canonical roles as one letter), so different records never hash the same input.
     """
     h = hashlib.sha256(kind.encode())
     for name, value in fields.items():
-        h.update(b"\x00" + name.encode())
-        for s in (value,) if isinstance(value, str) else (x for m in value for x in (m["role"], m["content"])):
-            b = s.encode("utf-8")
+        h.update(b"|" + name.encode())
+        if isinstance(value, str):
+            b = value.encode("utf-8")
             h.update(b"%d:" % len(b))
+            h.update(b)
+            continue
+        for m in value:
+            role, b = m["role"], m["content"].encode("utf-8")
+            code = _ROLE_CODES.get(role)
+            if code is None:
+                r = role.encode("utf-8")
+                code = b"?%d:%s" % (len(r), r)
+            h.update(b"%s%d:" % (code, len(b)))
             h.update(b)
     return h.hexdigest()[:16]
 
@@ -95,9 +107,10 @@ def run_validate(cfg: ValidateConfig, raw_dir: Path, out_dir: Path) -> dict:
                     "train": profile["splits"]["train"][kind], "eval": profile["splits"]["eval"][kind]}
              for kind in KINDS}
     report = build_report(
-        files={name: t for name, t in tallies.items()}, kinds=kinds, splits=dict(Counter(splits)),
+        files=tallies, kinds=kinds, splits={"train": splits.count("train"), "eval": splits.count("eval")},
         control_tokens=control, gx=outcome.summaries if outcome else {}, warnings=warnings,
         skipped=[p.as_posix() for p in paths.skipped], max_reject_share=cfg.max_reject_share, timings=timings)
+    report["config"] = cfg.model_dump()
     _prepare_out_dir(out_dir, raw_dir)
     _write_jsonl(out_dir / "records.jsonl", records)
     _write_jsonl(out_dir / "rejects.jsonl", (_reject(item) for item in items if item.reasons))

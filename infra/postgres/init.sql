@@ -1,0 +1,2 @@
+-- PostgreSQL creates the `prefect` database from POSTGRES_DB; MLflow gets its own.
+CREATE DATABASE mlflow OWNER tunepath;

@@ -1,0 +1,311 @@
+"""`tunepath up`/`down`: the local services, the deployments and the team infrastructure files.
+
+The fast tests check the process bookkeeping, prefect.yaml and infra/ without starting servers. The `services`
+tier starts a Prefect server, an MLflow server and a worker on free loopback ports for a temporary project,
+creates flow runs of the deployments through the Prefect API as the UI's Run button does, and stops everything.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import FAST_OVERRIDES, REPO, make_project
+from tunepath import services
+from tunepath.services import ServiceOptions, http, running_pid, start_services, stop_services
+
+TERMINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
+
+# ---------------------------------------------------------------- helpers shared with test_browser.py
+
+
+def services_project(dest: Path, assets: Path, overrides: list[str]) -> Path:
+    """A project like a fresh clone: code, flows, tasks, prefect.yaml, demo data and model, params with overrides."""
+    from tunepath.params import load_config, write_params
+
+    root = make_project(dest, assets)
+    for name in ("flows", "tasks"):
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "prefect.yaml", root / "prefect.yaml")
+    write_params(root / "params.yaml", load_config(root / "params.yaml", overrides))
+    git = ["git", "-c", "user.email=t@example.invalid", "-c", "user.name=t"]
+    subprocess.run(git + ["add", "-A"], cwd=root, check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "flows and deployments"], cwd=root, check=True)
+    return root
+
+
+@contextmanager
+def running_services(root: Path):
+    """Start the services on free loopback ports; always stop every process they started."""
+    try:
+        yield start_services(root, ServiceOptions(prefect_port=0, mlflow_port=0, timeout_s=300))
+    finally:
+        stop_services(root)
+
+
+def run_like_ui(api: str, deployment: str, change=None) -> str:
+    """POST create_flow_run with the deployment's parameters (edited by `change`), as the UI's custom run does."""
+    status, dep = http("GET", f"{api}/deployments/name/{deployment}/{deployment}")
+    assert status == 200, dep
+    params = copy.deepcopy(dep["parameters"])
+    if change:
+        change(params)
+    body = {"state": {"type": "SCHEDULED", "message": "Run from the Prefect UI"}, "parameters": params,
+            "enforce_parameter_schema": True}
+    status, run = http("POST", f"{api}/deployments/{dep['id']}/create_flow_run", body)
+    assert status == 201, run
+    return run["id"]
+
+
+def wait_for_run(api: str, run_id: str, timeout_s: float = 1500) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status, run = http("GET", f"{api}/flow_runs/{run_id}")
+        if status == 200 and run["state"]["type"] in TERMINAL:
+            return run
+        time.sleep(2)
+    raise AssertionError(f"flow run {run_id} did not finish in {timeout_s} s")
+
+
+def run_logs(api: str, run_id: str) -> str:
+    _, logs = http("POST", f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200})
+    return "\n".join(entry["message"] for entry in logs)[-4000:]
+
+
+def process_tree(root: Path) -> list[int]:
+    import psutil
+
+    pids = []
+    for name in services.SERVICES:
+        pid = running_pid(root, name)
+        if pid:
+            pids += [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    return pids
+
+
+# ---------------------------------------------------------------- fast: bookkeeping and files
+
+
+def test_pid_files_track_exactly_the_started_process_and_down_stops_its_children(tmp_path):
+    import psutil
+
+    for sub in ("pids", "logs"):
+        (tmp_path / ".tunepath" / sub).mkdir(parents=True)
+    # a stand-in service with a child process, like a server with its uvicorn worker
+    pid = services.spawn(tmp_path, "worker", [sys.executable, "-c",
+                         "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"],
+                         services.service_env(tmp_path))
+    deadline = time.monotonic() + 20
+    while not psutil.Process(pid).children() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child = psutil.Process(pid).children()[0].pid
+    assert running_pid(tmp_path, "worker") == pid
+    assert services.log_file(tmp_path, "worker").exists()
+    done = stop_services(tmp_path)
+    assert done["worker"] == f"stopped (pid {pid})" and done["prefect"] == "not running"
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+    assert running_pid(tmp_path, "worker") is None
+
+
+def test_a_reused_pid_is_not_taken_for_the_service(tmp_path):
+    import os
+
+    (tmp_path / ".tunepath" / "pids").mkdir(parents=True)
+    # this test's own PID with a different start time: a PID the OS gave to another program since
+    services.pid_file(tmp_path, "prefect").write_text(f"{os.getpid()}\n12345.0\n")
+    assert running_pid(tmp_path, "prefect") is None
+    assert stop_services(tmp_path)["prefect"] == "not running"
+
+
+def test_busy_port_falls_back_to_a_free_one():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        busy = s.getsockname()[1]
+        chosen = services.choose_port("127.0.0.1", busy, "test")
+        assert chosen != busy and services.port_free("127.0.0.1", chosen)
+
+
+def test_env_file_points_the_cli_at_the_servers(tmp_path, monkeypatch):
+    from tunepath.cli import prepare_env
+
+    (tmp_path / ".tunepath").mkdir()
+    services.write_env_file(tmp_path, "http://127.0.0.1:4999/api", "http://127.0.0.1:5999")
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    prepare_env(tmp_path)
+    import os
+
+    assert os.environ["PREFECT_API_URL"] == "http://127.0.0.1:4999/api"
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5999"
+    monkeypatch.delenv("PREFECT_API_URL")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+
+
+def test_prefect_yaml_deploys_both_flows_from_the_workers_project_folder():
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    deployments = {d["name"]: d for d in spec["deployments"]}
+    assert set(deployments) == set(services.DEPLOYMENTS)
+    for name, d in deployments.items():
+        assert d["entrypoint"].split(":")[0] == services.DEPLOYMENTS[name]
+        assert d["work_pool"]["name"] == ServiceOptions().pool
+    step = spec["pull"][0]["prefect.deployments.steps.set_working_directory"]
+    assert step["directory"] == "{{ $TUNEPATH_PROJECT_DIR }}"
+    assert deployments["finetune"]["concurrency_limit"] == 1
+
+
+def test_finetune_form_has_descriptions_bounds_and_params_yaml_defaults():
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.finetune import finetune
+
+    schema = parameter_schema(finetune).model_dump_for_openapi()
+    train = schema["definitions"]["TrainConfig"]["properties"]["max_steps"]
+    assert train["description"] and train["minimum"] == -1
+    defaults = services.deployment_parameters(REPO)["finetune"]["config"]
+    assert defaults == yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+# ---------------------------------------------------------------- fast: infra/ for a team
+
+
+def test_compose_binds_loopback_and_takes_every_secret_from_the_environment():
+    text = (REPO / "infra" / "compose.yaml").read_text()
+    compose = yaml.safe_load(text)
+    example = (REPO / "infra" / ".env.example").read_text()
+    for name, svc in compose["services"].items():
+        for port in svc.get("ports", []):
+            assert port.startswith("${BIND_ADDRESS:-127.0.0.1}:"), f"{name} publishes {port} beyond loopback"
+        for key, value in (svc.get("environment") or {}).items():
+            if re.search(r"PASSWORD|SECRET|AUTH_STRING|TOKEN|ACCESS_KEY", key):
+                assert "${" in str(value), f"{name}.{key} is a literal: secrets come from infra/.env"
+    required = set(re.findall(r"\$\{(\w+):\?", text))
+    assert required and all(re.search(rf"^#?\s*{var}=", example, re.M) for var in required)
+    assert compose["services"]["prefect-server"]["environment"]["PREFECT_SERVER_API_AUTH_STRING"].startswith("${")
+    assert "basic-auth" in compose["services"]["mlflow"]["command"]
+    gpu = compose["services"]["gpu-worker"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+
+
+def test_kubernetes_job_template_passes_prefect_validation_and_requests_gpus():
+    from prefect.client.schemas.actions import WorkPoolCreate as ClientWorkPoolCreate
+    from prefect.server.schemas.actions import WorkPoolCreate
+    from prefect.utilities.templating import apply_values
+
+    template = json.loads((REPO / "infra" / "k8s" / "base-job-template.json").read_text())
+    WorkPoolCreate(name="tunepath-k8s", type="kubernetes", base_job_template=template)  # every placeholder declared
+    ClientWorkPoolCreate(name="tunepath-k8s", type="kubernetes", base_job_template=template)
+    props = template["variables"]["properties"]
+    values = {k: v["default"] for k, v in props.items() if "default" in v} | {"gpus": 2}
+    job = apply_values(template["job_configuration"], values)["job_manifest"]
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert container["envFrom"] == [{"secretRef": {"name": "tunepath-secrets"}}]
+
+
+# ---------------------------------------------------------------- services tier: real servers and a worker
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory, demo_assets):
+    root = services_project(tmp_path_factory.mktemp("services") / "project", demo_assets, FAST_OVERRIDES)
+    with running_services(root) as report:
+        yield root, report
+
+
+@pytest.mark.services
+def test_up_prints_urls_writes_the_env_file_and_is_idempotent(live):
+    root, report = live
+    assert report.prefect_url.startswith("http://127.0.0.1:") and report.mlflow_url.startswith("http://127.0.0.1:")
+    env = (root / ".tunepath" / "services.env").read_text()
+    assert f"PREFECT_API_URL={report.prefect_url}/api" in env and f"MLFLOW_TRACKING_URI={report.mlflow_url}" in env
+    again = start_services(root, ServiceOptions(prefect_port=0, mlflow_port=0))
+    assert all(action.startswith("already running") for action in again.actions.values()), again.actions
+    assert (again.prefect_url, again.mlflow_url) == (report.prefect_url, report.mlflow_url)
+    assert again.seconds < 30
+
+
+@pytest.mark.services
+def test_gpu_limit_and_deployment_defaults(live):
+    root, report = live
+    api = f"{report.prefect_url}/api"
+    status, limit = http("GET", f"{api}/v2/concurrency_limits/{services.GPU_LIMIT}")
+    assert status == 200 and limit["limit"] >= 1 and limit["active"]
+    _, dep = http("GET", f"{api}/deployments/name/finetune/finetune")
+    assert dep["parameters"]["config"] == yaml.safe_load((root / "params.yaml").read_text())
+    assert dep["parameters"]["config"]["train"]["max_steps"] == 30  # FAST_OVERRIDES, not the code's default
+    assert "description" in dep["parameter_openapi_schema"]["definitions"]["TrainConfig"]["properties"]["max_steps"]
+
+
+@pytest.mark.services
+def test_finetune_deployment_run_registers_a_candidate_with_the_changed_parameter(live):
+    from mlflow import MlflowClient
+
+    root, report = live
+    api = f"{report.prefect_url}/api"
+    run_id = run_like_ui(api, "finetune", lambda p: p["config"]["train"].update(max_steps=20))
+    run = wait_for_run(api, run_id)
+    assert run["state"]["type"] == "COMPLETED", run_logs(api, run_id)
+    # the changed value reached the stages, params.yaml (for dvc repro) and the MLflow run
+    assert yaml.safe_load((root / "params.yaml").read_text())["train"]["max_steps"] == 20
+    steps = [int(line.split(",")[0]) for line in (root / "artifacts/train/loss.csv").read_text().splitlines()[1:]]
+    assert max(steps) == 20
+    client = MlflowClient(tracking_uri=report.mlflow_url)
+    version = client.get_model_version_by_alias("tunepath-demo", "candidate")
+    assert client.get_run(version.run_id).data.params["train.max_steps"] == "20"
+    record = json.loads((root / "artifacts/register/model.json").read_text())
+    assert record["version"] == version.version and record["tracking_uri"] == report.mlflow_url
+    _, artifacts = http("POST", f"{api}/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}})
+    keys = {a["key"] for a in artifacts}
+    assert {"tunepath-validate", "tunepath-tokenize", "tunepath-route", "tunepath-train", "tunepath-evaluate",
+            "tunepath-register"} <= keys, keys
+    # the train task held a slot of the `gpu` limit
+    _, events = http("POST", f"{api}/events/filter", {"filter": {"event": {"prefix": ["prefect.concurrency-limit.acquired"]},
+                                                                 "related": {"resources_in_roles": [["prefect.flow-run." + run_id, "flow-run"]]}},
+                                                      "limit": 50})
+    names = {e["resource"].get("prefect.resource.name") for e in events.get("events", [])}
+    assert services.GPU_LIMIT in names, f"no gpu slot taken by flow run {run_id}: {names}"
+
+
+@pytest.mark.services
+def test_promote_deployment_moves_champion_to_the_candidate(live):
+    from mlflow import MlflowClient
+
+    root, report = live
+    if not (root / "flows" / "promote.py").exists():
+        pytest.skip("flows/promote.py is not in the repository yet; the promote deployment is registered once it is")
+    api = f"{report.prefect_url}/api"
+    run = wait_for_run(api, run_like_ui(api, "promote"))
+    assert run["state"]["type"] == "COMPLETED", run_logs(api, run["id"])
+    client = MlflowClient(tracking_uri=report.mlflow_url)
+    champion = client.get_model_version_by_alias("tunepath-demo", "champion")
+    assert champion.version == client.get_model_version_by_alias("tunepath-demo", "candidate").version
+
+
+@pytest.mark.services
+def test_down_stops_every_process_up_started(live):
+    import psutil
+
+    root, report = live
+    pids = process_tree(root)
+    assert len(pids) >= 3
+    stop_services(root)
+    time.sleep(0.5)
+    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"still running after down: {alive}"
+    assert not (root / ".tunepath" / "services.env").exists()
+    assert not services.healthy(f"{report.prefect_url}/api/health")

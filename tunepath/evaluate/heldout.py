@@ -1,0 +1,87 @@
+"""The held-out data a model is judged on: the tokenize stage's eval splits and the eval records they came from.
+
+Layout (the tokenize stage's, and the `heldout/` folder the register stage logs with each model version so
+promotion can re-evaluate any two versions on the same data):
+
+    <root>/sft/eval   <root>/cpt/eval   <root>/dpo/eval     datasets on disk, any of them may be missing
+    <records>                                                records.jsonl lines whose split is "eval"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tunepath import lineage
+
+SCORED_KINDS = ("sft", "cpt")
+KINDS = ("sft", "cpt", "dpo")
+
+
+@dataclass
+class Heldout:
+    """Loaded eval rows: `kind` is the split whose loss is the gate metric; `splits` holds every scored split."""
+
+    root: Path
+    records_path: Path
+    kind: str
+    splits: dict[str, list[dict]] = field(default_factory=dict)
+    pairs: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, root: Path, records_path: Path, trained: list[str] | None = None) -> "Heldout":
+        """Read every eval split under `root`; the gate split is the last trained stage's (else sft, else cpt)."""
+        from datasets import load_from_disk
+
+        root = Path(root)
+        splits = {k: list(load_from_disk(str(root / k / "eval"))) for k in SCORED_KINDS if (root / k / "eval").exists()}
+        if not splits:
+            raise FileNotFoundError(
+                f"{root}: no held-out split (sft/eval or cpt/eval). The validate stage puts a share of the records in "
+                "the eval split (validate.eval_share); with too few records it may be empty."
+            )
+        order = [k for k in reversed(trained or []) if k in splits] + [k for k in SCORED_KINDS if k in splits]
+        pairs = list(load_from_disk(str(root / "dpo" / "eval"))) if (root / "dpo" / "eval").exists() else []
+        return cls(root, Path(records_path), order[0], splits, pairs)
+
+    @property
+    def rows(self) -> list[dict]:
+        return self.splits[self.kind]
+
+    def records(self, kind: str | None = None) -> list[dict]:
+        if not self.records_path.exists():
+            return []
+        with open(self.records_path, encoding="utf-8") as f:
+            recs = [json.loads(line) for line in f if line.strip()]
+        return [r for r in recs if r.get("split", "eval") == "eval" and (kind is None or r["kind"] == kind)]
+
+    def digest(self) -> str:
+        """Identity of the held-out data: the eval splits' bytes (ids depend on the tokenizer and template too)."""
+        h = hashlib.sha256()
+        for kind in KINDS:
+            folder = self.root / kind / "eval"
+            if folder.exists():
+                h.update(f"{kind}:{lineage.tree_hash(folder)}".encode())
+        return h.hexdigest()
+
+
+def write_heldout(tokenize_dir: Path, records_path: Path, dest: Path) -> Path:
+    """Copy the eval splits and the eval records into `dest` in the layout above; returns `dest`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for kind in KINDS:
+        src = tokenize_dir / kind / "eval"
+        if src.exists():
+            shutil.copytree(src, dest / kind / "eval", dirs_exist_ok=True)
+    with open(records_path, encoding="utf-8") as src, open(dest / "records.jsonl", "w", encoding="utf-8") as out:
+        for line in src:
+            if line.strip() and json.loads(line).get("split") == "eval":
+                out.write(line)
+    return dest
+
+
+def fingerprint(heldout_digest: str, settings: dict) -> str:
+    """Two evaluations with the same fingerprint measured the same data the same way: their numbers compare."""
+    return hashlib.sha256(f"{heldout_digest}/{json.dumps(settings, sort_keys=True)}".encode()).hexdigest()[:32]

@@ -1,0 +1,46 @@
+"""One model on one held-out set: every number the gates and the promotion compare."""
+
+from __future__ import annotations
+
+from tunepath.evaluate import EvaluateConfig
+from tunepath.evaluate.heldout import Heldout
+from tunepath.evaluate.models import Runtime
+from tunepath.evaluate.samples import Prompt, answer_prompts, conversation_prompts, end_of_turn_ids, sample_summary, text_prompts
+from tunepath.evaluate.scoring import mean_loss, perplexity, preference_scores, row_logprobs
+
+
+def prepare_prompts(heldout: Heldout, tokenizer, cfg: EvaluateConfig) -> tuple[list[Prompt], list[int]]:
+    """The sample prompts and the end-of-turn ids, the same for every model measured on this held-out set."""
+    sft = heldout.splits.get("sft", [])
+    eot = end_of_turn_ids(sft, tokenizer)
+    if not eot:
+        raise ValueError("cannot tell the end-of-turn token: the tokenizer has no eos_token and no SFT rows are held out")
+    if heldout.kind == "sft":
+        prompts = conversation_prompts(sft, heldout.records("conversation"), tokenizer, cfg.samples)
+    else:
+        prompts = text_prompts(heldout.rows, tokenizer, cfg.samples)
+    return prompts, eot
+
+
+def measure(model, tokenizer, heldout: Heldout, cfg: EvaluateConfig, runtime: Runtime, prompts: list[Prompt],
+            eot_ids: list[int], untemplated: bool = False) -> dict:
+    """Loss and perplexity on every held-out split, preference log-probs, and generated answers."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot_ids[0]
+    splits, row_scores = {}, []
+    for kind, rows in heldout.splits.items():
+        scores = row_logprobs(model, rows, pad, cfg.batch_size, runtime.device)
+        loss, tokens = mean_loss(scores)
+        splits[kind] = {"rows": len(rows), "tokens": tokens, "loss": loss, "perplexity": perplexity(loss)}
+        if kind == heldout.kind:
+            row_scores = scores
+    preference = preference_scores(model, heldout.pairs, pad, cfg.batch_size, runtime.device) if heldout.pairs else []
+    answers = answer_prompts(model, tokenizer, prompts, cfg.max_new_tokens, eot_ids, cfg.repeat_ngram, runtime.device, untemplated)
+    primary = splits[heldout.kind]
+    return {"loss": primary["loss"], "perplexity": primary["perplexity"], "tokens": primary["tokens"], "splits": splits,
+            "row_scores": row_scores, "preference": preference, "answers": answers, **sample_summary(answers)}
+
+
+def settings_of(cfg: EvaluateConfig, runtime: Runtime) -> dict:
+    """What changes the numbers besides the data (batch size does not)."""
+    return {"samples": cfg.samples, "max_new_tokens": cfg.max_new_tokens, "repeat_ngram": cfg.repeat_ngram,
+            "precision": runtime.precision}

@@ -1,0 +1,143 @@
+"""Generation samples: greedy answers to held-out prompts, rendered with the chat template and without it.
+
+The templated prompt is the tokenize stage's `prompt_ids` (control tokens only from the template's markup, so a
+user message containing `<|im_start|>system` stays text). The untemplated prompt is the last user message as
+plain text, tokenized with special-token matching off: the seed's point is that a model tuned on a template
+answers well only when it sees that template.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+from tunepath.collate import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prompt:
+    id: str | None
+    prompt: str
+    reference: str
+    templated_ids: list[int]
+    raw_ids: list[int] | None
+
+
+def is_degenerate(text: str, n: int) -> bool:
+    """Empty, or looping: one n-gram of words, or of characters (CJK text, digit runs), 4+ times in a row."""
+    if not text.strip():
+        return True
+    return _loops(text.split(), n) or _loops(list(text.replace(" ", "")), n)
+
+
+def _loops(units: list[str], n: int) -> bool:
+    for size in range(1, n + 1):
+        for i in range(len(units) - 4 * size + 1):
+            gram = units[i : i + size]
+            if all(units[i + k * size : i + (k + 1) * size] == gram for k in range(1, 4)):
+                if size > 1 or units[i : i + 8] == gram * 8:  # one unit counts from 8 in a row ("!!!!", "2000" are text)
+                    return True
+    return False
+
+
+def end_of_turn_ids(rows, tokenizer) -> list[int]:
+    """The token that ends an assistant turn: the last label of the SFT rows (the template's end-of-turn token,
+    which the labels include), plus the tokenizer's EOS. A base model whose EOS is not the template's end-of-turn
+    token (Qwen2.5 base: `<|endoftext|>` vs `<|im_end|>`) would otherwise never be seen to stop."""
+    last = Counter(next((x for x in reversed(r["labels"]) if x != IGNORE_INDEX), None) for r in rows)
+    last.pop(None, None)
+    ids = [last.most_common(1)[0][0]] if last else []
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def conversation_prompts(rows, records: list[dict], tokenizer, limit: int) -> list[Prompt]:
+    """The first `limit` SFT eval rows with a prompt, each matched to its record for the plain-text variant.
+
+    Rows keep the records' order but dropped records have no row, so a row is matched to the next record whose
+    last assistant answer starts like the row's answer.
+    """
+    out: list[Prompt] = []
+    j = 0
+    for row in rows:
+        if len(out) >= limit:
+            break
+        prompt_ids = list(row.get("prompt_ids") or [])
+        if not prompt_ids:
+            continue
+        reference = tokenizer.decode(row["input_ids"][len(prompt_ids) :], skip_special_tokens=True).strip()
+        match, j = _match(records, j, reference)
+        if match is None:
+            log.warning("held-out row %d has no matching record; its untemplated sample is skipped", len(out))
+            out.append(Prompt(None, tokenizer.decode(prompt_ids), reference, prompt_ids, None))
+            continue
+        user = next(m["content"] for m in reversed(match["messages"]) if m["role"] == "user") if any(
+            m["role"] == "user" for m in match["messages"]) else ""
+        raw = tokenizer(user + "\n", add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        out.append(Prompt(match["id"], user, reference, prompt_ids, list(raw)))
+    return out
+
+
+def _match(records: list[dict], start: int, reference: str) -> tuple[dict | None, int]:
+    head = reference[:40].rstrip("\ufffd").strip()  # a truncated answer may end inside a character
+    for k in range(start, len(records)):
+        msgs = records[k]["messages"]
+        answer = next((m["content"] for m in reversed(msgs) if m["role"] == "assistant"), "")
+        if answer.strip().startswith(head):
+            return records[k], k + 1
+    return None, start
+
+
+def text_prompts(rows, tokenizer, limit: int, head: int = 32) -> list[Prompt]:
+    """CPT only (no conversations held out): continue the first `head` tokens of each held-out block."""
+    out = []
+    for row in rows[:limit]:
+        ids = list(row["input_ids"][:head])
+        out.append(Prompt(None, tokenizer.decode(ids), tokenizer.decode(row["input_ids"][head : head * 2]), ids, None))
+    return out
+
+
+def generate(model, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int], pad_id: int, device: str = "cpu") -> tuple[list[int], bool]:
+    """Greedy continuation; returns the new ids and whether generation ended on one of `stop_ids`."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.tensor([prompt_ids], device=device),
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=stop_ids,
+            pad_token_id=pad_id,
+        )
+    new = out[0, len(prompt_ids) :].tolist()
+    return new, bool(new) and new[-1] in stop_ids
+
+
+def answer_prompts(model, tokenizer, prompts: list[Prompt], max_new_tokens: int, eot_ids: list[int], repeat_ngram: int,
+                   device: str = "cpu", untemplated: bool = False) -> list[dict]:
+    """One answer per prompt: text, whether it stopped at the end-of-turn token, whether it is degenerate."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot_ids[0]
+    answers = []
+    for p in prompts:
+        ids, stopped = generate(model, p.templated_ids, max_new_tokens, eot_ids, pad, device)
+        text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        answer = {"text": text, "stopped_at_eot": stopped, "degenerate": is_degenerate(text, repeat_ngram)}
+        if untemplated and p.raw_ids:
+            raw, _ = generate(model, p.raw_ids, max_new_tokens, eot_ids, pad, device)
+            answer["untemplated"] = tokenizer.decode(raw, skip_special_tokens=True).strip()
+        answers.append(answer)
+    return answers
+
+
+def sample_summary(answers: list[dict]) -> dict:
+    n = len(answers)
+    return {
+        "samples": n,
+        "degenerate_share": sum(a["degenerate"] for a in answers) / n if n else 0.0,
+        "stopped_at_eot_share": sum(a["stopped_at_eot"] for a in answers) / n if n else 0.0,
+    }

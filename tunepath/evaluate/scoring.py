@@ -1,0 +1,87 @@
+"""Log-likelihood scores on pre-tokenized rows: held-out loss and perplexity, and preference accuracy.
+
+Rows are what the tokenize stage wrote (`input_ids`, `labels` with -100 on unscored tokens, optional
+`position_ids` restarting per packed sample). Only label tokens are scored: assistant output for SFT, every
+token for CPT.
+"""
+
+from __future__ import annotations
+
+import math
+
+from tunepath.collate import IGNORE_INDEX, PadCollator
+
+
+def row_logprobs(model, rows, pad_id: int, batch_size: int, device: str = "cpu") -> list[tuple[float, int]]:
+    """Per row: the summed log-probability of its label tokens and how many there are."""
+    import torch
+    import torch.nn.functional as F
+
+    collate = PadCollator(pad_id)
+    out: list[tuple[float, int]] = []
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            batch = {k: v.to(device) for k, v in collate(rows[start : start + batch_size]).items()}
+            # use_cache=False: with a cache the model ignores packed/padded segment boundaries
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+            labels = batch["labels"][:, 1:]
+            nll = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+            ).view(labels.shape)
+            counts = (labels != IGNORE_INDEX).sum(1)
+            out += [(-float(s), int(c)) for s, c in zip(nll.sum(1).tolist(), counts.tolist())]
+    return out
+
+
+def mean_loss(scores: list[tuple[float, int]]) -> tuple[float, int]:
+    """Token-weighted mean cross-entropy and the token count."""
+    tokens = sum(c for _, c in scores)
+    if tokens == 0:
+        raise ValueError("held-out split has no label tokens to score; add eval data (validate.eval_share) or more records")
+    return -sum(s for s, _ in scores) / tokens, tokens
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 700.0))  # exp overflows past ~709: a broken model reads as huge, not as an error
+
+
+def preference_rows(pairs) -> list[dict]:
+    """Two rows per pair, prompt + chosen and prompt + rejected, labels on the answer tokens only."""
+    rows = []
+    for pair in pairs:
+        prompt = list(pair["prompt_ids"])
+        for answer in (pair["chosen_ids"], pair["rejected_ids"]):
+            answer = list(answer)
+            rows.append({"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer})
+    return rows
+
+
+def preference_scores(model, pairs, pad_id: int, batch_size: int, device: str = "cpu") -> list[tuple]:
+    """Per pair: (chosen log-prob, chosen tokens, rejected log-prob, rejected tokens), answers given the prompt."""
+    flat = row_logprobs(model, preference_rows(pairs), pad_id, batch_size, device)
+    return [(c[0], c[1], r[0], r[1]) for c, r in zip(flat[0::2], flat[1::2])]
+
+
+def preference_summary(base: list[tuple], tuned: list[tuple]) -> dict:
+    """For both models: accuracy (summed log-prob of chosen above rejected, as DPO scores answers), the same per
+    token (long chosen answers lose on sums), the mean margin; and the DPO-style reward accuracy of tuned over
+    base: the tuned model raised the chosen answer's log-probability more than the rejected one's."""
+    n = len(tuned)
+    if n == 0:
+        return {"pairs": 0}
+
+    def acc(scores, per_token=False):
+        return sum((c / max(cn, 1) > r / max(rn, 1)) if per_token else (c > r) for c, cn, r, rn in scores) / n
+
+    reward = sum((t[0] - b[0]) > (t[2] - b[2]) for b, t in zip(base, tuned))
+    return {
+        "pairs": n,
+        "base_accuracy": acc(base),
+        "tuned_accuracy": acc(tuned),
+        "base_accuracy_per_token": acc(base, True),
+        "tuned_accuracy_per_token": acc(tuned, True),
+        "base_margin": sum(c - r for c, _, r, _ in base) / n,
+        "tuned_margin": sum(c - r for c, _, r, _ in tuned) / n,
+        "reward_accuracy": reward / n,
+    }
