@@ -44,3 +44,14 @@ prefect-ui:  ## the Prefect UI with the runs `make run` made: http://127.0.0.1:4
 
 clean:  ## remove pipeline outputs (keeps the venv, data and demo model)
 	rm -rf artifacts mlflow.db mlartifacts .prefect
+
+# Local services (tunepath up/down/status): state, PIDs and logs in .tunepath/
+.PHONY: up down status
+up: install  ## Prefect and MLflow servers, a worker and the deployments on 127.0.0.1; prints the two URLs (ARGS="--prefect-port 0" picks free ports)
+	@start=$$(date +%s); tunepath up $(ARGS); echo "make up: $$(( $$(date +%s) - start )) s"
+
+down:  ## stop exactly the processes `make up` started
+	tunepath down
+
+status:  ## what `make up` started: running or not, PID, URL, log
+	tunepath status

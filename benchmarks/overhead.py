@@ -1,6 +1,6 @@
 """Orchestration overhead: the demo pipeline through the Prefect flow vs the same stage functions called directly.
 
-    python benchmarks/overhead.py            # prints a table, writes benchmarks/results/overhead.json
+    python -m benchmarks.overhead            # prints a table, writes benchmarks/results/overhead.json
 
 Both variants run from cold in their own process (imports included) on fresh copies of the same project, in
 the same invocation, one after the other. The flow's process first starts the temporary Prefect server with a
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode in ("direct", "flow"):
         root = prepare(work / mode, assets)
         t = time.perf_counter()
-        out = subprocess.run([sys.executable, __file__, "--child", mode, "--project", str(root)], env=env,
+        out = subprocess.run([sys.executable, "-m", "benchmarks.overhead", "--child", mode, "--project", str(root)], env=env,
                              capture_output=True, text=True, cwd=root)
         wall = time.perf_counter() - t
         line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)

@@ -65,13 +65,13 @@ BASE_BATCH = 8  # samples per step in the baseline; rows per optimizer step in b
 # data
 
 
-def make_samples(n: int, vocab: int, seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
-    """Token ids and labels of `n` chat-like samples: lognormal lengths (mean ~150, clipped to [24, 1300])."""
+def make_samples(n: int, vocab: int, longest: int = 1300, seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids and labels of `n` chat-like samples: lognormal lengths (mean ~150, clipped to [24, longest])."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    lengths = np.clip(np.rint(rng.lognormal(mean=4.69, sigma=0.8, size=n)), 24, 1300).astype(int)
-    lengths[0] = 1300  # the tail is there in every run, not only in lucky ones
+    lengths = np.clip(np.rint(rng.lognormal(mean=4.69, sigma=0.8, size=n)), 24, longest).astype(int)
+    lengths[0] = longest  # the tail is there in every run, not only in lucky ones
     ids, labels = [], []
     for length in lengths:
         row = rng.integers(10, vocab - 10, size=length)
@@ -83,7 +83,7 @@ def make_samples(n: int, vocab: int, seed: int = 0) -> tuple[list[list[int]], li
     return ids, labels
 
 
-def write_data(work: Path, vocab: int, n: int) -> dict:
+def write_data(work: Path, vocab: int, n: int, max_length: int) -> dict:
     """The unpacked samples (baseline) and the packed rows (tunepath's tokenize layout) on disk."""
     import numpy as np
     import pyarrow as pa
@@ -91,10 +91,10 @@ def write_data(work: Path, vocab: int, n: int) -> dict:
 
     from tunepath.tokenize.packing import best_fit_decreasing, build_rows, padding_share
 
-    ids, labels = make_samples(n, vocab)
+    ids, labels = make_samples(n, vocab, min(1300, max_length))
     lengths = [len(x) for x in ids]
     Dataset.from_dict({"input_ids": ids, "labels": labels}).save_to_disk(str(work / f"data-{vocab}" / "samples"))
-    bins = best_fit_decreasing(lengths, MAX_LENGTH)
+    bins = best_fit_decreasing(lengths, max_length)
     table = pa.table({"input_ids": pa.array(ids, pa.list_(pa.int32())), "labels": pa.array(labels, pa.list_(pa.int32()))})
     rows = build_rows(table, bins)
     Dataset(rows).shuffle(seed=0).flatten_indices().save_to_disk(str(work / f"data-{vocab}" / "sft" / "train"))
@@ -108,7 +108,7 @@ def write_data(work: Path, vocab: int, n: int) -> dict:
         "max_length_seen": int(arr.max()),
         "token_weighted_mean_length": round(float((arr * arr).sum() / arr.sum()), 1),
         "packed_rows": len(bins),
-        "padding_share_packed": padding_share(int(arr.sum()), len(bins), MAX_LENGTH),
+        "padding_share_packed": padding_share(int(arr.sum()), len(bins), max_length),
     }
 
 
@@ -278,15 +278,21 @@ def run_variant(args) -> dict:
         )
         backend = "unsloth" if args.variant == "c" else "hf"
         # the train stage's own loader and batching, exactly as `run_train` calls them
-        model = stage.build_model(model_dir, cfg, "lora", precision, backend, MAX_LENGTH)
+        model = stage.build_model(model_dir, cfg, "lora", precision, backend, args.max_length)
         collator = stage.pick_collator(backend, pad_id)
         train = load_from_disk(str(data_dir / "sft" / "train"))
         targs = recipe.build_args(cfg, out, precision)
         if args.variant == "b_tuned":
             if cuda:
                 model.to("cuda")
-            result["attention_check"] = check_varlen(model, collator, train, cuda)
-            use_varlen_attention(model)
+            try:
+                result["attention_check"] = check_varlen(model, collator, train, cuda)
+            except Exception as e:  # noqa: BLE001  (a benchmark row says why instead of dying)
+                result["attention_check"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+            # bf16 noise on these logits is ~1e-2; a wrong mask or layout moves them by whole units
+            result["varlen_attention"] = result["attention_check"].get("max_abs_diff", 1e9) < 0.25
+            if result["varlen_attention"]:
+                use_varlen_attention(model)
     result["load_s"] = round(time.perf_counter() - started, 2)
     result["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -439,9 +445,20 @@ def build_models(work: Path, shapes: list[str], cpu: bool) -> dict:
             model = Qwen2ForCausalLM(config)
         model = model.to(torch.bfloat16 if device == "cuda" else torch.float32)
         model.save_pretrained(str(work / f"model-{name}"), safe_serialization=True)
+        save_tokenizer(work, work / f"model-{name}")
         built[name] = sum(p.numel() for p in model.parameters())
         del model
     return built
+
+
+def save_tokenizer(work: Path, model_dir: Path) -> None:
+    """A small byte-level tokenizer beside the weights: unsloth loads one with the model (the data are ids already)."""
+    from tunepath.demo import DemoConfig
+    from tunepath.demo.model import _save_tokenizer, train_tokenizer
+
+    corpus = work / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Where is my order {i}? It ships in {i % 7} days." for i in range(200)), encoding="utf-8")
+    _save_tokenizer(train_tokenizer([corpus], 400), model_dir, DemoConfig())
 
 
 def matmul_rate(cpu: bool) -> dict:
@@ -548,6 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/train_<card>_<date>.json)")
     parser.add_argument("--timeout", type=int, default=240, help="seconds per variant process")
+    parser.add_argument("--max-length", type=int, default=None, help=f"packed row length (default {MAX_LENGTH}; 512 on CPU)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--shape", default=None, help=argparse.SUPPRESS)
@@ -566,18 +584,19 @@ def main(argv: list[str] | None = None) -> int:
     shapes = (args.shapes or ("tiny" if args.tiny or cpu else "0.5b,1.5b")).split(",")
     variants = (args.variants or ("a,b,b_tuned" if cpu else ",".join(VARIANTS))).split(",")
     warmup = args.warmup if args.warmup is not None else (1 if cpu else 3)
-    timed = args.timed if args.timed is not None else (3 if cpu else 12)
-    timed_a = args.timed_a if args.timed_a is not None else (6 if cpu else 30)
-    samples = args.samples or (600 if cpu else 2400)
+    timed = args.timed if args.timed is not None else (2 if cpu else 12)
+    timed_a = args.timed_a if args.timed_a is not None else (4 if cpu else 30)
+    samples = args.samples or (200 if cpu else 2400)
+    args.max_length = args.max_length or (512 if cpu else MAX_LENGTH)
     work = Path(args.work or tempfile.mkdtemp(prefix="train_gpu-"))
     work.mkdir(parents=True, exist_ok=True)
-    flags = ["--work", str(work)] + (["--cpu"] if cpu else [])
+    flags = ["--work", str(work), "--max-length", str(args.max_length)] + (["--cpu"] if cpu else [])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     report: dict = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "versions": versions(), "runs": {},
-                    "settings": {"max_length": MAX_LENGTH, "lora_r": LORA_R, "lora_alpha": LORA_ALPHA, "warmup": warmup,
+                    "settings": {"max_length": args.max_length, "lora_r": LORA_R, "lora_alpha": LORA_ALPHA, "warmup": warmup,
                                  "timed_steps": timed, "timed_steps_a": timed_a, "batch": BASE_BATCH}}
-    report["data"] = {v: write_data(work, v, samples) for v in sorted({SHAPES[s]["vocab_size"] for s in shapes})}
+    report["data"] = {v: write_data(work, v, samples, args.max_length) for v in sorted({SHAPES[s]["vocab_size"] for s in shapes})}
     setup = spawn(["--child", "setup", "--shapes", ",".join(shapes), *flags], args.timeout)
     if "error" in setup:
         raise SystemExit(f"set-up failed: {setup}")

@@ -58,11 +58,14 @@ def publish(name: str, workspace: Workspace, summary: dict) -> None:
 
 
 def loss_table(path: Path, rows: int = 20) -> str:
-    lines = path.read_text(encoding="utf-8").splitlines()[1:]
+    """About `rows` evenly spaced lines of the loss curve (and always the last one) as a markdown table."""
+    import csv
+
+    with open(path, encoding="utf-8", newline="") as f:
+        lines = list(csv.DictReader(f))
     every = max(1, len(lines) // rows)
     picked = lines[::every] + ([lines[-1]] if lines and (len(lines) - 1) % every else [])
     table = ["# Training loss", "", "| step | stage | loss | learning rate |", "|---|---|---|---|"]
     for line in picked:
-        step, stage, loss, lr, _ = line.split(",")
-        table.append(f"| {step} | {stage} | {float(loss):.4f} | {float(lr):.2e} |")
+        table.append(f"| {line['step']} | {line['stage']} | {float(line['loss']):.4f} | {float(line['learning_rate']):.2e} |")
     return "\n".join(table) + "\n"

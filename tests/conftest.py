@@ -35,7 +35,7 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("PREFECT_API_URL", None)
 
 # Small and fast for tests; the pipeline code path is the same as `make run`.
-FAST_OVERRIDES = ["train.max_steps=30", "evaluate.samples=3", "evaluate.max_new_tokens=16"]
+FAST_OVERRIDES = ["evaluate.samples=4"]
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -83,6 +84,10 @@ def run_logs(api: str, run_id: str) -> str:
     return "\n".join(entry["message"] for entry in logs)[-4000:]
 
 
+def changed_max_steps(root: Path) -> int:
+    return yaml.safe_load((root / "params.yaml").read_text())["train"]["max_steps"] + 10
+
+
 def process_tree(root: Path) -> list[int]:
     import psutil
 
@@ -120,8 +125,6 @@ def test_pid_files_track_exactly_the_started_process_and_down_stops_its_children
 
 
 def test_a_reused_pid_is_not_taken_for_the_service(tmp_path):
-    import os
-
     (tmp_path / ".tunepath" / "pids").mkdir(parents=True)
     # this test's own PID with a different start time: a PID the OS gave to another program since
     services.pid_file(tmp_path, "prefect").write_text(f"{os.getpid()}\n12345.0\n")
@@ -148,8 +151,6 @@ def test_env_file_points_the_cli_at_the_servers(tmp_path, monkeypatch):
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     prepare_env(tmp_path)
-    import os
-
     assert os.environ["PREFECT_API_URL"] == "http://127.0.0.1:4999/api"
     assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5999"
     monkeypatch.delenv("PREFECT_API_URL")
@@ -168,7 +169,7 @@ def test_prefect_yaml_deploys_both_flows_from_the_workers_project_folder():
     assert deployments["finetune"]["concurrency_limit"] == 1
 
 
-def test_finetune_form_has_descriptions_bounds_and_params_yaml_defaults():
+def test_finetune_form_has_descriptions_bounds_and_params_yaml_defaults(tmp_path):
     from prefect.utilities.callables import parameter_schema
 
     from flows.finetune import finetune
@@ -176,8 +177,13 @@ def test_finetune_form_has_descriptions_bounds_and_params_yaml_defaults():
     schema = parameter_schema(finetune).model_dump_for_openapi()
     train = schema["definitions"]["TrainConfig"]["properties"]["max_steps"]
     assert train["description"] and train["minimum"] == -1
-    defaults = services.deployment_parameters(REPO)["finetune"]["config"]
-    assert defaults == yaml.safe_load((REPO / "params.yaml").read_text())
+    # the form's defaults are the project's params.yaml at `up` time, not the code's defaults
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    text = (tmp_path / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(re.sub(r"(?m)^(  max_steps:) -?\d+", r"\1 7", text, count=1))
+    defaults = services.deployment_parameters(tmp_path)["finetune"]["config"]
+    assert defaults["train"]["max_steps"] == 7
+    assert defaults["data"]["raw_dir"] == yaml.safe_load(text)["data"]["raw_dir"]
 
 
 # ---------------------------------------------------------------- fast: infra/ for a team
@@ -247,7 +253,6 @@ def test_gpu_limit_and_deployment_defaults(live):
     assert status == 200 and limit["limit"] >= 1 and limit["active"]
     _, dep = http("GET", f"{api}/deployments/name/finetune/finetune")
     assert dep["parameters"]["config"] == yaml.safe_load((root / "params.yaml").read_text())
-    assert dep["parameters"]["config"]["train"]["max_steps"] == 30  # FAST_OVERRIDES, not the code's default
     assert "description" in dep["parameter_openapi_schema"]["definitions"]["TrainConfig"]["properties"]["max_steps"]
 
 
@@ -257,16 +262,18 @@ def test_finetune_deployment_run_registers_a_candidate_with_the_changed_paramete
 
     root, report = live
     api = f"{report.prefect_url}/api"
-    run_id = run_like_ui(api, "finetune", lambda p: p["config"]["train"].update(max_steps=20))
+    # more steps than the form's default: a changed value that must not make the evaluation gates harder to pass
+    steps = changed_max_steps(root)
+    run_id = run_like_ui(api, "finetune", lambda p: p["config"]["train"].update(max_steps=steps))
     run = wait_for_run(api, run_id)
     assert run["state"]["type"] == "COMPLETED", run_logs(api, run_id)
     # the changed value reached the stages, params.yaml (for dvc repro) and the MLflow run
-    assert yaml.safe_load((root / "params.yaml").read_text())["train"]["max_steps"] == 20
-    steps = [int(line.split(",")[0]) for line in (root / "artifacts/train/loss.csv").read_text().splitlines()[1:]]
-    assert max(steps) == 20
+    assert yaml.safe_load((root / "params.yaml").read_text())["train"]["max_steps"] == steps
+    logged = [int(line.split(",")[0]) for line in (root / "artifacts/train/loss.csv").read_text().splitlines()[1:]]
+    assert max(logged) == steps
     client = MlflowClient(tracking_uri=report.mlflow_url)
     version = client.get_model_version_by_alias("tunepath-demo", "candidate")
-    assert client.get_run(version.run_id).data.params["train.max_steps"] == "20"
+    assert client.get_run(version.run_id).data.params["train.max_steps"] == str(steps)
     record = json.loads((root / "artifacts/register/model.json").read_text())
     assert record["version"] == version.version and record["tracking_uri"] == report.mlflow_url
     _, artifacts = http("POST", f"{api}/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}})
@@ -294,6 +301,23 @@ def test_promote_deployment_moves_champion_to_the_candidate(live):
     client = MlflowClient(tracking_uri=report.mlflow_url)
     champion = client.get_model_version_by_alias("tunepath-demo", "champion")
     assert champion.version == client.get_model_version_by_alias("tunepath-demo", "candidate").version
+
+
+@pytest.mark.services
+def test_cli_and_dvc_stages_report_to_the_running_servers(live):
+    """`tunepath run` and `tunepath stage` (what dvc repro calls) find the servers through .tunepath/services.env."""
+    root, report = live
+    api = f"{report.prefect_url}/api"
+    query = {"flow_runs": {"deployment_id": {"is_null_": True}}, "flows": {"name": {"any_": ["finetune"]}}}
+    before = http("POST", f"{api}/flow_runs/count", query)[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    for argv in (["run"], ["stage", "register"]):
+        done = subprocess.run([sys.executable, "-m", "tunepath.cli", "--project", str(root), *argv], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert http("POST", f"{api}/flow_runs/count", query)[1] == before + 1
+    record = json.loads((root / "artifacts/register/model.json").read_text())
+    assert record["tracking_uri"] == report.mlflow_url
 
 
 @pytest.mark.services

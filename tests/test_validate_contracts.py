@@ -84,11 +84,13 @@ def test_report_counts_gx_statistics_and_control_tokens(outcome):
     assert report["reasons"]["bad_turn_order"] == 5  # rows, not reasons: row 11 counts once
     assert report["control_tokens"]["rows"] == 2
     assert report["control_tokens"]["by_token"] == {"<|im_start|>": 1, "[INST]": 1}
-    gx = report["gx"]["conversation"]
+    gx = report["gx"]["conversation_messages"]
     assert gx["success"] is False and gx["statistics"]["evaluated_expectations"] == len(gx["expectations"])
+    assert gx["rows"] == sum(len(row.get("messages", [])) for row, _ in CASES.values())
     assert report["gx"]["text"]["expectations"][0]["expectation"].startswith("ExpectColumn")
     results = json.loads((tmp / "out" / "gx_results.json").read_text())
-    assert set(results) == {"conversation", "text", "preference"}
+    assert set(results) == {"conversation_messages", "conversation_records", "text", "preference_messages",
+                            "preference_records"}
     assert all("unexpected_list" not in r["result"] for r in results["text"]["results"])
     md = (tmp / "out" / "report.md").read_text()
     assert "| file | formats | read | accepted | rejected | reasons |" in md and "| bad_turn_order | 5 |" in md

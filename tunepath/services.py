@@ -117,6 +117,23 @@ def write_env_file(root: Path, prefect_api: str, mlflow_url: str) -> Path:
     return path
 
 
+def live_env(root: Path) -> dict[str, str]:
+    """services.env's values while both servers still run; {} (with a warning) when the file outlived them."""
+    path = state_dir(root) / "services.env"
+    if not path.exists():
+        return {}
+    if not (running_pid(root, "prefect") and running_pid(root, "mlflow")):
+        log.warning("%s is stale: the servers `tunepath up` started are not running; ignoring it "
+                    "(run `make up` to start them or `make down` to clear it)", path)
+        return {}
+    env = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.lstrip().startswith("#"):
+            env[key.strip()] = value.strip()
+    return env
+
+
 def running_pid(root: Path, name: str) -> int | None:
     """The PID of a service this project started, if that very process still runs (PIDs get reused)."""
     import psutil
@@ -275,13 +292,13 @@ def start_services(root: Path, options: ServiceOptions = ServiceOptions()) -> Re
     if options.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding to %s: these local servers have no authentication; for a shared setup use infra/ "
                     "(Prefect API auth string, MLflow basic auth)", options.host)
-    state, report = read_state(root), Report()
+    previous, report = read_state(root), Report()
     host = options.host
     ports = {}
     for name, wanted in (("prefect", options.prefect_port), ("mlflow", options.mlflow_port)):
         pid = running_pid(root, name)
-        if pid and state.get("host") == host and state.get(f"{name}_port"):
-            ports[name] = state[f"{name}_port"]
+        if pid and previous.get("host") == host and previous.get(f"{name}_port"):
+            ports[name] = previous[f"{name}_port"]
             report.actions[name] = f"already running (pid {pid})"
         else:
             if pid:  # running with other settings: restart it with these
@@ -315,7 +332,7 @@ def start_services(root: Path, options: ServiceOptions = ServiceOptions()) -> Re
     run_env = service_env(root, {"PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": mlflow_url,
                                  "TUNEPATH_PROJECT_DIR": str(root)})
     pid = running_pid(root, "worker")
-    if pid and report.actions["prefect"] != "started" and state.get("pool") == options.pool:
+    if pid and report.actions["prefect"] != "started" and previous.get("pool") == options.pool:
         report.actions["worker"] = f"already running (pid {pid})"
     else:
         if pid:

@@ -470,6 +470,22 @@ def _preference(rng: random.Random) -> dict[str, str]:
     }
 
 
+def _unique(make, n: int, tries: int = 20) -> list[str]:
+    """n distinct documents: the validate stage rejects exact duplicates, and the demo should not trip it."""
+    out: list[str] = []
+    seen: set[str] = set()
+    while len(out) < n:
+        for _ in range(tries):
+            doc = make()
+            if doc not in seen:
+                break
+        else:
+            doc = f"{doc}\nRevision {len(out) + 1}."
+        seen.add(doc)
+        out.append(doc)
+    return out
+
+
 def _write_lines(path: Path, lines: list[str]) -> None:
     # newline="\n" so the bytes do not depend on the platform.
     with open(path, "w", encoding="utf-8", newline="\n") as f:
@@ -490,7 +506,7 @@ def generate_demo_data(out_dir: Path, cfg: DemoConfig) -> dict[str, int]:
     _write_lines(out_dir / "chat.jsonl", chat_lines)
 
     rng = random.Random(f"{cfg.seed}/corpus")
-    documents = [_document(rng) for _ in range(cfg.documents)]
+    documents = _unique(lambda: _document(rng), cfg.documents)
     with open(out_dir / "corpus.txt", "w", encoding="utf-8", newline="\n") as f:
         f.write("\n\n".join(documents) + "\n")
 

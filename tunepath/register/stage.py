@@ -1,18 +1,30 @@
-"""run_register: an MLflow run with params, metrics, reports and the merged model; a registry version with lineage."""
+"""run_register: an MLflow run with params, metrics, reports, held-out data, lineage and the merged model; a registry
+version with lineage and evaluation tags, and the alias `candidate`.
+
+    tunepath stage register        # what dvc repro runs; reads artifacts/{validate,tokenize,route,train,evaluate,merge}
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 
 from tunepath import lineage
+from tunepath.evaluate.heldout import Heldout, write_heldout
 from tunepath.register import RegisterConfig
+from tunepath.register.datasets import log_lineage
+from tunepath.register.hub import HubReference, hub_references
 
 log = logging.getLogger(__name__)
 
 PIP_REQUIREMENTS = ["torch", "transformers", "safetensors", "tokenizers", "accelerate"]
+REPORTS = {"validate": ["report.json", "report.md"], "tokenize": ["stats.json", "report.md"], "route": ["plan.json", "plan.md"],
+           "train": ["metrics.json", "loss.csv"], "evaluate": ["metrics.json", "samples.jsonl", "report.md"], "merge": ["parity.json"]}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -26,9 +38,18 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def artifact_hash(merge_dir: Path) -> str:
+def artifact_hash(model_dir: Path) -> str:
     """Identity of the merged model: the same bytes register once."""
-    return lineage.tree_hash(merge_dir)[:32]
+    return lineage.tree_hash(model_dir)[:32]
+
+
+def tokenizer_hash(model_dir: Path) -> str:
+    """Identity of the tokenizer and chat template: perplexities compare only between versions that share it."""
+    h = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        if (model_dir / name).exists():
+            h.update(name.encode() + b"\0" + (model_dir / name).read_bytes())
+    return h.hexdigest()[:32]
 
 
 def find_version(client, name: str, digest: str):
@@ -49,59 +70,72 @@ def open_experiment(mlflow, name: str, artifact_root: Path) -> str:
     return mlflow.create_experiment(name, artifact_location=artifact_root.resolve().as_uri())
 
 
+def evaluation_tags(evaluation: dict, parity: dict) -> dict[str, str]:
+    """The gate metrics promotion compares, and what they were measured on."""
+    tags = {
+        "eval.split": evaluation["split_kind"],
+        "eval.rows": evaluation["eval_rows"],
+        "eval.perplexity": evaluation["tuned_perplexity"],
+        "eval.base_perplexity": evaluation["base_perplexity"],
+        "eval.degenerate_share": evaluation["degenerate_share"],
+        "eval.stop_share": evaluation["stopped_at_eot_share"],
+        "eval.samples": evaluation.get("samples", 0),
+        "eval.precision": evaluation.get("precision", ""),
+        "eval.fingerprint": evaluation.get("fingerprint", ""),
+        "eval.passed": evaluation["passed"],
+        "merge.relative_gap": parity.get("relative_gap", ""),
+        "merge.evaluated_gap": parity.get("evaluated_gap", ""),
+    }
+    if (evaluation.get("preference") or {}).get("pairs"):
+        tags["eval.preference_accuracy"] = evaluation["preference"]["tuned_accuracy"]
+    return {k: str(v) for k, v in tags.items()}
+
+
 def run_register(cfg: RegisterConfig, params: dict, root: Path, tracking_uri: str, artifacts: Path, out_dir: Path) -> dict:
     import mlflow
     from mlflow import MlflowClient
 
-    merge_dir, stage_dirs = artifacts / "merge", {s: artifacts / s for s in ("validate", "tokenize", "route", "train", "evaluate")}
+    stage_dirs = {s: artifacts / s for s in ("validate", "tokenize", "route", "train", "evaluate", "merge")}
+    model_dir = (stage_dirs["merge"] / "model").resolve()
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(f"{model_dir}: no merged model; run the merge stage first")
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient()
-    digest = artifact_hash(merge_dir)
-    plan = json.loads((stage_dirs["route"] / "plan.json").read_text(encoding="utf-8"))
-    train = json.loads((stage_dirs["train"] / "metrics.json").read_text(encoding="utf-8"))
-    evaluation = json.loads((stage_dirs["evaluate"] / "metrics.json").read_text(encoding="utf-8"))
+    digest = artifact_hash(model_dir)
+    plan = _read_json(stage_dirs["route"] / "plan.json")
+    train = _read_json(stage_dirs["train"] / "metrics.json")
+    evaluation = _read_json(stage_dirs["evaluate"] / "metrics.json")
+    parity = _read_json(stage_dirs["merge"] / "parity.json")
+    if not evaluation.get("passed") or not parity.get("passed"):
+        raise RuntimeError("the evaluation gates or the merge parity checks did not pass; nothing is registered "
+                           f"(see {stage_dirs['evaluate'] / 'metrics.json'} and {stage_dirs['merge'] / 'parity.json'})")
+    data_hash = lineage.data_hash(root, params["data"]["raw_dir"])
+    commit = lineage.git_commit(root)
     tags = {
-        "git_commit": lineage.git_commit(root),
-        "data_hash": lineage.data_hash(root, params["data"]["raw_dir"]),
+        "git_commit": commit,
+        "data_hash": data_hash,
         "params_hash": lineage.params_hash(params),
         "artifact_hash": digest,
+        "tokenizer_hash": tokenizer_hash(model_dir),
         "route.stages": ",".join(plan["stages"]),
         "route.method": plan["method"],
+        "train.method": train["method"],
         "backend": train["backend"],
         "hardware": lineage.hardware(),
         **{f"lib.{k}": v for k, v in lineage.library_versions().items()},
+        "lib.mlflow": mlflow.__version__,
+        **evaluation_tags(evaluation, parity),
     }
 
     existing = find_version(client, cfg.model_name, digest)
     if existing is not None:
-        log.info("%s version %s already holds these artifacts; not registering again", cfg.model_name, existing.version)
+        log.info("%s version %s already holds these weights; not registering again", cfg.model_name, existing.version)
         version, run_id = existing.version, existing.run_id
     else:
-        experiment_id = open_experiment(mlflow, cfg.experiment, root / "mlartifacts")
-        with mlflow.start_run(experiment_id=experiment_id) as run:
-            mlflow.set_tags(tags)
-            mlflow.log_params(flatten(params))
-            mlflow.log_metrics({k: float(v) for k, v in evaluation.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
-            for step in _loss_rows(stage_dirs["train"] / "loss.csv"):
-                mlflow.log_metric("train_loss", step["loss"], step=step["step"])
-            mlflow.log_dict(plan, "route/plan.json")
-            for stage, files in {"validate": ["report.json", "report.md"], "tokenize": ["stats.json"],
-                                 "evaluate": ["metrics.json", "samples.jsonl"], "train": ["metrics.json", "loss.csv"]}.items():
-                for name in files:
-                    if (stage_dirs[stage] / name).exists():
-                        mlflow.log_artifact(str(stage_dirs[stage] / name), artifact_path=stage)
-            mlflow.transformers.log_model(
-                str(merge_dir), name="model", task="text-generation", pip_requirements=PIP_REQUIREMENTS,
-                registered_model_name=cfg.model_name,
-            )
-            run_id = run.info.run_id
-        version = max((v for v in client.search_model_versions(f"name='{cfg.model_name}'") if v.run_id == run_id),
-                      key=lambda v: int(v.version)).version
-        for k, v in tags.items():
-            client.set_model_version_tag(cfg.model_name, version, k, v)
+        version, run_id = _log_and_register(cfg, params, root, model_dir, stage_dirs, plan, evaluation, parity, tags, client)
     client.set_registered_model_alias(cfg.model_name, cfg.alias, version)
     record = {"name": cfg.model_name, "version": str(version), "alias": cfg.alias, "run_id": run_id,
               "uri": f"models:/{cfg.model_name}@{cfg.alias}", "tracking_uri": tracking_uri, "tags": tags,
@@ -109,6 +143,47 @@ def run_register(cfg: RegisterConfig, params: dict, root: Path, tracking_uri: st
     (out_dir / "model.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     log.info("registered %s version %s as @%s", cfg.model_name, version, cfg.alias)
     return record
+
+
+def _log_and_register(cfg, params, root, model_dir, stage_dirs, plan, evaluation, parity, tags, client) -> tuple[str, str]:
+    import mlflow
+
+    experiment_id = open_experiment(mlflow, cfg.experiment, root / "mlartifacts")
+    with mlflow.start_run(experiment_id=experiment_id) as run:
+        mlflow.set_tags(tags)
+        mlflow.log_params(flatten(params))
+        mlflow.log_dict(params, "params.json")
+        numbers = {k: float(v) for k, v in evaluation.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        numbers.update({f"merge_{k}": float(parity[k]) for k in ("relative_gap", "evaluated_gap") if isinstance(parity.get(k), (int, float))})
+        mlflow.log_metrics(numbers)
+        for step in _loss_rows(stage_dirs["train"] / "loss.csv"):
+            mlflow.log_metric("train_loss", step["loss"], step=step["step"])
+        for stage, files in REPORTS.items():
+            for name in files:
+                if (stage_dirs[stage] / name).exists():
+                    mlflow.log_artifact(str(stage_dirs[stage] / name), artifact_path=stage)
+        records = stage_dirs["validate"] / "records.jsonl"
+        with tempfile.TemporaryDirectory(prefix="tunepath-heldout-") as tmp:
+            heldout = write_heldout(stage_dirs["tokenize"], records, Path(tmp) / "heldout")
+            mlflow.log_artifacts(str(heldout), artifact_path="heldout")
+            digest = Heldout.load(heldout, heldout / "records.jsonl").digest()
+        log_lineage(params["data"]["raw_dir"], tags["data_hash"], tags["git_commit"], records, digest)
+        info = mlflow.transformers.log_model(
+            str(model_dir), name="model", task="llm/v1/chat", pip_requirements=PIP_REQUIREMENTS,
+            model_config={"max_new_tokens": cfg.max_new_tokens, "do_sample": False},
+        )
+        problems = hub_references(info.flavors.get("transformers", {}), model_dir)
+        if problems:
+            raise HubReference("the logged model points at a model hub, which serving machines may not reach: " + "; ".join(problems))
+        run_id = run.info.run_id
+    version = mlflow.register_model(info.model_uri, cfg.model_name, tags=tags)
+    return str(version.version), run_id
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing; run the stage that writes it first")
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _loss_rows(path: Path) -> list[dict]:

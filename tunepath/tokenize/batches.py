@@ -33,38 +33,83 @@ class EncodePlan:
 _ENCODERS: dict = {}
 
 
-def encoder_for(plan: EncodePlan):
-    from transformers import AutoTokenizer
+def encoder_for(plan: EncodePlan, tokenizer=None):
+    """The worker's encoder for `plan`, built once; `tokenizer` (already loaded from plan.tokenizer_dir) saves a reload.
 
+    Forked map workers inherit the encoder the parent built, so they do not load the tokenizer again either.
+    """
     from tunepath.tokenize.masks import ChatEncoder
 
     key = (plan.tokenizer_dir, plan.tokenizer_hash, plan.template, plan.last_turn_only)
     if key not in _ENCODERS:
         _ENCODERS.clear()
-        tokenizer = AutoTokenizer.from_pretrained(plan.tokenizer_dir, trust_remote_code=plan.trust_remote_code)
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(plan.tokenizer_dir, trust_remote_code=plan.trust_remote_code)
         _ENCODERS[key] = ChatEncoder(tokenizer, plan.template, plan.last_turn_only)
     return _ENCODERS[key]
 
 
-def fit_length(chat, max_length: int, overlong: str) -> tuple[list[int], list[int], int, int]:
-    """Apply the length policy: (input_ids, labels, learnt tokens, status); a sample left with no learnt token is
+def fit_lengths(encoded, max_length: int, overlong: str) -> dict:
+    """Apply the length policy to a batch (numpy, no per-token Python); a sample left with no learnt token is
     dropped, never trained on.
 
-    The first label is always -100: no token predicts it inside the sample, and in a packed row it would be
-    predicted from the previous sample.
+    The first label of every sample is -100: no token predicts it inside the sample, and in a packed row it
+    would be predicted from the previous sample. Returns flat ids/labels and per-sample lengths, status, counts.
     """
-    ids, labels, count = chat.input_ids, chat.labels, chat.label_count
-    if labels and labels[0] != IGNORE_INDEX:
-        labels, count = [IGNORE_INDEX, *labels[1:]], count - 1
-    status = KEPT
-    if len(ids) > max_length:
-        if overlong == "drop":
-            return [], [], 0, DROPPED_TOO_LONG
-        ids, labels, status = ids[:max_length], labels[:max_length], TRUNCATED
-        count = sum(1 for x in labels if x != IGNORE_INDEX)
-    if count == 0:
-        return [], [], 0, DROPPED_NO_LABELS
-    return ids, labels, count, status
+    import numpy as np
+
+    lengths = np.diff(encoded.offsets)
+    n = len(lengths)
+    owner = np.repeat(np.arange(n), lengths)
+    position = np.arange(len(encoded.ids)) - encoded.offsets[:-1][owner]
+    learnt = encoded.learnt & (position > 0)
+    rendered = np.array(encoded.rendered, dtype=bool)
+    status = np.where(rendered, KEPT, DROPPED_UNRENDERABLE).astype(np.int32)
+    too_long = rendered & (lengths > max_length)
+    status[too_long] = DROPPED_TOO_LONG if overlong == "drop" else TRUNCATED
+    keep_len = np.where(status <= TRUNCATED, np.minimum(lengths, max_length), 0)
+    counts = np.bincount(owner[learnt & (position < keep_len[owner])], minlength=n)
+    no_labels = (status <= TRUNCATED) & (counts == 0)
+    status[no_labels] = DROPPED_NO_LABELS
+    keep_len[no_labels] = 0
+    keep = position < keep_len[owner]
+    return {
+        "ids": encoded.ids[keep],
+        "labels": np.where(learnt, encoded.ids, IGNORE_INDEX)[keep],
+        "keep_len": keep_len,
+        "status": status,
+        "length": lengths,
+        "label_tokens": counts,
+        "prompt": encoded.ids[position < np.where(status <= TRUNCATED, encoded.prompt_lens, 0)[owner]],
+        "prompt_len": np.where(status <= TRUNCATED, encoded.prompt_lens, 0),
+    }
+
+
+def list_column(flat, lengths):
+    """A list<int32> Arrow column from concatenated values and per-row lengths."""
+    import numpy as np
+    import pyarrow as pa
+
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.asarray(flat, dtype=np.int32)))
+
+
+def sft_batch(batch: dict, plan: EncodePlan, with_prompt: bool):
+    import pyarrow as pa
+
+    fitted = fit_lengths(encoder_for(plan).encode_batch(batch["messages"]), plan.max_length, plan.overlong)
+    columns = {
+        "input_ids": list_column(fitted["ids"], fitted["keep_len"]),
+        "labels": list_column(fitted["labels"], fitted["keep_len"]),
+        "status": pa.array(fitted["status"], type=pa.int32()),
+        "length": pa.array(fitted["length"], type=pa.int32()),
+        "label_tokens": pa.array(fitted["label_tokens"], type=pa.int32()),
+    }
+    if with_prompt:
+        columns["prompt_ids"] = list_column(fitted["prompt"], fitted["prompt_len"])
+    return pa.table(columns)
 
 
 STRING_COLUMNS = ("prompt", "chosen", "rejected")
@@ -88,27 +133,6 @@ def to_table(columns: dict[str, list]):
         else:
             arrays[name] = pa.array(values, type=pa.string() if name in STRING_COLUMNS else pa.int32())
     return pa.table(arrays)
-
-
-def sft_batch(batch: dict, plan: EncodePlan, with_prompt: bool):
-    encoder = encoder_for(plan)
-    out: dict[str, list] = {"input_ids": [], "labels": [], "status": [], "length": [], "label_tokens": []}
-    if with_prompt:
-        out["prompt_ids"] = []
-    for chat in encoder.encode(batch["messages"]):
-        if chat is None:
-            ids, labels, count, status, length = [], [], 0, DROPPED_UNRENDERABLE, 0
-        else:
-            length = len(chat.input_ids)
-            ids, labels, count, status = fit_length(chat, plan.max_length, plan.overlong)
-        out["input_ids"].append(ids)
-        out["labels"].append(labels)
-        out["status"].append(status)
-        out["length"].append(length)
-        out["label_tokens"].append(count)
-        if with_prompt:
-            out["prompt_ids"].append(chat.input_ids[: chat.prompt_len] if chat is not None and ids else [])
-    return to_table(out)
 
 
 def cpt_batch(batch: dict, plan: EncodePlan):

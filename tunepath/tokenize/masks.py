@@ -24,10 +24,32 @@ class EncodedChat:
     input_ids: list[int]
     labels: list[int]
     prompt_len: int
-    label_count: int = 0  # tokens whose label is not -100
-    answer_len: int = 0  # tokens of the last learnt span (its content and end-of-turn token)
+    answer_len: int  # tokens of the last learnt span (its content and end-of-turn token)
     prompt_text: str = ""
     answer_text: str = ""
+
+
+@dataclass
+class EncodedBatch:
+    """Conversations of one batch, concatenated (numpy arrays): conversation i is ids[offsets[i]:offsets[i+1]]."""
+
+    ids: object  # int32
+    learnt: object  # bool: the label is the token itself, else -100
+    offsets: object  # int64, one more than conversations
+    prompt_lens: object  # int64
+    answer_lens: object  # int64
+    rendered: list[bool]  # False where the template cannot render the conversation (it then has no tokens)
+    prompt_texts: list[str] | None = None
+    answer_texts: list[str] | None = None
+
+    def chat(self, i: int) -> EncodedChat | None:
+        if not self.rendered[i]:
+            return None
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        ids = self.ids[a:b].tolist()
+        labels = [t if m else IGNORE_INDEX for t, m in zip(ids, self.learnt[a:b].tolist())]
+        texts = (self.prompt_texts[i], self.answer_texts[i]) if self.prompt_texts is not None else ("", "")
+        return EncodedChat(ids, labels, int(self.prompt_lens[i]), int(self.answer_lens[i]), *texts)
 
 
 class ChatEncoder:
@@ -43,20 +65,51 @@ class ChatEncoder:
         self._fixed: dict[int, list[list[int] | None]] = {}  # per layout: ids of its control and markup parts
 
     def encode(self, conversations: list[list[dict]], with_text: bool = False) -> list[EncodedChat | None]:
-        """One EncodedChat per conversation; None where the template cannot render it (logged).
+        """One EncodedChat per conversation; None where the template cannot render it (logged)."""
+        batch = self.encode_batch(conversations, with_text)
+        return [batch.chat(i) for i in range(len(conversations))]
 
-        `with_text` adds the rendered prompt and last answer as strings (for preference pairs).
-        """
+    def encode_batch(self, conversations: list[list[dict]], with_text: bool = False) -> EncodedBatch:
+        """All conversations at once; `with_text` adds the rendered prompt and last answer (for preference pairs)."""
+        import numpy as np
+
         prepared = [self._fill(messages) for messages in conversations]
-        pending = [
-            text
-            for item in prepared
-            if item is not None
-            for part, text in zip(item[0].parts, item[1])
-            if part.kind == TEXT and text
-        ]
+        pending = [text for item in prepared if item is not None for part, text in zip(item[0].parts, item[1]) if part.kind == TEXT and text]
         encoded = iter([e.ids for e in self.backend.encode_batch_fast(pending, add_special_tokens=False)] if pending else [])
-        return [self._assemble(item[0], item[1], encoded, with_text) if item is not None else None for item in prepared]
+
+        flat: list[int] = []
+        piece_lengths: list[int] = []
+        piece_learnt: list[bool] = []
+        offsets, prompt_lens, answer_lens = [0], [], []
+        for item in prepared:
+            start = prompt_end = answer_end = len(flat)
+            if item is not None:
+                layout, texts = item
+                for index, (part, fixed, text) in enumerate(zip(layout.parts, self._fixed_ids(layout), texts)):
+                    if index == layout.prompt_part:
+                        prompt_end = len(flat)
+                    piece = fixed if fixed is not None else next(encoded) if text else ()
+                    flat += piece
+                    piece_lengths.append(len(piece))
+                    piece_learnt.append(part.labeled)
+                    if part.labeled and index >= layout.prompt_part:
+                        answer_end = len(flat)
+                if layout.prompt_part >= len(layout.parts):
+                    prompt_end = len(flat)
+            offsets.append(len(flat))
+            prompt_lens.append(prompt_end - start)
+            answer_lens.append(max(answer_end - prompt_end, 0))
+        batch = EncodedBatch(
+            ids=np.array(flat, dtype=np.int32),
+            learnt=np.repeat(np.array(piece_learnt, dtype=bool), piece_lengths),
+            offsets=np.array(offsets, dtype=np.int64),
+            prompt_lens=np.array(prompt_lens, dtype=np.int64),
+            answer_lens=np.array(answer_lens, dtype=np.int64),
+            rendered=[item is not None for item in prepared],
+        )
+        if with_text:
+            batch.prompt_texts, batch.answer_texts = zip(*[_texts(item) for item in prepared]) if prepared else ((), ())
+        return batch
 
     def _fill(self, messages: list[dict]) -> tuple[ChatLayout, list[str]] | None:
         roles = tuple(m["role"] for m in messages)
@@ -87,31 +140,15 @@ class ChatEncoder:
             ]
         return self._fixed[key]
 
-    def _assemble(self, layout: ChatLayout, texts: list[str], encoded, with_text: bool) -> EncodedChat:
-        ids: list[int] = []
-        labels: list[int] = []
-        prompt_len = answer_end = label_count = 0
-        prompt_part = layout.prompt_part
-        for index, (part, fixed, text) in enumerate(zip(layout.parts, self._fixed_ids(layout), texts)):
-            if index == prompt_part:
-                prompt_len = len(ids)
-            piece = fixed if fixed is not None else next(encoded) if text else []
-            ids += piece
-            if part.labeled:
-                labels += piece
-                label_count += len(piece)
-                if index >= prompt_part:
-                    answer_end = len(ids)
-            else:
-                labels += [IGNORE_INDEX] * len(piece)
-        if prompt_part >= len(layout.parts):
-            prompt_len = len(ids)
-        chat = EncodedChat(ids, labels, prompt_len, label_count, max(answer_end - prompt_len, 0))
-        if with_text:
-            last = max([i for i, p in enumerate(layout.parts) if p.labeled and i >= prompt_part], default=prompt_part - 1)
-            chat.prompt_text = "".join(texts[:prompt_part])
-            chat.answer_text = "".join(texts[prompt_part : last + 1])
-        return chat
+
+def _texts(item) -> tuple[str, str]:
+    """The rendered prompt of the last assistant turn and that turn's learnt text."""
+    if item is None:
+        return "", ""
+    layout, texts = item
+    cut = layout.prompt_part
+    last = max([i for i, p in enumerate(layout.parts) if p.labeled and i >= cut], default=cut - 1)
+    return "".join(texts[:cut]), "".join(texts[cut : last + 1])
 
 
 def check_encoder(encoder: ChatEncoder) -> None:

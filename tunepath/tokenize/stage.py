@@ -59,11 +59,14 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
         str(tokenizer_dir.resolve()), _hash_files(tokenizer_dir), template, cfg.max_length, cfg.overlong,
         cfg.last_turn_only, model.trust_remote_code,
     )
-    check_encoder(encoder_for(plan))
+    # The encoder takes over this tokenizer instance (it switches special-token matching off in it).
+    check_encoder(encoder_for(plan, tokenizer))
 
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     fingerprint = _fingerprint(records_path, plan, cfg)
     cache_root = _cache_root(cfg)
     records = _Records(records_path)
+    run_key = hashlib.sha256((fingerprint + cfg.model_dump_json()).encode()).hexdigest()
     stats: dict = {}
     cached = []
     for kind, folder in FOLDERS.items():
@@ -74,12 +77,11 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
             cached.append(hit)
             target = out_dir / folder / split
             if folder == "sft":
-                stats[folder][split] = _finish_sft(mapped, split, cfg, target)
+                stats[folder][split] = _finish_sft(mapped, split, cfg, target, run_key)
             elif folder == "cpt":
-                pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-                stats[folder][split] = _finish_cpt(mapped, cfg, pad_id, target)
+                stats[folder][split] = _finish_cpt(mapped, cfg, pad_id, target, run_key)
             else:
-                stats[folder][split] = _finish_dpo(mapped, cfg, target)
+                stats[folder][split] = _finish_dpo(mapped, cfg, target, run_key)
 
     summary = {
         "labeled_examples": stats["sft"]["train"]["samples_out"],
@@ -158,7 +160,7 @@ def _tokenized(kind: str, split: str, records: _Records, plan: EncodePlan, cfg: 
         "text": (cpt_batch, {"plan": plan}),
         "preference": (dpo_batch, {"plan": plan}),
     }[kind]
-    source = Dataset(InMemoryTable(rows))
+    source = Dataset(InMemoryTable(rows), fingerprint=cache.name + "-records")  # no hashing of the whole table
     mapped = source.map(
         function,
         batched=True,
@@ -195,7 +197,7 @@ def _status_stats(table) -> tuple[dict, object]:
     return {"samples_in": len(status), "samples_out": len(kept), "longest": longest, **counts}, kept
 
 
-def _finish_sft(mapped, split: str, cfg: TokenizeConfig, target: Path) -> dict:
+def _finish_sft(mapped, split: str, cfg: TokenizeConfig, target: Path, run_key: str) -> dict:
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -219,11 +221,11 @@ def _finish_sft(mapped, split: str, cfg: TokenizeConfig, target: Path) -> dict:
         rows=len(bins),
         packed=pack,
     )
-    _save(build_rows(samples, bins, extra), target, stats)
+    _save(build_rows(samples, bins, extra), target, stats, run_key)
     return {**_zero_stats(), **stats}
 
 
-def _finish_cpt(mapped, cfg: TokenizeConfig, pad_id: int, target: Path) -> dict:
+def _finish_cpt(mapped, cfg: TokenizeConfig, pad_id: int, target: Path, run_key: str) -> dict:
     import numpy as np
     import pyarrow.compute as pc
 
@@ -248,11 +250,11 @@ def _finish_cpt(mapped, cfg: TokenizeConfig, pad_id: int, target: Path) -> dict:
         "rows": rows,
         "packed": True,
     }
-    _save(blocks.table, target, stats)
+    _save(blocks.table, target, stats, run_key)
     return stats
 
 
-def _finish_dpo(mapped, cfg: TokenizeConfig, target: Path) -> dict:
+def _finish_dpo(mapped, cfg: TokenizeConfig, target: Path, run_key: str) -> dict:
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -276,18 +278,20 @@ def _finish_dpo(mapped, cfg: TokenizeConfig, target: Path) -> dict:
         padding_share_packed=share,
         rows=len(kept),
     )
-    _save(pairs, target, stats)
+    _save(pairs, target, stats, run_key)
     return {**_zero_stats(), **stats}
 
 
-def _save(table, target: Path, stats: dict) -> None:
+def _save(table, target: Path, stats: dict, run_key: str) -> None:
     from datasets import Dataset
     from datasets.table import InMemoryTable
 
     if table.num_rows == 0:
         log.warning("%s: every record was dropped (%s); nothing written", target, {k: v for k, v in stats.items() if k.startswith("dropped")})
         return
-    Dataset(InMemoryTable(table)).save_to_disk(str(target))
+    # Given, so that datasets does not hash every row: the run's inputs, settings and this output's place.
+    fingerprint = hashlib.sha256(f"{run_key}/{target.parent.name}/{target.name}".encode()).hexdigest()[:32]
+    Dataset(InMemoryTable(table), fingerprint=fingerprint).save_to_disk(str(target))
 
 
 def _hash_files(folder: Path) -> str:

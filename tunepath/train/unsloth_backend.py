@@ -84,6 +84,7 @@ def build_model(base: str, cfg: TrainConfig, method: str, precision: str, max_le
         trust_remote_code=trust_remote_code,
         use_gradient_checkpointing=gc,
         random_state=cfg.seed,
+        fix_tokenizer=False,  # the tokenize stage's tokenizer is the one used; unsloth's copy is dropped
     )
     model.config.use_cache = False
     if method == "full":

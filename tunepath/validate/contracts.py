@@ -1,8 +1,8 @@
-"""The data contracts: one Great Expectations suite per kind, run on flat DataFrames.
+"""The data contracts: Great Expectations suites per kind, run on flat DataFrames.
 
-Conversations and preference pairs are exploded to one DataFrame row per message; record-level values (turn
-order, length, duplicate) sit on the record's first row and are null elsewhere (GX skips nulls), so every
-expectation is one vectorised column operation. `unexpected_index_list` maps each failure back to its record.
+Conversations and preference pairs get two frames and two suites: one row per message (roles, empty turns,
+control text) and one row per record (turn order, length, duplicates). Every expectation is one vectorised
+column operation; `unexpected_index_list` maps each failure back to its record.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ log = logging.getLogger(__name__)
 
 CONVERSATION_ORDER = r"^(?:system,)?user(?:,assistant,user)*(?:,assistant)?$"
 PROMPT_ORDER = r"^(?:system,)?user(?:,assistant,user)*$"
-NOT_BLANK = r"\S"
+# "not only whitespace", spelled out: pandas runs `\S` through Python's re row by row, a character class
+# through pyarrow's RE2 (about 7x faster). The class holds exactly the characters for which str.isspace() is true.
+NOT_BLANK = "[^" + "".join(c for c in map(chr, range(0x3001)) if c.isspace()) + "]"
 
 
 @dataclass(slots=True)
@@ -41,6 +43,7 @@ class ContractOutcome:
 
 @dataclass(frozen=True, slots=True)
 class Rule:
+    frame: str  # "messages" (one row per message) or "records" (one row per record)
     code: str
     column: str
     expectation: str
@@ -66,39 +69,46 @@ def import_gx():
 
 
 def check_contracts(items: list[ContractInput], cfg: ValidateConfig) -> ContractOutcome:
-    """Run the suite of every kind present on `items`; reasons are keyed by position in `items`."""
+    """Run the suites of every kind present on `items`; reasons are keyed by position in `items`."""
     gx = import_gx()
     outcome = ContractOutcome()
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = {"globally": False}
     source = context.data_sources.add_pandas("tunepath")
-    for kind, builder in (("conversation", _message_frame), ("preference", _message_frame), ("text", _text_frame)):
+    for kind in ("conversation", "preference", "text"):
         positions = [i for i, item in enumerate(items) if item.kind == kind]
         if not positions:
             continue
-        frame, owner, first = builder([items[i] for i in positions], kind)
-        rules = _rules(kind, cfg)
-        result = _run_suite(gx, context, source, kind, frame, rules)
-        del frame
-        outcome.results[kind] = _slim(result.to_json_dict())
-        outcome.summaries[kind] = {"success": result.success, "statistics": dict(result.statistics), "expectations": []}
-        by_key = {(rule.code, rule.column): rule for rule in rules}
-        for res in result.results:  # GX does not keep the suite's order: match results by their meta
-            config = res.expectation_config
-            rule = by_key[(config.meta["code"], config.kwargs["column"])]
-            if res.exception_info and res.exception_info.get("raised_exception"):
-                raise RuntimeError(f"the {kind} contract '{rule.code}' could not run: {res.exception_info}")
-            index = res.result.get("unexpected_index_list") or []
-            outcome.summaries[kind]["expectations"].append({
-                "code": rule.code, "expectation": rule.expectation, "column": rule.column,
-                "severity": rule.severity, "success": res.success, "unexpected_count": len(index)})
-            target = outcome.reasons if rule.severity == "reject" else outcome.warnings
-            for i in index:
-                n = int(owner[i])
-                explanation = _explain(rule.code, kind, items[positions[n]], int(i - first[n]), cfg)
-                notes = target.setdefault(positions[n], [])
-                if explanation not in notes:
-                    notes.append(explanation)
+        kind_items = [items[i] for i in positions]
+        if kind == "text":
+            frames = {"records": _record_frame(kind_items, kind)}
+        else:
+            messages, chars = _message_frame(kind_items, kind)
+            frames = {"messages": messages, "records": _record_frame(kind_items, kind, chars)}
+        for frame_name, (frame, owner, first) in frames.items():
+            rules = [rule for rule in _rules(kind, cfg) if rule.frame == frame_name]
+            suite = kind if kind == "text" else f"{kind}_{frame_name}"
+            result = _run_suite(gx, context, source, suite, frame, rules)
+            outcome.results[suite] = _slim(result.to_json_dict())
+            summary = outcome.summaries[suite] = {"success": result.success, "rows": len(frame),
+                                                  "statistics": dict(result.statistics), "expectations": []}
+            by_key = {(rule.code, rule.column): rule for rule in rules}
+            for res in result.results:  # GX does not keep the suite's order: match results by their meta
+                config = res.expectation_config
+                rule = by_key[(config.meta["code"], config.kwargs["column"])]
+                if res.exception_info and res.exception_info.get("raised_exception"):
+                    raise RuntimeError(f"the {suite} contract '{rule.code}' could not run: {res.exception_info}")
+                index = res.result.get("unexpected_index_list") or []
+                summary["expectations"].append({
+                    "code": rule.code, "expectation": rule.expectation, "column": rule.column,
+                    "severity": rule.severity, "success": res.success, "unexpected_count": len(index)})
+                target = outcome.reasons if rule.severity == "reject" else outcome.warnings
+                for i in index:
+                    n = int(owner[i])
+                    explanation = _explain(rule.code, kind, kind_items[n], int(i - first[n]), cfg)
+                    notes = target.setdefault(positions[n], [])
+                    if explanation not in notes:
+                        notes.append(explanation)
     return outcome
 
 
@@ -118,54 +128,56 @@ def _short(value: object, limit: int = 200) -> object:
     return value[:limit] + "..." if isinstance(value, str) and len(value) > limit else value
 
 
-def _run_suite(gx, context, source, kind: str, frame, rules: list[Rule]):
+def _run_suite(gx, context, source, name: str, frame, rules: list[Rule]):
     import great_expectations.expectations as gxe
 
-    batch = source.add_dataframe_asset(kind).add_batch_definition_whole_dataframe(kind)
-    suite = context.suites.add(gx.ExpectationSuite(name=f"tunepath_{kind}"))
+    batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name)
+    suite = context.suites.add(gx.ExpectationSuite(name=f"tunepath_{name}"))
     for rule in rules:
         cls = getattr(gxe, rule.expectation)
         suite.add_expectation(cls(column=rule.column, meta={"code": rule.code, "severity": rule.severity},
                                   **dict(rule.kwargs)))
-    definition = context.validation_definitions.add(gx.ValidationDefinition(name=f"tunepath_{kind}", data=batch, suite=suite))
+    definition = context.validation_definitions.add(gx.ValidationDefinition(name=f"tunepath_{name}", data=batch, suite=suite))
     return definition.run(batch_parameters={"dataframe": frame}, result_format={"result_format": "COMPLETE"})
 
 
 def _rules(kind: str, cfg: ValidateConfig) -> list[Rule]:
     bounds = {"text": cfg.text_chars, "conversation": cfg.conversation_chars, "preference": cfg.preference_chars}[kind]
     control = "|".join(re.escape(t) for t in cfg.control_tokens)
+    regex, in_set = "ExpectColumnValuesToMatchRegex", "ExpectColumnValuesToBeInSet"
     if kind == "text":
         rules = [
-            Rule("empty_content", "text", "ExpectColumnValuesToMatchRegex", (("regex", NOT_BLANK),)),
-            Rule("too_short", "text", "ExpectColumnValueLengthsToBeBetween", (("min_value", bounds.min),)),
-            Rule("too_long", "text", "ExpectColumnValueLengthsToBeBetween", (("max_value", bounds.max),)),
-            Rule("duplicate", "duplicate_of", "ExpectColumnValuesToBeNull"),
+            Rule("records", "empty_content", "text", regex, (("regex", NOT_BLANK),)),
+            Rule("records", "too_short", "text", "ExpectColumnValueLengthsToBeBetween", (("min_value", bounds.min),)),
+            Rule("records", "too_long", "text", "ExpectColumnValueLengthsToBeBetween", (("max_value", bounds.max),)),
+            Rule("records", "duplicate", "duplicate_of", "ExpectColumnValuesToBeNull"),
         ]
+        content_columns = ("text",)
     else:
         rules = [
-            Rule("unknown_role", "role", "ExpectColumnValuesToBeInSet", (("value_set", ["system", "user", "assistant"]),)),
-            Rule("empty_content", "question", "ExpectColumnValuesToMatchRegex", (("regex", NOT_BLANK),)),
-            Rule("empty_answer", "answer", "ExpectColumnValuesToMatchRegex", (("regex", NOT_BLANK),)),
-            Rule("too_short", "chars", "ExpectColumnValuesToBeBetween", (("min_value", bounds.min),)),
-            Rule("too_long", "chars", "ExpectColumnValuesToBeBetween", (("max_value", bounds.max),)),
-            Rule("duplicate", "duplicate_of", "ExpectColumnValuesToBeNull"),
+            Rule("messages", "unknown_role", "role", in_set, (("value_set", ["system", "user", "assistant"]),)),
+            Rule("messages", "empty_content", "question", regex, (("regex", NOT_BLANK),)),
+            Rule("messages", "empty_answer", "answer", regex, (("regex", NOT_BLANK),)),
+            Rule("records", "too_short", "chars", "ExpectColumnValuesToBeBetween", (("min_value", bounds.min),)),
+            Rule("records", "too_long", "chars", "ExpectColumnValuesToBeBetween", (("max_value", bounds.max),)),
+            Rule("records", "duplicate", "duplicate_of", "ExpectColumnValuesToBeNull"),
         ]
+        content_columns = ("question", "answer")
         if kind == "conversation":
-            rules.append(Rule("bad_turn_order", "role_sequence", "ExpectColumnValuesToMatchRegex",
-                              (("regex", CONVERSATION_ORDER),)))
+            rules.append(Rule("records", "bad_turn_order", "role_sequence", regex, (("regex", CONVERSATION_ORDER),)))
             if cfg.require_final_assistant:
-                rules.append(Rule("last_turn_not_assistant", "role_sequence", "ExpectColumnValuesToMatchRegex",
+                rules.append(Rule("records", "last_turn_not_assistant", "role_sequence", regex,
                                   (("regex", r"(?:^|,)assistant$"),)))
         else:
             rules += [
-                Rule("bad_turn_order", "role_sequence", "ExpectColumnValuesToMatchRegex", (("regex", PROMPT_ORDER),)),
-                Rule("bad_answer", "answer_roles", "ExpectColumnValuesToBeInSet", (("value_set", ["assistant|assistant"]),)),
-                Rule("identical_answers", "identical_answers", "ExpectColumnValuesToBeInSet", (("value_set", [False]),)),
+                Rule("records", "bad_turn_order", "role_sequence", regex, (("regex", PROMPT_ORDER),)),
+                Rule("records", "bad_answer", "answer_roles", in_set, (("value_set", ["assistant|assistant"]),)),
+                Rule("records", "identical_answers", "identical_answers", in_set, (("value_set", [False]),)),
             ]
-    for column in ("text",) if kind == "text" else ("question", "answer"):
-        if control:
-            rules.append(Rule("control_token", column, "ExpectColumnValuesToNotMatchRegex", (("regex", control),),
-                              severity=cfg.control_token_policy))
+    if control:
+        rules += [Rule("records" if kind == "text" else "messages", "control_token", column,
+                       "ExpectColumnValuesToNotMatchRegex", (("regex", control),), severity=cfg.control_token_policy)
+                  for column in content_columns]
     return rules
 
 
@@ -174,7 +186,7 @@ def _parts(kind: str) -> tuple[str, ...]:
 
 
 def _message_frame(items: list[ContractInput], kind: str):
-    """One row per message; record-level columns only on each record's first row (null elsewhere)."""
+    """One row per message: its role, and its content as `answer` (assistant) or `question` (other roles)."""
     import numpy as np
     import pandas as pd
 
@@ -182,45 +194,37 @@ def _message_frame(items: list[ContractInput], kind: str):
     messages = [[m for part in parts for m in item.fields[part]] for item in items]
     counts = np.fromiter((len(ms) for ms in messages), dtype=np.int64, count=len(messages))
     first = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
-    n_rows = int(counts.sum())
-
-    def on_first_rows(values: list, dtype: str):
-        column = np.full(n_rows, None, dtype=object)
-        column[first] = values
-        return pd.Series(column, dtype=dtype)
-
     role = pd.Series([m["role"] for ms in messages for m in ms], dtype="str")
     content = pd.Series([m["content"] for ms in messages for m in ms], dtype="str")
-    chars = np.zeros(n_rows, dtype=np.int64)
-    chars[first] = [record_chars(kind, item.fields) for item in items]
-    mask = np.ones(n_rows, dtype=bool)
-    mask[first] = False
     is_answer = role == "assistant"
-    columns = {
-        "role": role,
-        "question": content.where(~is_answer),
-        "answer": content.where(is_answer),
-        "role_sequence": on_first_rows([",".join(m["role"] for m in item.fields[parts[0]]) for item in items], "str"),
-        "chars": pd.arrays.IntegerArray(chars, mask),
-        "duplicate_of": on_first_rows([item.duplicate_of for item in items], "str"),
-    }
-    if kind == "preference":
-        columns["answer_roles"] = on_first_rows(
-            [",".join(m["role"] for m in item.fields["chosen"]) + "|" + ",".join(m["role"] for m in item.fields["rejected"])
-             for item in items], "str")
-        columns["identical_answers"] = on_first_rows(
-            [item.fields["chosen"] == item.fields["rejected"] for item in items], "boolean")
-    owner = np.repeat(np.arange(len(items)), counts)
-    return pd.DataFrame(columns), owner, first
+    frame = pd.DataFrame({"role": role, "question": content.where(~is_answer), "answer": content.where(is_answer)})
+    # every record has at least one message (empty lists are rejected before), so reduceat sums each record
+    chars = np.add.reduceat(content.str.len().to_numpy(dtype=np.int64), first) if len(first) else first
+    return (frame, np.repeat(np.arange(len(items)), counts), first), chars
 
 
-def _text_frame(items: list[ContractInput], kind: str):
+def _record_frame(items: list[ContractInput], kind: str, chars=None):
+    """One row per record: length in characters, duplicate marker, turn order."""
     import numpy as np
     import pandas as pd
 
-    frame = pd.DataFrame({"text": pd.Series([item.fields["text"] for item in items], dtype="str"),
-                          "duplicate_of": pd.Series([item.duplicate_of for item in items], dtype="str")})
-    return frame, np.arange(len(items)), np.arange(len(items))
+    index = np.arange(len(items))
+    duplicate = pd.Series([item.duplicate_of for item in items], dtype="str")
+    if kind == "text":
+        return pd.DataFrame({"text": pd.Series([item.fields["text"] for item in items], dtype="str"),
+                             "duplicate_of": duplicate}), index, index
+    parts = _parts(kind)
+    columns = {
+        "chars": chars,
+        "duplicate_of": duplicate,
+        "role_sequence": pd.Series([",".join(m["role"] for m in item.fields[parts[0]]) for item in items], dtype="str"),
+    }
+    if kind == "preference":
+        columns["answer_roles"] = pd.Series(
+            [",".join(m["role"] for m in item.fields["chosen"]) + "|" + ",".join(m["role"] for m in item.fields["rejected"])
+             for item in items], dtype="str")
+        columns["identical_answers"] = [item.fields["chosen"] == item.fields["rejected"] for item in items]
+    return pd.DataFrame(columns), index, index
 
 
 def _locate(item: ContractInput, kind: str, offset: int) -> tuple[str, int, dict]:

@@ -73,7 +73,7 @@ class Normaliser:
         elif fmt == "auto":
             fmt = self._detect(value)
             if fmt is None:
-                keys = ", ".join(repr(k) for k in list(value)[:12]) or "none"
+                keys = ", ".join(repr(k)[:40] for k in list(value)[:12]) or "none"
                 return Normalised(reasons=[
                     f"missing_field: no known format: the row has keys [{keys}]; expected 'text', "
                     "'instruction'+'output' (Alpaca), 'conversations' (ShareGPT), 'messages' (OpenAI) or "

@@ -69,14 +69,13 @@ def run_validate(cfg: ValidateConfig, raw_dir: Path, out_dir: Path) -> dict:
     `cfg.max_reject_share` (the outputs are written first, so rejects.jsonl can be inspected).
     """
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
+    clock = PhaseClock()
+    _prepare_out_dir(out_dir, raw_dir)  # first: a failed run must not leave the last run's outputs behind
     paths = _data_files(raw_dir)
     items, tallies, warnings = _read_all(cfg, raw_dir, paths.files)
-    timings["read_normalise"] = _lap(start)
+    clock.lap("read_normalise")
 
-    outcome = _check(cfg, items, timings)
-    start = time.perf_counter()
+    outcome = _check(cfg, items, clock)
     accepted = [item for item in items if not item.reasons]
     from tunepath.validate.split import assign_splits
 
@@ -85,23 +84,14 @@ def run_validate(cfg: ValidateConfig, raw_dir: Path, out_dir: Path) -> dict:
     from tunepath.validate.profile import build_profile
 
     profile = build_profile(records)
-    for item in items:
-        tally = tallies[item.row.file]
-        if item.fmt:
-            tally.formats[item.fmt] += 1
-        if item.reasons:
-            tally.rejected += 1
-            tally.reasons.update({reason_code(r) for r in item.reasons})
-        else:
-            tally.accepted += 1
+    _tally(items, tallies)
     warnings += _file_warnings(tallies)
     control = _control_summary(items, cfg)
     if control["rows"]:
         warnings.append(f"{control['rows']} rows contain chat-template control text (policy {cfg.control_token_policy}); "
                         "tokenization treats it as plain text")
-    timings["split_profile"] = _lap(start)
+    clock.lap("split_profile")
 
-    start = time.perf_counter()
     kinds = {kind: {"accepted": sum(1 for r in records if r["kind"] == kind),
                     "rejected": sum(1 for i in items if i.reasons and i.kind == kind),
                     "train": profile["splits"]["train"][kind], "eval": profile["splits"]["eval"][kind]}
@@ -109,14 +99,14 @@ def run_validate(cfg: ValidateConfig, raw_dir: Path, out_dir: Path) -> dict:
     report = build_report(
         files=tallies, kinds=kinds, splits={"train": splits.count("train"), "eval": splits.count("eval")},
         control_tokens=control, gx=outcome.summaries if outcome else {}, warnings=warnings,
-        skipped=[p.as_posix() for p in paths.skipped], max_reject_share=cfg.max_reject_share, timings=timings)
+        skipped=[p.as_posix() for p in paths.skipped], max_reject_share=cfg.max_reject_share, timings=clock.wall)
+    report["cpu_s"] = clock.cpu
     report["config"] = cfg.model_dump()
-    _prepare_out_dir(out_dir, raw_dir)
     _write_jsonl(out_dir / "records.jsonl", records)
     _write_jsonl(out_dir / "rejects.jsonl", (_reject(item) for item in items if item.reasons))
     _write_json(out_dir / "profile.json", profile)
     _write_json(out_dir / "gx_results.json", outcome.results if outcome else {})
-    timings["write"] = _lap(start)
+    clock.lap("write")
     _write_json(out_dir / "report.json", report)
     (out_dir / "report.md").write_text(render_markdown(report), encoding="utf-8")
     for warning in warnings:
@@ -127,11 +117,21 @@ def run_validate(cfg: ValidateConfig, raw_dir: Path, out_dir: Path) -> dict:
     log.info("validate: %d of %d rows accepted (%d train, %d eval)", totals["accepted"], totals["read"],
              report["splits"].get("train", 0), report["splits"].get("eval", 0))
     return {**totals, "kinds": {k: v["accepted"] for k, v in kinds.items()}, "splits": report["splits"],
-            "warnings": len(warnings), "timings_s": timings}
+            "warnings": len(warnings), "timings_s": clock.wall, "cpu_s": clock.cpu}
 
 
-def _lap(start: float) -> float:
-    return round(time.perf_counter() - start, 3)
+class PhaseClock:
+    """Wall and CPU seconds per phase; on a shared machine the CPU figure is the steadier one."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def lap(self, phase: str) -> None:
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.wall[phase], self.cpu[phase] = round(wall - self._wall, 3), round(cpu - self._cpu, 3)
+        self._wall, self._cpu = wall, cpu
 
 
 def _data_files(raw_dir: Path):
@@ -199,24 +199,23 @@ def _read_all(cfg: ValidateConfig, raw_dir: Path, files: list[Path]):
     return items, tallies, warnings
 
 
-def _check(cfg: ValidateConfig, items: list[Item], timings: dict):
+def _check(cfg: ValidateConfig, items: list[Item], clock: PhaseClock):
     valid = [item for item in items if not item.reasons]
     if not valid:
-        timings["gx_import"] = timings["contracts"] = 0.0
+        clock.lap("gx_import")
+        clock.lap("contracts")
         return None
-    start = time.perf_counter()
     from tunepath.validate.contracts import ContractInput, check_contracts, import_gx
 
     import_gx()  # timed apart: the import alone takes several seconds
 
-    timings["gx_import"] = _lap(start)
-    start = time.perf_counter()
+    clock.lap("gx_import")
     outcome = check_contracts([ContractInput(i.kind, i.fields, i.duplicate_of) for i in valid], cfg)
     for position, reasons in outcome.reasons.items():
         valid[position].reasons.extend(reasons)
     for position, notes in outcome.warnings.items():
         valid[position].warnings.extend(notes)
-    timings["contracts"] = _lap(start)
+    clock.lap("contracts")
     return outcome
 
 
@@ -227,6 +226,18 @@ def _record(item: Item, split: str) -> dict:
 
 def _reject(item: Item) -> dict:
     return {"source": {"file": item.row.file, "line": item.row.line}, "raw": item.row.raw, "reasons": item.reasons}
+
+
+def _tally(items: list[Item], tallies: dict[str, FileTally]) -> None:
+    for item in items:
+        tally = tallies[item.row.file]
+        if item.fmt:
+            tally.formats[item.fmt] += 1
+        if item.reasons:
+            tally.rejected += 1
+            tally.reasons.update({reason_code(r) for r in item.reasons})  # rows per reason, not reasons
+        else:
+            tally.accepted += 1
 
 
 def _file_warnings(tallies: dict[str, FileTally]) -> list[str]:
