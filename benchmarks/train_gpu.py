@@ -16,6 +16,7 @@ own process (unsloth patches transformers process-wide), one after another:
            position ids restart per sample (no cross-attention), batch 8 rows
   b_tuned  b with batch 2 rows x grad_accum 4 (same rows per optimizer step) and padding-free varlen attention
   c        tunepath unsloth backend with b_tuned's batch (rows flattened into one, unsloth's varlen path)
+  b_varlen, b4_varlen   (extra, isolate the parts of b_tuned) batch 8x1 and 4x2 rows with varlen attention
 
 Reported per variant: real (non-padding) tokens/s, peak GPU memory (the worst batch of an epoch included),
 model FLOPs utilisation against the bf16 matrix rate measured in the same run, time from process start to the
@@ -55,7 +56,9 @@ SHAPES = {
     "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, vocab_size=151936),
     "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, vocab_size=151936),
 }
-VARIANTS = ("a", "b", "b_tuned", "c")
+VARIANTS = ("a", "b", "b_tuned", "c", "b_varlen", "b4_varlen")
+# rows per micro-batch, micro-batches per optimizer step, varlen attention (hf backend only)
+PACKED_BATCHES = {"b": (8, 1, False), "b_tuned": (2, 4, True), "c": (2, 4, False), "b_varlen": (8, 1, True), "b4_varlen": (4, 2, True)}
 MAX_LENGTH = 2048
 LORA_R, LORA_ALPHA = 16, 32
 BASE_BATCH = 8  # samples per step in the baseline; rows per optimizer step in b, b_tuned and c
@@ -270,11 +273,11 @@ def run_variant(args) -> dict:
             remove_unused_columns=False, dataloader_num_workers=0,
         )
     else:
-        tuned = args.variant in ("b_tuned", "c")
+        rows, accum, varlen = PACKED_BATCHES[args.variant]
         cfg = TrainConfig(
             backend="unsloth" if args.variant == "c" else "hf", max_steps=steps, learning_rate=2e-4,
             lora_r=LORA_R, lora_alpha=LORA_ALPHA,
-            batch_size=2 if tuned else BASE_BATCH, grad_accum=BASE_BATCH // 2 if tuned else 1,
+            batch_size=rows, grad_accum=accum,
         )
         backend = "unsloth" if args.variant == "c" else "hf"
         # the train stage's own loader and batching, exactly as `run_train` calls them
@@ -282,7 +285,7 @@ def run_variant(args) -> dict:
         collator = stage.pick_collator(backend, pad_id)
         train = load_from_disk(str(data_dir / "sft" / "train"))
         targs = recipe.build_args(cfg, out, precision)
-        if args.variant == "b_tuned":
+        if varlen:
             if cuda:
                 model.to("cuda")
             try:
@@ -582,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cpu = args.cpu or not torch.cuda.is_available()
     shapes = (args.shapes or ("tiny" if args.tiny or cpu else "0.5b,1.5b")).split(",")
-    variants = (args.variants or ("a,b,b_tuned" if cpu else ",".join(VARIANTS))).split(",")
+    variants = (args.variants or ("a,b,b_tuned" if cpu else "a,b,b_tuned,c")).split(",")
     warmup = args.warmup if args.warmup is not None else (1 if cpu else 3)
     timed = args.timed if args.timed is not None else (2 if cpu else 12)
     timed_a = args.timed_a if args.timed_a is not None else (4 if cpu else 30)

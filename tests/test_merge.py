@@ -75,7 +75,7 @@ def test_adapter_of_another_rank_does_not_fit_the_base(workspace):
 def test_evaluated_rows_must_be_the_rows_scored_now():
     from tunepath.merge.parity import evaluated_gap
 
-    assert evaluated_gap([(-10.0, 5)], [{"logprob": -10.1, "tokens": 5}]) == pytest.approx(0.01)
+    assert evaluated_gap([(-10.0, 5)], [{"logprob": -10.1, "tokens": 5}]) == pytest.approx(0.02 / 2.02)
     with pytest.raises(ParityError, match="data changed"):
         evaluated_gap([(-10.0, 5)], [{"logprob": -10.0, "tokens": 6}])
 

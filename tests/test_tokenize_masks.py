@@ -144,3 +144,26 @@ def test_chatml_needs_its_control_tokens(llama_tokenizer):
 def test_tokenizer_without_template_is_refused(llama_tokenizer):
     with pytest.raises(TemplateError, match="no chat template"):
         select_template("tokenizer", None, _tokenizer(llama_tokenizer), "llama-test")
+
+
+@pytest.mark.parametrize("template_name", ["tokenizer", "llama2", "trim"])
+def test_renderer_matches_apply_chat_template(chatml_model, llama_tokenizer, template_name):
+    from tunepath.tokenize.layout import ChatRenderer
+
+    path = llama_tokenizer if template_name == "llama2" else chatml_model
+    tokenizer = _tokenizer(path)
+    template = {
+        "tokenizer": tokenizer.chat_template,
+        "llama2": LLAMA2,
+        "trim": CHATML.replace("message['content']", "(message['content'] | trim)"),
+    }[template_name]
+    renderer = ChatRenderer(tokenizer, template)
+    for messages in CONVERSATIONS:
+        for prefix in range(1, len(messages) + 1):
+            if template_name == "llama2" and messages[prefix - 1]["role"] == "system":
+                continue
+            for generation in (False, True):
+                expected = tokenizer.apply_chat_template(
+                    messages[:prefix], chat_template=template, add_generation_prompt=generation, tokenize=False
+                )
+                assert renderer.render(messages[:prefix], generation) == expected

@@ -169,6 +169,15 @@ def test_length_policy(chatml_model, tmp_path, overlong):
     assert all(len(r) <= 32 for r in _load(tmp_path / "out" / "sft" / "train")["input_ids"])
 
 
+def test_a_split_with_every_sample_dropped_writes_nothing(chatml_model, tmp_path):
+    no_answer = [{"role": "user", "content": "Hello"}]
+    validate = write_records(tmp_path / "v", [{"kind": "conversation", "split": "train", "messages": no_answer}] * 3)
+    summary = run_tokenize(TokenizeConfig(cache_dir=str(tmp_path / "cache")), ModelConfig(base=str(chatml_model)), validate, tmp_path / "out")
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert summary["labeled_examples"] == 0 and stats["sft"]["train"]["dropped_no_labels"] == 3
+    assert not (tmp_path / "out" / "sft").exists()
+
+
 def test_llama2_template_is_saved_with_the_data(llama_tokenizer, tmp_path):
     validate = write_records(tmp_path / "v", [{"kind": "conversation", "split": "train", "messages": CONVERSATIONS[2]}])
     cfg = TokenizeConfig(template="llama2", cache_dir=str(tmp_path / "cache"))
@@ -198,3 +207,27 @@ def test_config_rules():
         TokenizeConfig(max_length=8)
     with pytest.raises(ValidationError):
         TokenizeConfig(packing=True)
+
+
+@pytest.mark.slow
+def test_demo_model_and_data(demo_assets, tmp_path):
+    """The real demo tokenizer (Qwen2Tokenizer, its own ChatML template) on the demo chats and preference pairs."""
+    records = []
+    for line in (demo_assets / "data" / "raw" / "chat.jsonl").read_text(encoding="utf-8").splitlines():
+        try:
+            messages = json.loads(line)["messages"]
+        except (ValueError, KeyError, TypeError):
+            continue  # the demo data holds broken rows on purpose (the validate stage's job)
+        if isinstance(messages, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+            records.append({"kind": "conversation", "split": "train", "messages": messages})
+    conversations = [r["messages"] for r in records]
+    validate = write_records(tmp_path / "v", records)
+    run_tokenize(TokenizeConfig(max_length=1024, pack=False, cache_dir=str(tmp_path / "cache")),
+                 ModelConfig(base=str(demo_assets / "models" / "demo")), validate, tmp_path / "out")
+    tokenizer = _tokenizer(tmp_path / "out" / "tokenizer")
+    rows = list(_load(tmp_path / "out" / "sft" / "train"))
+    assert len(rows) == len(conversations)
+    for row, messages in zip(rows, conversations):
+        expected = [m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant"]
+        assert learnt_spans(tokenizer, row["input_ids"], row["labels"]) == expected
+        assert tokenizer.decode(row["input_ids"], skip_special_tokens=False) == tokenizer.apply_chat_template(messages, tokenize=False)

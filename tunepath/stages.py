@@ -50,9 +50,7 @@ def run_stage(name: str, cfg, ws: Workspace) -> dict:
                          max_length=cfg.tokenize.max_length, batch_size=cfg.train.batch_size, lora_rank=cfg.train.lora_r,
                          gradient_checkpointing=cfg.train.gradient_checkpointing)
     if name == "train":
-        from tunepath.train.stage import run_train
-
-        return run_train(cfg.train, resolve_model(cfg.model, ws), ws.out("route") / "plan.json", ws.out("tokenize"), ws.out("train"))
+        return train_stage(cfg, ws)
     if name == "evaluate":
         from tunepath.evaluate.stage import run_evaluate
 
@@ -60,12 +58,29 @@ def run_stage(name: str, cfg, ws: Workspace) -> dict:
     if name == "merge":
         from tunepath.merge.stage import run_merge
 
-        return run_merge(cfg.merge, resolve_model(cfg.model, ws), ws.out("tokenize"), ws.out("train"), ws.out("merge"))
+        return run_merge(cfg.merge, resolve_model(cfg.model, ws), ws.out("tokenize"), ws.out("train"), ws.out("evaluate"), ws.out("merge"))
     if name == "register":
         from tunepath.register.stage import run_register
 
         return run_register(cfg.register, cfg.model_dump(mode="json"), ws.root, ws.tracking_uri, ws.root / "artifacts", ws.out("register"))
     raise ValueError(f"unknown stage {name!r}; stages are validate, tokenize, route, train, evaluate, merge, register")
+
+
+def train_stage(cfg, ws: Workspace) -> dict:
+    """Train in this process, or, when several GPUs are wanted, in one process per GPU under accelerate launch."""
+    import json
+
+    from tunepath.train.launch import maybe_relaunch
+    from tunepath.train.stage import run_train
+
+    plan = json.loads((ws.out("route") / "plan.json").read_text(encoding="utf-8"))
+    code = maybe_relaunch(cfg.train, ["--project", str(ws.root), "stage", "train"], method=plan["method"])
+    if code is not None:
+        if code:
+            raise RuntimeError(f"distributed training failed (exit code {code}); see the log above")
+        return json.loads((ws.out("train") / "metrics.json").read_text(encoding="utf-8"))
+    return run_train(cfg.train, resolve_model(cfg.model, ws), ws.out("route") / "plan.json", ws.out("tokenize"), ws.out("train"),
+                     tracking_uri=ws.tracking_uri or None, experiment=cfg.register.experiment)
 
 
 def resolve_model(model, ws: Workspace):

@@ -29,19 +29,19 @@ def promote_model(cfg: PromoteConfig, name: str, tracking_uri: str, force: bool 
     record = {"model": name, "candidate": _describe(candidate), "champion": _describe(champion) if champion else None,
               "forced": force, "compared_on": "none", "checks": [], "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
-    if champion is not None and champion.version == candidate.version:
+    if champion is not None and str(champion.version) == str(candidate.version):
         record.update(decision="unchanged", reason=f"version {candidate.version} is already @{CHAMPION}")
-        return _finish(registry, record, champion.version, tag=False)
+        return _finish(registry, record, str(champion.version), tag=False)
     if force:
         record.update(decision="promoted", reason="forced with --force: comparison skipped")
         return _promote(registry, record, candidate, champion)
     if candidate.tags.get("promotion.rolled_back") == "true":
         record.update(decision="rejected", reason=f"version {candidate.version} was rolled back from @{CHAMPION}; "
                                                     "promote it again only with --force")
-        return _finish(registry, record, champion.version if champion else None)
+        return _finish(registry, record, str(champion.version) if champion else None)
     if candidate.tags.get("eval.passed") != "True":
         record.update(decision="rejected", reason="the candidate did not pass its evaluation gates (tag eval.passed)")
-        return _finish(registry, record, champion.version if champion else None)
+        return _finish(registry, record, str(champion.version) if champion else None)
     if champion is None:
         record.update(decision="promoted", reason=f"first @{CHAMPION}: the candidate passed its evaluation gates "
                                                     f"(perplexity {record['candidate']['perplexity']} vs base {candidate.tags.get('eval.base_perplexity')})")
@@ -50,7 +50,7 @@ def promote_model(cfg: PromoteConfig, name: str, tracking_uri: str, force: bool 
     cand_scores, champ_scores, why = comparable_scores(registry, candidate, champion)
     if cand_scores is None:
         record.update(decision="rejected", reason=why)
-        return _finish(registry, record, champion.version)
+        return _finish(registry, record, str(champion.version))
     record["compared_on"] = why
     record["candidate"]["perplexity"], record["champion"]["perplexity"] = cand_scores.perplexity, champ_scores.perplexity
     verdict = compare(cfg, cand_scores, champ_scores)
@@ -58,7 +58,7 @@ def promote_model(cfg: PromoteConfig, name: str, tracking_uri: str, force: bool 
     record.update(decision="promoted" if verdict.promote else "rejected", reason=verdict.reason)
     if verdict.promote:
         return _promote(registry, record, candidate, champion)
-    return _finish(registry, record, champion.version)
+    return _finish(registry, record, str(champion.version))
 
 
 def comparable_scores(registry: Registry, candidate, champion) -> tuple[Scores | None, Scores | None, str]:
@@ -83,26 +83,27 @@ def rollback_champion(name: str, tracking_uri: str) -> dict:
     champion, previous = registry.alias(CHAMPION), registry.alias(PREVIOUS)
     if previous is None:
         raise PromotionError(f"{name!r} has no @{PREVIOUS} version to roll back to (it is set when a promotion replaces a champion)")
+    target = str(previous.version)
     history = registry.history()
-    if previous.version in history:
-        history = history[: len(history) - history[::-1].index(previous.version)]
+    if target in history:
+        history = history[: len(history) - history[::-1].index(target)]
     else:
-        history.append(previous.version)
-    earlier = [v for v in history[:-1] if v != previous.version]
-    registry.point(CHAMPION, previous.version)
+        history.append(target)
+    earlier = [v for v in history[:-1] if v != target]
+    registry.point(CHAMPION, target)
     if earlier:
         registry.point(PREVIOUS, earlier[-1])
     else:
         registry.drop(PREVIOUS)
     registry.set_history(history)
     at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    reason = f"rolled back: @{CHAMPION} moved from version {champion.version if champion else 'none'} to version {previous.version}"
+    reason = f"rolled back: @{CHAMPION} moved from version {champion.version if champion else 'none'} to version {target}"
     if champion is not None:
         registry.tag(champion.version, {"promotion.decision": "rolled_back", "promotion.reason": reason, "promotion.at": at,
                                         "promotion.rolled_back": "true"})
     log.info(reason)
     return {"model": name, "decision": "rolled_back", "reason": reason, "forced": False, "at": at, "compared_on": "none", "checks": [],
-            "candidate": None, "champion": _describe(champion) if champion else None, "champion_after": previous.version,
+            "candidate": None, "champion": _describe(champion) if champion else None, "champion_after": target,
             "previous_after": earlier[-1] if earlier else None}
 
 
@@ -114,20 +115,20 @@ def _describe(version) -> dict:
 
 def _promote(registry: Registry, record: dict, candidate, champion) -> dict:
     history = registry.history()
-    if champion is not None and (not history or history[-1] != champion.version):
-        history.append(champion.version)  # a champion set by hand still belongs to the history
-    history.append(candidate.version)
+    if champion is not None and (not history or history[-1] != str(champion.version)):
+        history.append(str(champion.version))  # a champion set by hand still belongs to the history
+    history.append(str(candidate.version))
     if champion is not None:
         registry.point(PREVIOUS, champion.version)
     registry.point(CHAMPION, candidate.version)
     registry.set_history(history)
-    return _finish(registry, record, candidate.version)
+    return _finish(registry, record, str(candidate.version))
 
 
 def _finish(registry: Registry, record: dict, champion_after: str | None, tag: bool = True) -> dict:
     record["champion_after"] = champion_after
     previous = registry.alias(PREVIOUS)
-    record["previous_after"] = previous.version if previous else None
+    record["previous_after"] = str(previous.version) if previous else None
     if tag:
         champ = record["champion"] or {}
         registry.tag(record["candidate"]["version"], {

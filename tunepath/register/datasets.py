@@ -7,6 +7,7 @@ commit in the tags brings it back) and the record splits with their row counts a
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,9 @@ def log_lineage(raw_dir: str, data_hash: str, git_commit: str, records_path: Pat
         frame = record_frame(records_path, split)
         if frame.empty:
             continue
-        dataset = mlflow.data.from_pandas(frame, source=source, name=f"records-{split}")
+        with warnings.catch_warnings():  # the schema hint about integer columns is for model inputs, not for lineage
+            warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
+            dataset = mlflow.data.from_pandas(frame, source=source, name=f"records-{split}")
         tags = {"dvc.md5": data_hash, "rows": str(len(frame))}
         if split == "eval":
             tags["heldout.digest"] = heldout_digest

@@ -85,6 +85,7 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
 
     summary = {
         "labeled_examples": stats["sft"]["train"]["samples_out"],
+        "labeled_tokens": stats["sft"]["train"]["tokens"],
         "unlabeled_tokens": stats["cpt"]["train"]["tokens"],
         "preference_pairs": stats["dpo"]["train"]["samples_out"],
         "max_length": cfg.max_length,

@@ -14,7 +14,8 @@ Outputs (`artifacts/train/`, rewritten on every run; the same for both backends)
 
     metrics.json        backend (and why), method, weights ("adapter" | "model"), start_model, base_model,
                         stages (per plan stage: steps, losses, seconds, tokens/s, resumed_from_step),
-                        first_loss, final_loss, trainable/total params, precision, mlflow_run_id
+                        first_loss, final_loss, trainable/total params, precision, mlflow_run_id,
+                        quantization (qlora: the bitsandbytes 4-bit settings of the base)
     adapter/            PEFT adapter (lora, qlora), relative to start_model; or
     model/              full weights + tokenizer (full)
     tokenizer/          tokenizer with the training chat template
@@ -234,6 +235,8 @@ def run_train(cfg: TrainConfig, model: ModelConfig, plan_path: Path, tokenize_di
         "final_loss": steps[-1]["loss"] if steps else None,
         "mlflow_run_id": sink.run_id if sink else None,
     }
+    if method == "qlora":
+        summary["quantization"] = quantization_of(net)
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     if sink is not None:
         sink.log({"final_loss": summary["final_loss"]}, offset)
@@ -241,6 +244,16 @@ def run_train(cfg: TrainConfig, model: ModelConfig, plan_path: Path, tokenize_di
     if not cfg.keep_checkpoints:
         checkpoints.clear(ckpt_root)
     return summary
+
+
+def quantization_of(model) -> dict | None:
+    """The 4-bit settings QLoRA trained on (merge and evaluate rebuild the same quantized base from them)."""
+    q = getattr(getattr(model, "config", None), "quantization_config", None)
+    if q is None:
+        return None
+    q = q if isinstance(q, dict) else q.to_dict()
+    keys = ("load_in_4bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype")
+    return {k: str(q[k]).replace("torch.", "") if k.endswith("dtype") else q[k] for k in keys if k in q}
 
 
 def _mkdir(path: Path) -> Path:

@@ -1,0 +1,191 @@
+"""The train stage's checks, errors and bookkeeping, without training a model (except where an error needs one)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from tests.test_train_support import write_plan
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+cpu_only = pytest.mark.skipif("_cuda()", reason="checks the CPU-only behaviour")
+
+
+@cpu_only
+def test_qlora_on_cpu_is_a_clear_error_before_any_work(tmp_path):
+    from tunepath.sections import ModelConfig
+    from tunepath.train import TrainConfig
+    from tunepath.train.stage import run_train
+
+    plan = write_plan(tmp_path / "plan.json", ["sft"], "qlora")
+    with pytest.raises(ValueError) as err:
+        run_train(TrainConfig(), ModelConfig(base=str(tmp_path / "nowhere")), plan, tmp_path / "tokenize", tmp_path / "train")
+    assert str(err.value) == (
+        "train.method qlora needs a CUDA GPU (bitsandbytes 4-bit); use lora on this machine or force route.force_method: lora"
+    )
+    assert not (tmp_path / "train").exists()
+
+
+@cpu_only
+def test_build_model_refuses_qlora_on_cpu_without_importing_bitsandbytes_code(monkeypatch):
+    from tunepath.train import TrainConfig
+    from tunepath.train.stage import build_model
+
+    monkeypatch.setitem(sys.modules, "tunepath.train.quantize", None)  # importing it would fail loudly
+    with pytest.raises(ValueError, match="qlora needs a CUDA GPU"):
+        build_model("models/demo", TrainConfig(), "qlora", "fp32", "hf", 256)
+
+
+def test_a_missing_gpu_backend_module_is_a_clear_error(monkeypatch):
+    from tunepath.train import TrainConfig
+    from tunepath.train.stage import build_model
+
+    monkeypatch.setitem(sys.modules, "tunepath.train.unsloth_backend", None)
+    with pytest.raises(ValueError, match=r"train.backend unsloth is not available in this installation.*tunepath\[gpu\]"):
+        build_model("models/demo", TrainConfig(), "lora", "bf16", "unsloth", 256)
+
+
+@cpu_only
+def test_auto_backend_on_cpu_is_hf_and_says_why():
+    from tunepath.train.stage import pick_backend
+
+    assert pick_backend("auto") == ("hf", "auto: no CUDA GPU")
+    assert pick_backend("hf") == ("hf", "requested in params")
+    with pytest.raises(ValueError, match="unsloth needs a CUDA GPU"):
+        pick_backend("unsloth")
+
+
+@pytest.mark.parametrize(
+    ("stages", "method", "start", "message"),
+    [
+        ([], "lora", "base", "no training stages"),
+        (["rlhf"], "lora", "base", "stage"),
+        (["sft"], "ia3", "base", "method"),
+        (["pretrain"], "lora", "scratch", "random weights"),
+    ],
+)
+def test_plans_the_stage_cannot_run_are_rejected(stages, method, start, message):
+    from tunepath.train.recipe import check_plan
+
+    with pytest.raises(ValueError, match=message):
+        check_plan(stages, method, start)
+
+
+def _checkpoint(stage_dir, step: int, complete: bool):
+    from tunepath.train.checkpoints import MARKER
+
+    folder = stage_dir / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / "adapter_model.safetensors").write_bytes(b"x" * 10)
+    if complete:
+        (folder / MARKER).write_text("complete\n")
+    return folder
+
+
+def test_checkpoints_without_the_marker_are_never_used(tmp_path):
+    from tunepath.train import checkpoints
+
+    stage_dir = tmp_path / "sft"
+    _checkpoint(stage_dir, 5, True)
+    ten = _checkpoint(stage_dir, 10, True)
+    _checkpoint(stage_dir, 15, False)  # killed while saving
+    assert checkpoints.last_complete(stage_dir) == ten
+    checkpoints.prune(stage_dir, keep=1)
+    assert sorted(p.name for p in stage_dir.iterdir()) == ["checkpoint-10"]
+    assert checkpoints.last_complete(tmp_path / "missing") is None
+
+
+def test_checkpoints_of_other_settings_are_discarded(tmp_path):
+    from tunepath.train import checkpoints
+
+    root = tmp_path / "ckpt"
+    checkpoints.open_run(root, {"lr": 1}, resumable=True)
+    _checkpoint(root / "sft", 5, True)
+    assert checkpoints.open_run(root, {"lr": 1}, resumable=True)["fingerprint"] == {"lr": 1}
+    assert (root / "sft" / "checkpoint-5").exists()
+    checkpoints.open_run(root, {"lr": 2}, resumable=True)
+    assert not (root / "sft").exists()
+    _checkpoint(root / "sft", 5, True)
+    checkpoints.open_run(root, {"lr": 2}, resumable=False)  # save_steps 0: nothing may be resumed
+    assert not (root / "sft").exists()
+
+
+def test_the_fingerprint_ignores_bookkeeping_but_not_training_settings(tmp_path):
+    from tunepath.train import TrainConfig
+    from tunepath.train.stage import fingerprint
+
+    plan = {"stages": ["sft"], "method": "lora", "start_from": "base"}
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "stats.json").write_text("{}")
+
+    def fp(**kw):
+        return fingerprint(TrainConfig(**kw), plan, str(tmp_path / "model"), "hf", "fp32", tmp_path / "tok")
+
+    assert fp() == fp(save_steps=7, logging_steps=3, keep_checkpoints=True, checkpoint_limit=5)
+    assert fp() != fp(learning_rate=1e-4)
+    assert fp() != fp(seed=1)
+    (tmp_path / "tok" / "stats.json").write_text('{"max_length": 128}')
+    assert fp() != fingerprint(TrainConfig(), plan, str(tmp_path / "model"), "hf", "fp32", tmp_path / "other")
+
+
+def test_the_oom_message_names_each_knob_with_its_value():
+    from tunepath.train import TrainConfig
+    from tunepath.train.recipe import oom_message
+
+    text = oom_message("sft", "lora", TrainConfig(batch_size=8, grad_accum=2), 2048)
+    for part in ("train.batch_size 8 -> 4", "train.grad_accum 2 -> 4", "tokenize.max_length 2048 -> 1024",
+                 "train.gradient_checkpointing false -> true", "method lora -> qlora", "'sft'"):
+        assert part in text, part
+    full = oom_message("cpt", "full", TrainConfig(batch_size=1, gradient_checkpointing=True), 512)
+    assert "method full -> lora" in full and "gradient_checkpointing" not in full and "grad_accum" not in full
+
+
+def test_cuda_out_of_memory_during_training_becomes_training_oom(tmp_path, monkeypatch, demo_assets):
+    import torch
+    import transformers
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from tunepath.sections import ModelConfig
+    from tunepath.train import TrainConfig
+    from tunepath.train.recipe import TrainingOOM
+    from tunepath.train.stage import run_train
+
+    model_dir = demo_assets / "models" / "demo"
+    tok_dir = tmp_path / "tokenize"
+    AutoTokenizer.from_pretrained(str(model_dir)).save_pretrained(str(tok_dir / "tokenizer"))
+    Dataset.from_dict({"input_ids": [[5, 6, 7]] * 4, "labels": [[5, 6, 7]] * 4}).save_to_disk(str(tok_dir / "sft" / "train"))
+    (tok_dir / "stats.json").write_text(json.dumps({"max_length": 512}))
+
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(transformers.Trainer, "train", out_of_memory)
+    plan = write_plan(tmp_path / "plan.json", ["sft"], "lora")
+    with pytest.raises(TrainingOOM) as err:
+        run_train(TrainConfig(batch_size=4), ModelConfig(base=str(model_dir)), plan, tok_dir, tmp_path / "train")
+    assert "train.batch_size 4 -> 2" in str(err.value) and "tokenize.max_length 512 -> 256" in str(err.value)
+    assert isinstance(err.value.__cause__, torch.OutOfMemoryError)
+
+
+def test_the_loss_curve_counts_steps_across_plan_stages(tmp_path):
+    from tunepath.train.tracking import write_loss_curve
+
+    steps = [
+        {"stage": "cpt", "step": 1, "global_step": 1, "loss": 3.0, "learning_rate": 1e-3, "grad_norm": 1.5, "tokens_per_second": 100.0},
+        {"stage": "sft", "step": 1, "global_step": 2, "loss": 2.5, "learning_rate": 1e-3, "grad_norm": 1.0, "tokens_per_second": None},
+    ]
+    write_loss_curve(steps, tmp_path / "loss.csv")
+    assert (tmp_path / "loss.csv").read_text().splitlines() == [
+        "step,stage,loss,learning_rate,grad_norm,tokens_per_second",
+        "1,cpt,3.000000,0.001,1.5,100.0",
+        "2,sft,2.500000,0.001,1,",
+    ]
