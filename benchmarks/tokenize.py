@@ -2,12 +2,14 @@
 
 Usage:
 
-    python benchmarks/tokenize.py                       # 50,000 synthetic chats, a tokenizer trained here
-    python benchmarks/tokenize.py --model models/demo --num-proc 4 --conversations 100000
+    python -m benchmarks.tokenize                       # 50,000 synthetic chats, a tokenizer trained here
+    python -m benchmarks.tokenize --model models/demo --num-proc 4 --conversations 100000
 
 Prints a markdown table: tokens/s of the raw tokenizer (the rendered chats, batched, special tokens on) and of
 the whole stage (`run_tokenize`: read records, render, mask, tokenize, pack, write), their ratio, the padding
-share unpacked vs packed, and the time of a rerun served from the cache.
+share unpacked vs packed, and the time of a rerun served from the cache; writes the figures as JSON to
+benchmarks/results/ (unless --out says otherwise). Both runs happen in this process after the imports, so
+the times exclude interpreter start-up. On a shared machine the CPU-time ratio is the steadier figure.
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--model", help="a model folder whose tokenizer to use (default: one trained here)")
     parser.add_argument("--workdir", help="folder for records, cache and outputs (default: a temporary one)")
+    parser.add_argument("--out", help="JSON path (default: benchmarks/results/tokenize_cpu<cores>_<date>.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -152,6 +155,18 @@ def main(argv: list[str] | None = None) -> int:
         ("cached rerun", f"{cached_seconds:.2f} s"),
         ("cpu cores, load average", f"{os.cpu_count()}, {os.getloadavg()[0]:.1f}"),
     ]
+    figures = {
+        "date": time.strftime("%Y-%m-%d"), "cpu_cores": os.cpu_count(), "load_average": round(os.getloadavg()[0], 2),
+        "conversations": len(chats), "tokens": tokens, "max_length": args.max_length, "num_proc": args.num_proc,
+        "raw": {"seconds": round(raw_seconds, 3), "cpu_seconds": round(raw_cpu, 3), "tokens_per_s": round(tokens / raw_seconds)},
+        "stage": {"seconds": round(stage_seconds, 3), "cpu_seconds": round(stage_cpu, 3), "tokens_per_s": round(tokens / stage_seconds)},
+        "ratio_wall": round(ratio, 3), "ratio_cpu": round(raw_cpu / stage_cpu, 3),
+        "padding_share_unpacked": train["padding_share_unpacked"], "padding_share_packed": train["padding_share_packed"],
+        "packed_rows": train["rows"], "cached_rerun_seconds": round(cached_seconds, 3),
+    }
+    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"tokenize_cpu{os.cpu_count()}_{figures['date']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
     print("| measure | value |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value} |")

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.concurrency.sync import concurrency
 
 from tunepath.ledger import Ledger
 from tunepath.stages import Workspace, run_stage
@@ -24,7 +25,13 @@ def run_stage_task(name: str, config, workspace: Workspace) -> dict:
         logger.info("%s: up to date in dvc.lock, skipped", name)
         return {"stage": name, "skipped": True}
     logger.info("%s: running (%s)", name, describe_changes(changes.get(name, [])))
-    summary = run_stage(name, config, workspace)
+    if name == "train":
+        # one training per GPU slot across every worker of the server (`tunepath up` creates `gpu`, one per card);
+        # without the limit (temporary server) Prefect logs a warning and trains anyway
+        with concurrency("gpu", occupy=1, strict=False):
+            summary = run_stage(name, config, workspace)
+    else:
+        summary = run_stage(name, config, workspace)
     ledger.record(name)
     publish(name, workspace, summary)
     return {"stage": name, "skipped": False}
@@ -50,6 +57,10 @@ def publish(name: str, workspace: Workspace, summary: dict) -> None:
     elif name == "train":
         create_markdown_artifact(loss_table(out / "loss.csv"), key=key, description="training loss curve")
     elif name == "register":
+        link = model_version_url(summary)
+        if link:
+            create_link_artifact(link, link_text=f"{summary['name']} version {summary['version']} in MLflow",
+                                 key="tunepath-mlflow", description="the registered model version in the MLflow UI")
         create_markdown_artifact(
             f"# Registered\n\n`{summary['uri']}` is version **{summary['version']}** of `{summary['name']}` "
             f"(MLflow run `{summary['run_id']}`, tracking `{summary['tracking_uri']}`).\n",
@@ -69,3 +80,11 @@ def loss_table(path: Path, rows: int = 20) -> str:
     for line in picked:
         table.append(f"| {line['step']} | {line['stage']} | {float(line['loss']):.4f} | {float(line['learning_rate']):.2e} |")
     return "\n".join(table) + "\n"
+
+
+def model_version_url(summary: dict) -> str | None:
+    """The model version's page in the MLflow UI when the tracking URI is a server (a SQLite file has no UI address)."""
+    base = summary["tracking_uri"].rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        return None
+    return f"{base}/#/models/{summary['name']}/versions/{summary['version']}"

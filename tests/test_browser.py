@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST_OVERRIDES
-from tests.test_services import changed_max_steps, running_services, run_logs, services_project, wait_for_run
+from tests.test_services import (SERVICE_OVERRIDES, changed_max_steps, run_logs, running_services, services_project,
+                                 wait_for_run)
 from tunepath.services import http
 
 pytestmark = pytest.mark.browser
@@ -46,7 +46,7 @@ def browser(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, demo_assets):
-    root = services_project(tmp_path_factory.mktemp("browser") / "project", demo_assets, FAST_OVERRIDES)
+    root = services_project(tmp_path_factory.mktemp("browser") / "project", demo_assets, SERVICE_OVERRIDES)
     with running_services(root) as report:
         yield root, report
 

@@ -26,6 +26,10 @@ from tunepath import services
 from tunepath.services import ServiceOptions, http, running_pid, start_services, stop_services
 
 TERMINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+FINISHED: dict[str, str] = {}  # flow runs the services tests completed, by deployment
+# These tiers test orchestration, not model quality: a few training steps, and the generation gates (which a
+# model this briefly trained may miss) off; the perplexity gate stays. The end-to-end tests own the gates.
+SERVICE_OVERRIDES = FAST_OVERRIDES + ["evaluate.min_stop_share=0", "evaluate.max_degenerate_share=1"]
 
 
 # ---------------------------------------------------------------- helpers shared with test_browser.py
@@ -228,7 +232,7 @@ def test_kubernetes_job_template_passes_prefect_validation_and_requests_gpus():
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, demo_assets):
-    root = services_project(tmp_path_factory.mktemp("services") / "project", demo_assets, FAST_OVERRIDES)
+    root = services_project(tmp_path_factory.mktemp("services") / "project", demo_assets, SERVICE_OVERRIDES)
     with running_services(root) as report:
         yield root, report
 
@@ -280,12 +284,20 @@ def test_finetune_deployment_run_registers_a_candidate_with_the_changed_paramete
     keys = {a["key"] for a in artifacts}
     assert {"tunepath-validate", "tunepath-tokenize", "tunepath-route", "tunepath-train", "tunepath-evaluate",
             "tunepath-register"} <= keys, keys
-    # the train task held a slot of the `gpu` limit
-    _, events = http("POST", f"{api}/events/filter", {"filter": {"event": {"prefix": ["prefect.concurrency-limit.acquired"]},
-                                                                 "related": {"resources_in_roles": [["prefect.flow-run." + run_id, "flow-run"]]}},
-                                                      "limit": 50})
+    FINISHED["finetune"] = run_id
+
+
+@pytest.mark.services
+def test_train_task_takes_a_gpu_slot(live):
+    _, report = live
+    if "finetune" not in FINISHED:
+        pytest.skip("needs the finetune run of the test above")
+    api, run_id = f"{report.prefect_url}/api", FINISHED["finetune"]
+    query = {"filter": {"event": {"prefix": ["prefect.concurrency-limit.acquired"]},
+                        "related": {"resources_in_roles": [[f"prefect.flow-run.{run_id}", "flow-run"]]}}, "limit": 50}
+    _, events = http("POST", f"{api}/events/filter", query)
     names = {e["resource"].get("prefect.resource.name") for e in events.get("events", [])}
-    assert services.GPU_LIMIT in names, f"no gpu slot taken by flow run {run_id}: {names}"
+    assert services.GPU_LIMIT in names, f"the train task of flow run {run_id} took no `gpu` slot (limits taken: {names})"
 
 
 @pytest.mark.services

@@ -218,7 +218,11 @@ def test_demo_model_and_data(demo_assets, tmp_path):
             messages = json.loads(line)["messages"]
         except (ValueError, KeyError, TypeError):
             continue  # the demo data holds broken rows on purpose (the validate stage's job)
-        if isinstance(messages, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+        valid = isinstance(messages, list) and messages and messages[-1].get("role") == "assistant" and all(
+            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and str(m.get("content") or "").strip()
+            for m in messages
+        )  # what the validate stage accepts
+        if valid:
             records.append({"kind": "conversation", "split": "train", "messages": messages})
     conversations = [r["messages"] for r in records]
     validate = write_records(tmp_path / "v", records)

@@ -8,8 +8,13 @@ import math
 import pytest
 
 from tests.test_train_support import (
-    LN2, curve, load_start, load_trained, lm_loss, preference_margin, small_config, tokenized_project, train,
+    LN2, curve, lm_loss, load_start, load_trained, one_thread, preference_margin, small_config, tokenized_project, train,
 )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from one_thread()
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +74,11 @@ def test_lora_trains_adapters_and_leaves_the_base_alone(project, tmp_path):
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     trainable = {k for k, v in model.named_parameters() if v.requires_grad}
     assert trainable and all("lora_" in k for k in trainable)
-    recipe.train_stage(model, "sft", (0, 1), project / "artifacts" / "tokenize", tokenizer, PadCollator(tokenizer.pad_token_id),
-                       cfg, tmp_path / "ckpt", "fp32", "lora", 256, 0)
+    result = recipe.train_stage(model, "sft", (0, 1), project / "artifacts" / "tokenize", tokenizer,
+                                PadCollator(tokenizer.pad_token_id), cfg, tmp_path / "ckpt", "fp32", "lora", 256, 0)
     after = {k: v.detach().clone() for k, v in model.named_parameters()}
     assert _changed(before, after) == trainable
-    recipe.save_outputs(model, tokenizer, "lora", tmp_path / "train")
+    recipe.save_outputs(result["trainer"], tokenizer, "lora", tmp_path / "train")
     (tmp_path / "train" / "metrics.json").write_text(json.dumps({"weights": "adapter", "start_model": str(project / "models" / "demo")}))
     reloaded = load_trained(tmp_path)
     ids = torch.tensor([list(range(5, 40))])
@@ -150,19 +155,20 @@ def test_same_settings_give_the_same_loss_curve(project, tmp_path):
 
 
 def test_a_crashed_run_resumes_to_the_same_curve(project, tmp_path):
-    """In process: the run dies after a checkpoint (an exception from the progress hook), the rerun resumes."""
-    cfg = small_config(max_steps=6, save_steps=2, keep_checkpoints=True)
-    train(project, tmp_path / "whole", ["sft", "dpo"], "lora", cfg=cfg)
+    """In process: the run dies after a checkpoint (an exception from the progress hook), the rerun resumes.
+    (tests/test_train_resume.py does the same with SIGKILL, through DPO; it is in the slow tier.)"""
+    cfg = small_config(max_steps=4, save_steps=2, keep_checkpoints=True)
+    train(project, tmp_path / "whole", ["cpt", "sft"], "lora", cfg=cfg)
 
     def die(row):
-        if row["stage"] == "dpo" and row["step"] == 5:
+        if row["stage"] == "sft" and row["step"] == 3:
             raise KeyboardInterrupt("simulated kill")
 
     with pytest.raises(KeyboardInterrupt):
-        train(project, tmp_path / "cut", ["sft", "dpo"], "lora", cfg=cfg, on_progress=die)
-    summary = train(project, tmp_path / "cut", ["sft", "dpo"], "lora", cfg=cfg)
-    assert [s["resumed_from_step"] for s in summary["stages"]] == [6, 4]
-    assert [s["steps"] for s in summary["stages"]] == [6, 6]
+        train(project, tmp_path / "cut", ["cpt", "sft"], "lora", cfg=cfg, on_progress=die)
+    summary = train(project, tmp_path / "cut", ["cpt", "sft"], "lora", cfg=cfg)
+    assert [s["resumed_from_step"] for s in summary["stages"]] == [4, 2]  # CPT had finished, SFT was cut after step 2
+    assert [s["steps"] for s in summary["stages"]] == [4, 4]
     assert curve(tmp_path / "cut") == curve(tmp_path / "whole")
 
 

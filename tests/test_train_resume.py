@@ -1,4 +1,5 @@
-"""Resume after SIGKILL: a training process is killed mid-way and rerun; it ends where an uninterrupted run ends."""
+"""Resume after SIGKILL: a training process is killed mid-way through DPO (after SFT) and rerun; it ends where an
+uninterrupted run ends, with the same loss curve."""
 
 from __future__ import annotations
 
@@ -13,19 +14,25 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_train_support import curve, small_config, tokenized_project, train
+from tests.test_train_support import curve, one_thread, small_config, tokenized_project, train
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {"max_steps": 30, "save_steps": 5, "keep_checkpoints": True}
+STAGES = ["sft", "dpo"]
 
 # The killed process: the same run_train as the stage, slowed by its progress hook so the kill lands mid-way.
 SCRIPT = """
 import sys, time
 from pathlib import Path
 from tests.test_train_support import small_config, train
-train(Path(sys.argv[1]), Path(sys.argv[2]), ["sft"], "lora", cfg=small_config(**{settings!r}),
+train(Path(sys.argv[1]), Path(sys.argv[2]), {stages!r}, "lora", cfg=small_config(**{settings!r}),
       on_progress=lambda row: time.sleep(0.2))
 """
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from one_thread()
 
 
 @pytest.fixture(scope="module")
@@ -40,23 +47,24 @@ def _complete_steps(stage_dir: Path) -> list[int]:
 @pytest.mark.slow
 def test_a_sigkilled_training_resumes_to_the_same_end(project, tmp_path):
     whole = tmp_path / "whole"
-    train(project, whole, ["sft"], "lora", cfg=small_config(**SETTINGS))
+    train(project, whole, STAGES, "lora", cfg=small_config(**SETTINGS))
 
     cut = tmp_path / "cut"
     script = tmp_path / "train_once.py"
-    script.write_text(SCRIPT.format(settings=SETTINGS))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, str(script), str(project), str(cut)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    stage_dir = cut / "checkpoints" / "train" / "sft"
+    script.write_text(SCRIPT.format(settings=SETTINGS, stages=STAGES))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # same thread count as this process
+    errors = tmp_path / "stderr.txt"
+    with open(errors, "wb") as err:  # a file, not a pipe: a full pipe would stall the child
+        proc = subprocess.Popen([sys.executable, str(script), str(project), str(cut)], cwd=REPO, env=env,
+                                stdout=subprocess.DEVNULL, stderr=err)
+    stage_dir = cut / "checkpoints" / "train" / "dpo"
     deadline = time.monotonic() + 300
     while not [s for s in _complete_steps(stage_dir) if s >= 10]:
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert proc.poll() is None, errors.read_text(errors="replace")[-3000:]
         assert time.monotonic() < deadline, "no checkpoint after 300 s"
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
     assert not (cut / "train" / "metrics.json").exists()
     last = max(_complete_steps(stage_dir))
@@ -67,9 +75,9 @@ def test_a_sigkilled_training_resumes_to_the_same_end(project, tmp_path):
     (torn / "COMPLETE").unlink()
     (torn / "adapter_model.safetensors").write_bytes(b"torn")
 
-    summary = train(project, cut, ["sft"], "lora", cfg=small_config(**SETTINGS))
-    assert summary["stages"][0]["resumed_from_step"] == last
-    assert summary["stages"][0]["steps"] == 30
-    state = json.loads((cut / "train" / "stages" / "sft" / "trainer_state.json").read_text())
+    summary = train(project, cut, STAGES, "lora", cfg=small_config(**SETTINGS))
+    assert [s["resumed_from_step"] for s in summary["stages"]] == [30, last]  # SFT had finished
+    assert [s["steps"] for s in summary["stages"]] == [30, 30]
+    state = json.loads((cut / "train" / "stages" / "dpo" / "trainer_state.json").read_text())
     assert state["global_step"] == 30
     assert curve(cut) == curve(whole)

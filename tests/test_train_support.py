@@ -10,6 +10,22 @@ from pathlib import Path
 LN2 = math.log(2)
 
 
+def one_thread():
+    """Generator for a module fixture: torch on one thread, restored after.
+
+    On the tiny model, intra-op threads cost more than they give on a shared CPU (measured 10x slower with 2
+    threads under load), and float sums are only bit-identical across runs with the same thread count.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def tokenized_project(dest: Path, assets: Path) -> Path:
     """The demo data and model in `dest`, run through the real validate and tokenize stages."""
     from tunepath.config import Config

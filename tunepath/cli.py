@@ -3,6 +3,7 @@
     tunepath demo                      # build the demo model and data (if missing) and track the data with DVC
     tunepath run [--set train.max_steps=20 ...]   # the Prefect flow `finetune`, end to end
     tunepath stage NAME                # one stage, as `dvc repro` runs it
+    tunepath up | down | status        # local Prefect + MLflow servers, a worker and the deployments
     tunepath params > params.yaml      # every knob with its default and a comment
     tunepath route --profile examples/profiles/sft_task.yaml [--json]   # explain a route for a profile
 
@@ -41,12 +42,10 @@ def prepare_env(root: Path) -> None:
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "PREFECT_LOGGING_EXTRA_LOGGERS": "tunepath",
     })
-    services = root / SERVICES_ENV
-    if services.exists():
-        for line in services.read_text(encoding="utf-8").splitlines():
-            key, sep, value = line.partition("=")
-            if sep and not line.lstrip().startswith("#"):
-                env[key.strip()] = value.strip()
+    if (root / SERVICES_ENV).exists():
+        from tunepath.services import live_env  # stdlib only: ignores the file when the servers are gone
+
+        env.update(live_env(root))
     for key, value in env.items():
         os.environ.setdefault(key, value)
 
@@ -120,6 +119,37 @@ def track_data(root: Path, raw_dir: str) -> None:
         repo.push()
 
 
+def cmd_up(args) -> int:
+    from tunepath.services import ServiceOptions, start_services
+
+    options = ServiceOptions(host=args.host, prefect_port=args.prefect_port, mlflow_port=args.mlflow_port, pool=args.pool)
+    report = start_services(args.project, options)
+    for name, action in report.actions.items():
+        print(f"{name}: {action}")
+    print(f"deployments: {', '.join(report.deployments) or 'none'} (pool {args.pool}); concurrency limit gpu: {report.gpu_slots}")
+    print(f"Prefect UI: {report.prefect_url}")
+    print(f"MLflow UI:  {report.mlflow_url}")
+    print(f"ready in {report.seconds:.0f} s; PIDs and logs in {args.project / '.tunepath'}; `tunepath run` and `dvc repro` now report here")
+    return 0
+
+
+def cmd_down(args) -> int:
+    from tunepath.services import stop_services
+
+    for name, what in stop_services(args.project).items():
+        print(f"{name}: {what}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from tunepath.services import service_status
+
+    for name, s in service_status(args.project).items():
+        state = ("running" + ("" if s.get("healthy", True) else ", not answering")) if s["running"] else "stopped"
+        print(f"{name:8} {state:24} pid {s['pid'] or '-':<8} {s.get('url', '')}  log {s['log']}")
+    return 0
+
+
 def cmd_params(args) -> int:
     from tunepath.params import render_defaults
 
@@ -140,6 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="build the demo model and data when missing")
     demo.add_argument("--force", action="store_true", help="rebuild even if present")
     demo.set_defaults(func=cmd_demo)
+    up = sub.add_parser("up", help="start Prefect and MLflow servers, a worker and the deployments (loopback)")
+    up.add_argument("--host", default="127.0.0.1", help="address the servers bind (default 127.0.0.1; anything else has no auth: see infra/)")
+    up.add_argument("--prefect-port", type=int, default=4200, help="Prefect server port; 0 or busy: a free one (default 4200)")
+    up.add_argument("--mlflow-port", type=int, default=5000, help="MLflow server port; 0 or busy: a free one (default 5000)")
+    up.add_argument("--pool", default="tunepath", help="process work pool the worker serves (default tunepath)")
+    up.set_defaults(func=cmd_up)
+    sub.add_parser("down", help="stop exactly the processes `tunepath up` started").set_defaults(func=cmd_down)
+    sub.add_parser("status", help="the services `tunepath up` started: PID, URL, health, log").set_defaults(func=cmd_status)
     params = sub.add_parser("params", help="print params.yaml with every default and what it does")
     params.set_defaults(func=cmd_params)
     sub.add_parser("route", help="explain the training route for a profile file (tunepath route --help)", add_help=False)

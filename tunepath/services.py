@@ -218,6 +218,8 @@ def log_tail(path: Path, lines: int = 15) -> str:
 
 def port_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # as the servers do: a port whose last connections linger in TIME_WAIT (right after `down`) is free
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

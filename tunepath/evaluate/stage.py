@@ -16,7 +16,6 @@ from tunepath.evaluate.heldout import Heldout, fingerprint
 from tunepath.evaluate.measure import measure, prepare_prompts, settings_of
 from tunepath.evaluate.models import load_folder, load_tuned, pick_runtime
 from tunepath.evaluate.report import render_report
-from tunepath.evaluate.samples import is_degenerate  # noqa: F401  (re-exported: part of this stage's API)
 from tunepath.evaluate.scoring import preference_summary
 from tunepath.sections import ModelConfig
 

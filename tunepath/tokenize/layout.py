@@ -52,7 +52,6 @@ class ChatLayout:
     prompt_part: int  # parts before this index are the prompt of the last assistant turn
     slots: tuple[tuple[int, int, int], ...]  # (start, end, message index) in the placeholder render
     placeholder: str
-    learnt_turns: int
 
 
 class ChatRenderer:
@@ -108,7 +107,7 @@ class ChatRenderer:
         if last_turn_only:
             spans = spans[-1:]
         parts, prompt_part = self._parts(full, slots, controls, spans, prompt_start)
-        return ChatLayout(tuple(parts), prompt_part, tuple(slots), full, len(spans))
+        return ChatLayout(tuple(parts), prompt_part, tuple(slots), full)
 
     def _slots(self, full: str, roles: tuple[str, ...]) -> list[tuple[int, int, int]]:
         slots = [(m.start(), m.end(), int(m.group(1))) for m in _SENTINEL.finditer(full)]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tunepath.sections import ModelConfig
 from tunepath.tokenize import TokenizeConfig
-from tunepath.tokenize.batches import KEPT, STATUS_NAMES, TRUNCATED, EncodePlan, cpt_batch, encoder_for, sft_batch
+from tunepath.tokenize.batches import STATUS_NAMES, TRUNCATED, EncodePlan, cpt_batch, encoder_for, sft_batch
 from tunepath.tokenize.masks import check_encoder
 from tunepath.tokenize.packing import best_fit_decreasing, build_rows, padding_share
 from tunepath.tokenize.report import write_report
@@ -194,6 +194,11 @@ def _status_stats(table) -> tuple[dict, object]:
     status = table["status"].to_numpy()
     kept = np.flatnonzero(status <= TRUNCATED)
     counts = {name: int((status == code).sum()) for code, name in STATUS_NAMES.items()}
+    if counts["dropped_unrenderable"]:
+        log.warning(
+            "%d records could not be rendered by the chat template (roles it refuses, or markup that depends on the "
+            "content) and were left out; see tokenize.template", counts["dropped_unrenderable"],
+        )
     longest = int(table["length"].to_numpy().max()) if len(status) else 0
     return {"samples_in": len(status), "samples_out": len(kept), "longest": longest, **counts}, kept
 

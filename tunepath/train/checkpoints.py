@@ -139,6 +139,9 @@ def marker_callback(keep: int):
             return control
 
         def on_save(self, args, state, control, **kwargs):
+            from accelerate import PartialState
+
+            PartialState().wait_for_everyone()  # every process has written its part (its RNG state) of the checkpoint
             if state.is_world_process_zero:
                 checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 mark_complete(checkpoint)

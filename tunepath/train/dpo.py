@@ -12,6 +12,9 @@ before DPO), not the untouched base: its log-probs are computed once, before the
 weights (a LoRA adapter keeps training across plan stages, so the adapter-disabled model would be the
 pre-SFT base, the wrong reference). No second model is kept in memory. On resume the stage's start weights
 are rebuilt first (earlier stages resume from their final checkpoints), so the reference is the same.
+
+Rows are padded on the right as their own segment (`PadCollator`); under a causal mask no answer token sees
+padding, so the same batches are right for the unsloth backend too.
 """
 
 from __future__ import annotations

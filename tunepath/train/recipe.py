@@ -185,10 +185,14 @@ def train_stage(model, stage: str, position: tuple[int, int], tokenize_dir: Path
     callbacks = [tracking.step_callback(stage, position[0], position[1], step_offset, sink, on_progress)]
     resume = None
     if cfg.save_steps > 0:
+        from accelerate import PartialState
+
         callbacks.append(checkpoints.marker_callback(cfg.checkpoint_limit))
-        if stage_dir.is_dir():
+        dist = PartialState()
+        if dist.is_main_process and stage_dir.is_dir():
             checkpoints.prune(stage_dir, cfg.checkpoint_limit)
-            resume = checkpoints.last_complete(stage_dir)
+        dist.wait_for_everyone()
+        resume = checkpoints.last_complete(stage_dir)
     args = build_args(cfg, stage_dir, precision)
     if stage == "dpo":
         from tunepath.train import dpo
@@ -233,7 +237,7 @@ def train_stage(model, stage: str, position: tuple[int, int], tokenize_dir: Path
         "rows": len(train_set),
     }
     log.info("%s: %d steps, final loss %s, %.1f s", stage, state.global_step, metrics["final_loss"], seconds)
-    return {"metrics": metrics, "steps": steps, "state": state}
+    return {"metrics": metrics, "steps": steps, "trainer": trainer}
 
 
 def _saved_state(checkpoint: Path) -> dict:
@@ -242,12 +246,16 @@ def _saved_state(checkpoint: Path) -> dict:
     return json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
 
 
-def save_outputs(model, tokenizer, method: str, out_dir: Path) -> str:
-    """Adapter or full weights, the tokenizer with the training chat template; returns the weights folder name."""
-    model.config.use_cache = True  # inference wants the cache back
+def save_outputs(trainer, tokenizer, method: str, out_dir: Path) -> str:
+    """Adapter or full weights, the tokenizer with the training chat template; returns the weights folder name.
+
+    Through `Trainer.save_model`, which gathers sharded (FSDP) weights and writes on the main process only.
+    """
+    trainer.model.config.use_cache = True  # inference wants the cache back
     weights = "adapter" if method in ADAPTER_METHODS else "model"
-    model.save_pretrained(str(out_dir / weights), safe_serialization=True)
-    if weights == "model":
-        tokenizer.save_pretrained(str(out_dir / weights))
-    tokenizer.save_pretrained(str(out_dir / "tokenizer"))
+    trainer.save_model(str(out_dir / weights))
+    if trainer.args.should_save:
+        # a pickle of TrainingArguments: unsafe to load and redundant with metrics.json and params.yaml
+        (out_dir / weights / "training_args.bin").unlink(missing_ok=True)
+        tokenizer.save_pretrained(str(out_dir / "tokenizer"))
     return weights

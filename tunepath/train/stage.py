@@ -7,8 +7,9 @@
 The RoutePlan's stages run in order on ONE model object, each starting from the previous one's weights:
 pretrain/CPT/SFT with the causal-LM loss on the tokenized rows, DPO with its own loss (`dpo.py`). With LoRA
 one adapter keeps training through all plan stages, so the result is always one adapter on `start_model`,
-which is what merge and evaluate load. DPO's reference is the model when the DPO stage starts (after SFT),
-computed before its first step; see `dpo.py`.
+which is what merge and evaluate load (no merged intermediate is written). DPO's reference is the model when
+the DPO stage starts (after SFT), its log-probs computed before the first DPO step; see `dpo.py`. Pretraining
+from scratch (start_from scratch, method full) initialises `model.base`'s architecture from its config.
 
 Outputs (`artifacts/train/`, rewritten on every run; the same for both backends):
 
@@ -16,8 +17,8 @@ Outputs (`artifacts/train/`, rewritten on every run; the same for both backends)
                         stages (per plan stage: steps, losses, seconds, tokens/s, resumed_from_step),
                         first_loss, final_loss, trainable/total params, precision, mlflow_run_id,
                         quantization (qlora: the bitsandbytes 4-bit settings of the base)
-    adapter/            PEFT adapter (lora, qlora), relative to start_model; or
-    model/              full weights + tokenizer (full)
+    adapter/            PEFT adapter (lora, qlora), relative to start_model, with the tokenizer; or
+    model/              full weights (safetensors) with the tokenizer (full)
     tokenizer/          tokenizer with the training chat template
     loss.csv            step,stage,loss,learning_rate,grad_norm,tokens_per_second (dvc plots)
     stages/<stage>/trainer_state.json
@@ -28,8 +29,9 @@ a killed run, rerun with the same inputs and settings, resumes from the last com
 data order and ends at the same step with the same loss curve.
 
 Backends: `build_model` is the one place that loads the start model. hf: transformers (+ peft; QLoRA through
-`tunepath.train.quantize.load_4bit`, CUDA only). unsloth: `tunepath.train.unsloth_backend.build_model`,
-imported only when chosen (importing unsloth patches transformers for the whole process).
+`tunepath.train.quantize.load_4bit`, CUDA only). unsloth: `tunepath.train.unsloth_backend.build_model`
+and its collator, imported only when chosen (importing unsloth patches transformers for the whole process).
+Both then train with the same recipe and save through `Trainer.save_model`, so the layout above is the same.
 """
 
 from __future__ import annotations
@@ -161,7 +163,9 @@ def run_train(cfg: TrainConfig, model: ModelConfig, plan_path: Path, tokenize_di
     tracking_uri: log per-step metrics to MLflow while training (None: no MLflow).
     on_progress: called with each logged step's metrics (stage, step, max_steps, loss, ...), e.g. to update a
     progress bar in a UI. checkpoint_dir: default `artifacts/checkpoints/train` beside `out_dir`.
+    Under `accelerate launch` every process runs this; only the main one writes files and talks to MLflow.
     """
+    from accelerate import PartialState
     from transformers import AutoTokenizer, set_seed
 
     from tunepath.train import checkpoints, recipe, tracking
@@ -178,18 +182,24 @@ def run_train(cfg: TrainConfig, model: ModelConfig, plan_path: Path, tokenize_di
             raise ValueError(QLORA_ON_CPU)
     precision = recipe.pick_precision(cfg)
     log.info("backend %s (%s); stages %s, method %s, start from %s, precision %s", backend, why, stages, method, start_from, precision)
-    max_length = int(json.loads((tokenize_dir / "stats.json").read_text(encoding="utf-8")).get("max_length", 0)) \
-        if (tokenize_dir / "stats.json").exists() else 0
+    stats = tokenize_dir / "stats.json"
+    max_length = int(json.loads(stats.read_text(encoding="utf-8")).get("max_length", 0)) if stats.exists() else 0
 
+    dist = PartialState()
     base = start_model(plan, model)
     ckpt_root = Path(checkpoint_dir) if checkpoint_dir else checkpoints.default_root(out_dir)
-    run = checkpoints.open_run(ckpt_root, fingerprint(cfg, plan, base, backend, precision, tokenize_dir), cfg.save_steps > 0)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenize_dir / "tokenizer"))
+    run: dict = {}
+    with dist.main_process_first():  # the main process prepares the folders; the others wait, then read
+        if dist.is_main_process:
+            run = checkpoints.open_run(ckpt_root, fingerprint(cfg, plan, base, backend, precision, tokenize_dir), cfg.save_steps > 0)
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            out_dir.mkdir(parents=True)
+            if start_from == "scratch":
+                recipe.init_from_config(base, out_dir.resolve() / "init", tokenizer, cfg.seed, model.trust_remote_code)
     if start_from == "scratch":
-        base = str(recipe.init_from_config(base, out_dir.resolve() / "init", tokenizer, cfg.seed, model.trust_remote_code))
+        base = str(out_dir.resolve() / "init")
     set_seed(cfg.seed)
     net = build_model(base, cfg, method, precision, backend, max_length, model.trust_remote_code)
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
@@ -197,19 +207,21 @@ def run_train(cfg: TrainConfig, model: ModelConfig, plan_path: Path, tokenize_di
     collator = pick_collator(backend, tokenizer.pad_token_id)
 
     sink = None
-    if tracking_uri:
+    if tracking_uri and dist.is_main_process:
         sink = tracking.MlflowSink(tracking_uri, experiment, out_dir.resolve().parents[1] / "mlartifacts", run.get("mlflow_run_id"),
                                    {"route.stages": ",".join(stages), "route.method": method, "backend": backend})
         sink.log_params({f"train.{k}": v for k, v in cfg.model_dump(mode="json").items()})
         if cfg.save_steps > 0:
             checkpoints.write_run(ckpt_root, {**run, "mlflow_run_id": sink.run_id})
 
-    per_stage, steps, offset = [], [], 0
+    per_stage, steps, offset, trainer = [], [], 0, None
     try:
         for i, stage in enumerate(stages):
             result = recipe.train_stage(net, stage, (i, len(stages)), tokenize_dir, tokenizer, collator, cfg, ckpt_root,
                                         precision, method, max_length, offset, sink, on_progress)
-            result["state"].save_to_json(str(_mkdir(out_dir / "stages" / stage) / "trainer_state.json"))
+            trainer = result["trainer"]
+            if dist.is_main_process:
+                trainer.state.save_to_json(str(_mkdir(out_dir / "stages" / stage) / "trainer_state.json"))
             per_stage.append(result["metrics"])
             steps += [{**s, "global_step": offset + s["step"]} for s in result["steps"]]
             offset += result["metrics"]["steps"]
@@ -217,8 +229,7 @@ def run_train(cfg: TrainConfig, model: ModelConfig, plan_path: Path, tokenize_di
         if sink is not None:
             sink.finish("FAILED")
         raise
-    tracking.write_loss_curve(steps, out_dir / "loss.csv")
-    weights = recipe.save_outputs(net, tokenizer, method, out_dir)
+    weights = recipe.save_outputs(trainer, tokenizer, method, out_dir)  # collective under FSDP: every process calls it
     summary = {
         "backend": backend,
         "backend_reason": why,
@@ -237,12 +248,15 @@ def run_train(cfg: TrainConfig, model: ModelConfig, plan_path: Path, tokenize_di
     }
     if method == "qlora":
         summary["quantization"] = quantization_of(net)
-    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    if dist.is_main_process:
+        tracking.write_loss_curve(steps, out_dir / "loss.csv")
+        (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        if not cfg.keep_checkpoints:
+            checkpoints.clear(ckpt_root)
     if sink is not None:
         sink.log({"final_loss": summary["final_loss"]}, offset)
         sink.finish()
-    if not cfg.keep_checkpoints:
-        checkpoints.clear(ckpt_root)
+    dist.wait_for_everyone()
     return summary
 
 

@@ -98,7 +98,10 @@ def step_callback(stage: str, index: int, count: int, step_offset: int, sink: Ml
             if sink is not None:
                 sink.log({k: row.get(k) for k in TRACKED + tuple(k for k in logs if k.startswith("dpo_"))}, row["global_step"])
             if on_progress is not None:
-                on_progress(row)
+                try:
+                    on_progress(row)
+                except Exception as e:  # a UI hiccup must not end a training run (KeyboardInterrupt still does)
+                    log.warning("progress callback failed at step %d: %s", state.global_step, e)
             final = state.global_step >= state.max_steps
             if final or state.global_step // self.every != self.last_reported // self.every:
                 self.last_reported = state.global_step
