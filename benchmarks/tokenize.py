@@ -8,8 +8,9 @@ Usage:
 Prints a markdown table: tokens/s of the raw tokenizer (the rendered chats, batched, special tokens on) and of
 the whole stage (`run_tokenize`: read records, render, mask, tokenize, pack, write), their ratio, the padding
 share unpacked vs packed, and the time of a rerun served from the cache; writes the figures as JSON to
-benchmarks/results/ (unless --out says otherwise). Both runs happen in this process after the imports, so
-the times exclude interpreter start-up. On a shared machine the CPU-time ratio is the steadier figure.
+benchmarks/results/ (unless --out says otherwise). Each run is a fresh process (a run after another one in
+the same process inherits its heap and measured 40-60% slower here); the timed part starts after the
+imports. On a shared machine the CPU-time ratio is the steadier figure.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
+import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
@@ -92,18 +94,8 @@ def _cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--conversations", type=int, default=50_000)
-    parser.add_argument("--max-length", type=int, default=1024)
-    parser.add_argument("--num-proc", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--batch-size", type=int, default=1000)
-    parser.add_argument("--model", help="a model folder whose tokenizer to use (default: one trained here)")
-    parser.add_argument("--workdir", help="folder for records, cache and outputs (default: a temporary one)")
-    parser.add_argument("--out", help="JSON path (default: benchmarks/results/tokenize_cpu<cores>_<date>.json)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-
+def _measure(args) -> dict:
+    """One measurement in this (fresh) process, so that neither run inherits the other's heap: raw or stage."""
     from datasets import disable_progress_bars
     from transformers import AutoTokenizer
 
@@ -111,58 +103,88 @@ def main(argv: list[str] | None = None) -> int:
     from tunepath.tokenize import TokenizeConfig, run_tokenize
 
     disable_progress_bars()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="tunepath-bench-tokenize-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = Path(args.workdir)
+    if args.child == "raw":
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        with open(work / "validate" / "records.jsonl", encoding="utf-8") as f:
+            texts = [tokenizer.apply_chat_template(json.loads(line)["messages"], tokenize=False) for line in f]
+        started, cpu = time.perf_counter(), _cpu_seconds()
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return {"seconds": time.perf_counter() - started, "cpu": _cpu_seconds() - cpu, "tokens": sum(map(len, ids))}
+    cfg = TokenizeConfig(max_length=args.max_length, num_proc=args.num_proc, batch_size=args.batch_size, cache_dir=args.cache)
+    started, cpu = time.perf_counter(), _cpu_seconds()
+    summary = run_tokenize(cfg, ModelConfig(base=args.model), work / "validate", work / "out")
+    return {"seconds": time.perf_counter() - started, "cpu": _cpu_seconds() - cpu, "cached": summary["cached"]}
+
+
+def _run_child(args, child: str, cache: str = "") -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", child, "--model", args.model, "--workdir", str(args.workdir),
+               "--cache", cache, "--max-length", str(args.max_length), "--num-proc", str(args.num_proc), "--batch-size", str(args.batch_size)]
+    done = subprocess.run(command, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--conversations", type=int, default=50_000)
+    parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--num-proc", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=2, help="raw and stage runs, alternating; the fastest of each counts")
+    parser.add_argument("--model", help="a model folder whose tokenizer to use (default: one trained here)")
+    parser.add_argument("--workdir", help="folder for records, cache and outputs (default: a temporary one)")
+    parser.add_argument("--out", help="JSON path (default: benchmarks/results/tokenize_cpu<cores>_<date>.json)")
+    parser.add_argument("--child", choices=["raw", "stage"], help=argparse.SUPPRESS)
+    parser.add_argument("--cache", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.child:
+        print(json.dumps(_measure(args)))
+        return 0
+
+    args.workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tunepath-bench-tokenize-"))
+    args.workdir.mkdir(parents=True, exist_ok=True)
     chats = make_conversations(args.conversations)
-    model_dir = Path(args.model) if args.model else build_tokenizer(work / "tokenizer", [m["content"] for c in chats[:5000] for m in c])
-    validate = work / "validate"
-    validate.mkdir(exist_ok=True)
-    with open(validate / "records.jsonl", "w", encoding="utf-8") as f:
+    if not args.model:
+        args.model = str(build_tokenizer(args.workdir / "tokenizer", [m["content"] for c in chats[:5000] for m in c]))
+    (args.workdir / "validate").mkdir(exist_ok=True)
+    with open(args.workdir / "validate" / "records.jsonl", "w", encoding="utf-8") as f:
         for i, messages in enumerate(chats):
             record = {"id": f"{i:016x}", "kind": "conversation", "split": "train" if i % 50 else "eval",
                       "source": {"file": "bench.jsonl", "line": i + 1}, "messages": messages}
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in chats]
-    started, cpu = time.perf_counter(), _cpu_seconds()
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    raw_seconds, raw_cpu = time.perf_counter() - started, _cpu_seconds() - cpu
-    tokens = sum(map(len, ids))
-    del ids, texts
+    raws, stages = [], []
+    for i in range(args.repeats):
+        raws.append(_run_child(args, "raw"))
+        stages.append(_run_child(args, "stage", str(args.workdir / f"cache-{i}")))
+    cached = _run_child(args, "stage", str(args.workdir / f"cache-{args.repeats - 1}"))
+    assert cached["cached"] and not any(s["cached"] for s in stages)
+    raw, stage = min(raws, key=lambda r: r["seconds"]), min(stages, key=lambda r: r["seconds"])
+    raw_cpu, stage_cpu = min(r["cpu"] for r in raws), min(s["cpu"] for s in stages)
+    tokens = raw["tokens"]
+    train = json.loads((args.workdir / "out" / "stats.json").read_text())["sft"]["train"]
 
-    cfg = TokenizeConfig(max_length=args.max_length, num_proc=args.num_proc, batch_size=args.batch_size, cache_dir=str(work / "cache"))
-    model = ModelConfig(base=str(model_dir))
-    started, cpu = time.perf_counter(), _cpu_seconds()
-    summary = run_tokenize(cfg, model, validate, work / "out")
-    stage_seconds, stage_cpu = time.perf_counter() - started, _cpu_seconds() - cpu
-    started = time.perf_counter()
-    again = run_tokenize(cfg, model, validate, work / "out")
-    cached_seconds = time.perf_counter() - started
-    train = json.loads((work / "out" / "stats.json").read_text())["sft"]["train"]
-    assert again["cached"] and not summary["cached"]
-
-    ratio = raw_seconds / stage_seconds
+    ratio = raw["seconds"] / stage["seconds"]
     rows = [
         ("conversations (train/eval)", f"{len(chats):,} ({train['samples_in']:,}/{len(chats) - train['samples_in']:,})"),
         ("tokens (rendered chats)", f"{tokens:,} (longest {train['longest']}, max_length {args.max_length}, truncated {train['truncated']})"),
-        ("raw fast tokenizer, batched", f"{tokens / raw_seconds:,.0f} tokens/s ({raw_seconds:.2f} s)"),
-        (f"whole stage, cold (num_proc={args.num_proc})", f"{tokens / stage_seconds:,.0f} tokens/s ({stage_seconds:.2f} s)"),
+        ("raw fast tokenizer, batched", f"{tokens / raw['seconds']:,.0f} tokens/s ({raw['seconds']:.2f} s)"),
+        (f"whole stage, cold (num_proc={args.num_proc})", f"{tokens / stage['seconds']:,.0f} tokens/s ({stage['seconds']:.2f} s)"),
         ("stage / raw, wall time", f"{ratio:.2f} (target >= 0.7)"),
         ("stage / raw, CPU time", f"{raw_cpu / stage_cpu:.2f} (raw {raw_cpu:.1f} CPU-s, stage {stage_cpu:.1f} CPU-s)"),
         ("padding share, unpacked (train)", f"{train['padding_share_unpacked']:.1%}"),
         ("padding share, packed (train)", f"{train['padding_share_packed']:.2%} (target < 2%), {train['rows']:,} rows"),
-        ("cached rerun", f"{cached_seconds:.2f} s"),
-        ("cpu cores, load average", f"{os.cpu_count()}, {os.getloadavg()[0]:.1f}"),
+        ("cached rerun", f"{cached['seconds']:.2f} s"),
+        ("runs (fastest counts), cpu cores, load average", f"{args.repeats}, {os.cpu_count()}, {os.getloadavg()[0]:.1f}"),
     ]
     figures = {
         "date": time.strftime("%Y-%m-%d"), "cpu_cores": os.cpu_count(), "load_average": round(os.getloadavg()[0], 2),
         "conversations": len(chats), "tokens": tokens, "max_length": args.max_length, "num_proc": args.num_proc,
-        "raw": {"seconds": round(raw_seconds, 3), "cpu_seconds": round(raw_cpu, 3), "tokens_per_s": round(tokens / raw_seconds)},
-        "stage": {"seconds": round(stage_seconds, 3), "cpu_seconds": round(stage_cpu, 3), "tokens_per_s": round(tokens / stage_seconds)},
+        "raw_runs": raws, "stage_runs": stages, "cached_run": cached,
         "ratio_wall": round(ratio, 3), "ratio_cpu": round(raw_cpu / stage_cpu, 3),
         "padding_share_unpacked": train["padding_share_unpacked"], "padding_share_packed": train["padding_share_packed"],
-        "packed_rows": train["rows"], "cached_rerun_seconds": round(cached_seconds, 3),
+        "packed_rows": train["rows"],
     }
     out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"tokenize_cpu{os.cpu_count()}_{figures['date']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -147,18 +147,30 @@ def test_busy_port_falls_back_to_a_free_one():
         assert chosen != busy and services.port_free("127.0.0.1", chosen)
 
 
-def test_env_file_points_the_cli_at_the_servers(tmp_path, monkeypatch):
+def test_env_file_points_the_cli_at_the_servers_while_they_run(tmp_path, monkeypatch):
     from tunepath.cli import prepare_env
 
     (tmp_path / ".tunepath").mkdir()
     services.write_env_file(tmp_path, "http://127.0.0.1:4999/api", "http://127.0.0.1:5999")
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(services, "running_pid", lambda root, name: 4242)  # both servers alive
     prepare_env(tmp_path)
     assert os.environ["PREFECT_API_URL"] == "http://127.0.0.1:4999/api"
     assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5999"
     monkeypatch.delenv("PREFECT_API_URL")
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
+
+
+def test_a_stale_env_file_is_ignored(tmp_path, monkeypatch):
+    from tunepath.cli import prepare_env
+
+    (tmp_path / ".tunepath").mkdir()
+    services.write_env_file(tmp_path, "http://127.0.0.1:4999/api", "http://127.0.0.1:5999")
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    prepare_env(tmp_path)  # no pid files: the servers are gone
+    assert "PREFECT_API_URL" not in os.environ and "MLFLOW_TRACKING_URI" not in os.environ
 
 
 def test_prefect_yaml_deploys_both_flows_from_the_workers_project_folder():

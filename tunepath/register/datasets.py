@@ -73,10 +73,9 @@ def log_lineage(raw_dir: str, data_hash: str, git_commit: str, records_path: Pat
         frame = record_frame(records_path, split)
         if frame.empty:
             continue
-        with warnings.catch_warnings():  # the schema hint about integer columns is for model inputs, not for lineage
-            warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
-            dataset = mlflow.data.from_pandas(frame, source=source, name=f"records-{split}")
         tags = {"dvc.md5": data_hash, "rows": str(len(frame))}
         if split == "eval":
             tags["heldout.digest"] = heldout_digest
-        mlflow.log_input(dataset, context=context, tags=tags)
+        with warnings.catch_warnings():  # MLflow's hint on integer columns is about model inputs, not lineage
+            warnings.filterwarnings("ignore", message=".*Inferred schema contains integer column")
+            mlflow.log_input(mlflow.data.from_pandas(frame, source=source, name=f"records-{split}"), context=context, tags=tags)

@@ -183,7 +183,7 @@ def _tokenized(kind: str, split: str, records: _Records, plan: EncodePlan, cfg: 
 def _zero_stats() -> dict:
     return {
         "samples_in": 0, "samples_out": 0, "tokens": 0, "label_tokens": 0, "truncated": 0,
-        "dropped_too_long": 0, "dropped_no_labels": 0, "dropped_unrenderable": 0, "longest": 0,
+        "dropped_too_long": 0, "dropped_no_labels": 0, "dropped_unrenderable": 0, "dropped_tokens": 0, "longest": 0,
         "padding_share_unpacked": 0.0, "padding_share_packed": 0.0, "rows": 0, "packed": False,
     }
 

@@ -38,7 +38,7 @@ class TrainConfig(Strict):
     dpo_beta: float = Field(0.1, gt=0, description="DPO: how strongly the policy is held to the reference (the model before DPO); lower lets it drift further.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, about 30% slower.")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPUs that support it, else fp32.")
-    save_steps: int = Field(0, ge=0, description="Checkpoint every N steps (and at the end of each plan stage) so a killed run resumes; 0 keeps no checkpoints.")
+    save_steps: int = Field(50, ge=0, description="Checkpoint every N steps (and at the end of each plan stage) so a killed run resumes; 0 keeps no checkpoints.")
     checkpoint_limit: int = Field(2, ge=1, description="Complete checkpoints kept per plan stage while training; older ones are deleted.")
     keep_checkpoints: bool = Field(
         False, description="Keep the checkpoints after a successful run (a rerun with the same inputs then finishes at once); they hold optimizer state."
