@@ -31,7 +31,12 @@ def run_stage_task(name: str, config, workspace: Workspace) -> dict:
         with concurrency("gpu", occupy=1, strict=False):
             summary = run_stage(name, config, workspace)
     else:
-        summary = run_stage(name, config, workspace)
+        try:
+            summary = run_stage(name, config, workspace)
+        except Exception:
+            if name == "evaluate":
+                publish(name, workspace, {})  # a failed gate still shows its report and samples in the UI
+            raise
     ledger.record(name)
     publish(name, workspace, summary)
     return {"stage": name, "skipped": False}
@@ -52,6 +57,15 @@ def publish(name: str, workspace: Workspace, summary: dict) -> None:
     """Put what a person wants to see of this stage into the Prefect UI."""
     out = workspace.out(name)
     key = f"tunepath-{name}"
+    if name == "evaluate" and (out / "samples.jsonl").exists():
+        import json
+
+        from prefect.artifacts import create_table_artifact
+
+        from tunepath.evaluate.report import sample_table
+
+        rows = [json.loads(l) for l in (out / "samples.jsonl").read_text(encoding="utf-8").splitlines() if l.strip()]
+        create_table_artifact(sample_table(rows), key="tunepath-evaluate-samples", description="tuned with/without template, base, reference")
     if name in REPORTS and (out / REPORTS[name]).exists():
         create_markdown_artifact((out / REPORTS[name]).read_text(encoding="utf-8"), key=key, description=f"{name} report")
     elif name == "train":

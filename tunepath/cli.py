@@ -2,6 +2,7 @@
 
     tunepath demo                      # build the demo model and data (if missing) and track the data with DVC
     tunepath run [--set train.max_steps=20 ...]   # the Prefect flow `finetune`, end to end
+    tunepath promote [--force | --rollback]   # candidate -> champion when better; or roll back
     tunepath stage NAME                # one stage, as `dvc repro` runs it
     tunepath up | down | status        # local Prefect + MLflow servers, a worker and the deployments
     tunepath params > params.yaml      # every knob with its default and a comment
@@ -78,6 +79,15 @@ def cmd_run(args) -> int:
     result = finetune(config=cfg, project_dir=str(args.project), tracking_uri=tracking_uri(args.project))
     print(f"stages run: {', '.join(result['ran']) or 'none'}; up to date: {', '.join(result['skipped']) or 'none'}")
     print(f"results: {args.project / 'artifacts'} (evaluate/metrics.json, merge/, register/model.json)")
+    registered = args.project / "artifacts" / "register" / "model.json"
+    if registered.exists():
+        import json
+
+        record = json.loads(registered.read_text(encoding="utf-8"))
+        tags = record.get("tags", {})
+        print(f"registered: {record['name']} version {record['version']} @{record['alias']} "
+              f"(git {tags.get('git_commit', '?')[:12]}, data {tags.get('data_hash', '?')[:12]}, "
+              f"perplexity {tags.get('eval.perplexity', '?')})")
     print(f"registry: MLflow at {tracking_uri(args.project)}  (open it: make mlflow-ui)")
     return 0
 
@@ -150,6 +160,20 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_promote(args) -> int:
+    from tunepath.params import load_config
+
+    cfg = load_config(args.project / "params.yaml")
+    name = args.model or cfg.register.model_name
+    from flows.promote import promote
+
+    record = promote(model_name=name, force=args.force, rollback=args.rollback, tracking_uri=tracking_uri(args.project),
+                     config=cfg.promote, project_dir=str(args.project))
+    print(f"{name}: {record['decision']}: {record['reason']}")
+    print(f"models:/{name}@champion is version {record.get('champion_after') or 'none'}; @previous is {record.get('previous_after') or 'none'}")
+    return 1 if record["decision"] == "rejected" else 0
+
+
 def cmd_params(args) -> int:
     from tunepath.params import render_defaults
 
@@ -178,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop exactly the processes `tunepath up` started").set_defaults(func=cmd_down)
     sub.add_parser("status", help="the services `tunepath up` started: PID, URL, health, log").set_defaults(func=cmd_status)
+    promote = sub.add_parser("promote", help="move the registry alias `champion` to the candidate when it is better, or roll back")
+    promote.add_argument("--model", default=None, help="registered model name (default: register.model_name in params.yaml)")
+    action = promote.add_mutually_exclusive_group()
+    action.add_argument("--force", action="store_true", help="promote the candidate without comparing (recorded on the version)")
+    action.add_argument("--rollback", action="store_true", help="point `champion` back at the `previous` version")
+    promote.set_defaults(func=cmd_promote)
     params = sub.add_parser("params", help="print params.yaml with every default and what it does")
     params.set_defaults(func=cmd_params)
     sub.add_parser("route", help="explain the training route for a profile file (tunepath route --help)", add_help=False)

@@ -9,6 +9,7 @@ from pydantic import Field
 from tunepath.demo import DemoConfig
 from tunepath.evaluate import EvaluateConfig
 from tunepath.merge import MergeConfig
+from tunepath.promote import PromoteConfig
 from tunepath.register import RegisterConfig
 from tunepath.route import RouteConfig
 from tunepath.sections import DataConfig, ModelConfig
@@ -37,3 +38,4 @@ with warnings.catch_warnings():
         evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Held-out evaluation and gates.")
         merge: MergeConfig = Field(default_factory=MergeConfig, description="Adapter merge and parity checks.")
         register: RegisterConfig = Field(default_factory=RegisterConfig, description="MLflow registration.")
+        promote: PromoteConfig = Field(default_factory=PromoteConfig, description="When `tunepath promote` moves `champion` to the candidate.")
