@@ -29,7 +29,7 @@ def run_stage_task(name: str, config, workspace: Workspace) -> dict:
         # one training per GPU slot across every worker of the server (`tunepath up` creates `gpu`, one per card);
         # without the limit (temporary server) Prefect logs a warning and trains anyway
         with concurrency("gpu", occupy=1, strict=False):
-            summary = run_stage(name, config, workspace)
+            summary = run_stage(name, config, workspace, on_progress=train_progress())
     else:
         try:
             summary = run_stage(name, config, workspace)
@@ -40,6 +40,24 @@ def run_stage_task(name: str, config, workspace: Workspace) -> dict:
     ledger.record(name)
     publish(name, workspace, summary)
     return {"stage": name, "skipped": False}
+
+
+def train_progress(every_s: float = 5.0):
+    """A callback for the train stage that moves a Prefect progress artifact (at most every `every_s` seconds)."""
+    import time
+
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    artifact_id, last = create_progress_artifact(0.0, key="tunepath-train-progress", description="training %"), [0.0]
+
+    def on_progress(r: dict) -> None:
+        end = r["stage_index"] + 1 == r["stages"] and r["step"] >= r["max_steps"]
+        if time.monotonic() - last[0] < every_s and not end:
+            return
+        last[0] = time.monotonic()
+        update_progress_artifact(artifact_id, round(100 * (r["stage_index"] + r["step"] / max(r["max_steps"], 1)) / r["stages"], 1))
+
+    return on_progress
 
 
 def describe_changes(entries: list) -> str:

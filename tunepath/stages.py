@@ -32,7 +32,7 @@ def default_tracking_uri(root: Path) -> str:
     return f"sqlite:///{(root / 'mlflow.db').resolve()}"
 
 
-def run_stage(name: str, cfg, ws: Workspace) -> dict:
+def run_stage(name: str, cfg, ws: Workspace, on_progress=None) -> dict:
     """Run one stage's core function with exactly the config sections and folders it depends on."""
     if name == "validate":
         from tunepath.validate import run_validate
@@ -50,7 +50,7 @@ def run_stage(name: str, cfg, ws: Workspace) -> dict:
                          max_length=cfg.tokenize.max_length, batch_size=cfg.train.batch_size, lora_rank=cfg.train.lora_r,
                          gradient_checkpointing=cfg.train.gradient_checkpointing)
     if name == "train":
-        return train_stage(cfg, ws)
+        return train_stage(cfg, ws, on_progress)
     if name == "evaluate":
         from tunepath.evaluate.stage import run_evaluate
 
@@ -66,7 +66,7 @@ def run_stage(name: str, cfg, ws: Workspace) -> dict:
     raise ValueError(f"unknown stage {name!r}; stages are validate, tokenize, route, train, evaluate, merge, register")
 
 
-def train_stage(cfg, ws: Workspace) -> dict:
+def train_stage(cfg, ws: Workspace, on_progress=None) -> dict:
     """Train in this process, or, when several GPUs are wanted, in one process per GPU under accelerate launch."""
     import json
 
@@ -80,7 +80,7 @@ def train_stage(cfg, ws: Workspace) -> dict:
             raise RuntimeError(f"distributed training failed (exit code {code}); see the log above")
         return json.loads((ws.out("train") / "metrics.json").read_text(encoding="utf-8"))
     return run_train(cfg.train, resolve_model(cfg.model, ws), ws.out("route") / "plan.json", ws.out("tokenize"), ws.out("train"),
-                     tracking_uri=ws.tracking_uri or None, experiment=cfg.register.experiment)
+                     tracking_uri=ws.tracking_uri or None, experiment=cfg.register.experiment, on_progress=on_progress)
 
 
 def resolve_model(model, ws: Workspace):
