@@ -2,9 +2,9 @@
 
 Usage:
 
-    python benchmarks/train_gpu.py                         # GPU: Qwen2.5-0.5B and -1.5B shapes, every variant
-    python benchmarks/train_gpu.py --shapes 1.5b --variants a,b_tuned
-    python benchmarks/train_gpu.py --cpu --tiny            # the same code end to end on CPU, tiny model
+    python -m benchmarks.train_gpu                         # GPU: Qwen2.5-0.5B and -1.5B shapes, every variant
+    python -m benchmarks.train_gpu --shapes 1.5b --variants a,b_tuned
+    python -m benchmarks.train_gpu --cpu --tiny            # the same code end to end on CPU, tiny model
 
 Models are randomly initialised Qwen2 models of the real shapes (configs below, nothing downloaded); LoRA r=16
 on all linear layers; a synthetic chat data set with Alpaca-like lengths (mean ~150 tokens, long tail to

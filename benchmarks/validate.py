@@ -2,8 +2,8 @@
 
 Usage:
 
-    python benchmarks/validate.py                 # 100,000 conversations, 2 cores
-    python benchmarks/validate.py --rows 20000 --cores 1
+    python -m benchmarks.validate                 # 100,000 conversations, 2 cores
+    python -m benchmarks.validate --rows 20000 --cores 1
 
 The stage runs in a child process pinned to `--cores` CPUs so that the wall time includes the interpreter
 start and every import (Great Expectations alone takes several seconds), as it does in a pipeline run.

@@ -30,6 +30,8 @@ os.environ.update({
     "PREFECT_HOME": str(_SESSION_HOME / "prefect"),
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "PREFECT_LOGGING_EXTRA_LOGGERS": "tunepath",
+    # the temporary server logs its shutdown after pytest has closed the captured streams
+    "PREFECT_LOGGING_LEVEL": "WARNING",
 })
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("PREFECT_API_URL", None)
