@@ -19,19 +19,9 @@ import os
 import sys
 from pathlib import Path
 
+from tunepath.offline import OFFLINE_ENV
+
 SERVICES_ENV = Path(".tunepath") / "services.env"
-OFFLINE_ENV = {
-    "DO_NOT_TRACK": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DVC_NO_ANALYTICS": "1",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "GIT_PYTHON_REFRESH": "quiet",
-}
 
 
 def prepare_env(root: Path) -> None:

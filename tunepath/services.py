@@ -29,6 +29,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tunepath.offline import OFFLINE_ENV
+
 log = logging.getLogger(__name__)
 
 STATE_DIR = ".tunepath"
@@ -37,16 +39,7 @@ DEPLOYMENTS = {"finetune": "flows/finetune.py", "promote": "flows/promote.py"}
 GPU_LIMIT = "gpu"
 # Offline and quiet: no telemetry from any of the tools the services run.
 QUIET_ENV = {
-    "DO_NOT_TRACK": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DVC_NO_ANALYTICS": "1",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "GIT_PYTHON_REFRESH": "quiet",
+    **OFFLINE_ENV,
     "PREFECT_LOGGING_EXTRA_LOGGERS": "tunepath",
     # the job runner would start a second process pool inside the server; tunepath has no MLflow jobs
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
