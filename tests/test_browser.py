@@ -102,8 +102,11 @@ def test_custom_run_from_the_prefect_ui_then_model_in_the_mlflow_ui(browser, liv
 
     browser.get(f"{report.prefect_url}/runs/flow-run/{run_id}")
     wait.until(EC.presence_of_element_located((By.XPATH, "//*[normalize-space()='Completed']")))
-    wait.until(EC.presence_of_element_located((By.XPATH, "//*[normalize-space()='register']")))
-    time.sleep(2)  # let the timeline finish drawing
+    # the task runs are drawn on a canvas timeline: check them through the API the page reads from
+    _, task_runs = http("POST", f"{api}/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}, "limit": 50})
+    finished = {t["name"] for t in task_runs if t["state"]["type"] == "COMPLETED"}
+    assert "register" in finished, f"task runs completed: {sorted(finished)}"
+    time.sleep(3)  # let the timeline finish drawing
     browser.save_screenshot(str(shots / "prefect-finetune-run.png"))
     print(f"flow run {run_id} completed {time.time() - started:.0f} s after Submit; screenshots in {shots}")
 
