@@ -26,6 +26,8 @@ os.environ.update({
     "PREFECT_LOGGING_EXTRA_LOGGERS": "tunepath",
     # the temporary server logs its shutdown after pytest has closed the captured streams
     "PREFECT_LOGGING_LEVEL": "WARNING",
+    # core functions called outside a flow log through the stdlib; nothing to send to the API then
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
 })
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("PREFECT_API_URL", None)

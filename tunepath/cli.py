@@ -32,6 +32,7 @@ def prepare_env(root: Path) -> None:
         # the temporary Prefect server takes 13-27 s to start here; the default 20 s limit fails now and then
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "PREFECT_LOGGING_EXTRA_LOGGERS": "tunepath",
+        "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
     })
     if (root / SERVICES_ENV).exists():
         from tunepath.services import live_env  # stdlib only: ignores the file when the servers are gone
