@@ -223,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except USER_ERRORS as e:
-        print(f"tunepath: error: {describe(e)}", file=sys.stderr)
+        if os.environ.get("TUNEPATH_DEBUG"):
+            raise  # the whole traceback, for whoever debugs tunepath itself
+        print(f"tunepath: error: {describe(e)} (TUNEPATH_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tunepath: interrupted", file=sys.stderr)
