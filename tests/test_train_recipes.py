@@ -7,19 +7,9 @@ import math
 
 import pytest
 
-from tests.test_train_support import (
-    LN2, curve, lm_loss, load_start, load_trained, one_thread, preference_margin, small_config, tokenized_project, train,
+from tests.test_train_support import (  # noqa: F401  (project, single_thread: module fixtures)
+    LN2, curve, lm_loss, load_start, load_trained, preference_margin, project, single_thread, small_config, train,
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_thread()
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory, demo_assets):
-    return tokenized_project(tmp_path_factory.mktemp("train-project"), demo_assets)
 
 
 def _losses(run_dir) -> list[float]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_train_support import curve, one_thread, small_config, tokenized_project, train
+from tests.test_train_support import curve, project, single_thread, small_config, train  # noqa: F401  (module fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {"max_steps": 30, "save_steps": 5, "keep_checkpoints": True}
@@ -28,16 +28,6 @@ from tests.test_train_support import small_config, train
 train(Path(sys.argv[1]), Path(sys.argv[2]), {stages!r}, "lora", cfg=small_config(**{settings!r}),
       on_progress=lambda row: time.sleep(0.2))
 """
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_thread()
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory, demo_assets):
-    return tokenized_project(tmp_path_factory.mktemp("resume-project"), demo_assets)
 
 
 def _complete_steps(stage_dir: Path) -> list[int]:

@@ -7,6 +7,8 @@ import math
 import shutil
 from pathlib import Path
 
+import pytest
+
 LN2 = math.log(2)
 
 
@@ -24,6 +26,18 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Module fixture (imported by each train test module): torch on one thread for the module's tests."""
+    yield from one_thread()
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, demo_assets):
+    """Module fixture: a tokenized demo project shared by the module's tests."""
+    return tokenized_project(tmp_path_factory.mktemp("train-project"), demo_assets)
 
 
 def tokenized_project(dest: Path, assets: Path) -> Path:

@@ -40,9 +40,6 @@ class Ledger:
         with _inside(self.root), Repo(str(self.root)) as repo:
             return repo.status(targets=[stage])
 
-    def is_current(self, stage: str) -> bool:
-        return not self.changes(stage)
-
     def record(self, stage: str) -> None:
         """Store the stage's outputs in the DVC cache and its deps/params/outs hashes in dvc.lock."""
         from dvc.repo import Repo
