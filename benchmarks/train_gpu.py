@@ -3,7 +3,7 @@
 Usage:
 
     python -m benchmarks.train_gpu                         # GPU: Qwen2.5-0.5B and -1.5B shapes, every variant
-    python -m benchmarks.train_gpu --shapes 1.5b --variants a,b_tuned
+    python -m benchmarks.train_gpu --shapes 1.5b --variants a,b,b_compile
     python -m benchmarks.train_gpu --cpu --tiny            # the same code end to end on CPU, tiny model
 
 Models are randomly initialised Qwen2 models of the real shapes (configs below, nothing downloaded); LoRA r=16
@@ -11,18 +11,23 @@ on all linear layers; a synthetic chat data set with Alpaca-like lengths (mean ~
 1,300; the prompt part of each sample is masked out of the loss); max length 2048. Each variant runs in its
 own process (unsloth patches transformers process-wide), one after another:
 
-  a        baseline a user writes: Trainer + peft, batch 8 samples, dynamic padding, no packing, bf16
-  b        tunepath hf backend, defaults: rows packed to 2048 by the tokenize stage's best-fit decreasing,
-           position ids restart per sample (no cross-attention), batch 8 rows
-  b_tuned  b with batch 2 rows x grad_accum 4 (same rows per optimizer step) and padding-free varlen attention
-  c        tunepath unsloth backend with b_tuned's batch (rows flattened into one, unsloth's varlen path)
-  b_varlen, b4_varlen   (extra, isolate the parts of b_tuned) batch 8x1 and 4x2 rows with varlen attention
+  a          baseline a user writes: Trainer + peft, batch 8 samples, dynamic padding, no packing, bf16
+  b_plain    tunepath hf backend with packing only: rows packed to 2048 by the tokenize stage's best-fit
+             decreasing, position ids restart per sample (no cross-attention), batch 8 rows in one micro-batch,
+             SDPA attention, transformers' loss, no compile (the defaults before the speed paths)
+  b          tunepath hf backend, defaults but compile off: batch 8 rows run as micro-batches of 8,192 tokens
+             (4 rows x 2), varlen attention, chunked loss (tunepath/train/speed.py)
+  b_compile  tunepath hf backend, defaults of a run of 200+ steps: b with each decoder layer through torch.compile
+  b_fast     b_compile with micro-batches of 16,384 tokens (8 rows x 1): more memory, fewer launches
+  b_gc       b_compile with gradient checkpointing (train.gradient_checkpointing)
+  c          tunepath unsloth backend (micro-batch rows flattened into one, unsloth's varlen path)
 
 Reported per variant: real (non-padding) tokens/s, peak GPU memory (the worst batch of an epoch included),
 model FLOPs utilisation against the bf16 matrix rate measured in the same run, time from process start to the
 end of the first optimizer step. FLOPs per real token (LoRA, frozen base): 4*N (forward, and backward to the
 activations only) + 6*N_lora + 6*L*H*D*E[s+1] (causal attention over each sample of length s, forward and
-backward), N = weights of every matmul including the LM head. Writes JSON (card, date, versions, every figure)
+backward), N = weights of every matmul; the LM head counts only for tokens that have a label (the JSON also
+gives the MFU with the LM head counted for every token). Writes JSON (card, date, versions, every figure)
 to benchmarks/results/ unless --out says otherwise, and prints a markdown table last.
 """
 
@@ -56,12 +61,22 @@ SHAPES = {
     "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, vocab_size=151936),
     "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, vocab_size=151936),
 }
-VARIANTS = ("a", "b", "b_tuned", "c", "b_varlen", "b4_varlen")
-# rows per micro-batch, micro-batches per optimizer step, varlen attention (hf backend only)
-PACKED_BATCHES = {"b": (8, 1, False), "b_tuned": (2, 4, True), "c": (2, 4, False), "b_varlen": (8, 1, True), "b4_varlen": (4, 2, True)}
+VARIANTS = ("a", "b_plain", "b", "b_compile", "b_fast", "b_gc", "c")
+# TrainConfig settings per tunepath variant; everything else is the default: batch 8 rows, micro-batches of
+# 8,192 tokens, varlen attention on CUDA, chunked loss. compile is set explicitly: its default (auto) compiles
+# runs of 200 steps or more, and a benchmark run is shorter.
+TUNEPATH_VARIANTS = {
+    "b_plain": dict(micro_batch_tokens=0, attention="sdpa", chunked_loss=False, compile=False),  # packing only
+    "b": dict(compile=False),
+    "b_compile": dict(compile=True),  # the defaults of a run of 200 steps or more
+    "b_fast": dict(compile=True, micro_batch_tokens=16384),
+    "b_gc": dict(compile=True, gradient_checkpointing=True),
+    "c": dict(backend="unsloth"),
+}
+
 MAX_LENGTH = 2048
 LORA_R, LORA_ALPHA = 16, 32
-BASE_BATCH = 8  # samples per step in the baseline; rows per optimizer step in b, b_tuned and c
+BASE_BATCH = 8  # samples per step in the baseline; rows per optimizer step in the tunepath variants
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -116,96 +131,6 @@ def write_data(work: Path, vocab: int, n: int, max_length: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# padding-free attention for the hf backend (proposed; used by b_tuned)
-
-_SEGMENTS: dict = {}
-
-
-def _segments(position_ids, rows: int, width: int):
-    """cu_seqlens (int32) and the longest segment of a [rows, width] batch whose position ids restart per sample."""
-    import torch
-
-    key = (position_ids.data_ptr(), tuple(position_ids.shape), position_ids._version)
-    if _SEGMENTS.get("key") == key:
-        return _SEGMENTS["value"]
-    flat = position_ids.reshape(-1)
-    if flat.numel() != rows * width:
-        flat = position_ids.expand(rows, width).reshape(-1)
-    start = flat == 0
-    start[::width] = True  # every row starts a segment
-    edges = torch.nonzero(start).flatten()
-    cu = torch.cat([edges, edges.new_tensor([rows * width])]).to(torch.int32)
-    longest = int((cu[1:] - cu[:-1]).max().item())
-    _SEGMENTS.update(key=key, value=(cu, longest))
-    return cu, longest
-
-
-def _varlen_kernel():
-    import inspect
-
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None, set()
-    return varlen_attn, set(inspect.signature(varlen_attn).parameters)
-
-
-def varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """transformers attention function: causal attention within each packed sample, no mask, no padding work.
-
-    query [B, H, L, D], key/value [B, Hkv, L, D]; sample boundaries come from `position_ids` restarts. On CUDA it
-    runs torch's varlen flash kernel; elsewhere SDPA per segment (slow, for checks only).
-    """
-    import torch
-    import torch.nn.functional as F
-
-    position_ids = kwargs.get("position_ids")
-    if attention_mask is not None or position_ids is None or query.shape[2] == 1:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    b, h, n, d = query.shape
-    hk = key.shape[1]
-    cu, longest = _segments(position_ids, b, n)
-    q = query.transpose(1, 2).reshape(b * n, h, d)
-    k = key.transpose(1, 2).reshape(b * n, hk, d)
-    v = value.transpose(1, 2).reshape(b * n, hk, d)
-    kernel, params = _varlen_kernel()
-    if q.is_cuda and kernel is not None:
-        extra = {}
-        if "enable_gqa" in params:
-            extra["enable_gqa"] = True
-        elif hk != h:
-            k, v = k.repeat_interleave(h // hk, dim=1), v.repeat_interleave(h // hk, dim=1)
-        if "window_size" in params:
-            extra["window_size"] = (-1, 0)  # causal
-        else:
-            extra["is_causal"] = True
-        if "scale" in params and scaling is not None:
-            extra["scale"] = scaling
-        out = kernel(q, k, v, cu, cu, longest, longest, **extra)
-    else:
-        k, v = k.repeat_interleave(h // hk, dim=1), v.repeat_interleave(h // hk, dim=1)
-        bounds = cu.tolist()
-        parts = [
-            F.scaled_dot_product_attention(
-                q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), is_causal=True, scale=scaling
-            ).transpose(0, 1)
-            for s, e in zip(bounds, bounds[1:])
-        ]
-        out = torch.cat(parts)
-    return out.reshape(b, n, h, d), None
-
-
-def use_varlen_attention(model) -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register("tunepath_varlen", varlen_attention)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.set_attn_implementation("tunepath_varlen")
-
-
-# ---------------------------------------------------------------------------------------------------------
 # one variant, in its own process
 
 
@@ -225,14 +150,18 @@ class SamplePadCollator:
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
 
 
-def flops_per_token(shape: dict, lora_params: int, e_s1: float) -> dict:
+def flops_per_token(shape: dict, lora_params: int, e_s1: float, labelled: float) -> dict:
+    """Model FLOPs per real token. `per_token` counts the LM head only for tokens that have a label (the logits
+    a loss needs; prompt tokens' logits are wasted work, not model work); `per_token_all_head` counts it for all."""
     d, i, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
     heads, kv = shape["num_attention_heads"], shape["num_key_value_heads"]
     hd = d // heads
     per_layer = d * d * 2 + d * kv * hd * 2 + d * i * 3
-    n = per_layer * layers + d * shape["vocab_size"]
+    body, head = per_layer * layers, d * shape["vocab_size"]
     attention = 6 * layers * heads * hd * e_s1
-    return {"matmul_params": n, "lora_params": lora_params, "per_token": 4 * n + 6 * lora_params + attention}
+    common = 4 * body + 6 * lora_params + attention
+    return {"matmul_params": body + head, "lora_params": lora_params, "labelled_share": round(labelled, 4),
+            "per_token": common + 4 * head * labelled, "per_token_all_head": common + 4 * head}
 
 
 def run_variant(args) -> dict:
@@ -248,7 +177,7 @@ def run_variant(args) -> dict:
     from datasets import load_from_disk
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-    from tunepath.train import TrainConfig, recipe, stage
+    from tunepath.train import TrainConfig, recipe, speed, stage
 
     cuda = torch.cuda.is_available() and not args.cpu
     precision = "bf16" if cuda else "fp32"
@@ -273,29 +202,23 @@ def run_variant(args) -> dict:
             remove_unused_columns=False, dataloader_num_workers=0,
         )
     else:
-        rows, accum, varlen = PACKED_BATCHES[args.variant]
-        cfg = TrainConfig(
-            backend="unsloth" if args.variant == "c" else "hf", max_steps=steps, learning_rate=2e-4,
-            lora_r=LORA_R, lora_alpha=LORA_ALPHA,
-            batch_size=rows, grad_accum=accum,
-        )
         backend = "unsloth" if args.variant == "c" else "hf"
-        # the train stage's own loader and batching, exactly as `run_train` calls them
+        cfg = TrainConfig(backend=backend, max_steps=steps, learning_rate=2e-4, lora_r=LORA_R, lora_alpha=LORA_ALPHA,
+                          **{k: v for k, v in TUNEPATH_VARIANTS[args.variant].items() if k != "backend"})
+        # the train stage's own loader, batching and speed paths, exactly as `run_train` calls them
         model = stage.build_model(model_dir, cfg, "lora", precision, backend, args.max_length)
         collator = stage.pick_collator(backend, pad_id)
         train = load_from_disk(str(data_dir / "sft" / "train"))
-        targs = recipe.build_args(cfg, out, precision)
-        if varlen:
+        targs = recipe.build_args(cfg, out, precision, row_tokens=args.max_length)
+        if backend == "hf" and cfg.attention != "sdpa":
             if cuda:
                 model.to("cuda")
             try:
                 result["attention_check"] = check_varlen(model, collator, train, cuda)
             except Exception as e:  # noqa: BLE001  (a benchmark row says why instead of dying)
                 result["attention_check"] = {"error": f"{type(e).__name__}: {e}"[:500]}
-            # bf16 noise on these logits is ~1e-2; a wrong mask or layout moves them by whole units
-            result["varlen_attention"] = result["attention_check"].get("max_abs_diff", 1e9) < 0.25
-            if result["varlen_attention"]:
-                use_varlen_attention(model)
+        result["speed_paths"] = speed.apply(model, cfg, backend)
+        result["micro_batch"] = [targs.per_device_train_batch_size, targs.gradient_accumulation_steps]
     result["load_s"] = round(time.perf_counter() - started, 2)
     result["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -354,7 +277,7 @@ def run_variant(args) -> dict:
     seconds = sum(times[timed])
     tokens = sum(real[timed])
     lengths = data_lengths(data_dir)
-    flops = flops_per_token(shape, count_lora(model), lengths["e_s1"])
+    flops = flops_per_token(shape, count_lora(model), lengths["e_s1"], lengths["labelled"])
     result.update(
         steps=fit.global_step,
         timed_steps=len(times[timed]),
@@ -368,7 +291,9 @@ def run_variant(args) -> dict:
         flops_per_token=round(flops["per_token"]),
         matmul_params=flops["matmul_params"],
         lora_params=flops["lora_params"],
+        labelled_share=flops["labelled_share"],
         achieved_tflops=float(f"{flops['per_token'] * tokens / seconds / 1e12:.4g}") if seconds else None,
+        achieved_tflops_all_head=float(f"{flops['per_token_all_head'] * tokens / seconds / 1e12:.4g}") if seconds else None,
     )
     if cuda:
         result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -383,8 +308,10 @@ def count_lora(model) -> int:
 def data_lengths(data_dir: Path) -> dict:
     from datasets import load_from_disk
 
-    lengths = [len(x) for x in load_from_disk(str(data_dir / "samples"))["input_ids"]]
-    return {"e_s1": sum(s * (s + 1) for s in lengths) / sum(lengths)}
+    samples = load_from_disk(str(data_dir / "samples"))
+    lengths = [len(x) for x in samples["input_ids"]]
+    labelled = sum(sum(1 for t in lab[1:] if t != -100) for lab in samples["labels"])
+    return {"e_s1": sum(s * (s + 1) for s in lengths) / sum(lengths), "labelled": labelled / sum(lengths)}
 
 
 def worst_batch(variant: str, train, collator, batch: int):
@@ -410,22 +337,24 @@ def probe_peak(model, batch: dict, cuda: bool) -> None:
 
 
 def check_varlen(model, collator, train, cuda: bool) -> dict:
-    """Logits with the varlen attention against transformers' SDPA with its packed-sequence mask, on one batch."""
-    import torch
-    from transformers import AttentionInterface
+    """Logits with the varlen attention against transformers' SDPA with its packed-sequence mask, on one batch.
 
-    AttentionInterface.register("tunepath_varlen", varlen_attention)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    bf16 noise on these logits is ~1e-2; a wrong mask or layout moves them by whole units."""
+    import torch
+
+    from tunepath.train.attention import use_default_attention, use_varlen_attention
+
     batch = collator([train[i] for i in range(2)])
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
     logits = {}
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-        for impl in ("sdpa", "tunepath_varlen"):
-            base.set_attn_implementation(impl)
-            logits[impl] = model(**batch).logits.float()
-    base.set_attn_implementation("sdpa")
-    diff = (logits["sdpa"] - logits["tunepath_varlen"]).abs()
+        use_default_attention(model)
+        logits["sdpa"] = model(**batch).logits.float()
+        use_varlen_attention(model)
+        logits["varlen"] = model(**batch).logits.float()
+    use_default_attention(model)
+    diff = (logits["sdpa"] - logits["varlen"]).abs()
     return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), "logit_scale": float(logits["sdpa"].abs().mean())}
 
 
@@ -563,11 +492,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=None, help="comma list of " + ",".join(VARIANTS))
     parser.add_argument("--samples", type=int, default=None, help="synthetic samples (default: 2400 GPU, 600 CPU)")
     parser.add_argument("--warmup", type=int, default=None)
-    parser.add_argument("--timed", type=int, default=None, help="timed optimizer steps for b, b_tuned, c")
+    parser.add_argument("--timed", type=int, default=None, help="timed optimizer steps for the tunepath variants")
     parser.add_argument("--timed-a", type=int, default=None, help="timed steps for the baseline (its steps are short)")
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/train_<card>_<date>.json)")
-    parser.add_argument("--timeout", type=int, default=240, help="seconds per variant process")
+    parser.add_argument("--timeout", type=int, default=300, help="seconds per variant process")
     parser.add_argument("--max-length", type=int, default=None, help=f"packed row length (default {MAX_LENGTH}; 512 on CPU)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)
@@ -585,10 +514,10 @@ def main(argv: list[str] | None = None) -> int:
 
     cpu = args.cpu or not torch.cuda.is_available()
     shapes = (args.shapes or ("tiny" if args.tiny or cpu else "0.5b,1.5b")).split(",")
-    variants = (args.variants or ("a,b,b_tuned" if cpu else "a,b,b_tuned,c")).split(",")
+    variants = (args.variants or ("a,b_plain,b" if cpu else "a,b_plain,b,b_compile,b_fast,c")).split(",")
     warmup = args.warmup if args.warmup is not None else (1 if cpu else 3)
-    timed = args.timed if args.timed is not None else (2 if cpu else 12)
-    timed_a = args.timed_a if args.timed_a is not None else (4 if cpu else 30)
+    timed = args.timed if args.timed is not None else (6 if cpu else 12)
+    timed_a = args.timed_a if args.timed_a is not None else (12 if cpu else 30)
     samples = args.samples or (200 if cpu else 2400)
     args.max_length = args.max_length or (512 if cpu else MAX_LENGTH)
     work = Path(args.work or tempfile.mkdtemp(prefix="train_gpu-"))

@@ -64,6 +64,53 @@ def test_auto_backend_on_cpu_is_hf_and_says_why():
 
 
 @pytest.mark.parametrize(
+    ("method", "processes", "unsloth", "backend", "why"),
+    [
+        ("lora", 1, True, "hf", "trains fastest with hf"),
+        ("full", 2, True, "hf", "trains fastest with hf"),
+        ("qlora", 1, True, "unsloth", "4-bit kernels"),
+        ("qlora", 2, True, "hf", "several GPUs"),
+        ("qlora", 1, False, "hf", "unsloth is not installed"),
+    ],
+)
+def test_auto_backend_on_a_gpu_follows_the_measured_rule(monkeypatch, method, processes, unsloth, backend, why):
+    """What `auto` picks where CUDA is present (simulated: the rule is decided before anything touches the GPU)."""
+    import importlib.util
+
+    import torch
+
+    from tunepath.train.stage import pick_backend
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "unsloth" and unsloth else
+                        (None if name == "unsloth" else real_find_spec(name, *a)))
+    picked, reason = pick_backend("auto", method, processes)
+    assert picked == backend
+    assert reason.startswith("auto: ") and why in reason
+
+
+@pytest.mark.parametrize(
+    ("batch", "accum", "row_tokens", "budget", "expected"),
+    [
+        (8, 1, 512, 8192, (8, 1)),  # the demo on CPU: 8 rows of 512 fit, no split
+        (8, 1, 2048, 8192, (4, 2)),  # the GPU default at max_length 2048
+        (8, 2, 2048, 8192, (4, 4)),  # grad_accum multiplies on top
+        (8, 1, 2048, 6000, (2, 4)),  # 2 rows fit (4,096 tokens); rows must divide the batch
+        (6, 1, 2048, 8192, (3, 2)),  # 4 rows would fit, but 4 does not divide 6
+        (8, 1, 4096, 2048, (1, 8)),  # not even one row fits: one row per micro-batch
+        (8, 1, 2048, 0, (8, 1)),  # 0 switches the split off
+    ],
+)
+def test_micro_batches_keep_the_batch_and_fit_the_token_budget(batch, accum, row_tokens, budget, expected):
+    from tunepath.train.speed import micro_batches
+
+    rows, steps = micro_batches(batch, accum, row_tokens, budget)
+    assert (rows, steps) == expected
+    assert rows * steps == batch * accum
+
+
+@pytest.mark.parametrize(
     ("stages", "method", "start", "message"),
     [
         ([], "lora", "base", "no training stages"),
@@ -141,11 +188,15 @@ def test_the_oom_message_names_each_knob_with_its_value():
     from tunepath.train.recipe import oom_message
 
     text = oom_message("sft", "lora", TrainConfig(batch_size=8, grad_accum=2), 2048)
-    for part in ("train.batch_size 8 -> 4", "train.grad_accum 2 -> 4", "tokenize.max_length 2048 -> 1024",
+    for part in ("train.micro_batch_tokens 8192 -> 4096", "train.batch_size 8 -> 4", "train.grad_accum 2 -> 4",
+                 "tokenize.max_length 2048 -> 1024",
                  "train.gradient_checkpointing false -> true", "method lora -> qlora", "'sft'"):
         assert part in text, part
     full = oom_message("cpt", "full", TrainConfig(batch_size=1, gradient_checkpointing=True), 512)
     assert "method full -> lora" in full and "gradient_checkpointing" not in full and "grad_accum" not in full
+    # a micro-batch already down to one row: halving the token budget would change nothing, so it is not offered
+    one_row = oom_message("sft", "lora", TrainConfig(micro_batch_tokens=2048), 2048)
+    assert "micro_batch_tokens" not in one_row
 
 
 def test_cuda_out_of_memory_during_training_becomes_training_oom(tmp_path, monkeypatch, demo_assets):

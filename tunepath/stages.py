@@ -45,9 +45,12 @@ def run_stage(name: str, cfg, ws: Workspace, on_progress=None) -> dict:
         return run_tokenize(cfg.tokenize, resolve_model(cfg.model, ws), ws.out("validate"), ws.out("tokenize"))
     if name == "route":
         from tunepath.route import run_route
+        from tunepath.train.speed import micro_batches
 
+        t = cfg.train  # memory is set by the micro-batch the train stage will run, not the whole batch
+        rows = micro_batches(t.batch_size, t.grad_accum, cfg.tokenize.max_length, t.micro_batch_tokens)[0]
         return run_route(cfg.route, resolve_model(cfg.model, ws), ws.out("tokenize"), ws.out("route"),
-                         max_length=cfg.tokenize.max_length, batch_size=cfg.train.batch_size, lora_rank=cfg.train.lora_r,
+                         max_length=cfg.tokenize.max_length, batch_size=rows, lora_rank=cfg.train.lora_r,
                          gradient_checkpointing=cfg.train.gradient_checkpointing)
     if name == "train":
         return train_stage(cfg, ws, on_progress)

@@ -13,7 +13,8 @@ class TrainConfig(Strict):
     """How to train. The route plan decides what (stages) and how (full/LoRA/QLoRA); this section tunes it."""
 
     backend: Literal["auto", "hf", "unsloth"] = Field(
-        "auto", description="auto: unsloth when CUDA and unsloth are present, else hf (transformers + peft)."
+        "auto", description="auto: unsloth for QLoRA when CUDA and unsloth are present, else hf (transformers + peft with "
+        "tunepath's speed paths, measured faster than unsloth for LoRA and full fine-tuning; see benchmarks/README.md).",
     )
     seed: int = Field(0, description="Seed for initialisation and data order; same seed, data and machine give the same loss curve.")
     max_steps: int = Field(60, ge=-1, description="Optimizer steps per training stage; -1 trains for `epochs` instead.")
@@ -37,6 +38,18 @@ class TrainConfig(Strict):
     )
     dpo_beta: float = Field(0.1, gt=0, description="DPO: how strongly the policy is held to the reference (the model before DPO); lower lets it drift further.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, about 30% slower.")
+    micro_batch_tokens: int = Field(
+        8192, ge=0, description="Split each batch into micro-batches of at most this many tokens (rows x max_length) and "
+        "accumulate their gradients: the same optimizer steps in less memory. 0: never split.",
+    )
+    attention: Literal["auto", "sdpa", "varlen"] = Field(
+        "auto", description="auto: varlen (packed samples through torch's varlen flash kernel, no mask) on CUDA, else sdpa; hf backend.",
+    )
+    chunked_loss: bool = Field(True, description="LM head and cross-entropy in chunks on labelled tokens only: no full logits tensor in memory; hf backend.")
+    compile: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile each decoder layer: steps about 1.5x faster after about 20 s of compiling; auto: on a CUDA GPU "
+        "for runs of 200 steps or more (or by epochs); hf backend.",
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPUs that support it, else fp32.")
     save_steps: int = Field(50, ge=0, description="Checkpoint every N steps (and at the end of each plan stage) so a killed run resumes; 0 keeps no checkpoints.")
     checkpoint_limit: int = Field(2, ge=1, description="Complete checkpoints kept per plan stage while training; older ones are deleted.")

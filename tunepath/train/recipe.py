@@ -119,17 +119,21 @@ def add_lora(model, cfg: TrainConfig):
     return get_peft_model(model, lora)
 
 
-def build_args(cfg: TrainConfig, output_dir: Path, precision: str):
+def build_args(cfg: TrainConfig, output_dir: Path, precision: str, row_tokens: int = 0):
+    """TrainingArguments for one plan stage; rows of up to `row_tokens` tokens are split into micro-batches."""
     import torch
     from transformers import TrainingArguments
 
+    from tunepath.train.speed import micro_batches
+
     save = cfg.save_steps > 0
-    return TrainingArguments(
+    rows, accum = micro_batches(cfg.batch_size, cfg.grad_accum, row_tokens, cfg.micro_batch_tokens)
+    args = TrainingArguments(
         output_dir=str(output_dir),
         max_steps=cfg.max_steps,
         num_train_epochs=cfg.epochs,
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
+        per_device_train_batch_size=rows,
+        gradient_accumulation_steps=accum,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=cfg.warmup_steps,
@@ -149,11 +153,21 @@ def build_args(cfg: TrainConfig, output_dir: Path, precision: str):
         # a bar on a terminal; under DVC or a Prefect worker the `tunepath.train` progress log lines say the same
         disable_tqdm=not sys.stderr.isatty(),
     )
+    if args.n_gpu > 1:
+        # one process seeing several GPUs: transformers would wrap the model in nn.DataParallel (slow, and it
+        # cannot gather the chunked loss's outputs); several GPUs are used through accelerate launch instead
+        log.info("%d GPUs visible to one process (train.num_processes 1): training on %s only", args.n_gpu, args.device)
+        args._n_gpu = 1
+    return args
 
 
 def oom_message(stage: str, method: str, cfg: TrainConfig, max_length: int) -> str:
-    b, acc = cfg.batch_size, cfg.grad_accum
-    knobs = [
+    b, acc, tokens = cfg.batch_size, cfg.grad_accum, cfg.micro_batch_tokens
+    knobs = []
+    if max_length and (tokens == 0 or tokens > max_length):
+        now = tokens or b * max_length
+        knobs.append(f"train.micro_batch_tokens {tokens} -> {max(max_length, now // 2)} (the same optimizer steps in smaller pieces)")
+    knobs += [
         f"train.batch_size {b} -> {max(1, b // 2)}" + (f" (and train.grad_accum {acc} -> {acc * 2} to keep the effective batch)" if b > 1 else ""),
         f"tokenize.max_length {max_length} -> {max(64, max_length // 2)} (rerun tokenize)",
     ]
@@ -193,7 +207,12 @@ def train_stage(model, stage: str, position: tuple[int, int], tokenize_dir: Path
             checkpoints.prune(stage_dir, cfg.checkpoint_limit)
         dist.wait_for_everyone()
         resume = checkpoints.last_complete(stage_dir)
-    args = build_args(cfg, stage_dir, precision)
+    # a DPO row is a pair: prompt + chosen and prompt + rejected
+    args = build_args(cfg, stage_dir, precision, row_tokens=max_length * (2 if stage == "dpo" else 1))
+    if args.per_device_train_batch_size != cfg.batch_size:
+        log.info("%s: batches of %d rows run as %d micro-batches of %d rows (train.micro_batch_tokens %d)", stage,
+                 cfg.batch_size, args.gradient_accumulation_steps // cfg.grad_accum, args.per_device_train_batch_size,
+                 cfg.micro_batch_tokens)
     if stage == "dpo":
         from tunepath.train import dpo
 
@@ -235,6 +254,8 @@ def train_stage(model, stage: str, position: tuple[int, int], tokenize_dir: Path
         "tokens": state.num_input_tokens_seen,
         "tokens_per_second": round(session_tokens / seconds, 1) if seconds and session_tokens else None,
         "rows": len(train_set),
+        "micro_batch_rows": args.per_device_train_batch_size,
+        "grad_accum_steps": args.gradient_accumulation_steps,
     }
     log.info("%s: %d steps, final loss %s, %.1f s", stage, state.global_step, metrics["final_loss"], seconds)
     return {"metrics": metrics, "steps": steps, "trainer": trainer}

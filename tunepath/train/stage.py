@@ -16,6 +16,7 @@ Outputs (`artifacts/train/`, rewritten on every run; the same for both backends)
     metrics.json        backend (and why), method, weights ("adapter" | "model"), start_model, base_model,
                         stages (per plan stage: steps, losses, seconds, tokens/s, resumed_from_step),
                         first_loss, final_loss, trainable/total params, precision, mlflow_run_id,
+                        speed_paths (attention, chunked_loss, compiled_layers: see speed.py),
                         quantization (qlora: the bitsandbytes 4-bit settings of the base)
     adapter/            PEFT adapter (lora, qlora), relative to start_model, with the tokenizer; or
     model/              full weights (safetensors) with the tokenizer (full)
@@ -28,7 +29,9 @@ Checkpoints live beside it in `artifacts/checkpoints/train/` (see `checkpoints.p
 a killed run, rerun with the same inputs and settings, resumes from the last complete checkpoint with the same
 data order and ends at the same step with the same loss curve.
 
-Backends: `build_model` is the one place that loads the start model. hf: transformers (+ peft; QLoRA through
+Backends (`pick_backend`; auto: hf with the speed paths of `speed.py` for LoRA and full fine-tuning, unsloth
+for QLoRA on CUDA when installed, measured in benchmarks/README.md): `build_model` is the one place that loads
+the start model. hf: transformers (+ peft; QLoRA through
 `tunepath.train.quantize.load_4bit`, CUDA only). unsloth: `tunepath.train.unsloth_backend.build_model`
 and its collator, imported only when chosen (importing unsloth patches transformers for the whole process).
 Both then train with the same recipe and save through `Trainer.save_model`, so the layout above is the same.
@@ -54,7 +57,7 @@ QLORA_ON_CPU = ("train.method qlora needs a CUDA GPU (bitsandbytes 4-bit); use l
 RESUME_NEUTRAL = {"save_steps", "checkpoint_limit", "keep_checkpoints", "logging_steps", "backend", "precision"}
 
 
-def pick_backend(requested: str) -> tuple[str, str]:
+def pick_backend(requested: str, method: str = "lora", processes: int = 1) -> tuple[str, str]:
     """The backend to use and why (logged and recorded with the model)."""
     import importlib.util
 
@@ -70,9 +73,17 @@ def pick_backend(requested: str) -> tuple[str, str]:
         return "unsloth", "requested in params"
     if requested == "hf":
         return "hf", "requested in params"
-    if has_cuda and has_unsloth:
-        return "unsloth", "auto: CUDA and unsloth are present"
-    return "hf", "auto: " + ("unsloth is not installed" if has_cuda else "no CUDA GPU")
+    if not has_cuda:
+        return "hf", "auto: no CUDA GPU"
+    if method != "qlora":
+        # measured on an H200 (benchmarks/README.md): hf with the speed paths trains LoRA at 3.5x unsloth's
+        # tokens/s at the 1.5B shape, and DDP/FSDP runs several times faster; unsloth's edge is memory
+        return "hf", f"auto: {method} on CUDA trains fastest with hf and tunepath's speed paths (benchmarks/README.md)"
+    if processes > 1:
+        return "hf", "auto: QLoRA on several GPUs runs as DDP with hf"
+    if has_unsloth:
+        return "unsloth", "auto: QLoRA on CUDA with unsloth present (its 4-bit kernels need the least memory)"
+    return "hf", "auto: QLoRA on CUDA; unsloth is not installed"
 
 
 def build_model(base: str, cfg: TrainConfig, method: str, precision: str, backend: str, max_length: int,
@@ -174,7 +185,7 @@ def run_train(cfg: TrainConfig, model: ModelConfig, plan_path: Path, tokenize_di
     plan = json.loads(Path(plan_path).read_text(encoding="utf-8"))
     stages, method, start_from = list(plan["stages"]), plan["method"], plan.get("start_from", "base")
     recipe.check_plan(stages, method, start_from)
-    backend, why = pick_backend(cfg.backend)
+    backend, why = pick_backend(cfg.backend, method, PartialState().num_processes)
     if method == "qlora" and backend == "hf":
         import torch
 
@@ -202,11 +213,16 @@ def run_train(cfg: TrainConfig, model: ModelConfig, plan_path: Path, tokenize_di
         base = str(out_dir.resolve() / "init")
     set_seed(cfg.seed)
     net = build_model(base, cfg, method, precision, backend, max_length, model.trust_remote_code)
+    from tunepath.train import speed
+
+    speedups = speed.apply(net, cfg, backend)
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     total = sum(p.numel() for p in net.parameters())
     collator = pick_collator(backend, tokenizer.pad_token_id)
 
     sink = None
+    if tracking_uri and dist.is_main_process and not _has_mlflow(tracking_uri):
+        tracking_uri = None
     if tracking_uri and dist.is_main_process:
         sink = tracking.MlflowSink(tracking_uri, experiment, out_dir.resolve().parents[1] / "mlartifacts", run.get("mlflow_run_id"),
                                    {"route.stages": ",".join(stages), "route.method": method, "backend": backend})
@@ -240,6 +256,7 @@ def run_train(cfg: TrainConfig, model: ModelConfig, plan_path: Path, tokenize_di
         "base_model": model.base,
         "start_from": start_from,
         "precision": precision,
+        "speed_paths": speedups,
         "trainable_params": trainable,
         "total_params": total,
         "first_loss": steps[0]["loss"] if steps else None,
@@ -258,6 +275,16 @@ def run_train(cfg: TrainConfig, model: ModelConfig, plan_path: Path, tokenize_di
         sink.finish()
     dist.wait_for_everyone()
     return summary
+
+
+def _has_mlflow(tracking_uri: str) -> bool:
+    """A training-only install (a GPU box with torch and transformers) may lack mlflow: train, say so, go on."""
+    import importlib.util
+
+    if importlib.util.find_spec("mlflow") is not None:
+        return True
+    log.warning("mlflow is not installed: per-step metrics go to loss.csv and this log only, not to %s", tracking_uri)
+    return False
 
 
 def quantization_of(model) -> dict | None:
