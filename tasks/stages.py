@@ -21,6 +21,12 @@ def run_stage_task(name: str, config, workspace: Workspace) -> dict:
     logger = get_run_logger()
     ledger = Ledger(workspace.root)
     changes = ledger.changes(name)
+    if not changes and name == "register":
+        from tunepath.register.check import registry_gap
+
+        gap = registry_gap(workspace.out("register") / "model.json", workspace.tracking_uri)
+        if gap:
+            changes = {name: [f"up to date in dvc.lock, but {gap}"]}
     if not changes:
         logger.info("%s: up to date in dvc.lock, skipped", name)
         return {"stage": name, "skipped": True}

@@ -77,3 +77,18 @@ def test_second_run_skips_every_stage(finished):
     result = finetune(config=cfg, project_dir=str(root))
     assert result["ran"] == []
     assert result["skipped"] == list(STAGES)
+
+
+def test_a_run_against_another_registry_registers_there(finished):
+    """DVC cannot see MLflow: pointed at a registry without the model (a new server, a deleted mlflow.db), the
+    flow registers again, and only registers (a deleted file is covered in test_promote.py: the in-process
+    MLflow store keeps its SQLite file open, so deleting it here would not show)."""
+    from flows.finetune import finetune
+    from tunepath.register.check import registry_gap
+
+    root, cfg, _ = finished
+    other = f"sqlite:///{root / 'other-registry.db'}"
+    assert "does not exist" in registry_gap(root / "artifacts" / "register" / "model.json", other)
+    result = finetune(config=cfg, project_dir=str(root), tracking_uri=other)
+    assert result["ran"] == ["register"]
+    assert registry_gap(root / "artifacts" / "register" / "model.json", other) is None

@@ -96,6 +96,24 @@ def test_registering_the_same_weights_again_reuses_the_version(registry):
     assert aliases(root)["candidate"] == v["full"]
 
 
+def test_the_registry_check_notices_a_lost_or_foreign_registry(registry, tmp_path):
+    """DVC cannot see the registry; the flow asks registry_gap before it skips `register` (tasks/stages.py)."""
+    from tunepath.register.check import registry_gap
+
+    root, _, _ = registry
+    record = root / "artifacts" / "register" / "model.json"
+    assert registry_gap(record, tracking_uri(root)) is None
+    assert "does not exist" in registry_gap(record, f"sqlite:///{tmp_path / 'gone.db'}")
+    (tmp_path / "empty.db").write_bytes(b"")
+    assert "cannot be read" in registry_gap(record, f"sqlite:///{tmp_path / 'empty.db'}")
+    data = json.loads(record.read_text())
+    other = tmp_path / "model.json"
+    other.write_text(json.dumps({**data, "version": "999"}))
+    assert "has no version 999" in registry_gap(other, tracking_uri(root))
+    other.write_text(json.dumps({**data, "tags": {**data["tags"], "artifact_hash": "0" * 32}}))
+    assert "other weights" in registry_gap(other, tracking_uri(root))
+
+
 def test_a_model_that_failed_its_gates_is_not_registered(registry, tmp_path):
     from tunepath.register.stage import run_register
 

@@ -66,7 +66,7 @@ registration code paths.
 """
 
 
-def _texts(path: Path) -> Iterator[str]:
+def corpus_texts(path: Path) -> Iterator[str]:
     """Every piece of text in one demo input file: chat contents, documents, preference fields."""
     if path.suffix == ".txt":
         for block in path.read_text(encoding="utf-8").split("\n\n"):
@@ -123,7 +123,7 @@ def train_tokenizer(corpus_files: list[Path], vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte is encodable: no unknown tokens
         show_progress=False,
     )
-    texts = [text for path in corpus_files for text in _texts(Path(path))]
+    texts = [text for path in corpus_files for text in corpus_texts(Path(path))]
     if not texts:
         raise ValueError(f"no text found in {[str(p) for p in corpus_files]}; generate the demo data first")
     tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts))

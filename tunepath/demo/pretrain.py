@@ -19,12 +19,12 @@ def pretrain_demo(model, tokenizer, corpus_files: list[Path], *, steps: int, lr:
     """Full-parameter causal-LM training on random blocks of the joined demo text; returns first/final loss."""
     import torch
 
-    from tunepath.demo.model import ENDOFTEXT, _texts
+    from tunepath.demo.model import ENDOFTEXT, corpus_texts
 
     eot = tokenizer.token_to_id(ENDOFTEXT)
     ids: list[int] = []
     for path in corpus_files:
-        for text in _texts(path):
+        for text in corpus_texts(path):
             ids.extend(tokenizer.encode(text).ids)
             ids.append(eot)
     rows = len(ids) // block
