@@ -74,9 +74,23 @@ def test_second_run_skips_every_stage(finished):
     from flows.finetune import finetune
 
     root, cfg, _ = finished
+    keys = [f"tunepath-{stage}" for stage in STAGES if stage != "merge"] + ["tunepath-evaluate-samples"]
+    before = artifact_counts(keys)
     result = finetune(config=cfg, project_dir=str(root))
     assert result["ran"] == []
     assert result["skipped"] == list(STAGES)
+    # the skipped stages still show their reports on the new run's page
+    after = artifact_counts(keys)
+    assert {k: after[k] - before[k] for k in keys} == {k: 1 for k in keys}
+
+
+def artifact_counts(keys: list[str]) -> dict[str, int]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+    return {k: sum(1 for a in found if a.key == k) for k in keys}
 
 
 def test_a_run_against_another_registry_registers_there(finished):

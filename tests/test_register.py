@@ -50,3 +50,11 @@ def test_dvc_source_says_how_to_get_the_data_back():
     assert source.to_dict()["dvc_file"] == "data/raw.dvc" and source._get_source_type() == "dvc"
     with pytest.raises(NotImplementedError, match="dvc pull data/raw.dvc"):
         source.load()
+
+
+def test_artifacts_stay_local_for_file_stores_and_with_the_server_otherwise(tmp_path):
+    from tunepath.registry import artifact_location
+
+    assert artifact_location(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "mlartifacts") == (tmp_path / "mlartifacts").as_uri()
+    assert artifact_location("http://127.0.0.1:5000", tmp_path / "mlartifacts") is None
+    assert artifact_location("https://mlflow.example.org", tmp_path) is None

@@ -63,11 +63,13 @@ def find_version(client, name: str, digest: str):
 
 
 def open_experiment(mlflow, name: str, artifact_root: Path) -> str:
-    """The experiment's id; created with an explicit local artifact location so runs from any cwd agree."""
+    """The experiment's id; a new one keeps its artifacts where `tunepath.registry.artifact_location` says."""
+    from tunepath.registry import artifact_location
+
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    return mlflow.create_experiment(name, artifact_location=artifact_root.resolve().as_uri())
+    return mlflow.create_experiment(name, artifact_location=artifact_location(mlflow.get_tracking_uri(), artifact_root))
 
 
 def evaluation_tags(evaluation: dict, parity: dict) -> dict[str, str]:

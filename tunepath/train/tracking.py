@@ -29,6 +29,8 @@ class MlflowSink:
     def __init__(self, tracking_uri: str, experiment: str, artifact_root: Path, run_id: str | None, tags: dict[str, str]) -> None:
         from mlflow import MlflowClient
 
+        from tunepath.registry import artifact_location
+
         self.client = MlflowClient(tracking_uri)
         if run_id is not None:
             try:
@@ -39,7 +41,7 @@ class MlflowSink:
         if run_id is None:
             exp = self.client.get_experiment_by_name(experiment)
             exp_id = exp.experiment_id if exp else self.client.create_experiment(
-                experiment, artifact_location=Path(artifact_root).resolve().as_uri()
+                experiment, artifact_location=artifact_location(tracking_uri, Path(artifact_root))
             )
             run_id = self.client.create_run(exp_id, tags={"stage": "train", **tags}, run_name="train").info.run_id
         else:
