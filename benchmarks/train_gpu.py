@@ -21,6 +21,7 @@ own process (unsloth patches transformers process-wide), one after another:
   b_fast     b_compile with micro-batches of 16,384 tokens (8 rows x 1): more memory, fewer launches
   b_gc       b_compile with gradient checkpointing (train.gradient_checkpointing)
   c          tunepath unsloth backend (micro-batch rows flattened into one, unsloth's varlen path)
+  bq, cq     QLoRA (4-bit NF4 base) on the hf backend (with compile) and on unsloth
 
 Reported per variant: real (non-padding) tokens/s, peak GPU memory (the worst batch of an epoch included),
 model FLOPs utilisation against the bf16 matrix rate measured in the same run, time from process start to the
@@ -61,7 +62,7 @@ SHAPES = {
     "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, vocab_size=151936),
     "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, vocab_size=151936),
 }
-VARIANTS = ("a", "b_plain", "b", "b_compile", "b_fast", "b_gc", "c")
+VARIANTS = ("a", "b_plain", "b", "b_compile", "b_fast", "b_gc", "c", "bq", "cq")
 # TrainConfig settings per tunepath variant; everything else is the default: batch 8 rows, micro-batches of
 # 8,192 tokens, varlen attention on CUDA, chunked loss. compile is set explicitly: its default (auto) compiles
 # runs of 200 steps or more, and a benchmark run is shorter.
@@ -72,6 +73,8 @@ TUNEPATH_VARIANTS = {
     "b_fast": dict(compile=True, micro_batch_tokens=16384),
     "b_gc": dict(compile=True, gradient_checkpointing=True),
     "c": dict(backend="unsloth"),
+    "bq": dict(method="qlora", compile=True),  # QLoRA (4-bit NF4 base) on the hf backend
+    "cq": dict(method="qlora", backend="unsloth"),  # QLoRA on unsloth: what `auto` picks for QLoRA
 }
 
 MAX_LENGTH = 2048
@@ -169,7 +172,7 @@ def run_variant(args) -> dict:
     spawned = args.spawned
     work = Path(args.work)
     shape = SHAPES[args.shape]
-    if args.variant == "c":
+    if args.variant in ("c", "cq"):
         from tunepath.train import unsloth_backend
 
         unsloth_backend.preload()  # before transformers, so unsloth can patch it
@@ -202,17 +205,18 @@ def run_variant(args) -> dict:
             remove_unused_columns=False, dataloader_num_workers=0,
         )
     else:
-        backend = "unsloth" if args.variant == "c" else "hf"
+        spec = TUNEPATH_VARIANTS[args.variant]
+        backend, method = spec.get("backend", "hf"), spec.get("method", "lora")
         cfg = TrainConfig(backend=backend, max_steps=steps, learning_rate=2e-4, lora_r=LORA_R, lora_alpha=LORA_ALPHA,
-                          **{k: v for k, v in TUNEPATH_VARIANTS[args.variant].items() if k != "backend"})
+                          **{k: v for k, v in spec.items() if k not in ("backend", "method")})
         # the train stage's own loader, batching and speed paths, exactly as `run_train` calls them
-        model = stage.build_model(model_dir, cfg, "lora", precision, backend, args.max_length)
+        model = stage.build_model(model_dir, cfg, method, precision, backend, args.max_length)
         collator = stage.pick_collator(backend, pad_id)
         train = load_from_disk(str(data_dir / "sft" / "train"))
         targs = recipe.build_args(cfg, out, precision, row_tokens=args.max_length)
         if backend == "hf" and cfg.attention != "sdpa":
-            if cuda:
-                model.to("cuda")
+            if cuda and next(model.parameters()).device.type != "cuda":
+                model.to("cuda")  # a 4-bit model is on the GPU already (and refuses .to)
             try:
                 result["attention_check"] = check_varlen(model, collator, train, cuda)
             except Exception as e:  # noqa: BLE001  (a benchmark row says why instead of dying)
@@ -538,7 +542,8 @@ def main(argv: list[str] | None = None) -> int:
         f"train_{'cpu-tiny' if cpu else report['card'].replace(' ', '-')}_{report['date']}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     # unsloth last: its process is the slowest to start and the likeliest to fail
-    order = [(s, v) for v in variants if v != "c" for s in shapes] + [(s, "c") for s in shapes if "c" in variants]
+    unsloth = ("c", "cq")
+    order = [(s, v) for v in variants if v not in unsloth for s in shapes] + [(s, v) for v in unsloth if v in variants for s in shapes]
     for shape, variant in order:
         log.info("running %s %s", shape, variant)
         extra = ["--warmup", str(warmup), "--timed", str(timed), "--timed-a", str(timed_a)]
