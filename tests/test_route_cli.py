@@ -134,3 +134,12 @@ def test_import_stays_light():
             "print(sorted(m for m in ('torch', 'transformers', 'prefect', 'mlflow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_gradient_checkpointing_flag_shrinks_the_activation_estimate():
+    path = next(p for p in EXAMPLES if "limited_qlora" in p.name)
+    plain, ckpt = run_json(path), run_json(path, "--gradient-checkpointing")
+    assert plain["memory"]["inputs"]["gradient_checkpointing"] is False
+    assert ckpt["memory"]["inputs"]["gradient_checkpointing"] is True
+    act = lambda plan: plan["memory"]["breakdown_gb"]["lora"]["activations"]  # noqa: E731
+    assert act(ckpt) < act(plain) / 3

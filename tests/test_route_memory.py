@@ -51,7 +51,7 @@ def test_activations_scale_with_tokens_and_checkpointing_cuts_them():
     a = lambda m: m["breakdown_gb"]["full"]["activations"]  # noqa: E731
     assert a(long) == pytest.approx(4 * a(short), rel=1e-4)
     assert est(prof(), batch_size=4)["breakdown_gb"]["full"]["activations"] == pytest.approx(a(est(prof())) * 4, rel=1e-4)
-    ckpt = est(prof(), RouteConfig(gradient_checkpointing=True))
+    ckpt = est(prof(), gradient_checkpointing=True)
     assert a(ckpt) < a(est(prof())) / 3
 
 

@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-length", type=int, default=2048, help="Tokens per training row for the memory estimate (default 2048).")
     parser.add_argument("--batch-size", type=int, default=1, help="Rows per GPU per step for the memory estimate (default 1).")
     parser.add_argument("--lora-rank", type=int, default=16, help="LoRA rank for the memory estimate (default 16).")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="Training recomputes activations (train.gradient_checkpointing): the estimate keeps one layer's.")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Override a route threshold, e.g. sft_min_examples=50.")
     return parser
 
@@ -77,7 +79,8 @@ def route_main(argv: list[str] | None = None) -> int:
     from tunepath.route.plan import plan_route
     from tunepath.route.render import render_markdown
 
-    plan = plan_route(profile, cfg, max_length=args.max_length, batch_size=args.batch_size, lora_rank=args.lora_rank)
+    plan = plan_route(profile, cfg, max_length=args.max_length, batch_size=args.batch_size, lora_rank=args.lora_rank,
+                      gradient_checkpointing=args.gradient_checkpointing)
     if args.json:
         print(json.dumps({**plan.model_dump(mode="json"), "profile": profile.model_dump(mode="json")}, indent=2, ensure_ascii=False))
     else:

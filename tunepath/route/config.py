@@ -73,7 +73,6 @@ class RouteConfig(Strict):
     activation_factor: float | None = Field(
         None, gt=0, description="Activation bytes stored per token, per layer, per hidden unit; None: 20 + 8 × intermediate/hidden (a SwiGLU decoder layer in bf16)."
     )
-    gradient_checkpointing: bool = Field(False, description="Whether training recomputes activations, for `tunepath route --profile`; the route stage uses train.gradient_checkpointing.")
     overhead_gb: float = Field(1.0, ge=0, description="Fixed per-GPU memory for the CUDA context, kernels and workspaces.")
     headroom: float = Field(0.1, ge=0, lt=1, description="Share of each GPU's memory kept free for fragmentation and spikes.")
     gpu_tflops: float = Field(400.0, gt=0, description="Sustained bf16 TFLOP/s per GPU for the time estimate (H100: 989 peak × ~40% utilisation).")

@@ -110,21 +110,26 @@ def lora_param_count(shape: ModelShape, rank: int) -> float:
     return rank * shape.num_layers * (11 * shape.hidden_size + 3 * shape.intermediate_size)
 
 
-def activation_bytes(shape: ModelShape, cfg: RouteConfig, max_length: int, batch_size: int, *, adapters: bool) -> float:
+def activation_bytes(shape: ModelShape, cfg: RouteConfig, max_length: int, batch_size: int, *, adapters: bool,
+                     gradient_checkpointing: bool = False) -> float:
     h, f, layers = shape.hidden_size, shape.intermediate_size, shape.num_layers
     a = cfg.activation_factor if cfg.activation_factor is not None else 20 + 8 * f / h
     tokens = max_length * batch_size
-    stored = 1 if cfg.gradient_checkpointing else layers  # layers whose full activations are alive at once
+    stored = 1 if gradient_checkpointing else layers  # layers whose full activations are alive at once
     total = tokens * h * a * stored + tokens * shape.vocab_size * LOGIT_BYTES
-    if cfg.gradient_checkpointing:
+    if gradient_checkpointing:
         total += tokens * h * 2 * layers
     if adapters:
         total += tokens * (LORA_ACT_H * h + LORA_ACT_F * f) * stored
     return total
 
 
-def estimate_memory(profile: Profile, cfg: RouteConfig, *, max_length: int, batch_size: int, lora_rank: int) -> dict:
-    """Per-GPU GB for each method, what is available, and what fits (None on CPU, where there is no GPU to fit)."""
+def estimate_memory(profile: Profile, cfg: RouteConfig, *, max_length: int, batch_size: int, lora_rank: int,
+                    gradient_checkpointing: bool = False) -> dict:
+    """Per-GPU GB for each method, what is available, and what fits (None on CPU, where there is no GPU to fit).
+
+    max_length, batch_size (rows per micro-batch), lora_rank and gradient_checkpointing describe how the train
+    stage will run (the pipeline passes tokenize.max_length and the train section's values)."""
     shape = model_shape(profile)
     gpus = profile.resources.gpus
     n = max(gpus, 1)
@@ -132,8 +137,8 @@ def estimate_memory(profile: Profile, cfg: RouteConfig, *, max_length: int, batc
     p_lora = lora_param_count(shape, lora_rank)
     embed = min(p, 2 * shape.vocab_size * shape.hidden_size)
     act = {
-        "full": activation_bytes(shape, cfg, max_length, batch_size, adapters=False),
-        "lora": activation_bytes(shape, cfg, max_length, batch_size, adapters=True),
+        "full": activation_bytes(shape, cfg, max_length, batch_size, adapters=False, gradient_checkpointing=gradient_checkpointing),
+        "lora": activation_bytes(shape, cfg, max_length, batch_size, adapters=True, gradient_checkpointing=gradient_checkpointing),
     }
     act["qlora"] = act["lora"]
     over = cfg.overhead_gb * GB
@@ -164,7 +169,7 @@ def estimate_memory(profile: Profile, cfg: RouteConfig, *, max_length: int, batc
             "max_length": max_length,
             "batch_size": batch_size,
             "lora_rank": lora_rank,
-            "gradient_checkpointing": cfg.gradient_checkpointing,
+            "gradient_checkpointing": gradient_checkpointing,
             "headroom": cfg.headroom,
         },
         "formula": FORMULA,
@@ -185,7 +190,7 @@ def labeled_tokens(profile: Profile, cfg: RouteConfig) -> int:
     return d.labeled_tokens if d.labeled_tokens is not None else d.labeled_examples * cfg.tokens_per_example
 
 
-def estimate_hours(profile: Profile, cfg: RouteConfig, stages: list[str], method: str) -> float | None:
+def estimate_hours(profile: Profile, cfg: RouteConfig, stages: list[str], method: str, gradient_checkpointing: bool = False) -> float | None:
     """Wall-clock hours to train `stages` with `method` on the profile's GPUs; None on CPU."""
     gpus = profile.resources.gpus
     if gpus == 0:
@@ -194,7 +199,7 @@ def estimate_hours(profile: Profile, cfg: RouteConfig, stages: list[str], method
     flops = 0.0
     for stage in stages:
         k = 6.0 if method == "full" else 4.0
-        k += 2.0 if cfg.gradient_checkpointing else 0.0
+        k += 2.0 if gradient_checkpointing else 0.0
         k += 2.0 if stage == "dpo" else 0.0
         flops += k * p * training_tokens(profile, cfg, stage)
     return flops * cfg.epochs / (gpus * cfg.gpu_tflops * 1e12) / 3600

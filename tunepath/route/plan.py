@@ -34,16 +34,18 @@ class RoutePlan(Strict):
     forced: bool = Field(description="True when route.force_stages or route.force_method overrode the rules.")
 
 
-def plan_route(profile: Profile, cfg: RouteConfig, *, max_length: int, batch_size: int, lora_rank: int) -> RoutePlan:
+def plan_route(profile: Profile, cfg: RouteConfig, *, max_length: int, batch_size: int, lora_rank: int,
+               gradient_checkpointing: bool = False) -> RoutePlan:
     """Apply the scenario rules to a profile. The profile's intent wins over cfg's (the stage copies cfg into it)."""
-    memory = estimate_memory(profile, cfg, max_length=max_length, batch_size=batch_size, lora_rank=lora_rank)
+    memory = estimate_memory(profile, cfg, max_length=max_length, batch_size=batch_size, lora_rank=lora_rank,
+                             gradient_checkpointing=gradient_checkpointing)
     facts = rules.Facts.of(profile, cfg)
     draft = rules.Draft()
     requested = profile.intent.goal
 
     new_model = requested == "new_model" and rules.plan_new_model(profile, cfg, facts, memory, draft)
     if new_model:
-        est = {m: estimate_hours(profile, cfg, draft.stages, m) for m in ("full", "lora", "qlora")}
+        est = {m: estimate_hours(profile, cfg, draft.stages, m, gradient_checkpointing) for m in ("full", "lora", "qlora")}
     else:
         auto = requested in ("auto", "new_model")
         goal = rules.derive_goal(profile, cfg, facts, draft, "auto" if auto else requested)

@@ -161,7 +161,7 @@ def plan_new_model(profile: Profile, cfg: RouteConfig, f: Facts, memory: dict, d
     gpus = profile.resources.gpus
     budget = profile.resources.time_budget_hours or cfg.pretrain_max_hours
     budget_name = "time_budget_hours" if profile.resources.time_budget_hours else "pretrain_max_hours"
-    h = estimate_hours(profile, cfg, ["pretrain"], "full")
+    h = estimate_hours(profile, cfg, ["pretrain"], "full", memory["inputs"]["gradient_checkpointing"])
     problems = []
     if f.unlabeled < need:
         problems.append(
@@ -289,7 +289,7 @@ def plan_alignment(profile: Profile, cfg: RouteConfig, f: Facts, stages: list[st
 def choose_method(profile: Profile, cfg: RouteConfig, memory: dict, f: Facts, draft: Draft) -> dict:
     """Full when it fits memory and time; else LoRA; else QLoRA (scenario 6). Returns hours per method."""
     stages = draft.stages or ["sft"]
-    est = {m: estimate_hours(profile, cfg, stages, m) for m in ("full", "lora", "qlora")}
+    est = {m: estimate_hours(profile, cfg, stages, m, memory["inputs"]["gradient_checkpointing"]) for m in ("full", "lora", "qlora")}
     per, avail = memory["per_gpu_gb"], memory["available_gb"]
     gpus = profile.resources.gpus
     if not draft.stages:

@@ -29,15 +29,13 @@ def run_route(
     max_length: int,
     batch_size: int,
     lora_rank: int,
-    gradient_checkpointing: bool | None = None,
+    gradient_checkpointing: bool = False,
 ) -> dict:
     """Plan the training route for this data, model and machine; returns the plan as written to plan.json.
 
-    `gradient_checkpointing` (pass train.gradient_checkpointing) overrides route.gradient_checkpointing, so the
-    activation estimate matches how the train stage will run.
+    max_length, batch_size (rows per micro-batch), lora_rank and gradient_checkpointing describe how the train
+    stage will run, so the memory estimate matches it (the pipeline passes the tokenize and train values).
     """
-    if gradient_checkpointing is not None:
-        cfg = cfg.model_copy(update={"gradient_checkpointing": gradient_checkpointing})
     stats = read_stats(Path(tokenize_dir) / "stats.json")
     shape = model_shape_from_config(model, cfg.params_b)
     gpus, memory_gb = detect_gpus(cfg)
@@ -50,7 +48,8 @@ def run_route(
         "model": {**shape, "has_chat_variant": model.chat_variant is not None},
         "intent": {"goal": cfg.goal, "strict_grounding": cfg.strict_grounding, "style_required": cfg.style_required},
     })
-    plan = plan_route(profile, cfg, max_length=max_length, batch_size=batch_size, lora_rank=lora_rank)
+    plan = plan_route(profile, cfg, max_length=max_length, batch_size=batch_size, lora_rank=lora_rank,
+                      gradient_checkpointing=gradient_checkpointing)
     result = {**plan.model_dump(mode="json"), "profile": profile.model_dump(mode="json")}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
