@@ -177,3 +177,15 @@ def test_steps_are_tracked_in_mlflow_while_training(project, tmp_path):
     assert [r["step"] for r in seen] == [1, 2, 3] and all(r["tokens_per_second"] > 0 for r in seen)
     header = (tmp_path / "train" / "loss.csv").read_text().splitlines()[0]
     assert header == "step,stage,loss,learning_rate,grad_norm,tokens_per_second"
+
+
+def test_micro_batches_give_the_whole_batch_curve(project, tmp_path):
+    """train.micro_batch_tokens splits a batch into micro-batches: the same optimizer steps, so the same curve."""
+    stats = json.loads((project / "artifacts" / "tokenize" / "stats.json").read_text())
+    whole = train(project, tmp_path / "whole", ["sft"], "lora", cfg=small_config(max_steps=4, micro_batch_tokens=0))
+    split = train(project, tmp_path / "split", ["sft"], "lora", cfg=small_config(max_steps=4, micro_batch_tokens=stats["max_length"]))
+    assert (whole["stages"][0]["micro_batch_rows"], whole["stages"][0]["grad_accum_steps"]) == (4, 1)
+    assert (split["stages"][0]["micro_batch_rows"], split["stages"][0]["grad_accum_steps"]) == (1, 4)
+    a, b = curve(tmp_path / "whole")[1:], curve(tmp_path / "split")[1:]
+    assert [float(r[2]) for r in b] == pytest.approx([float(r[2]) for r in a], rel=1e-4)  # loss
+    assert [float(r[4]) for r in b] == pytest.approx([float(r[4]) for r in a], rel=1e-3)  # grad norm
