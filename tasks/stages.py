@@ -129,10 +129,24 @@ def loss_table(path: Path, rows: int = 20) -> str:
         lines = list(csv.DictReader(f))
     every = max(1, len(lines) // rows)
     picked = lines[::every] + ([lines[-1]] if lines and (len(lines) - 1) % every else [])
-    table = ["# Training loss", "", "| step | stage | loss | learning rate |", "|---|---|---|---|"]
+    losses = [float(line["loss"]) for line in lines]
+    table = ["# Training loss", ""]
+    if losses:
+        table += [f"`{losses[0]:.3f} {sparkline(losses)} {losses[-1]:.3f}` over {len(losses)} steps", ""]
+    table += ["| step | stage | loss | learning rate |", "|---|---|---|---|"]
     for line in picked:
         table.append(f"| {line['step']} | {line['stage']} | {float(line['loss']):.4f} | {float(line['learning_rate']):.2e} |")
     return "\n".join(table) + "\n"
+
+
+def sparkline(values: list[float], width: int = 40) -> str:
+    """The curve in block characters (one per bucket of steps, bucket means), readable in any markdown view."""
+    blocks = "▁▂▃▄▅▆▇█"
+    size = max(1, -(-len(values) // width))
+    means = [sum(values[i:i + size]) / len(values[i:i + size]) for i in range(0, len(values), size)]
+    low, high = min(means), max(means)
+    span = (high - low) or 1.0
+    return "".join(blocks[min(7, int((v - low) / span * 8))] for v in means)
 
 
 def model_version_url(summary: dict) -> str | None:
