@@ -64,3 +64,24 @@ def test_help_is_fast():
     assert out.returncode == 0 and "run" in out.stdout
     heavy = [m for m in ("torch", "transformers", "prefect", "mlflow", "great_expectations", "dvc.repo") if f"| {m}\n" in out.stderr]
     assert heavy == [], f"--help imported {heavy}"
+
+
+@pytest.mark.parametrize(("error", "one_line"), [("StageError", True), ("RuntimeError", False), ("ValueError", True)])
+def test_stage_errors_are_one_line_and_bugs_keep_their_traceback(bare, error, one_line):
+    """A stage stopping for a reason the user can act on is one line; a RuntimeError from anywhere else (torch,
+    a bug) shows its traceback (tunepath/errors.py)."""
+    driver = (
+        "import sys, tunepath.stages as stages\n"
+        "from tunepath.errors import StageError\n"
+        f"def fail(*a, **k): raise {error}('the evaluation gates did not pass')\n"
+        "stages.run_stage = fail\n"
+        "from tunepath.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", driver, "--project", str(bare), "stage", "validate"],
+                         capture_output=True, text=True, cwd=bare, timeout=120)
+    assert ("Traceback" not in out.stderr) is one_line, out.stderr[-2000:]
+    if one_line:
+        assert out.returncode == 2 and "tunepath: error: the evaluation gates did not pass" in out.stderr
+    else:
+        assert out.returncode == 1 and "RuntimeError: the evaluation gates did not pass" in out.stderr

@@ -29,6 +29,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tunepath.errors import StageError
 from tunepath.offline import OFFLINE_ENV
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ QUIET_ENV = {
 }
 
 
-class ServiceError(RuntimeError):
+class ServiceError(StageError):
     """A service did not start or stop; the message says which one, why, and where its log is."""
 
 

@@ -9,6 +9,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunepath.errors import StageError
+
 log = logging.getLogger(__name__)
 
 
@@ -80,7 +82,7 @@ def train_stage(cfg, ws: Workspace, on_progress=None) -> dict:
     code = maybe_relaunch(cfg.train, ["--project", str(ws.root), "stage", "train"], method=plan["method"])
     if code is not None:
         if code:
-            raise RuntimeError(f"distributed training failed (exit code {code}); see the log above")
+            raise StageError(f"distributed training failed (exit code {code}); see the log above")
         return json.loads((ws.out("train") / "metrics.json").read_text(encoding="utf-8"))
     return run_train(cfg.train, resolve_model(cfg.model, ws), ws.out("route") / "plan.json", ws.out("tokenize"), ws.out("train"),
                      tracking_uri=ws.tracking_uri or None, experiment=cfg.register.experiment, on_progress=on_progress)

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tunepath.errors import StageError
+
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
@@ -158,7 +160,7 @@ def _check_parity(tokenizer: Tokenizer, out_dir: Path) -> None:
         expected = tokenizer.encode(text).ids
         got = loaded(text, add_special_tokens=True)["input_ids"]
         if got != expected:
-            raise RuntimeError(
+            raise StageError(
                 f"tokenizer saved in {out_dir} loads as {type(loaded).__name__} with different ids for {text!r}: "
                 f"{got} != {expected}; the training pipeline no longer matches the installed transformers"
             )

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from tunepath.errors import StageError
 from tunepath.evaluate import EvaluateConfig
 
 
-class GateFailed(RuntimeError):
+class GateFailed(StageError):
     """The tuned model did not pass an evaluation gate: nothing downstream may register it."""
 
 

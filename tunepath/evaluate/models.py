@@ -11,12 +11,14 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunepath.errors import StageError
+
 log = logging.getLogger(__name__)
 
 ADAPTER_METHODS = ("lora", "qlora")
 
 
-class AdapterMismatch(RuntimeError):
+class AdapterMismatch(StageError):
     """The adapter cannot be applied to the base it names (shapes, rank or target modules differ)."""
 
 

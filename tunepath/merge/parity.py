@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tunepath.errors import StageError
+
 GOLDEN = [
     {"role": "system", "content": "You are a helpful support agent."},
     {"role": "user", "content": "Where is my order #1234?"},
@@ -13,7 +15,7 @@ GOLDEN = [
 ]
 
 
-class ParityError(RuntimeError):
+class ParityError(StageError):
     """The merged model does not behave like base + adapter, or its tokenizer renders differently."""
 
 

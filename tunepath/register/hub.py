@@ -6,11 +6,13 @@ import json
 import re
 from pathlib import Path
 
+from tunepath.errors import StageError
+
 # "org/name" or "name" as a hub id; a local path is absolute, or starts with ./ ../ or ~.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-class HubReference(RuntimeError):
+class HubReference(StageError):
     """The logged model points at a hub id: loading it would need network access."""
 
 

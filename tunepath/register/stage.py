@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from tunepath import lineage
+from tunepath.errors import StageError
 from tunepath.evaluate.heldout import Heldout, write_heldout
 from tunepath.register import RegisterConfig
 from tunepath.register.datasets import log_lineage
@@ -112,7 +113,7 @@ def run_register(cfg: RegisterConfig, params: dict, root: Path, tracking_uri: st
     evaluation = _read_json(stage_dirs["evaluate"] / "metrics.json")
     parity = _read_json(stage_dirs["merge"] / "parity.json")
     if not evaluation.get("passed") or not parity.get("passed"):
-        raise RuntimeError("the evaluation gates or the merge parity checks did not pass; nothing is registered "
+        raise StageError("the evaluation gates or the merge parity checks did not pass; nothing is registered "
                            f"(see {stage_dirs['evaluate'] / 'metrics.json'} and {stage_dirs['merge'] / 'parity.json'})")
     data_hash = lineage.data_hash(root, params["data"]["raw_dir"])
     commit = lineage.git_commit(root)

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from tunepath.errors import StageError
 from tunepath.train import TrainConfig
 from tunepath.train import checkpoints, tracking
 
@@ -24,7 +25,7 @@ METHODS = ("full", "lora", "qlora")
 ADAPTER_METHODS = ("lora", "qlora")
 
 
-class TrainingOOM(RuntimeError):
+class TrainingOOM(StageError):
     """The GPU ran out of memory; the message names the settings that reduce memory and their current values."""
 
 

@@ -11,6 +11,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 
+from tunepath.errors import StageError
 from tunepath.validate.config import ValidateConfig
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ def check_contracts(items: list[ContractInput], cfg: ValidateConfig) -> Contract
                 config = res.expectation_config
                 rule = by_key[(config.meta["code"], config.kwargs["column"])]
                 if res.exception_info and res.exception_info.get("raised_exception"):
-                    raise RuntimeError(f"the {suite} contract '{rule.code}' could not run: {res.exception_info}")
+                    raise StageError(f"the {suite} contract '{rule.code}' could not run: {res.exception_info}")
                 index = res.result.get("unexpected_index_list") or []
                 summary["expectations"].append({
                     "code": rule.code, "expectation": rule.expectation, "column": rule.column,
