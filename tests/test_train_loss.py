@@ -180,3 +180,13 @@ def test_compile_auto_waits_for_a_gpu_and_a_long_run():
     if not torch.cuda.is_available():
         assert applied == {"attention": "sdpa", "chunked_loss": True, "compiled_layers": 0}
     assert speed.apply(_model(), TrainConfig(), "unsloth")["chunked_loss"] is False  # unsloth keeps its own kernels
+
+
+def test_speed_settings_another_backend_ignores_are_warned_about(caplog):
+    import logging
+
+    from tunepath.train import TrainConfig, speed
+
+    with caplog.at_level(logging.WARNING, logger="tunepath.train.speed"):
+        speed.apply(_model(), TrainConfig(compile=True, attention="varlen"), "unsloth")
+    assert "train.attention and train.compile ignored: backend unsloth" in caplog.text

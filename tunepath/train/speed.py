@@ -7,9 +7,10 @@
 - attention (train.attention): packed rows through torch's varlen flash kernel (`attention.py`) on CUDA;
   transformers' default (SDPA with the packed-sample mask) elsewhere.
 - chunked loss (train.chunked_loss): LM head and cross-entropy in chunks on labelled tokens only (`loss.py`).
-- compiled layers (train.compile, auto: on CUDA for runs of 200 steps or more): each decoder layer through torch.compile ("regional
-  compilation": one compiled graph reused by every layer; attention stays outside it). Costs about 20 s of
-  compiling in the first steps at the 1.5B shape on an H200, and gives 1.5x the tokens/s there.
+- compiled layers (train.compile, auto: on CUDA for runs of 200 steps or more): each decoder layer through
+  torch.compile ("regional compilation": one compiled graph reused by every layer; attention stays outside
+  it). Costs about 20 s of compiling in the first steps at the 1.5B shape on an H200, and gives 1.5x the
+  tokens/s there.
 - micro-batches (train.micro_batch_tokens): a batch of `batch_size` rows is split into micro-batches of at most
   that many tokens and their gradients accumulated, so the optimizer sees the same batch whatever the memory.
 
@@ -28,6 +29,9 @@ log = logging.getLogger(__name__)
 def apply(model, cfg: TrainConfig, backend: str) -> dict:
     """Switch on the speed paths `cfg` asks for; returns what was applied (recorded in metrics.json)."""
     if backend != "hf":
+        ignored = [k for k, v in (("train.attention", cfg.attention == "varlen"), ("train.compile", cfg.compile is True)) if v]
+        if ignored:
+            log.warning("%s ignored: backend %s uses its own kernels", " and ".join(ignored), backend)
         return {"attention": f"{backend}'s own", "chunked_loss": False, "compiled_layers": 0}
     from tunepath.train import attention, loss
 
