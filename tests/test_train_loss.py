@@ -33,11 +33,17 @@ def _packed_batch():
     return PadCollator(0)(rows)
 
 
-def _lora(model, train_embeddings: bool = False):
+def _lora(model, train_embeddings: bool = False, nonzero_b: bool = False):
     from peft import LoraConfig, get_peft_model
 
     extra = {"modules_to_save": ["embed_tokens", "lm_head"]} if train_embeddings else {}
-    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM", **extra))
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM", **extra))
+    if nonzero_b:  # LoRA B starts at zero: give the adapters weights so their gradients are not trivially equal
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(n)))
+    return model
 
 
 def _loss_and_grads(model, batch, **kwargs):
@@ -56,12 +62,7 @@ def test_chunked_loss_matches_transformers_loss_and_gradients(setup):
     for chunked in (False, True):
         model = _model(tie=setup != "lora+embeddings")
         if setup != "full":
-            model = _lora(model, train_embeddings=setup == "lora+embeddings")
-            # LoRA B starts at zero: give the adapters weights so their gradients are not trivially equal
-            with torch.no_grad():
-                for n, p in model.named_parameters():
-                    if "lora_B" in n:
-                        p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(n)))
+            model = _lora(model, train_embeddings=setup == "lora+embeddings", nonzero_b=True)
         if chunked:
             assert use_chunked_loss(model, chunk=7)  # several chunks, a ragged last one
         results.append(_loss_and_grads(model, batch, num_items_in_batch=torch.tensor(40)))
@@ -134,11 +135,7 @@ def test_compiled_layers_give_the_eager_loss_and_gradients():
     batch = _packed_batch()
     results = []
     for compiled in (False, True):
-        model = _lora(_model())
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(n)))
+        model = _lora(_model(), nonzero_b=True)
         applied = speed.apply(model, TrainConfig(compile=compiled), "hf")
         assert applied["compiled_layers"] == (2 if compiled else 0)
         results.append([_loss_and_grads(model, batch) for _ in range(2)][-1])  # second call: no recompilation surprises

@@ -17,6 +17,6 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, NotImplemen
 
 
 def describe(e: BaseException) -> str:
-    """The first line of the error, with its type when the message alone would be unclear."""
+    """The first line of the error (its type's name when it has no message)."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return text

@@ -20,6 +20,7 @@ their own forward: `use_chunked_loss` returns False and logs why.
 
 from __future__ import annotations
 
+import functools
 import logging
 import types
 
@@ -33,7 +34,9 @@ def chunk_rows(vocab: int, budget: int = CHUNK_BYTES) -> int:
     return max(64, budget // (4 * vocab))
 
 
+@functools.cache
 def _linear_cross_entropy():
+    """The autograd Function, built on first use (torch is imported only by the processes that train)."""
     import torch
 
     class LinearCrossEntropy(torch.autograd.Function):
@@ -78,14 +81,9 @@ def _linear_cross_entropy():
     return LinearCrossEntropy
 
 
-_FN = {}
-
-
 def linear_cross_entropy(hidden, weight, targets, chunk: int):
     """Summed cross-entropy of `targets` under logits hidden @ weight.T, computed chunk by chunk (fp32 math)."""
-    if "fn" not in _FN:
-        _FN["fn"] = _linear_cross_entropy()
-    return _FN["fn"].apply(hidden, weight, targets, chunk)
+    return _linear_cross_entropy().apply(hidden, weight, targets, chunk)
 
 
 def causal_lm_loss(hidden, labels, head_weight, num_items_in_batch=None, chunk: int | None = None):

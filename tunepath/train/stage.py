@@ -179,13 +179,14 @@ def run_train(cfg: TrainConfig, model: ModelConfig, plan_path: Path, tokenize_di
     from accelerate import PartialState
     from transformers import AutoTokenizer, set_seed
 
-    from tunepath.train import checkpoints, recipe, tracking
+    from tunepath.train import checkpoints, recipe, speed, tracking
 
     out_dir, tokenize_dir = Path(out_dir), Path(tokenize_dir)
     plan = json.loads(Path(plan_path).read_text(encoding="utf-8"))
     stages, method, start_from = list(plan["stages"]), plan["method"], plan.get("start_from", "base")
     recipe.check_plan(stages, method, start_from)
-    backend, why = pick_backend(cfg.backend, method, PartialState().num_processes)
+    dist = PartialState()
+    backend, why = pick_backend(cfg.backend, method, dist.num_processes)
     if method == "qlora" and backend == "hf":
         import torch
 
@@ -196,7 +197,6 @@ def run_train(cfg: TrainConfig, model: ModelConfig, plan_path: Path, tokenize_di
     stats = tokenize_dir / "stats.json"
     max_length = int(json.loads(stats.read_text(encoding="utf-8")).get("max_length", 0)) if stats.exists() else 0
 
-    dist = PartialState()
     base = start_model(plan, model)
     ckpt_root = Path(checkpoint_dir) if checkpoint_dir else checkpoints.default_root(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenize_dir / "tokenizer"))
@@ -213,8 +213,6 @@ def run_train(cfg: TrainConfig, model: ModelConfig, plan_path: Path, tokenize_di
         base = str(out_dir.resolve() / "init")
     set_seed(cfg.seed)
     net = build_model(base, cfg, method, precision, backend, max_length, model.trust_remote_code)
-    from tunepath.train import speed
-
     speedups = speed.apply(net, cfg, backend)
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     total = sum(p.numel() for p in net.parameters())
