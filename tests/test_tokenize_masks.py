@@ -121,19 +121,28 @@ def test_template_that_trims_contents(chatml_model):
     )
 
 
-def test_template_whose_markup_depends_on_content_is_dropped(chatml_model):
+def test_template_whose_markup_depends_on_content_renders_the_real_content(chatml_model):
     odd = CHATML.replace("'<|im_end|>'", "('<|im_end|>' if message['content'] != 'odd' else '')")
+    tokenizer = _tokenizer(chatml_model)
     encoder = ChatEncoder(_tokenizer(chatml_model), odd)
-    good, bad = encoder.encode([CONVERSATIONS[0], [{"role": "user", "content": "odd"}, {"role": "assistant", "content": "x"}]])
-    assert good is not None and bad is None
+    messages = [{"role": "user", "content": "odd"}, {"role": "assistant", "content": "x"}]
+    chat = encoder.encode([messages])[0]
+    assert chat.input_ids == list(tokenizer.apply_chat_template(messages, chat_template=odd, tokenize=True, return_dict=False))
 
 
-def test_template_that_rewrites_history_is_refused(chatml_model):
-    # Renders earlier assistant turns differently once a later turn exists: no prefix-stable span.
+def test_template_that_rewrites_history_trains_one_sample_per_turn(chatml_model):
+    # Renders earlier assistant turns differently once a later turn exists: each turn is its own sample.
     unstable = CHATML.replace("message['content'] +", "(message['content'] if loop.last or message['role'] != 'assistant' else 'gone') +")
-    encoder = ChatEncoder(_tokenizer(chatml_model), unstable)
-    with pytest.raises(TemplateError, match="prefix-stable"):
-        encoder.renderer.layout(("user", "assistant", "user", "assistant"), False)
+    tokenizer = _tokenizer(chatml_model)
+    messages = CONVERSATIONS[2]
+    batch = ChatEncoder(_tokenizer(chatml_model), unstable).encode_batch([messages])
+    answers = [m for m in messages if m["role"] == "assistant"]
+    assert len(batch.status) == len(answers)
+    for row, answer in enumerate(answers):
+        chat = batch.chat(row)
+        assert learnt_spans(tokenizer, chat.input_ids, chat.labels) == [answer["content"] + "<|im_end|>"]
+        upto = messages[: messages.index(answer) + 1]
+        assert chat.input_ids == list(tokenizer.apply_chat_template(upto, chat_template=unstable, tokenize=True, return_dict=False))
 
 
 def test_chatml_needs_its_control_tokens(llama_tokenizer):
@@ -148,7 +157,7 @@ def test_tokenizer_without_template_is_refused(llama_tokenizer):
 
 @pytest.mark.parametrize("template_name", ["tokenizer", "llama2", "trim"])
 def test_renderer_matches_apply_chat_template(chatml_model, llama_tokenizer, template_name):
-    from tunepath.tokenize.layout import ChatRenderer
+    from tunepath.tokenize.render import ChatRenderer
 
     path = llama_tokenizer if template_name == "llama2" else chatml_model
     tokenizer = _tokenizer(path)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 from pydantic import ValidationError
-from test_tokenize_helpers import CONVERSATIONS, chatml_model, learnt_spans, llama_tokenizer, write_records  # noqa: F401
+from test_tokenize_helpers import CHATML_TEMPLATE, CONVERSATIONS, chatml_model, learnt_spans, llama_tokenizer, write_records  # noqa: F401
 
 from tunepath.sections import ModelConfig
 from tunepath.tokenize import TokenizeConfig, run_tokenize
@@ -158,7 +158,7 @@ def test_length_policy(chatml_model, tmp_path, overlong):
     long_question = [{"role": "user", "content": "Hello world " * 40}, {"role": "assistant", "content": "Paris."}]
     long_answer = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hello world " * 40}]
     validate = write_records(tmp_path / "v", [{"kind": "conversation", "split": "train", "messages": m} for m in (long_question, long_answer, CONVERSATIONS[0])])
-    cfg = TokenizeConfig(max_length=32, overlong=overlong, cache_dir=str(tmp_path / "cache"))
+    cfg = TokenizeConfig(max_length=32, overlong=overlong, cache_dir=str(tmp_path / "cache"), max_drop_share=1.0)
     run_tokenize(cfg, ModelConfig(base=str(chatml_model)), validate, tmp_path / "out")
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())["sft"]["train"]
     if overlong == "truncate":
@@ -172,10 +172,26 @@ def test_length_policy(chatml_model, tmp_path, overlong):
 def test_a_split_with_every_sample_dropped_writes_nothing(chatml_model, tmp_path):
     no_answer = [{"role": "user", "content": "Hello"}]
     validate = write_records(tmp_path / "v", [{"kind": "conversation", "split": "train", "messages": no_answer}] * 3)
-    summary = run_tokenize(TokenizeConfig(cache_dir=str(tmp_path / "cache")), ModelConfig(base=str(chatml_model)), validate, tmp_path / "out")
+    cfg = TokenizeConfig(cache_dir=str(tmp_path / "cache"), max_drop_share=1.0)
+    summary = run_tokenize(cfg, ModelConfig(base=str(chatml_model)), validate, tmp_path / "out")
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert summary["labeled_examples"] == 0 and stats["sft"]["train"]["dropped_no_labels"] == 3
     assert not (tmp_path / "out" / "sft").exists()
+
+
+def test_drops_past_the_threshold_fail_with_reason_and_line(chatml_model, tmp_path):
+    from tunepath.errors import StageError
+
+    refused = CHATML_TEMPLATE.replace("{%- for message in messages %}", "{%- for message in messages %}{%- if message['content'] == 'boom' %}{{ raise_exception('no boom') }}{%- endif %}")
+    rows = [CONVERSATIONS[0]] * 8 + [[{"role": "user", "content": "boom"}, {"role": "assistant", "content": "x"}]] * 2
+    validate = write_records(tmp_path / "v", [{"kind": "conversation", "split": "train", "messages": m} for m in rows])
+    cfg = TokenizeConfig(template="custom", custom_template=refused, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(StageError, match=r"2 of 10 sft/train .* dropped_unrenderable \(2\) \(e.g. t.jsonl, line 9: .*no boom"):
+        run_tokenize(cfg, ModelConfig(base=str(chatml_model)), validate, tmp_path / "out")
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())["sft"]["train"]
+    assert stats["dropped_unrenderable"] == 2 and stats["samples_out"] == 8
+    assert "**unrenderable** 2 — e.g. `t.jsonl` line 9" in (tmp_path / "out" / "report.md").read_text()
+    run_tokenize(cfg.model_copy(update={"max_drop_share": 0.25}), ModelConfig(base=str(chatml_model)), validate, tmp_path / "out")
 
 
 def test_llama2_template_is_saved_with_the_data(llama_tokenizer, tmp_path):

@@ -14,6 +14,7 @@ Outputs (all under `out_dir`): `tokenizer/` (saved with the chat template used),
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
@@ -42,6 +43,27 @@ class TokenizeConfig(Strict):
         "truncate", description="A sample longer than max_length is cut to max_length (truncate) or left out (drop)."
     )
     last_turn_only: bool = Field(False, description="Learn only the last assistant turn of each conversation.")
+    keep_history_reasoning: bool = Field(
+        False,
+        description="Earlier assistant turns keep their reasoning in the history a later turn sees (where the template "
+        "renders it; R1 and Qwen3 drop it anyway). Off: history as inference clients send it, without reasoning.",
+    )
+    template_kwargs: dict[str, str | int | float | bool] = Field(
+        default_factory=dict,
+        description="Extra variables for the chat template, as apply_chat_template(**kwargs) takes them (e.g. enable_thinking: false).",
+    )
+    render_date: dt.date = Field(
+        dt.date(2024, 7, 26),
+        description="The date templates print (Llama-3's 'Today Date'): fixed, so reruns give the same ids; the saved template defaults to it too.",
+    )
+    max_drop_share: float = Field(
+        0.1, ge=0, le=1,
+        description="Fail the stage when more than this share of records of one kind and split yields no sample (unrenderable, too long, no labels).",
+    )
+    parity_checks: int = Field(
+        16, ge=0, le=1_000_000,
+        description="Samples per batch compared with the tokenizer's own apply_chat_template; a difference fails the stage.",
+    )
     cpt_remainder: Literal["drop", "pad", "keep"] = Field(
         "keep", description="The last, short CPT block: drop it, pad it to max_length (labels -100), or keep it short."
     )

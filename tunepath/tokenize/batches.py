@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tunepath.tokenize.masks import IGNORE_INDEX
+from tunepath.tokenize.masks import DROPPED_NO_LABELS, DROPPED_TOO_LONG, IGNORE_INDEX, KEPT, REASON_CODES, TRUNCATED
 
-KEPT, TRUNCATED, DROPPED_TOO_LONG, DROPPED_NO_LABELS, DROPPED_UNRENDERABLE = 0, 1, 2, 3, 4
+DROPPED_UNRENDERABLE = REASON_CODES["unrenderable"]
 STATUS_NAMES = {
     TRUNCATED: "truncated",
     DROPPED_TOO_LONG: "dropped_too_long",
     DROPPED_NO_LABELS: "dropped_no_labels",
-    DROPPED_UNRENDERABLE: "dropped_unrenderable",
+    **{code: f"dropped_{reason}" for reason, code in REASON_CODES.items()},
 }
 
 
@@ -28,6 +28,10 @@ class EncodePlan:
     overlong: str
     last_turn_only: bool
     trust_remote_code: bool = False
+    keep_history_reasoning: bool = False
+    template_kwargs: str = "{}"  # JSON: the plan stays hashable and picklable
+    render_date: str = "2024-07-26"
+    parity_checks: int = 0
 
 
 _ENCODERS: dict = {}
@@ -40,20 +44,25 @@ def encoder_for(plan: EncodePlan, tokenizer=None):
     """
     from tunepath.tokenize.masks import ChatEncoder
 
-    key = (plan.tokenizer_dir, plan.tokenizer_hash, plan.template, plan.last_turn_only)
-    if key not in _ENCODERS:
+    import datetime as dt
+    import json
+
+    if plan not in _ENCODERS:
         _ENCODERS.clear()
         if tokenizer is None:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(plan.tokenizer_dir, trust_remote_code=plan.trust_remote_code)
-        _ENCODERS[key] = ChatEncoder(tokenizer, plan.template, plan.last_turn_only)
-    return _ENCODERS[key]
+        _ENCODERS[plan] = ChatEncoder(
+            tokenizer, plan.template, plan.last_turn_only, plan.keep_history_reasoning, json.loads(plan.template_kwargs),
+            dt.date.fromisoformat(plan.render_date), plan.parity_checks,
+        )
+    return _ENCODERS[plan]
 
 
 def fit_lengths(encoded, max_length: int, overlong: str) -> dict:
-    """Apply the length policy to a batch (numpy, no per-token Python); a sample left with no learnt token is
-    dropped, never trained on.
+    """Apply the length policy to a batch of samples (numpy, no per-token Python); a sample left with no learnt
+    token is dropped, never trained on.
 
     The first label of every sample is -100: no token predicts it inside the sample, and in a packed row it
     would be predicted from the previous sample. Returns flat ids/labels and per-sample lengths, status, counts.
@@ -65,9 +74,9 @@ def fit_lengths(encoded, max_length: int, overlong: str) -> dict:
     owner = np.repeat(np.arange(n), lengths)
     position = np.arange(len(encoded.ids)) - encoded.offsets[:-1][owner]
     learnt = encoded.learnt & (position > 0)
-    rendered = np.array(encoded.rendered, dtype=bool)
-    status = np.where(rendered, KEPT, DROPPED_UNRENDERABLE).astype(np.int32)
-    too_long = rendered & (lengths > max_length)
+    status = encoded.status.copy()
+    kept = status == KEPT
+    too_long = kept & (lengths > max_length)
     status[too_long] = DROPPED_TOO_LONG if overlong == "drop" else TRUNCATED
     keep_len = np.where(status <= TRUNCATED, np.minimum(lengths, max_length), 0)
     counts = np.bincount(owner[learnt & (position < keep_len[owner])], minlength=n)
@@ -96,16 +105,38 @@ def list_column(flat, lengths):
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.asarray(flat, dtype=np.int32)))
 
 
-def sft_batch(batch: dict, plan: EncodePlan, with_prompt: bool):
+def encode_records(batch: dict, indices: list[int], plan: EncodePlan):
+    """The encoder's batch for canonical conversation records; a parity failure names the record."""
+    from tunepath.tokenize.masks import ParityError
+
+    encoder = encoder_for(plan)
+    try:
+        return encoder.encode_batch(batch["messages"], batch.get("tools"))
+    except ParityError as e:
+        raise ParityError(e.row, f"{_where(batch, e.row)}: {e}") from None
+
+
+def _where(batch: dict, row: int) -> str:
+    source = (batch.get("source") or [None] * (row + 1))[row] or {}
+    return f"{source.get('file', '?')}, line {source.get('line', '?')}"
+
+
+def sft_batch(batch: dict, indices: list[int], plan: EncodePlan, with_prompt: bool):
+    import numpy as np
     import pyarrow as pa
 
-    fitted = fit_lengths(encoder_for(plan).encode_batch(batch["messages"]), plan.max_length, plan.overlong)
+    encoded = encode_records(batch, indices, plan)
+    fitted = fit_lengths(encoded, plan.max_length, plan.overlong)
     columns = {
         "input_ids": list_column(fitted["ids"], fitted["keep_len"]),
         "labels": list_column(fitted["labels"], fitted["keep_len"]),
         "status": pa.array(fitted["status"], type=pa.int32()),
         "length": pa.array(fitted["length"], type=pa.int32()),
         "label_tokens": pa.array(fitted["label_tokens"], type=pa.int32()),
+        "record": pa.array(np.asarray(indices, dtype=np.int64)[encoded.owner], type=pa.int64()),
+        "restored": pa.array(encoded.restored),
+        "control_text": pa.array(encoded.control_text),
+        "detail": pa.array(encoded.details, type=pa.string()),
     }
     if with_prompt:
         columns["prompt_ids"] = list_column(fitted["prompt"], fitted["prompt_len"])
@@ -138,6 +169,5 @@ def to_table(columns: dict[str, list]):
 def cpt_batch(batch: dict, plan: EncodePlan):
     encoder = encoder_for(plan)
     eos = encoder.eos_id
-    # Special-token matching is off in this backend: document text never becomes a control token.
-    encoded = encoder.backend.encode_batch_fast(batch["text"], add_special_tokens=False)
-    return to_table({"input_ids": [e.ids + [eos] for e in encoded]})
+    # Added-token matching is off for documents: their text never becomes a control token.
+    return to_table({"input_ids": [ids + [eos] for ids in encoder.text_encoder.encode_texts(batch["text"])]})

@@ -1,7 +1,16 @@
 """Conversations to token ids and labels: -100 everywhere except the assistant's output and its end-of-turn token.
 
-Control tokens come only from the template's markup (inserted by id); every text run, which holds the
-message contents, is tokenized with special-token matching off, so `<|im_start|>` typed by a user stays text.
+Each sample's text (see `turns`) is tokenized as a whole by the tokenizer itself, exactly as
+`apply_chat_template` tokenizes it, and the learnt spans are found from the token offsets. So the ids are the
+ids the model sees at inference, whatever the tokenizer (byte-level BPE, SentencePiece with `▁` and added
+tokens that strip the whitespace around them). Three checks hold every sample to that:
+
+- a learnt span starts on a token boundary, and the tokens before it equal the generation prompt's own
+  tokenization (the model is given exactly those ids at inference), else the sample is left out and counted;
+- no id of an added token (special or not) comes from message content: a conversation whose text holds an
+  added token's string is encoded by `safe.TextOnlyEncoder`, where only the template's markup yields them;
+- `parity_checks` samples per batch are compared with `tokenizer.apply_chat_template` itself; a difference
+  stops the stage (`ParityError`) with the first differing token.
 """
 
 from __future__ import annotations
@@ -9,17 +18,31 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from tunepath.tokenize.layout import CONTROL, MARKUP, TEXT, ChatLayout, ChatRenderer, fill, rendered_contents
+from tunepath.tokenize.render import ChatRenderer, added_token_pattern, parse_tools
 from tunepath.tokenize.templates import TemplateError
+from tunepath.tokenize.turns import HISTORY_MISMATCH, REASONING_LOST, TOOLS_UNSUPPORTED, UNRENDERABLE, SampleError, TurnBuilder, find_end_of_turn
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+PROMPT_BOUNDARY = "prompt_boundary"  # a token spans the end of the generation prompt
+CONTROL_TEXT = "control_text_unresolved"  # content holds control-token text the safe encoder could not isolate
+# Status codes of an encoded row (0 and 1 are kept; the rest say why a conversation has no sample).
+KEPT, TRUNCATED, DROPPED_TOO_LONG, DROPPED_NO_LABELS = 0, 1, 2, 3
+REASON_CODES = {UNRENDERABLE: 4, HISTORY_MISMATCH: 5, REASONING_LOST: 6, TOOLS_UNSUPPORTED: 7, PROMPT_BOUNDARY: 8, CONTROL_TEXT: 9}
+
+
+class ParityError(TemplateError):
+    """A sample's ids differ from what the tokenizer's own apply_chat_template gives."""
+
+    def __init__(self, row: int, message: str) -> None:
+        super().__init__(message)
+        self.row = row
 
 
 @dataclass
 class EncodedChat:
-    """One conversation, untruncated; `prompt_len` tokens precede the last assistant turn's learnt span."""
+    """One sample, untruncated; `prompt_len` tokens precede the last learnt turn's span."""
 
     input_ids: list[int]
     labels: list[int]
@@ -31,131 +54,273 @@ class EncodedChat:
 
 @dataclass
 class EncodedBatch:
-    """Conversations of one batch, concatenated (numpy arrays): conversation i is ids[offsets[i]:offsets[i+1]]."""
+    """Samples of one batch of conversations, concatenated (numpy arrays): sample i is ids[offsets[i]:offsets[i+1]].
+
+    A conversation with no sample has one empty row whose status says why (`detail` has the message).
+    """
 
     ids: object  # int32
     learnt: object  # bool: the label is the token itself, else -100
-    offsets: object  # int64, one more than conversations
+    offsets: object  # int64, one more than rows
     prompt_lens: object  # int64
     answer_lens: object  # int64
-    rendered: list[bool]  # False where the template cannot render the conversation (it then has no tokens)
+    owner: object  # int64: the conversation of each row
+    status: object  # int32: KEPT or a REASON_CODES value
+    restored: object  # bool: a turn was rebuilt to hold its reasoning
+    control_text: object  # bool: content held control-token text, encoded as text
+    details: list[str]
     prompt_texts: list[str] | None = None
     answer_texts: list[str] | None = None
 
-    def chat(self, i: int) -> EncodedChat | None:
-        if not self.rendered[i]:
+    def chat(self, row: int) -> EncodedChat | None:
+        if self.status[row] != KEPT:
             return None
-        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        a, b = int(self.offsets[row]), int(self.offsets[row + 1])
         ids = self.ids[a:b].tolist()
         labels = [t if m else IGNORE_INDEX for t, m in zip(ids, self.learnt[a:b].tolist())]
-        texts = (self.prompt_texts[i], self.answer_texts[i]) if self.prompt_texts is not None else ("", "")
-        return EncodedChat(ids, labels, int(self.prompt_lens[i]), int(self.answer_lens[i]), *texts)
+        texts = (self.prompt_texts[row], self.answer_texts[row]) if self.prompt_texts is not None else ("", "")
+        return EncodedChat(ids, labels, int(self.prompt_lens[row]), int(self.answer_lens[row]), *texts)
 
 
 class ChatEncoder:
-    """Encodes batches of conversations with one tokenizer and template."""
+    """Encodes batches of canonical conversations with one tokenizer and template."""
 
-    def __init__(self, tokenizer, template: str, last_turn_only: bool = False) -> None:
-        self.renderer = ChatRenderer(tokenizer, template)
+    def __init__(self, tokenizer, template: str, last_turn_only: bool = False, keep_history_reasoning: bool = False,
+                 template_kwargs: dict | None = None, date=None, parity_checks: int = 0) -> None:
+        self.tokenizer = tokenizer
         self.backend = tokenizer.backend_tokenizer
-        # This encoder owns its tokenizer instance: switch special-token matching off for all text it encodes.
-        self.backend.encode_special_tokens = True
-        self.last_turn_only = last_turn_only
+        self.renderer = ChatRenderer(tokenizer, template, template_kwargs, date)
+        self.pattern = added_token_pattern(tokenizer)
+        self.added_ids = {i for i, t in tokenizer.added_tokens_decoder.items()}
+        added = {t.content for t in tokenizer.added_tokens_decoder.values()}
+        self.builder = TurnBuilder(self.renderer, None, added, last_turn_only, keep_history_reasoning)
+        self.builder.end_of_turn = find_end_of_turn(self.renderer, self.pattern)
         self.eos_id = tokenizer.eos_token_id
-        self._fixed: dict[int, list[list[int] | None]] = {}  # per layout: ids of its control and markup parts
+        self.parity_checks = parity_checks
+        self._safe = None
+        self._segments: dict[str, list[int]] = {}
 
-    def encode(self, conversations: list[list[dict]], with_text: bool = False) -> list[EncodedChat | None]:
-        """One EncodedChat per conversation; None where the template cannot render it (logged)."""
-        batch = self.encode_batch(conversations, with_text)
-        return [batch.chat(i) for i in range(len(conversations))]
+    @property
+    def last_turn_only(self) -> bool:
+        return self.builder.last_turn_only
 
-    def encode_batch(self, conversations: list[list[dict]], with_text: bool = False) -> EncodedBatch:
-        """All conversations at once; `with_text` adds the rendered prompt and last answer (for preference pairs)."""
+    def encode(self, conversations: list[list[dict]], tools: list | None = None, with_text: bool = False) -> list[EncodedChat | None]:
+        """Per conversation, its last sample (the one teaching its last assistant turn); None when it has none."""
+        batch = self.encode_batch(conversations, tools, with_text)
+        last = {int(owner): row for row, owner in enumerate(batch.owner)}
+        return [batch.chat(last[i]) for i in range(len(conversations))]
+
+    def encode_batch(self, conversations: list[list[dict]], tools: list | None = None, with_text: bool = False) -> EncodedBatch:
+        """Every sample of every conversation; `tools` is one canonical `tools` value per conversation (or None)."""
         import numpy as np
 
-        prepared = [self._fill(messages) for messages in conversations]
-        pending = [text for item in prepared if item is not None for part, text in zip(item[0].parts, item[1]) if part.kind == TEXT and text]
-        encoded = iter([e.ids for e in self.backend.encode_batch_fast(pending, add_special_tokens=False)] if pending else [])
+        rows: list[dict] = []
+        for index, messages in enumerate(conversations):
+            declared = parse_tools(tools[index]) if tools is not None else None
+            try:
+                samples = self.builder.samples(messages, declared)
+            except SampleError as e:
+                rows.append({"owner": index, "status": REASON_CODES[e.reason], "detail": e.detail})
+                continue
+            if not samples:
+                rows.append({"owner": index, "status": DROPPED_NO_LABELS, "detail": "no assistant turn to learn"})
+            injected = self._holds_control_text(messages, tools[index] if tools is not None else None)
+            neutral = self._neutral(messages, declared, samples) if injected else [None] * len(samples)
+            rows += [
+                {"owner": index, "status": KEPT, "sample": s, "injected": injected, "neutral": n, "tools": declared}
+                for s, n in zip(samples, neutral)
+            ]
 
-        flat: list[int] = []
-        piece_lengths: list[int] = []
-        piece_learnt: list[bool] = []
-        offsets, prompt_lens, answer_lens = [0], [], []
-        for item in prepared:
-            start = prompt_end = answer_end = len(flat)
-            if item is not None:
-                layout, texts = item
-                for index, (part, fixed, text) in enumerate(zip(layout.parts, self._fixed_ids(layout), texts)):
-                    if index == layout.prompt_part:
-                        prompt_end = len(flat)
-                    piece = fixed if fixed is not None else next(encoded) if text else ()
-                    flat += piece
-                    piece_lengths.append(len(piece))
-                    piece_learnt.append(part.labeled)
-                    if part.labeled and index >= layout.prompt_part:
-                        answer_end = len(flat)
-                if layout.prompt_part >= len(layout.parts):
-                    prompt_end = len(flat)
-            offsets.append(len(flat))
-            prompt_lens.append(prompt_end - start)
-            answer_lens.append(max(answer_end - prompt_end, 0))
+        normal = [r for r in rows if r["status"] == KEPT and not r["injected"]]
+        encodings = self.backend.encode_batch([r["sample"].text for r in normal], add_special_tokens=False) if normal else []
+        for row, encoding in zip(normal, encodings):
+            row["ids"], row["starts"] = encoding.ids, [s for s, _ in encoding.offsets]
+            row["ends"] = [e for _, e in encoding.offsets]
+        for row in rows:
+            if row["status"] == KEPT and row["injected"]:
+                self._encode_safely(row)
+        for row in rows:
+            if row["status"] == KEPT:
+                self._label(row)
+        self._check_parity([r for r in normal if r["status"] == KEPT][: self.parity_checks], rows)
+
+        flat, learnt, lengths = [], [], []
+        for row in rows:
+            ids = row.get("ids", []) if row["status"] == KEPT else []
+            flat += ids
+            learnt += row.get("learnt", []) if ids else []
+            lengths.append(len(ids))
         batch = EncodedBatch(
             ids=np.array(flat, dtype=np.int32),
-            learnt=np.repeat(np.array(piece_learnt, dtype=bool), piece_lengths),
-            offsets=np.array(offsets, dtype=np.int64),
-            prompt_lens=np.array(prompt_lens, dtype=np.int64),
-            answer_lens=np.array(answer_lens, dtype=np.int64),
-            rendered=[item is not None for item in prepared],
+            learnt=np.array(learnt, dtype=bool),
+            offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            prompt_lens=np.array([r.get("prompt_len", 0) if r["status"] == KEPT else 0 for r in rows], dtype=np.int64),
+            answer_lens=np.array([r.get("answer_len", 0) if r["status"] == KEPT else 0 for r in rows], dtype=np.int64),
+            owner=np.array([r["owner"] for r in rows], dtype=np.int64),
+            status=np.array([r["status"] for r in rows], dtype=np.int32),
+            restored=np.array([r["status"] == KEPT and r["sample"].restored for r in rows], dtype=bool),
+            control_text=np.array([r["status"] == KEPT and r["injected"] for r in rows], dtype=bool),
+            details=[r.get("detail", "") for r in rows],
         )
         if with_text:
-            batch.prompt_texts, batch.answer_texts = zip(*[_texts(item) for item in prepared]) if prepared else ((), ())
+            batch.prompt_texts = [_prompt_text(r) for r in rows]
+            batch.answer_texts = [_answer_text(r) for r in rows]
         return batch
 
-    def _fill(self, messages: list[dict]) -> tuple[ChatLayout, list[str]] | None:
-        roles = tuple(m["role"] for m in messages)
+    # -- pieces ---------------------------------------------------------------------------------------------
+
+    def _holds_control_text(self, messages: list[dict], tools) -> bool:
+        if self.pattern is None:
+            return False
+        texts = [tools or ""]
+        for m in messages:
+            texts += [m.get("content") or "", m.get("reasoning") or "", m.get("name") or ""]
+            texts += [f"{c.get('name', '')}\0{c.get('arguments', '')}" for c in m.get("tool_calls") or ()]
+        return any(self.pattern.search(t) for t in texts if t)
+
+    def _neutral(self, messages: list[dict], tools, samples: list) -> list[str | None]:
+        """The samples rendered with every added token's text in the messages masked by private-use characters of
+        the same length: what remains of added tokens there is the template's markup. None where the template
+        does not insert the masked text as it is (the sample is then counted, not guessed at)."""
+        mask = _masker(self.pattern)
+        masked = [{k: mask(v) if k != "role" else v for k, v in m.items() if k != "tool_calls"} | _masked_calls(m, mask) for m in messages]
         try:
-            layout = self.renderer.layout(roles, self.last_turn_only)
-            rendered = self.renderer.render(messages)
-        except Exception as e:  # jinja raises TemplateError, UndefinedError, TypeError...
-            log.debug("conversation with roles %s cannot be rendered: %s", roles, e)
-            return None
-        texts = fill(layout, [m["content"] for m in messages])
-        if "".join(texts) != rendered:
-            # The template rewrites contents (strip, trim): take them as it writes them.
-            contents = rendered_contents(self.renderer, layout, messages)
-            texts = fill(layout, contents) if contents is not None else None
-            if texts is None or "".join(texts) != rendered:
-                log.debug("conversation with roles %s: the template's markup depends on the content", roles)
-                return None
-        return layout, texts
+            neutral = self.builder.samples(masked, _masked_tools(tools, mask))
+        except SampleError:
+            return [None] * len(samples)
+        if len(neutral) != len(samples):
+            return [None] * len(samples)
+        return [n.text if len(n.text) == len(s.text) else None for n, s in zip(neutral, samples)]
 
-    def _fixed_ids(self, layout: ChatLayout) -> list[list[int] | None]:
-        key = id(layout)  # layouts live as long as the renderer's cache, which never evicts
-        if key not in self._fixed:
-            self._fixed[key] = [
-                [p.token_id] if p.kind == CONTROL
-                else self.backend.encode(p.text, add_special_tokens=False).ids if p.kind == MARKUP
-                else None
-                for p in layout.parts
-            ]
-        return self._fixed[key]
+    @property
+    def text_encoder(self):
+        """The tokenizer with added-token matching off (built on first use)."""
+        from tunepath.tokenize.safe import TextOnlyEncoder
+
+        if self._safe is None:
+            self._safe = TextOnlyEncoder(self.tokenizer, self.pattern)
+        return self._safe
+
+    def _encode_safely(self, row: dict) -> None:
+        try:
+            if row["neutral"] is None:
+                raise ValueError("the chat template does not insert content holding control-token text verbatim")
+            row["ids"], row["starts"], row["ends"] = self.text_encoder.encode(row["sample"].text, row["neutral"])
+        except ValueError as e:
+            row["status"], row["detail"] = REASON_CODES[CONTROL_TEXT], str(e)
+
+    def _label(self, row: dict) -> None:
+        sample = row["sample"]
+        ids, starts, ends = row["ids"], row["starts"], row["ends"]
+        learnt = [False] * len(ids)
+        k = 0
+        for s, e in sample.spans:
+            first = _first_at(starts, s)
+            if not self._boundary_ok(row, first, s):
+                row["status"], row["detail"] = REASON_CODES[PROMPT_BOUNDARY], (
+                    f"a token spans the end of the generation prompt at character {s}: "
+                    f"{sample.text[max(0, s - 20):s]!r} | {sample.text[s:s + 20]!r}"
+                )
+                return
+            k = first
+            while k < len(ids) and starts[k] < e:
+                learnt[k] = True
+                k += 1
+        last_start = _first_at(starts, sample.spans[-1][0])
+        row["learnt"] = learnt
+        row["prompt_len"] = _first_at(starts, sample.prompt_end)
+        row["answer_len"] = sum(learnt[last_start:])
+
+    def _boundary_ok(self, row: dict, first: int, start: int) -> bool:
+        """The tokens before `start` are the generation prompt's own: a token boundary at `start`, and the text
+        since the last control token tokenizes alone to the same ids (earlier segments cannot differ: added tokens
+        split the text before anything else runs)."""
+        ids, starts, ends = row["ids"], row["starts"], row["ends"]
+        if first > 0 and ends[first - 1] > start:
+            return False
+        control = max((k for k in range(first - 1, -1, -1) if ids[k] in self.added_ids), default=-1)
+        if row["injected"]:
+            return True  # the safe encoder split the text at the template's markup: its segments stand alone
+        cut = ends[control] if control >= 0 else 0
+        segment = row["sample"].text[cut:start]
+        if cut == 0:  # no control token before the prompt's end: the whole prompt, tokenized alone
+            return ids[:first] == self.backend.encode(segment, add_special_tokens=False).ids
+        if segment not in self._segments:  # generation prompts end in a few fixed strings
+            self._segments[segment] = self._tail_ids(row["sample"].text[:cut], segment)
+        return ids[control + 1 : first] == self._segments[segment]
+
+    def _tail_ids(self, before: str, segment: str) -> list[int]:
+        """Ids of `segment` right after a control token (a Metaspace `prepend_scheme: first` adds no `▁` there)."""
+        probe = self.backend.encode(before[-200:] + segment, add_special_tokens=False)
+        cut = len(before[-200:])
+        return [i for i, (s, _) in zip(probe.ids, probe.offsets) if s >= cut]
+
+    def _check_parity(self, rows: list[dict], all_rows: list[dict]) -> None:
+        for row in rows:
+            sample = row["sample"]
+            kwargs = {"tools": row["tools"], "tokenize": True, "return_dict": False, **self.renderer.kwargs}
+            prompt = list(self.tokenizer.apply_chat_template(sample.history, add_generation_prompt=True, **kwargs))
+            theirs = prompt if sample.restored else list(self.tokenizer.apply_chat_template([*sample.history, sample.turn], **kwargs))
+            ours = row["ids"][: len(theirs)] if sample.restored else row["ids"]
+            if sample.restored and row["prompt_len"] != len(prompt):
+                ours = row["ids"][: row["prompt_len"]]
+            if ours != theirs:
+                at = next((k for k, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+                show = self.tokenizer.convert_ids_to_tokens
+                raise ParityError(
+                    row["owner"],
+                    f"token {at} differs from apply_chat_template: ours {show(ours[at:at + 3])}, "
+                    f"the tokenizer's {show(theirs[at:at + 3])} ({len(ours)} vs {len(theirs)} tokens)",
+                )
 
 
-def _texts(item) -> tuple[str, str]:
-    """The rendered prompt of the last assistant turn and that turn's learnt text."""
-    if item is None:
-        return "", ""
-    layout, texts = item
-    cut = layout.prompt_part
-    last = max([i for i, p in enumerate(layout.parts) if p.labeled and i >= cut], default=cut - 1)
-    return "".join(texts[:cut]), "".join(texts[cut : last + 1])
+def _first_at(starts: list[int], position: int) -> int:
+    """Index of the first token starting at or after `position`."""
+    import bisect
+
+    return bisect.bisect_left(starts, position)
+
+
+def _prompt_text(row: dict) -> str:
+    if row["status"] != KEPT:
+        return ""
+    return row["sample"].text[: row["sample"].prompt_end]
+
+
+def _answer_text(row: dict) -> str:
+    if row["status"] != KEPT:
+        return ""
+    s, e = row["sample"].spans[-1]
+    return row["sample"].text[s:e]
+
+
+def _masker(pattern):
+    def mask(text):
+        return pattern.sub(lambda m: "\ue002" * len(m.group()), text) if isinstance(text, str) and text else text
+
+    return mask
+
+
+def _masked_calls(message: dict, mask) -> dict:
+    calls = message.get("tool_calls")
+    if not calls:
+        return {}
+    return {"tool_calls": [{k: mask(v) if isinstance(v, str) else v for k, v in c.items()} for c in calls]}
+
+
+def _masked_tools(tools, mask):
+    """Declared tools with added tokens' text masked (a JSON round trip keeps the structure)."""
+    if not tools:
+        return tools
+    import json
+
+    return json.loads(mask(json.dumps(tools, ensure_ascii=False)))
 
 
 def check_encoder(encoder: ChatEncoder) -> None:
-    """Fail early on a template whose two-message layout cannot be built."""
+    """Fail early on a template that cannot render and learn a plain user/assistant exchange."""
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     try:
-        encoder.renderer.layout(("user", "assistant"), encoder.last_turn_only)
-    except TemplateError:
-        raise
-    except Exception as e:
-        raise TemplateError(f"the chat template cannot render a user/assistant exchange: {e}") from e
+        encoder.builder.samples(probe)
+    except SampleError as e:
+        raise TemplateError(f"the chat template cannot render a user/assistant exchange: {e.detail}") from e

@@ -18,18 +18,22 @@ from pathlib import Path
 
 from tunepath.sections import ModelConfig
 from tunepath.tokenize import TokenizeConfig
+from tunepath.errors import StageError
 from tunepath.tokenize.batches import STATUS_NAMES, TRUNCATED, EncodePlan, cpt_batch, encoder_for, sft_batch
 from tunepath.tokenize.masks import check_encoder
 from tunepath.tokenize.packing import best_fit_decreasing, build_rows, padding_share
 from tunepath.tokenize.report import write_report
+from tunepath.tokenize.render import pin_date
 from tunepath.tokenize.templates import select_template, template_hash
 
 log = logging.getLogger(__name__)
 
 FOLDERS = {"conversation": "sft", "text": "cpt", "preference": "dpo"}
 SPLITS = ("train", "eval")
+DROP_NAMES = tuple(name for name in STATUS_NAMES.values() if name.startswith("dropped_") and name not in ("dropped_too_long", "dropped_no_labels"))
 # Settings that change the tokenized records (the rest act after the cache: packing, blocks, parallelism).
-CACHE_KEYS = ("max_length", "template", "custom_template", "overlong", "last_turn_only")
+CACHE_KEYS = ("max_length", "template", "custom_template", "overlong", "last_turn_only", "keep_history_reasoning",
+              "template_kwargs", "render_date", "parity_checks")
 
 
 def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, out_dir: Path) -> dict:
@@ -47,7 +51,7 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
         raise FileNotFoundError(f"model.base {model.base!r}: cannot load its tokenizer: {e}") from e
     if not tokenizer.is_fast:
         raise ValueError(f"model.base {model.base!r}: tokenize needs a fast tokenizer (a tokenizer.json); this one is {type(tokenizer).__name__}")
-    template = select_template(cfg.template, cfg.custom_template, tokenizer, model.base)
+    template = pin_date(select_template(cfg.template, cfg.custom_template, tokenizer, model.base), cfg.render_date)
 
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -57,9 +61,9 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
     (tokenizer_dir / "chat_template.jinja").write_text(template, encoding="utf-8")
     plan = EncodePlan(
         str(tokenizer_dir.resolve()), _hash_files(tokenizer_dir), template, cfg.max_length, cfg.overlong,
-        cfg.last_turn_only, model.trust_remote_code,
+        cfg.last_turn_only, model.trust_remote_code, cfg.keep_history_reasoning,
+        json.dumps(cfg.template_kwargs, sort_keys=True), cfg.render_date.isoformat(), cfg.parity_checks,
     )
-    # The encoder takes over this tokenizer instance (it switches special-token matching off in it).
     check_encoder(encoder_for(plan, tokenizer))
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -78,6 +82,7 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
             target = out_dir / folder / split
             if folder == "sft":
                 stats[folder][split] = _finish_sft(mapped, split, cfg, target, run_key)
+                stats[folder][split]["drop_examples"] = _drop_examples(mapped, records, kind, split)
             elif folder == "cpt":
                 stats[folder][split] = _finish_cpt(mapped, cfg, pad_id, target, run_key)
             else:
@@ -97,6 +102,7 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
     }
     (out_dir / "stats.json").write_text(json.dumps({**summary, **stats}, indent=2) + "\n", encoding="utf-8")
     write_report(out_dir / "report.md", summary, stats)
+    _check_drops(stats, cfg)
     log.info(
         "tokenize: %d SFT conversations, %d CPT tokens, %d preference pairs (template %s %s, %.1f s%s)",
         summary["labeled_examples"], summary["unlabeled_tokens"], summary["preference_pairs"], cfg.template,
@@ -108,28 +114,34 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
 class _Records:
     """records.jsonl as Arrow, read (by pyarrow's multithreaded JSON reader) only when some split is not cached."""
 
-    COLUMNS = {"conversation": ("messages",), "text": ("text",), "preference": ("prompt", "chosen", "rejected")}
+    COLUMNS = {"conversation": ("messages", "tools", "source"), "text": ("text",), "preference": ("prompt", "chosen", "rejected", "tools")}
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._table = None
 
-    def get(self, kind: str, split: str):
+    def get(self, kind: str, split: str, columns: list[str] | None = None):
         import pyarrow.compute as pc
 
         table = self._read()
         mask = pc.and_(pc.equal(table["kind"], kind), pc.equal(table["split"], split))
-        return table.filter(mask).select(list(self.COLUMNS[kind]))
+        return table.filter(mask).select(columns or list(self.COLUMNS[kind]))
 
     def _read(self):
         import pyarrow as pa
         import pyarrow.json as pj
 
         if self._table is None:
-            messages = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+            call = pa.struct([("id", pa.string()), ("name", pa.string()), ("arguments", pa.string())])
+            messages = pa.list_(pa.struct([
+                ("role", pa.string()), ("content", pa.string()), ("reasoning", pa.string()),
+                ("tool_calls", pa.list_(call)), ("tool_call_id", pa.string()), ("name", pa.string()),
+            ]))
+            source = pa.struct([("file", pa.string()), ("line", pa.int64())])
             schema = pa.schema(
-                [("id", pa.string()), ("kind", pa.string()), ("split", pa.string()), ("messages", messages),
-                 ("text", pa.string()), ("prompt", messages), ("chosen", messages), ("rejected", messages)]
+                [("id", pa.string()), ("kind", pa.string()), ("split", pa.string()), ("source", source),
+                 ("messages", messages), ("tools", pa.string()), ("text", pa.string()),
+                 ("prompt", messages), ("chosen", messages), ("rejected", messages)]
             )
             options = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
             try:
@@ -168,6 +180,7 @@ def _tokenized(kind: str, split: str, records: _Records, plan: EncodePlan, cfg: 
         batch_size=cfg.batch_size,
         num_proc=min(cfg.num_proc, math.ceil(rows.num_rows / cfg.batch_size)) if cfg.num_proc > 1 else None,
         fn_kwargs=kwargs,
+        with_indices=kind == "conversation",
         remove_columns=source.column_names,
         new_fingerprint=cache.name,
         load_from_cache_file=False,
@@ -183,24 +196,65 @@ def _tokenized(kind: str, split: str, records: _Records, plan: EncodePlan, cfg: 
 def _zero_stats() -> dict:
     return {
         "samples_in": 0, "samples_out": 0, "tokens": 0, "label_tokens": 0, "truncated": 0,
-        "dropped_too_long": 0, "dropped_no_labels": 0, "dropped_unrenderable": 0, "dropped_tokens": 0, "longest": 0,
-        "padding_share_unpacked": 0.0, "padding_share_packed": 0.0, "rows": 0, "packed": False,
+        "dropped_too_long": 0, "dropped_no_labels": 0, **{name: 0 for name in DROP_NAMES}, "dropped_tokens": 0,
+        "longest": 0, "padding_share_unpacked": 0.0, "padding_share_packed": 0.0, "rows": 0, "packed": False,
     }
 
 
 def _status_stats(table) -> tuple[dict, object]:
+    """Counts per status (a row is a sample, or a record that yielded none) and the indices of the kept rows."""
     import numpy as np
 
     status = table["status"].to_numpy()
     kept = np.flatnonzero(status <= TRUNCATED)
     counts = {name: int((status == code).sum()) for code, name in STATUS_NAMES.items()}
-    if counts["dropped_unrenderable"]:
-        log.warning(
-            "%d records could not be rendered by the chat template (roles it refuses, or markup that depends on the "
-            "content) and were left out; see tokenize.template", counts["dropped_unrenderable"],
-        )
     longest = int(table["length"].to_numpy().max()) if len(status) else 0
-    return {"samples_in": len(status), "samples_out": len(kept), "longest": longest, **counts}, kept
+    stats = {"samples_in": len(status), "samples_out": len(kept), "longest": longest, **counts}
+    if "record" in table.column_names:
+        records = table["record"].to_numpy()
+        stats["records_in"] = int(len(np.unique(records)))
+        # Samples beyond one per conversation: turns of templates that rewrite history, each its own sample.
+        stats["turn_samples"] = int(len(kept) - len(np.unique(records[kept])))
+        stats["reasoning_rebuilt"] = int(table["restored"].to_numpy()[kept].sum())
+        stats["control_text_as_text"] = int(table["control_text"].to_numpy()[kept].sum())
+    return stats, kept
+
+
+def _drop_examples(mapped, records, kind: str, split: str) -> dict:
+    """Per drop reason: how many, and the first record's file, line and message."""
+    import numpy as np
+
+    if mapped is None:
+        return {}
+    table = mapped.data.table
+    status = table["status"].to_numpy()
+    examples = {}
+    for code, name in STATUS_NAMES.items():
+        if not name.startswith("dropped") or not (status == code).any():
+            continue
+        row = int(np.flatnonzero(status == code)[0])
+        index = int(table["record"][row].as_py())
+        source = records.get(kind, split, ["source"])["source"][index].as_py() or {}
+        examples[name] = {"file": source.get("file"), "line": source.get("line"), "detail": table["detail"][row].as_py()}
+    return examples
+
+
+def _check_drops(stats: dict, cfg: TokenizeConfig) -> None:
+    """Fail when a kind and split lost more than `max_drop_share` of its rows (stats and report are written first)."""
+    for folder, splits in stats.items():
+        for split, row in splits.items():
+            total = row.get("samples_in", 0)
+            dropped = {name: row.get(name, 0) for name in ("dropped_too_long", "dropped_no_labels", *DROP_NAMES) if row.get(name)}
+            if not total or sum(dropped.values()) / total <= cfg.max_drop_share:
+                continue
+            worst = max(dropped, key=dropped.get)
+            example = row.get("drop_examples", {}).get(worst, {})
+            where = f" (e.g. {example['file']}, line {example['line']}: {example['detail']})" if example else ""
+            raise StageError(
+                f"tokenize: {sum(dropped.values())} of {total} {folder}/{split} rows yield no sample, more than "
+                f"tokenize.max_drop_share={cfg.max_drop_share}; most: {worst} ({dropped[worst]}){where}. "
+                "See artifacts/tokenize/report.md; change tokenize.template or max_length, fix the data, or raise the share."
+            )
 
 
 def _finish_sft(mapped, split: str, cfg: TokenizeConfig, target: Path, run_key: str) -> dict:
@@ -314,7 +368,7 @@ def _fingerprint(records_path: Path, plan: EncodePlan, cfg: TokenizeConfig) -> s
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     digest.update(plan.tokenizer_hash.encode())
-    digest.update(json.dumps({k: getattr(cfg, k) for k in CACHE_KEYS}, sort_keys=True).encode())
+    digest.update(json.dumps({k: getattr(cfg, k) for k in CACHE_KEYS}, sort_keys=True, default=str).encode())
     for path in sorted(Path(__file__).parent.glob("*.py")):
         digest.update(path.read_bytes())
     return digest.hexdigest()
