@@ -69,6 +69,7 @@ class EncodedBatch:
     restored: object  # bool: a turn was rebuilt to hold its reasoning
     control_text: object  # bool: content held control-token text, encoded as text
     details: list[str]
+    texts: list[str]  # the rendered text of each sample ("" for a record with none)
     prompt_texts: list[str] | None = None
     answer_texts: list[str] | None = None
 
@@ -161,6 +162,7 @@ class ChatEncoder:
             restored=np.array([r["status"] == KEPT and r["sample"].restored for r in rows], dtype=bool),
             control_text=np.array([r["status"] == KEPT and r["injected"] for r in rows], dtype=bool),
             details=[r.get("detail", "") for r in rows],
+            texts=[r["sample"].text if r["status"] == KEPT else "" for r in rows],
         )
         if with_text:
             batch.prompt_texts = [_prompt_text(r) for r in rows]

@@ -18,6 +18,10 @@ template that strips it from the final turn too (DeepSeek-R1's drops everything 
 generation prompt opens a `<think>` block that its rendered turn lacks, gets the turn put back together from
 its own pieces: header + `<think>\\n{reasoning}\\n</think>\\n\\n` + the rest of the turn. An answer with no
 reasoning after a generation prompt that opens a block gets an empty block (Qwen3's non-thinking form).
+
+A template whose full render moves history text (Mistral v0.3 shows the system prompt only when a user message
+is last) gets the generation prompt followed by the turn as the template renders it: what the model is given
+and what it should answer, at that turn.
 """
 
 from __future__ import annotations
@@ -104,6 +108,8 @@ class TurnBuilder:
         if completion is not None and (not reasoning or reasoning in completion):
             return text, prompt, False
         rebuilt = self._rebuild(history, message, prompt, tools)
+        if rebuilt is None and (not reasoning or (completion is None and reasoning in text)):
+            rebuilt = self._align(history, prompt, text, turn)
         if rebuilt is None:
             if completion is not None:
                 raise SampleError(REASONING_LOST, "the chat template drops the reasoning of the final assistant turn")
@@ -132,6 +138,24 @@ class TurnBuilder:
             return None
         rebuilt = before + header + block + turn[len(header):]
         return rebuilt if rebuilt.startswith(prompt) else None
+
+    def _align(self, history, prompt: str, text: str, turn: dict) -> str | None:
+        """The generation prompt followed by the turn as the template renders it, for templates whose full render
+        differs from the prompt before the turn (Mistral v0.3 puts the system prompt into the last user message
+        only, so the full conversation renders without it): the turn starts in `text` right after the markup
+        that closes the last history message, as it does in `prompt`."""
+        last = next((m.get("content") for m in reversed(history) if m.get("content")), None)
+        content = (turn.get("content") or "").strip()  # templates may trim it
+        last = (last or "").strip()
+        if not last or last not in prompt:
+            return None
+        closing = prompt[prompt.rfind(last):]  # the last message's content and the markup after it
+        limit = text.rfind(content) if content else len(text)
+        at = text.rfind(closing, 0, limit + len(closing) if limit >= 0 else len(text))
+        if at < 0:
+            return None
+        completion = text[at + len(closing):]
+        return prompt + completion if content in completion else None
 
     def _header(self, generation: str, turn: str) -> str:
         """The common start of the generation prompt and the rendered turn, cut back to a whole control token."""

@@ -1,0 +1,186 @@
+"""Every real chat template of the corpus (tests/corpus/templates): ids, spans, turns, reasoning, injection, dates.
+
+The tokenizers are the published files of Qwen2.5, Qwen3, DeepSeek-R1-Distill (current and older template),
+Llama-3.x, Mistral, Gemma and Phi models (SOURCES.md says where each came from). For each one and each
+conversation below, the encoder's samples must be exactly what `tokenizer.apply_chat_template` gives.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.corpus.templates.load import ENTRIES, has_tokenizer, materialize
+from tunepath.tokenize.masks import KEPT, ChatEncoder
+from tunepath.tokenize.render import pin_date
+
+WITH_TOKENIZER = [name for name in ENTRIES if has_tokenizer(name)]
+
+SINGLE = [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris."}]
+SYSTEM = [{"role": "system", "content": "You are a concise assistant."}, *SINGLE]
+MULTI = [
+    {"role": "system", "content": "You help customers of a shop."},
+    {"role": "user", "content": "Where is my order NW-123456?"},
+    {"role": "assistant", "content": "It has been shipped.\n\nIt should arrive on Friday."},
+    {"role": "user", "content": "可以退货吗？"},
+    {"role": "assistant", "content": "可以，30天内免费退货。"},
+    {"role": "user", "content": "Thanks!"},
+    {"role": "assistant", "content": "You are welcome."},
+]
+REASONING = [
+    {"role": "user", "content": "What is 17 * 3?"},
+    {"role": "assistant", "reasoning": "17 * 3 = 51, since 17 * 3 = 30 + 21.", "content": "51"},
+    {"role": "user", "content": "And plus 9?"},
+    {"role": "assistant", "reasoning": "51 + 9 = 60.", "content": "60"},
+]
+# Added tokens some templates interpret in content themselves (reasoning and tool-response delimiters).
+TEMPLATE_MARKUP_TEXT = {"<think>", "</think>", "<tool_response>", "</tool_response>"}
+CONVERSATIONS = {"single": SINGLE, "system": SYSTEM, "multi": MULTI, "reasoning": REASONING}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """name -> (tokenizer, template with the date pinned), loaded once."""
+    import datetime as dt
+
+    from transformers import AutoTokenizer
+
+    loaded = {}
+    for name in WITH_TOKENIZER:
+        folder = materialize(name, tmp_path_factory.mktemp(name))
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else tokenizer.chat_template["default"]
+        loaded[name] = (tokenizer, pin_date(template, dt.date(2024, 7, 26)))
+    return loaded
+
+
+def _encoder(corpus, name, parity_checks: int = 1_000_000, **kwargs) -> ChatEncoder:
+    tokenizer, template = corpus[name]
+    return ChatEncoder(tokenizer, template, parity_checks=parity_checks, **kwargs)
+
+
+def _refuses_system(tokenizer, template) -> bool:
+    try:
+        tokenizer.apply_chat_template(SYSTEM, chat_template=template, tokenize=False)
+    except Exception:
+        return True
+    return False
+
+
+def _apply(tokenizer, template, encoder, messages, **kwargs) -> list[int]:
+    return list(tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=False,
+                                              **encoder.renderer.kwargs, **kwargs))
+
+
+@pytest.mark.parametrize("name", WITH_TOKENIZER)
+@pytest.mark.parametrize("conversation", list(CONVERSATIONS))
+def test_samples_are_what_apply_chat_template_gives(corpus, name, conversation):
+    tokenizer, template = corpus[name]
+    messages = CONVERSATIONS[conversation]
+    if messages[0]["role"] == "system" and _refuses_system(tokenizer, template):
+        pytest.skip("the template refuses a system message (test_system_refused_is_counted covers it)")
+    encoder = _encoder(corpus, name)  # parity_checks: every sample is also compared inside the encoder
+    batch = encoder.encode_batch([messages])
+    assert list(batch.status) == [KEPT] * len(batch.status), batch.details
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    for row in range(len(batch.status)):
+        chat = batch.chat(row)
+        a, b = int(batch.offsets[row]), int(batch.offsets[row + 1])
+        learnt_ids = [t for t, m in zip(chat.input_ids, batch.learnt[a:b]) if m]
+        learnt = tokenizer.decode(learnt_ids, skip_special_tokens=False)
+        # The prompt of a sample is the generation prompt the model gets at inference, token for token.
+        last = turns[-len(batch.status) + row] if len(batch.status) == len(turns) else turns[-1]
+        history = [encoder.renderer.message(m, False) for m in messages[:last]]
+        assert chat.input_ids[: chat.prompt_len] == _apply(tokenizer, template, encoder, history, add_generation_prompt=True)
+        answer = messages[last]
+        assert answer["content"] in learnt
+        if answer.get("reasoning"):
+            assert answer["reasoning"] in learnt, f"the reasoning of turn {last} is not learnt"
+        if not batch.restored[row]:
+            turn = encoder.renderer.message(answer, True)
+            assert chat.input_ids == _apply(tokenizer, template, encoder, [*history, turn])
+    # Prefix-stable templates teach every turn in one sample; history rewriting gives one sample per turn.
+    assert len(batch.status) in (1, len(turns))
+
+
+@pytest.mark.parametrize("name", WITH_TOKENIZER)
+def test_user_turns_and_markup_are_never_learnt(corpus, name):
+    tokenizer, template = corpus[name]
+    encoder = _encoder(corpus, name)
+    messages = MULTI[1:]
+    batch = encoder.encode_batch([messages])
+    for row in range(len(batch.status)):
+        a, b = int(batch.offsets[row]), int(batch.offsets[row + 1])
+        ids = batch.ids[a:b].tolist()
+        runs, current = [], []
+        for t, m in zip(ids, batch.learnt[a:b]):
+            if m:
+                current.append(t)
+            elif current:
+                runs.append(tokenizer.decode(current, skip_special_tokens=True).strip())
+                current = []
+        if current:
+            runs.append(tokenizer.decode(current, skip_special_tokens=True).strip())
+        answers = [m["content"] for m in messages if m["role"] == "assistant"]
+        # Each learnt run is one answer (plus the end of turn, invisible once special tokens are skipped).
+        assert all(any(r == a or r.endswith(a) for a in answers) for r in runs), runs
+        assert not any(m["content"] in r for r in runs for m in messages if m["role"] == "user")
+
+
+def _added(tokenizer) -> list[str]:
+    return sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.content})
+
+
+@pytest.mark.parametrize("name", WITH_TOKENIZER)
+def test_no_content_produces_an_added_token(corpus, name):
+    """Every added token of the tokenizer (special or not), typed in system, user and assistant content."""
+    tokenizer, template = corpus[name]
+    encoder = _encoder(corpus, name, parity_checks=0)
+    added_ids = set(tokenizer.added_tokens_decoder)
+    system = not _refuses_system(tokenizer, template)
+    base = SYSTEM if system else SINGLE
+    clean = encoder.encode_batch([base])
+    clean_controls = sorted(i for i in clean.ids.tolist() if i in added_ids)
+    dirty = []
+    for token in _added(tokenizer):
+        forged = f"a{token}b {token}\n"
+        dirty.append([{**m, "content": m["content"] + " " + forged} for m in base])
+    batch = encoder.encode_batch(dirty)
+    interpreted = []
+    for row, token in enumerate(_added(tokenizer)):
+        if batch.status[row] != KEPT:
+            # The template itself reads this text as markup (Qwen3 splits content at `</think>`): counted, not kept.
+            assert "control-token text" in batch.details[row]
+            interpreted.append(token)
+            continue
+        a, b = int(batch.offsets[row]), int(batch.offsets[row + 1])
+        ids = batch.ids[a:b].tolist()
+        assert sorted(i for i in ids if i in added_ids) == clean_controls, f"{token!r} became a control token"
+        # Nothing lost: the forged text is all there, as text.
+        assert tokenizer.decode(ids, skip_special_tokens=False).count(token) == batch.texts[row].count(token)
+        assert batch.control_text[row]
+    assert set(interpreted) <= TEMPLATE_MARKUP_TEXT, interpreted
+
+
+@pytest.mark.parametrize("name", WITH_TOKENIZER)
+def test_system_refused_is_counted(corpus, name):
+    tokenizer, template = corpus[name]
+    if not _refuses_system(tokenizer, template):
+        pytest.skip("the template accepts a system message")
+    batch = _encoder(corpus, name).encode_batch([SYSTEM, SINGLE])
+    assert batch.status[0] != KEPT and "raised" in batch.details[0]
+    assert batch.status[1] == KEPT
+
+
+@pytest.mark.parametrize("name", WITH_TOKENIZER)
+def test_renders_are_deterministic(corpus, name):
+    tokenizer, template = corpus[name]
+    first = _encoder(corpus, name).encode_batch([SINGLE])
+    again = _encoder(corpus, name).encode_batch([SINGLE])
+    assert first.ids.tolist() == again.ids.tolist()
+    text = tokenizer.decode(first.ids.tolist(), skip_special_tokens=False)
+    if "date_string" in template or "strftime_now" in template:
+        import datetime as dt
+
+        assert dt.date.today().strftime("%d %b %Y") not in text or dt.date.today() == dt.date(2024, 7, 26)
+        if "Today Date" in text:
+            assert "26 Jul 2024" in text
