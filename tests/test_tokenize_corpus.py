@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from tests.corpus.templates.load import ENTRIES, has_tokenizer, materialize
-from tunepath.tokenize.masks import KEPT, ChatEncoder
+from tunepath.tokenize.masks import KEPT, REASON_CODES, ChatEncoder
 from tunepath.tokenize.render import pin_date
 
 WITH_TOKENIZER = [name for name in ENTRIES if has_tokenizer(name)]
@@ -184,3 +184,43 @@ def test_renders_are_deterministic(corpus, name):
         assert dt.date.today().strftime("%d %b %Y") not in text or dt.date.today() == dt.date(2024, 7, 26)
         if "Today Date" in text:
             assert "26 Jul 2024" in text
+
+
+TOOLS = '[{"type": "function", "function": {"name": "get_weather", "description": "Current weather of a city", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]'
+TOOL_CHAT = [
+    {"role": "user", "content": "What is the weather in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [{"id": "abc123xyz", "name": "get_weather", "arguments": '{"city": "Paris"}'}]},
+    {"role": "tool", "content": '{"temperature": 21}', "tool_call_id": "abc123xyz", "name": "get_weather"},
+    {"role": "assistant", "content": "It is 21 degrees in Paris."},
+]
+
+
+def _learnt_runs(tokenizer, batch, row) -> list[str]:
+    a, b = int(batch.offsets[row]), int(batch.offsets[row + 1])
+    runs, current = [], []
+    for t, m in zip(batch.ids[a:b].tolist(), batch.learnt[a:b]):
+        if m:
+            current.append(t)
+        elif current:
+            runs.append(tokenizer.decode(current, skip_special_tokens=False))
+            current = []
+    return runs + ([tokenizer.decode(current, skip_special_tokens=False)] if current else [])
+
+
+@pytest.mark.parametrize("name", WITH_TOKENIZER)
+def test_tool_calls_are_learnt_and_results_masked(corpus, name):
+    tokenizer, template = corpus[name]
+    encoder = _encoder(corpus, name)
+    batch = encoder.encode_batch([TOOL_CHAT], [TOOLS])
+    if encoder.builder.ignores_tools() or batch.status[0] == REASON_CODES["tools_unsupported"]:
+        # No tool support, or tool calls the template does not render (Granite 3.0): counted, never half-learnt.
+        assert batch.status[0] != KEPT and "tool" in batch.details[0]
+        return
+    if batch.status[0] != KEPT:
+        pytest.skip(f"the template refuses this tool conversation: {batch.details[0]}")
+    runs = [r for row in range(len(batch.status)) for r in _learnt_runs(tokenizer, batch, row)]
+    assert any("get_weather" in r and "Paris" in r for r in runs), runs
+    assert any("21 degrees" in r for r in runs)
+    assert not any("temperature" in r for r in runs), "a tool result was learnt"
+    # The declared tool reaches the prompt, as at inference.
+    assert any("Current weather of a city" in t for t in batch.texts)

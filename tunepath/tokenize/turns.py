@@ -83,6 +83,9 @@ class TurnBuilder:
             history = history_form[:i]
             turn = self.renderer.message(messages[i], True)
             text, prompt, restored = self._turn_text(history, turn, messages[i], tools)
+            missing = [c["name"] for c in messages[i].get("tool_calls") or () if c["name"] not in text[len(prompt):]]
+            if missing:
+                raise SampleError(TOOLS_UNSUPPORTED, f"the chat template does not render the assistant's tool calls ({missing[0]})")
             span = (len(prompt), len(prompt) + self._learnt_end(text[len(prompt):]))
             last = samples[-1] if samples else None
             if last is not None and text.startswith(last.text):
