@@ -15,6 +15,7 @@ tokens that strip the whitespace around them). Three checks hold every sample to
 
 from __future__ import annotations
 
+import bisect
 import logging
 from dataclasses import dataclass
 
@@ -118,14 +119,14 @@ class ChatEncoder:
         rows: list[dict] = []
         for index, messages in enumerate(conversations):
             declared = parse_tools(tools[index]) if tools is not None else None
+            injected = self._holds_control_text(messages, tools[index] if tools is not None else None)
             try:
-                samples = self.builder.samples(messages, declared)
+                samples = self.builder.samples(messages, declared, exact=injected)
             except SampleError as e:
                 rows.append({"owner": index, "status": REASON_CODES[e.reason], "detail": e.detail})
                 continue
             if not samples:
                 rows.append({"owner": index, "status": DROPPED_NO_LABELS, "detail": "no assistant turn to learn"})
-            injected = self._holds_control_text(messages, tools[index] if tools is not None else None)
             neutral = self._neutral(messages, declared, samples) if injected else [None] * len(samples)
             rows += [
                 {"owner": index, "status": KEPT, "sample": s, "injected": injected, "neutral": n, "tools": declared}
@@ -135,8 +136,7 @@ class ChatEncoder:
         normal = [r for r in rows if r["status"] == KEPT and not r["injected"]]
         encodings = self.backend.encode_batch([r["sample"].text for r in normal], add_special_tokens=False) if normal else []
         for row, encoding in zip(normal, encodings):
-            row["ids"], row["starts"] = encoding.ids, [s for s, _ in encoding.offsets]
-            row["ends"] = [e for _, e in encoding.offsets]
+            row["ids"], row["offsets"] = encoding.ids, encoding.offsets
         for row in rows:
             if row["status"] == KEPT and row["injected"]:
                 self._encode_safely(row)
@@ -207,43 +207,39 @@ class ChatEncoder:
         try:
             if row["neutral"] is None:
                 raise ValueError("the chat template does not insert content holding control-token text verbatim")
-            row["ids"], row["starts"], row["ends"] = self.text_encoder.encode(row["sample"].text, row["neutral"])
+            row["ids"], row["offsets"] = self.text_encoder.encode(row["sample"].text, row["neutral"])
         except ValueError as e:
             row["status"], row["detail"] = REASON_CODES[CONTROL_TEXT], str(e)
 
     def _label(self, row: dict) -> None:
         sample = row["sample"]
-        ids, starts, ends = row["ids"], row["starts"], row["ends"]
+        ids, offsets = row["ids"], row["offsets"]
         learnt = [False] * len(ids)
-        k = 0
         for s, e in sample.spans:
-            first = _first_at(starts, s)
+            first = _first_at(offsets, s)
             if not self._boundary_ok(row, first, s):
                 row["status"], row["detail"] = REASON_CODES[PROMPT_BOUNDARY], (
                     f"a token spans the end of the generation prompt at character {s}: "
                     f"{sample.text[max(0, s - 20):s]!r} | {sample.text[s:s + 20]!r}"
                 )
                 return
-            k = first
-            while k < len(ids) and starts[k] < e:
-                learnt[k] = True
-                k += 1
-        last_start = _first_at(starts, sample.spans[-1][0])
+            last = _first_at(offsets, e)
+            learnt[first:last] = [True] * (last - first)
         row["learnt"] = learnt
-        row["prompt_len"] = _first_at(starts, sample.prompt_end)
-        row["answer_len"] = sum(learnt[last_start:])
+        row["prompt_len"] = _first_at(offsets, sample.prompt_end)
+        row["answer_len"] = _first_at(offsets, sample.spans[-1][1]) - _first_at(offsets, sample.spans[-1][0])
 
     def _boundary_ok(self, row: dict, first: int, start: int) -> bool:
         """The tokens before `start` are the generation prompt's own: a token boundary at `start`, and the text
         since the last control token tokenizes alone to the same ids (earlier segments cannot differ: added tokens
         split the text before anything else runs)."""
-        ids, starts, ends = row["ids"], row["starts"], row["ends"]
-        if first > 0 and ends[first - 1] > start:
+        ids, offsets = row["ids"], row["offsets"]
+        if first > 0 and offsets[first - 1][1] > start:
             return False
-        control = max((k for k in range(first - 1, -1, -1) if ids[k] in self.added_ids), default=-1)
         if row["injected"]:
             return True  # the safe encoder split the text at the template's markup: its segments stand alone
-        cut = ends[control] if control >= 0 else 0
+        control = next((k for k in range(first - 1, -1, -1) if ids[k] in self.added_ids), -1)
+        cut = offsets[control][1] if control >= 0 else 0
         segment = row["sample"].text[cut:start]
         if cut == 0:  # no control token before the prompt's end: the whole prompt, tokenized alone
             return ids[:first] == self.backend.encode(segment, add_special_tokens=False).ids
@@ -276,11 +272,13 @@ class ChatEncoder:
                 )
 
 
-def _first_at(starts: list[int], position: int) -> int:
+def _first_at(offsets: list[tuple[int, int]], position: int) -> int:
     """Index of the first token starting at or after `position`."""
-    import bisect
+    return bisect.bisect_left(offsets, position, key=_start)
 
-    return bisect.bisect_left(starts, position)
+
+def _start(offset: tuple[int, int]) -> int:
+    return offset[0]
 
 
 def _prompt_text(row: dict) -> str:

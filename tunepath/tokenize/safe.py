@@ -44,33 +44,32 @@ class TextOnlyEncoder:
         for k, ids in enumerate(encoded):
             if any(i in self.added_ids for i in ids):
                 pieces: list[int] = []
-                self._text(texts[k], 0, len(texts[k]), pieces, [], [])
+                self._text(texts[k], 0, len(texts[k]), pieces, [])
                 encoded[k] = pieces
         return encoded
 
-    def encode(self, text: str, neutral: str) -> tuple[list[int], list[int], list[int]]:
-        """Ids and token start/end offsets of `text`, whose control tokens sit where `neutral` has them."""
+    def encode(self, text: str, neutral: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and (start, end) character offsets of the tokens of `text`, whose control tokens sit where
+        `neutral` has them."""
         if len(neutral) != len(text):
             raise ValueError("the neutral render differs in length from the sample")
         marks = self.markup.encode(neutral, add_special_tokens=False)
         ids: list[int] = []
-        starts: list[int] = []
-        ends: list[int] = []
+        offsets: list[tuple[int, int]] = []
         cursor = 0
         for token, (s, e) in [*zip(marks.ids, marks.offsets), (None, (len(text), len(text)))]:
             if token is not None and token not in self.added_ids:
                 continue
-            self._text(text, cursor, s, ids, starts, ends)
+            self._text(text, cursor, s, ids, offsets)
             if token is not None:
                 if text[s:e].strip() != neutral[s:e].strip():
                     raise ValueError("a control token of the markup overlaps masked content")
                 ids.append(token)
-                starts.append(s)
-                ends.append(e)
+                offsets.append((s, e))
             cursor = e
-        return ids, starts, ends
+        return ids, offsets
 
-    def _text(self, text: str, a: int, b: int, ids, starts, ends) -> None:
+    def _text(self, text: str, a: int, b: int, ids, offsets) -> None:
         """Tokenize text[a:b] as text, appending ids and absolute offsets."""
         if a >= b:
             return
@@ -82,8 +81,7 @@ class TextOnlyEncoder:
             if found:
                 raise ValueError(f"the tokenizer's vocabulary turns text into added token id {found[0]} even split apart")
             ids += encoding.ids
-            starts += [p + s for s, _ in encoding.offsets]
-            ends += [p + e for _, e in encoding.offsets]
+            offsets += [(p + s, p + e) for s, e in encoding.offsets]
 
     def _split(self, text: str, a: int, b: int) -> list[tuple[int, int]]:
         """[a, b) as one piece, or cut in the middle of each added token's text when the vocabulary would

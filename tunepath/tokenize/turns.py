@@ -69,15 +69,22 @@ class TurnBuilder:
         self.last_turn_only = last_turn_only
         self.keep_history_reasoning = keep_history_reasoning
         self._ignores_tools: bool | None = None
+        self._simple: bool | None = None
+        self.generation = ""  # a simple template's generation prompt: the assistant turn's header
 
-    def samples(self, messages: list[dict], tools: list | None = None) -> list[Sample]:
-        """The samples of one canonical conversation (raises SampleError)."""
+    def samples(self, messages: list[dict], tools: list | None = None, exact: bool = False) -> list[Sample]:
+        """The samples of one canonical conversation (raises SampleError); `exact` takes the renders of every turn
+        even for a simple template (content holding control-token text could imitate its markup)."""
         learnt = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if self.last_turn_only:
             learnt = learnt[-1:]
         if tools and self.ignores_tools():
             raise SampleError(TOOLS_UNSUPPORTED, "the chat template does not render the declared tools")
         history_form = [self.renderer.message(m, self.keep_history_reasoning) for m in messages]
+        if not exact and self.simple and not tools and learnt and learnt[-1] == len(messages) - 1:
+            fast = self._one_render(messages, history_form, learnt)
+            if fast is not None:
+                return fast
         samples: list[Sample] = []
         for i in learnt:
             history = history_form[:i]
@@ -96,6 +103,67 @@ class TurnBuilder:
             else:
                 samples.append(Sample(text, [span], len(prompt), restored, history, turn))
         return samples
+
+    @property
+    def simple(self) -> bool:
+        """The template renders every turn alike, last or not, and its generation prompt is the assistant turn's
+        header (ChatML, Llama-3, Gemma, Phi): then one render gives every turn's prompt and span.
+
+        Probed once, with placeholder contents, on the shapes data has (system or not, one or two exchanges);
+        sampled rows are still checked against apply_chat_template (`parity_checks`).
+        """
+        if self._simple is None:
+            self._simple = self._probe_simple()
+        return self._simple
+
+    def _probe_simple(self) -> bool:
+        if not self.end_of_turn:
+            return False
+        try:
+            user_only = [{"role": "user", "content": "\ue000q\ue001"}]
+            self.generation = self.renderer.render(user_only, True)[len(self.renderer.render(user_only)):]
+        except Exception:
+            return False
+        if not self.generation:
+            return False
+        shapes = [("user", "assistant"), ("system", "user", "assistant"), ("user", "assistant") * 2,
+                  ("system", "user", "assistant", "user", "assistant")]
+        tried = 0
+        for shape in shapes:
+            messages = [{"role": role, "content": f"\ue000{k}\ue001"} for k, role in enumerate(shape)]
+            try:
+                full = self.renderer.render(messages)
+                for i, m in enumerate(messages):
+                    if m["role"] != "assistant":
+                        continue
+                    prompt = self.renderer.render(messages[:i], True)
+                    turn = self.renderer.render(messages[: i + 1])
+                    if not (full.startswith(turn) and turn.startswith(prompt + m["content"]) and prompt.endswith(self.generation)):
+                        return False
+            except Exception:
+                continue  # a shape the template refuses (Gemma-2's system role): such rows are counted when met
+            tried += 1
+        return tried > 0
+
+    def _one_render(self, messages, history_form, learnt) -> list[Sample] | None:
+        """The single sample of a conversation in a simple template, from one render; None to take the exact path."""
+        if any(m.get("reasoning") or m.get("tool_calls") for m in messages):
+            return None
+        text = self._render(history_form, False, None)
+        spans, cursor, start = [], 0, 0
+        for i in learnt:
+            content = messages[i].get("content") or ""
+            if not content:
+                return None
+            start = text.find(content, cursor)
+            if start < len(self.generation) or text[start - len(self.generation) : start] != self.generation:
+                return None
+            end = text.find(self.end_of_turn, start + len(content))
+            if end < 0:
+                return None
+            cursor = end + len(self.end_of_turn)
+            spans.append((start, cursor))
+        return [Sample(text, spans, start, False, history_form[: learnt[-1]], history_form[learnt[-1]])]
 
     def _render(self, messages: list[dict], generation: bool, tools) -> str:
         try:
