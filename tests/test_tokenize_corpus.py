@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 
-from tests.corpus.templates.load import ENTRIES, has_tokenizer, materialize
+from tests.corpus.templates.load import ENTRIES, materialize
 from tunepath.tokenize.masks import KEPT, REASON_CODES, ChatEncoder
-from tunepath.tokenize.render import pin_date
+from tunepath.tokenize.render import guarded_tokens, pin_date
 
-WITH_TOKENIZER = [name for name in ENTRIES if has_tokenizer(name)]
+WITH_TOKENIZER = ENTRIES  # published vocabularies, and stand-ins for the rest (see load.py)
 
 SINGLE = [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris."}]
 SYSTEM = [{"role": "system", "content": "You are a concise assistant."}, *SINGLE]
@@ -127,7 +127,8 @@ def test_user_turns_and_markup_are_never_learnt(corpus, name):
 
 
 def _added(tokenizer) -> list[str]:
-    return sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.content})
+    """Every added token but whitespace runs (Gemma's indentation tokens are text by nature)."""
+    return sorted(set(guarded_tokens(tokenizer).values()))
 
 
 @pytest.mark.parametrize("name", WITH_TOKENIZER)
@@ -135,7 +136,9 @@ def test_no_content_produces_an_added_token(corpus, name):
     """Every added token of the tokenizer (special or not), typed in system, user and assistant content."""
     tokenizer, template = corpus[name]
     encoder = _encoder(corpus, name, parity_checks=0)
-    added_ids = set(tokenizer.added_tokens_decoder)
+    added_ids = set(guarded_tokens(tokenizer))
+    left_out = [t.content for i, t in tokenizer.added_tokens_decoder.items() if i not in added_ids]
+    assert all(not t.replace("\u2581", " ").strip() for t in left_out), left_out
     system = not _refuses_system(tokenizer, template)
     base = SYSTEM if system else SINGLE
     clean = encoder.encode_batch([base])

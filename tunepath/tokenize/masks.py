@@ -19,7 +19,7 @@ import bisect
 import logging
 from dataclasses import dataclass
 
-from tunepath.tokenize.render import ChatRenderer, added_token_pattern, parse_tools
+from tunepath.tokenize.render import ChatRenderer, added_token_pattern, guarded_tokens, parse_tools
 from tunepath.tokenize.templates import TemplateError
 from tunepath.tokenize.turns import HISTORY_MISMATCH, REASONING_LOST, TOOLS_UNSUPPORTED, UNRENDERABLE, SampleError, TurnBuilder, find_end_of_turn
 
@@ -68,6 +68,7 @@ class EncodedBatch:
     owner: object  # int64: the conversation of each row
     status: object  # int32: KEPT or a REASON_CODES value
     restored: object  # bool: a turn was rebuilt to hold its reasoning
+    split: object  # bool: tokenized in two at a prompt end that a token would have spanned
     control_text: object  # bool: content held control-token text, encoded as text
     details: list[str]
     texts: list[str]  # the rendered text of each sample ("" for a record with none)
@@ -92,14 +93,16 @@ class ChatEncoder:
         self.tokenizer = tokenizer
         self.backend = tokenizer.backend_tokenizer
         self.renderer = ChatRenderer(tokenizer, template, template_kwargs, date)
-        self.pattern = added_token_pattern(tokenizer)
-        self.added_ids = {i for i, t in tokenizer.added_tokens_decoder.items()}
+        self.guarded = guarded_tokens(tokenizer)
+        self.pattern = added_token_pattern(self.guarded.values())
+        self.added_ids = set(tokenizer.added_tokens_decoder)
         added = {t.content for t in tokenizer.added_tokens_decoder.values()}
         self.builder = TurnBuilder(self.renderer, None, added, last_turn_only, keep_history_reasoning)
         self.builder.end_of_turn = find_end_of_turn(self.renderer, self.pattern)
         self.eos_id = tokenizer.eos_token_id
         self.parity_checks = parity_checks
         self._safe = None
+        self._tail = None
         self._segments: dict[str, list[int]] = {}
 
     @property
@@ -160,6 +163,7 @@ class ChatEncoder:
             owner=np.array([r["owner"] for r in rows], dtype=np.int64),
             status=np.array([r["status"] for r in rows], dtype=np.int32),
             restored=np.array([r["status"] == KEPT and r["sample"].restored for r in rows], dtype=bool),
+            split=np.array([r["status"] == KEPT and r.get("split", False) for r in rows], dtype=bool),
             control_text=np.array([r["status"] == KEPT and r["injected"] for r in rows], dtype=bool),
             details=[r.get("detail", "") for r in rows],
             texts=[r["sample"].text if r["status"] == KEPT else "" for r in rows],
@@ -200,7 +204,7 @@ class ChatEncoder:
         from tunepath.tokenize.safe import TextOnlyEncoder
 
         if self._safe is None:
-            self._safe = TextOnlyEncoder(self.tokenizer, self.pattern)
+            self._safe = TextOnlyEncoder(self.tokenizer, self.guarded, self.pattern)
         return self._safe
 
     def _encode_safely(self, row: dict) -> None:
@@ -213,21 +217,47 @@ class ChatEncoder:
 
     def _label(self, row: dict) -> None:
         sample = row["sample"]
+        straddled = [s for s, _ in sample.spans if not self._boundary_ok(row, _first_at(row["offsets"], s), s)]
+        if straddled:
+            # The prompt is tokenized as the model is given it, and the answer from there on (as trainers that
+            # tokenize prompt and completion apart do): "<think>\n" + "\n</think>" would merge "\n\n" otherwise.
+            if row["injected"]:
+                row["ids"], row["offsets"] = self.text_encoder.encode(sample.text, row["neutral"], straddled)
+            else:
+                row["ids"], row["offsets"] = self._encode_split(sample.text, straddled)
+            row["split"] = True
         ids, offsets = row["ids"], row["offsets"]
         learnt = [False] * len(ids)
         for s, e in sample.spans:
-            first = _first_at(offsets, s)
-            if not self._boundary_ok(row, first, s):
-                row["status"], row["detail"] = REASON_CODES[PROMPT_BOUNDARY], (
-                    f"a token spans the end of the generation prompt at character {s}: "
-                    f"{sample.text[max(0, s - 20):s]!r} | {sample.text[s:s + 20]!r}"
-                )
-                return
-            last = _first_at(offsets, e)
+            first, last = _first_at(offsets, s), _first_at(offsets, e)
             learnt[first:last] = [True] * (last - first)
         row["learnt"] = learnt
         row["prompt_len"] = _first_at(offsets, sample.prompt_end)
         row["answer_len"] = _first_at(offsets, sample.spans[-1][1]) - _first_at(offsets, sample.spans[-1][0])
+
+    def _encode_split(self, text: str, cuts: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
+        """`text` tokenized in pieces cut at `cuts`; pieces after the first take no Metaspace `▁` of their own."""
+        ids, offsets = [], []
+        edges = [0, *sorted(set(cuts)), len(text)]
+        for k, (a, b) in enumerate(zip(edges, edges[1:])):
+            encoding = (self.backend if k == 0 else self.tail_backend).encode(text[a:b], add_special_tokens=False)
+            ids += encoding.ids
+            offsets += [(a + s, a + e) for s, e in encoding.offsets]
+        return ids, offsets
+
+    @property
+    def tail_backend(self):
+        """The tokenizer as it treats text after a control token (no Metaspace `prepend_scheme: first` at its start)."""
+        if self._tail is None:
+            import json
+
+            from tokenizers import Tokenizer
+
+            from tunepath.tokenize.safe import drop_first_prepend
+
+            data = json.loads(self.backend.to_str())
+            self._tail = Tokenizer.from_str(json.dumps(data)) if drop_first_prepend(data.get("pre_tokenizer")) else self.backend
+        return self._tail
 
     def _boundary_ok(self, row: dict, first: int, start: int) -> bool:
         """The tokens before `start` are the generation prompt's own: a token boundary at `start`, and the text
@@ -258,10 +288,9 @@ class ChatEncoder:
             sample = row["sample"]
             kwargs = {"tools": row["tools"], "tokenize": True, "return_dict": False, **self.renderer.kwargs}
             prompt = list(self.tokenizer.apply_chat_template(sample.history, add_generation_prompt=True, **kwargs))
-            theirs = prompt if sample.restored else list(self.tokenizer.apply_chat_template([*sample.history, sample.turn], **kwargs))
-            ours = row["ids"][: len(theirs)] if sample.restored else row["ids"]
-            if sample.restored and row["prompt_len"] != len(prompt):
-                ours = row["ids"][: row["prompt_len"]]
+            partial = sample.restored or row.get("split", False)
+            theirs = prompt if partial else list(self.tokenizer.apply_chat_template([*sample.history, sample.turn], **kwargs))
+            ours = row["ids"][: row["prompt_len"]] if partial else row["ids"]
             if ours != theirs:
                 at = next((k for k, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
                 show = self.tokenizer.convert_ids_to_tokens

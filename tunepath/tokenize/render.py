@@ -100,7 +100,13 @@ def parse_tools(value) -> list | None:
     return tools or None
 
 
-def added_token_pattern(tokenizer) -> re.Pattern | None:
-    """A regex matching any added token's text (special or not), longest first; None when there is none."""
-    names = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.content}, key=len, reverse=True)
+def guarded_tokens(tokenizer) -> dict[int, str]:
+    """The added tokens that content must never produce: all of them, special or not, but those made of
+    whitespace alone (Gemma's `\\t\\t` and `▁▁▁▁` runs are how the tokenizer writes indentation, not markup)."""
+    return {i: t.content for i, t in tokenizer.added_tokens_decoder.items() if t.content and t.content.replace("\u2581", " ").strip()}
+
+
+def added_token_pattern(tokens) -> re.Pattern | None:
+    """A regex matching any of `tokens` (texts), longest first; None when there is none."""
+    names = sorted(set(tokens), key=len, reverse=True)
     return re.compile("|".join(re.escape(n) for n in names)) if names else None

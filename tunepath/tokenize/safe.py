@@ -21,18 +21,19 @@ import json
 
 
 class TextOnlyEncoder:
-    def __init__(self, tokenizer, pattern) -> None:
+    def __init__(self, tokenizer, guarded: dict[int, str], pattern) -> None:
         from tokenizers import Tokenizer
 
         self.markup = tokenizer.backend_tokenizer
         self.pattern = pattern
-        self.added_ids = set(tokenizer.added_tokens_decoder)
+        self.added_ids = set(guarded)
         data = json.loads(self.markup.to_str())
         for token in data.get("added_tokens", []):
-            token["special"] = True
+            if token["id"] in self.added_ids:
+                token["special"] = True
         self.first = Tokenizer.from_str(json.dumps(data))
         self.first.encode_special_tokens = True
-        if _drop_first_prepend(data.get("pre_tokenizer")):
+        if drop_first_prepend(data.get("pre_tokenizer")):
             self.rest = Tokenizer.from_str(json.dumps(data))
             self.rest.encode_special_tokens = True
         else:
@@ -48,9 +49,9 @@ class TextOnlyEncoder:
                 encoded[k] = pieces
         return encoded
 
-    def encode(self, text: str, neutral: str) -> tuple[list[int], list[tuple[int, int]]]:
+    def encode(self, text: str, neutral: str, cuts: list[int] = ()) -> tuple[list[int], list[tuple[int, int]]]:
         """Ids and (start, end) character offsets of the tokens of `text`, whose control tokens sit where
-        `neutral` has them."""
+        `neutral` has them; text runs are also cut at `cuts` (prompt ends)."""
         if len(neutral) != len(text):
             raise ValueError("the neutral render differs in length from the sample")
         marks = self.markup.encode(neutral, add_special_tokens=False)
@@ -60,7 +61,8 @@ class TextOnlyEncoder:
         for token, (s, e) in [*zip(marks.ids, marks.offsets), (None, (len(text), len(text)))]:
             if token is not None and token not in self.added_ids:
                 continue
-            self._text(text, cursor, s, ids, offsets)
+            for a, b in _pieces(cursor, s, cuts):
+                self._text(text, a, b, ids, offsets)
             if token is not None:
                 if text[s:e].strip() != neutral[s:e].strip():
                     raise ValueError("a control token of the markup overlaps masked content")
@@ -96,12 +98,17 @@ class TextOnlyEncoder:
         return [(p, q) for p, q in zip(cuts, cuts[1:]) if p < q]
 
 
-def _drop_first_prepend(pre_tokenizer: dict | None) -> bool:
+def _pieces(a: int, b: int, cuts) -> list[tuple[int, int]]:
+    edges = [a, *sorted(c for c in set(cuts) if a < c < b), b]
+    return list(zip(edges, edges[1:]))
+
+
+def drop_first_prepend(pre_tokenizer: dict | None) -> bool:
     """Set Metaspace `prepend_scheme: first` to never (in place); True when there was one."""
     if not pre_tokenizer:
         return False
     if pre_tokenizer.get("type") == "Sequence":
-        return any([_drop_first_prepend(p) for p in pre_tokenizer.get("pretokenizers", [])])
+        return any([drop_first_prepend(p) for p in pre_tokenizer.get("pretokenizers", [])])
     if pre_tokenizer.get("type") == "Metaspace" and pre_tokenizer.get("prepend_scheme") == "first":
         pre_tokenizer["prepend_scheme"] = "never"
         return True
