@@ -7,6 +7,8 @@ conversation below, the encoder's samples must be exactly what `tokenizer.apply_
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.corpus.templates.load import ENTRIES, materialize
@@ -227,3 +229,54 @@ def test_tool_calls_are_learnt_and_results_masked(corpus, name):
     assert not any("temperature" in r for r in runs), "a tool result was learnt"
     # The declared tool reaches the prompt, as at inference.
     assert any("Current weather of a city" in t for t in batch.texts)
+
+
+def test_a_tokenizer_class_that_rewrites_the_pipeline_is_not_used(tmp_path, caplog):
+    """R1-Distill-Qwen names LlamaTokenizerFast: without config.json, transformers 5 builds Llama's Metaspace
+    pre-tokenizer over a byte-level vocabulary; the stage loads tokenizer.json as it is instead."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from tunepath.tokenize.loading import PROBE, load_tokenizer
+
+    folder = materialize("deepseek-r1-distill-qwen", tmp_path / "r1")
+    (folder / "config.json").unlink()
+    published = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(PROBE, add_special_tokens=False).ids
+    assert AutoTokenizer.from_pretrained(str(folder))(PROBE, add_special_tokens=False)["input_ids"] != published
+    tokenizer = load_tokenizer(str(folder))
+    assert tokenizer(PROBE, add_special_tokens=False)["input_ids"] == published
+    assert "ids differ from its tokenizer.json" in caplog.text
+
+
+STAGE_RECORDS = [
+    {"kind": "conversation", "split": split, "messages": messages}
+    for split in ("train", "eval") for messages in (SINGLE, MULTI[1:], REASONING)
+]
+
+
+@pytest.mark.parametrize("name", WITH_TOKENIZER)
+def test_serving_prompt_is_the_training_prompt(corpus, name, tmp_path):
+    """The tokenizer folder the stage saves (merge packages it; evaluate and serving render with it) gives, with
+    apply_chat_template(add_generation_prompt=True), exactly the prompt ids of every held-out sample."""
+    from datasets import load_from_disk
+    from test_tokenize_helpers import write_records
+    from transformers import AutoTokenizer
+
+    from tunepath.sections import ModelConfig
+    from tunepath.tokenize import TokenizeConfig, run_tokenize
+
+    folder = materialize(name, tmp_path / "model")
+    validate = write_records(tmp_path / "v", STAGE_RECORDS)
+    run_tokenize(TokenizeConfig(cache_dir=str(tmp_path / "cache"), max_length=1024), ModelConfig(base=str(folder)), validate, tmp_path / "out")
+    served = AutoTokenizer.from_pretrained(str(tmp_path / "out" / "tokenizer"))
+    rows = load_from_disk(str(tmp_path / "out" / "sft" / "eval"))
+    prompts = set()
+    for messages in (SINGLE, MULTI[1:], REASONING):
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant":
+                history = [{"role": x["role"], "content": x["content"]} for x in messages[:i]]
+                prompts.add(tuple(served.apply_chat_template(history, add_generation_prompt=True, tokenize=True, return_dict=False)))
+    held_out = {tuple(r) for r in rows["prompt_ids"]}
+    assert held_out and held_out <= prompts, "a held-out prompt is not what serving renders"
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())["sft"]["eval"]
+    assert stats["samples_out"] == len(rows)

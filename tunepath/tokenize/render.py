@@ -22,13 +22,24 @@ EMPTY_THINK = THINK_OPEN.rstrip("\n") + "\n\n" + THINK_CLOSE.lstrip("\n")  # "<t
 # Prepended to a template that reads `date_string`, so the saved template (merge, serving) renders the same
 # date as training unless the caller passes one.
 _DATE_PIN = "{%- if date_string is not defined %}{%- set date_string = __DATE__ %}{%- endif %}\n"
+# Prepended to a template that calls strftime_now('<format>') itself (Granite): the same date, each format
+# looked up in a table made at tokenize time (templates cannot format a date otherwise).
+_CLOCK_PIN = "{%- macro strftime_now(format) -%}{{ __TABLE__[format] }}{%- endmacro -%}\n"
+_STRFTIME = re.compile(r"strftime_now\(\s*(['\"])(.*?)\1\s*\)")
 
 
 def pin_date(template: str, date: dt.date) -> str:
-    """The template with `date_string` defaulting to `date` (as '%d %b %Y', Llama-3's format) when it reads one."""
-    if "date_string" not in template or template.startswith(_DATE_PIN.split("__DATE__")[0]):
-        return template
-    return _DATE_PIN.replace("__DATE__", json.dumps(date.strftime("%d %b %Y"))) + template
+    """The template with its clock pinned to `date`: `date_string` defaults to it ('%d %b %Y', Llama-3's
+    format) and literal `strftime_now(...)` calls print it."""
+    pinned = template
+    formats = sorted({m.group(2) for m in _STRFTIME.finditer(template)})
+    if formats and not template.startswith("{%- macro strftime_now"):
+        moment = dt.datetime.combine(date, dt.time(0, 0))
+        table = json.dumps({f: moment.strftime(f) for f in formats}, ensure_ascii=False)
+        pinned = _CLOCK_PIN.replace("__TABLE__", table) + pinned
+    if "date_string" in template and _DATE_PIN.split("__DATE__")[0] not in template:
+        pinned = _DATE_PIN.replace("__DATE__", json.dumps(date.strftime("%d %b %Y"))) + pinned
+    return pinned
 
 
 class ChatRenderer:

@@ -38,17 +38,14 @@ CACHE_KEYS = ("max_length", "template", "custom_template", "overlong", "last_tur
 
 def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, out_dir: Path) -> dict:
     """Tokenize `validate_dir/records.jsonl` into `out_dir` (cleared first); returns a small summary."""
-    from transformers import AutoTokenizer
+    from tunepath.tokenize.loading import load_tokenizer
 
     started = time.perf_counter()
     records_path = Path(validate_dir) / "records.jsonl"
     out_dir = Path(out_dir)
     if not records_path.exists():
         raise FileNotFoundError(f"{records_path}: no canonical records; run the validate stage first")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model.base, trust_remote_code=model.trust_remote_code)
-    except OSError as e:
-        raise FileNotFoundError(f"model.base {model.base!r}: cannot load its tokenizer: {e}") from e
+    tokenizer = load_tokenizer(model.base, model.trust_remote_code)
     if not tokenizer.is_fast:
         raise ValueError(f"model.base {model.base!r}: tokenize needs a fast tokenizer (a tokenizer.json); this one is {type(tokenizer).__name__}")
     template = pin_date(select_template(cfg.template, cfg.custom_template, tokenizer, model.base), cfg.render_date)
