@@ -4,6 +4,8 @@ Usage:
 
     python -m benchmarks.tokenize                       # 50,000 synthetic chats, a tokenizer trained here
     python -m benchmarks.tokenize --model models/demo --num-proc 4 --conversations 100000
+    python -m benchmarks.tokenize --corpus qwen3             # a real tokenizer and template of tests/corpus
+    python -m benchmarks.tokenize --corpus deepseek-r1-distill-qwen   # history rewriting: one sample per turn
 
 Prints a markdown table: tokens/s of the raw tokenizer (the rendered chats, batched, special tokens on) and of
 the whole stage (`run_tokenize`: read records, render, mask, tokenize, pack, write), their ratio, the padding
@@ -132,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=2, help="raw and stage runs, alternating; the fastest of each counts")
     parser.add_argument("--model", help="a model folder whose tokenizer to use (default: one trained here)")
+    parser.add_argument("--corpus", help="a tests/corpus/templates entry to use as the model (real tokenizer and template)")
     parser.add_argument("--workdir", help="folder for records, cache and outputs (default: a temporary one)")
     parser.add_argument("--out", help="JSON path (default: benchmarks/results/tokenize_cpu<cores>_<date>.json)")
     parser.add_argument("--child", choices=["raw", "stage"], help=argparse.SUPPRESS)
@@ -145,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     args.workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tunepath-bench-tokenize-"))
     args.workdir.mkdir(parents=True, exist_ok=True)
     chats = make_conversations(args.conversations)
+    if args.corpus:
+        from tests.corpus.templates.load import materialize
+
+        args.model = str(materialize(args.corpus, args.workdir / "corpus" / args.corpus))
     if not args.model:
         args.model = str(build_tokenizer(args.workdir / "tokenizer", [m["content"] for c in chats[:5000] for m in c]))
     (args.workdir / "validate").mkdir(exist_ok=True)
@@ -164,10 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     raw_cpu, stage_cpu = min(r["cpu"] for r in raws), min(s["cpu"] for s in stages)
     tokens = raw["tokens"]
     train = json.loads((args.workdir / "out" / "stats.json").read_text())["sft"]["train"]
+    records = train.get("records_in", train["samples_in"])
 
     ratio = raw["seconds"] / stage["seconds"]
     rows = [
-        ("conversations (train/eval)", f"{len(chats):,} ({train['samples_in']:,}/{len(chats) - train['samples_in']:,})"),
+        ("tokenizer and template", args.corpus or args.model),
+        ("conversations (train/eval)", f"{len(chats):,} ({records:,}/{len(chats) - records:,})"),
+        ("samples (train): one per turn where the template rewrites history", f"{train['samples_out']:,} ({train.get('turn_samples', 0):,} extra)"),
         ("tokens (rendered chats)", f"{tokens:,} (longest {train['longest']}, max_length {args.max_length}, truncated {train['truncated']})"),
         ("raw fast tokenizer, batched", f"{tokens / raw['seconds']:,.0f} tokens/s ({raw['seconds']:.2f} s)"),
         (f"whole stage, cold (num_proc={args.num_proc})", f"{tokens / stage['seconds']:,.0f} tokens/s ({stage['seconds']:.2f} s)"),
@@ -180,13 +190,15 @@ def main(argv: list[str] | None = None) -> int:
     ]
     figures = {
         "date": time.strftime("%Y-%m-%d"), "cpu_cores": os.cpu_count(), "load_average": round(os.getloadavg()[0], 2),
-        "conversations": len(chats), "tokens": tokens, "max_length": args.max_length, "num_proc": args.num_proc,
+        "conversations": len(chats), "tokens": tokens, "tokenizer": args.corpus or args.model,
+        "samples_out": train["samples_out"], "turn_samples": train.get("turn_samples", 0), "max_length": args.max_length, "num_proc": args.num_proc,
         "raw_runs": raws, "stage_runs": stages, "cached_run": cached,
         "ratio_wall": round(ratio, 3), "ratio_cpu": round(raw_cpu / stage_cpu, 3),
         "padding_share_unpacked": train["padding_share_unpacked"], "padding_share_packed": train["padding_share_packed"],
         "packed_rows": train["rows"],
     }
-    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"tokenize_cpu{os.cpu_count()}_{figures['date']}.json"
+    tag = f"_{args.corpus}" if args.corpus else ""
+    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"tokenize{tag}_cpu{os.cpu_count()}_{figures['date']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
     print("| measure | value |\n|---|---|")

@@ -280,3 +280,64 @@ def test_serving_prompt_is_the_training_prompt(corpus, name, tmp_path):
     assert held_out and held_out <= prompts, "a held-out prompt is not what serving renders"
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())["sft"]["eval"]
     assert stats["samples_out"] == len(rows)
+
+
+def test_history_reasoning_is_kept_on_request(corpus):
+    """Qwen2.5 renders a `<think>` block in content as it is: kept in history, both turns share one sample."""
+    tokenizer, _ = corpus["qwen2.5-instruct"]
+    dropped = _encoder(corpus, "qwen2.5-instruct").encode_batch([REASONING])
+    kept = _encoder(corpus, "qwen2.5-instruct", keep_history_reasoning=True).encode_batch([REASONING])
+    assert len(dropped.status) == 2 and len(kept.status) == 1
+    assert REASONING[1]["reasoning"] in kept.texts[0]
+    assert REASONING[1]["reasoning"] not in dropped.texts[1]  # turn 2's history, as clients send it
+
+
+def test_a_parity_difference_stops_with_file_and_line(corpus, monkeypatch):
+    from tunepath.tokenize.batches import EncodePlan, encoder_for, sft_batch
+    from tunepath.tokenize.masks import ParityError
+
+    tokenizer, template = corpus["qwen3"]
+    plan = EncodePlan("corpus/qwen3", "test", template, 512, "truncate", False, parity_checks=4)
+    encoder = encoder_for(plan, tokenizer)
+    real = tokenizer.apply_chat_template
+
+    def off_by_one(messages, **kwargs):
+        ids = list(real(messages, **kwargs))
+        return ids if kwargs.get("add_generation_prompt") else ids[:-1] + [ids[-1] + 1]
+
+    monkeypatch.setattr(encoder.tokenizer, "apply_chat_template", off_by_one)
+    batch = {"messages": [SINGLE, MULTI[1:]], "tools": [None, None],
+             "source": [{"file": "data/raw/chat.jsonl", "line": 7}, {"file": "data/raw/chat.jsonl", "line": 8}]}
+    with pytest.raises(ParityError, match=r"data/raw/chat.jsonl, line 7: token \d+ differs from apply_chat_template"):
+        sft_batch(batch, [0, 1], plan, False)
+
+
+@pytest.mark.parametrize("name", WITH_TOKENIZER)
+def test_tool_content_never_produces_an_added_token(corpus, name):
+    tokenizer, template = corpus[name]
+    encoder = _encoder(corpus, name, parity_checks=0)
+    if encoder.builder.ignores_tools():
+        pytest.skip("the template has no tool support")
+    clean = encoder.encode_batch([TOOL_CHAT], [TOOLS])
+    if clean.status[0] != KEPT:
+        pytest.skip(f"the template refuses this tool conversation: {clean.details[0]}")
+    guarded = guarded_tokens(tokenizer)
+
+    def controls_of(batch, owner):  # the control tokens of every sample of one conversation
+        rows = [r for r in range(len(batch.status)) if batch.owner[r] == owner]
+        return [sorted(i for i in batch.ids[int(batch.offsets[r]) : int(batch.offsets[r + 1])].tolist() if i in guarded) for r in rows]
+
+    controls = controls_of(clean, 0)
+    dirty = []
+    for token in _added(tokenizer):
+        messages = [dict(m) for m in TOOL_CHAT]
+        messages[2]["content"] = '{"temperature": "' + token + '"}'
+        dirty.append(messages)
+    batch = encoder.encode_batch(dirty, [TOOLS] * len(dirty))
+    for owner, token in enumerate(_added(tokenizer)):
+        rows = [r for r in range(len(batch.status)) if batch.owner[r] == owner]
+        if any(batch.status[r] != KEPT for r in rows):
+            assert all("control-token text" in batch.details[r] for r in rows if batch.status[r] != KEPT)
+            assert token in TEMPLATE_MARKUP_TEXT, (token, [batch.details[r] for r in rows])
+            continue
+        assert controls_of(batch, owner) == controls, f"{token!r} in a tool result became a control token"

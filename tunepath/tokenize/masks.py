@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from tunepath.tokenize.render import ChatRenderer, added_token_pattern, guarded_tokens, parse_tools
 from tunepath.tokenize.templates import TemplateError
-from tunepath.tokenize.turns import HISTORY_MISMATCH, REASONING_LOST, TOOLS_UNSUPPORTED, UNRENDERABLE, SampleError, TurnBuilder, find_end_of_turn
+from tunepath.tokenize.turns import HISTORY_MISMATCH, REASONING_LOST, TOOLS_UNSUPPORTED, UNRENDERABLE, SampleError, TurnBuilder, find_end_of_turn, split_reasoning
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,7 @@ class ChatEncoder:
 
         rows: list[dict] = []
         for index, messages in enumerate(conversations):
+            messages = [split_reasoning(m) for m in messages]
             declared = parse_tools(tools[index]) if tools is not None else None
             injected = self._holds_control_text(messages, tools[index] if tools is not None else None)
             try:

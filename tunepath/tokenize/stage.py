@@ -263,7 +263,7 @@ def _finish_sft(mapped, split: str, cfg: TokenizeConfig, target: Path, run_key: 
         return _zero_stats()
     table = mapped.data.table
     stats, kept = _status_stats(table)
-    extra = ("prompt_ids",) if split == "eval" else ()
+    extra = ("prompt_ids", "record") if split == "eval" else ()  # record: the row of records.jsonl (this kind and split)
     samples = table.select(["input_ids", "labels", *extra]).take(pa.array(kept))
     lengths = pc.list_value_length(samples["input_ids"]).to_numpy(zero_copy_only=False).astype(np.int64).tolist()
     tokens = sum(lengths)

@@ -75,6 +75,7 @@ class TurnBuilder:
     def samples(self, messages: list[dict], tools: list | None = None, exact: bool = False) -> list[Sample]:
         """The samples of one canonical conversation (raises SampleError); `exact` takes the renders of every turn
         even for a simple template (content holding control-token text could imitate its markup)."""
+        messages = [split_reasoning(m) for m in messages]
         learnt = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if self.last_turn_only:
             learnt = learnt[-1:]
@@ -258,6 +259,18 @@ class TurnBuilder:
             except Exception:
                 self._ignores_tools = True
         return self._ignores_tools
+
+
+def split_reasoning(message: dict) -> dict:
+    """An assistant message whose content opens with a `<think>...</think>` block, as its reasoning and answer
+    (records validate wrote before it split them; the reasoning must reach the turn's learnt span)."""
+    content = message.get("content") or ""
+    if message.get("role") != "assistant" or message.get("reasoning") or not content.lstrip().startswith("<think>"):
+        return message
+    head, sep, answer = content.partition("</think>")
+    if not sep:
+        return message
+    return {**message, "reasoning": head.lstrip()[len("<think>"):].strip(), "content": answer.strip()}
 
 
 def find_end_of_turn(renderer: ChatRenderer, added) -> str | None:

@@ -161,3 +161,23 @@ def _small_bpe(added: list[dict], sentencepiece: bool) -> dict:
         for entry in data["added_tokens"]
     ]
     return data
+
+
+def build_tiny_model(name: str, dest: pathlib.Path, seed: int = 0) -> pathlib.Path:
+    """The entry's tokenizer next to a tiny random Qwen2 model sized to its vocabulary: a real model folder
+    (`from_pretrained` loads it) for end-to-end runs with a real tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    dest = materialize(name, dest)
+    tokenizer = AutoTokenizer.from_pretrained(str(dest))
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, max_position_embeddings=2048, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        Qwen2ForCausalLM(config).save_pretrained(str(dest))
+    return dest
