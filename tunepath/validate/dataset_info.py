@@ -33,6 +33,7 @@ class FileSpec:
     fmt: str
     field_map: dict[str, str] = field(default_factory=dict)
     role_map: dict[str, str] = field(default_factory=dict)
+    text_split: str | None = None  # LLaMA-Factory reads a .txt file as one document per line
 
 
 def read_dataset_info(raw_dir: Path) -> tuple[dict[Path, FileSpec], list[str]]:
@@ -58,12 +59,18 @@ def read_dataset_info(raw_dir: Path) -> tuple[dict[Path, FileSpec], list[str]]:
             target = info_path.parent / file_name
             spec = entry_spec(name, entry, info_path)
             if target.is_dir():
-                specs.update({p: spec for p in sorted(target.rglob("*")) if p.is_file()})
+                specs.update({p: _for_file(spec, p) for p in sorted(target.rglob("*")) if p.is_file()})
             elif target.is_file():
-                specs[target] = spec
+                specs[target] = _for_file(spec, target)
             else:
                 warnings.append(f"{info_path}: entry '{name}' names {file_name}, which is not in the folder")
     return specs, warnings
+
+
+def _for_file(spec: FileSpec, path: Path) -> FileSpec:
+    if path.suffix.lower() == ".txt":
+        return FileSpec(spec.entry, spec.fmt, spec.field_map, spec.role_map, "line")
+    return spec
 
 
 def entry_spec(name: str, entry: dict, where: Path) -> FileSpec:

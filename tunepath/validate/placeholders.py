@@ -9,7 +9,8 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-PLACEHOLDER = re.compile(r"\{\{\s*([^{}\s]+?)\s*\}\}")
+# a name, as template engines spell one: "{{name}}", "{{ user.name }}"; "{{...}}" in prose is not a placeholder
+PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][\w.-]*)\s*\}\}")
 
 
 def contents(kind: str, fields: dict):

@@ -204,7 +204,8 @@ def _read_all(cfg: ValidateConfig, raw_dir: Path, files: list[Path]):
         else:
             fmt = cfg.format
             tally.detection = "per row" if fmt == "auto" else "validate.format"
-        for row in read_rows(path, display, cfg.text_split):
+        text_split = spec.text_split if spec is not None and spec.text_split else cfg.text_split
+        for row in read_rows(path, display, text_split):
             tally.read += 1
             item = Item(row, reasons=row.reasons)
             items.append(item)
