@@ -26,7 +26,7 @@ from tunepath.tokenize.templates import select_template, template_hash
 
 log = logging.getLogger(__name__)
 
-FOLDERS = {"conversation": "sft", "text": "cpt", "preference": "dpo"}
+FOLDERS = {"conversation": "sft", "text": "cpt", "preference": "dpo", "feedback": "kto"}
 SPLITS = ("train", "eval")
 # Settings that change the tokenized records (the rest act after the cache: packing, blocks, parallelism).
 CACHE_KEYS = ("max_length", "template", "custom_template", "overlong", "last_turn_only")
@@ -80,6 +80,8 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
                 stats[folder][split] = _finish_sft(mapped, split, cfg, target, run_key)
             elif folder == "cpt":
                 stats[folder][split] = _finish_cpt(mapped, cfg, pad_id, target, run_key)
+            elif folder == "kto":
+                stats[folder][split] = _finish_kto(mapped, cfg, target, run_key)
             else:
                 stats[folder][split] = _finish_dpo(mapped, cfg, target, run_key)
 
@@ -88,6 +90,7 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
         "labeled_tokens": stats["sft"]["train"]["tokens"],
         "unlabeled_tokens": stats["cpt"]["train"]["tokens"],
         "preference_pairs": stats["dpo"]["train"]["samples_out"],
+        "feedback_examples": stats["kto"]["train"]["samples_out"],
         "max_length": cfg.max_length,
         "template_hash": template_hash(template),
         "template_source": cfg.template,
@@ -108,7 +111,8 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
 class _Records:
     """records.jsonl as Arrow, read (by pyarrow's multithreaded JSON reader) only when some split is not cached."""
 
-    COLUMNS = {"conversation": ("messages",), "text": ("text",), "preference": ("prompt", "chosen", "rejected")}
+    COLUMNS = {"conversation": ("messages",), "text": ("text",), "preference": ("prompt", "chosen", "rejected"),
+               "feedback": ("messages", "label")}
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -129,7 +133,8 @@ class _Records:
             messages = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
             schema = pa.schema(
                 [("id", pa.string()), ("kind", pa.string()), ("split", pa.string()), ("messages", messages),
-                 ("text", pa.string()), ("prompt", messages), ("chosen", messages), ("rejected", messages)]
+                 ("text", pa.string()), ("prompt", messages), ("chosen", messages), ("rejected", messages),
+                 ("label", pa.bool_())]
             )
             options = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
             try:
@@ -155,11 +160,13 @@ def _tokenized(kind: str, split: str, records: _Records, plan: EncodePlan, cfg: 
         (cache / "empty").touch()
         return None, False
     from tunepath.tokenize.dpo import dpo_batch
+    from tunepath.tokenize.kto import kto_batch
 
     function, kwargs = {
         "conversation": (sft_batch, {"plan": plan, "with_prompt": split == "eval"}),
         "text": (cpt_batch, {"plan": plan}),
         "preference": (dpo_batch, {"plan": plan}),
+        "feedback": (kto_batch, {"plan": plan}),
     }[kind]
     source = Dataset(InMemoryTable(rows), fingerprint=cache.name + "-records")  # no hashing of the whole table
     mapped = source.map(
@@ -286,6 +293,29 @@ def _finish_dpo(mapped, cfg: TokenizeConfig, target: Path, run_key: str) -> dict
     )
     _save(pairs, target, stats, run_key)
     return {**_zero_stats(), **stats}
+
+
+def _finish_kto(mapped, cfg: TokenizeConfig, target: Path, run_key: str) -> dict:
+    """Unpaired feedback (KTO): kept examples with their label; desirable ones are counted apart."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if mapped is None:
+        return {**_zero_stats(), "desirable": 0}
+    table = mapped.data.table
+    stats, kept = _status_stats(table)
+    rows = table.select(["prompt_ids", "completion_ids", "label", "prompt", "completion"]).take(pa.array(kept))
+
+    def total(name):
+        return int(pc.list_value_length(rows[name]).to_numpy(zero_copy_only=False).astype(np.int64).sum()) if len(kept) else 0
+
+    prompt, completion = total("prompt_ids"), total("completion_ids")
+    share = padding_share(prompt + completion, len(kept), cfg.max_length)
+    stats.update(tokens=prompt + completion, label_tokens=completion, padding_share_unpacked=share,
+                 padding_share_packed=share, rows=len(kept))
+    _save(rows, target, stats, run_key)
+    return {**_zero_stats(), **stats, "desirable": int(pc.sum(rows["label"]).as_py() or 0) if len(kept) else 0}
 
 
 def _save(table, target: Path, stats: dict, run_key: str) -> None:
