@@ -224,3 +224,21 @@ def test_placeholders_are_counted_and_follow_the_policy(tmp_path, policy):
     assert (sorted(rejects) == [1]) == (policy == "reject")
     _, records, _ = _run(tmp_path, rows, placeholders={"name": "Tuna"}, placeholder_policy=policy)
     assert records[0]["messages"][1]["content"] == "I am Tuna."
+
+
+def test_parquet_tool_calls_with_the_null_keys_of_a_shared_schema(tmp_path):
+    """Parquet gives every message every key of the column (tool_calls, tool_call_id, name), null where unused."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tools = json.loads(json.dumps(OPENAI))
+    tools["messages"][1]["content"] = ""
+    tools["tools"] = json.dumps(tools["tools"])
+    plain = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}], "tools": None}
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    pq.write_table(pa.Table.from_pylist([tools, plain]), raw / "a.parquet")
+    run_validate(ValidateConfig(eval_share=0.0), raw, tmp_path / "out")
+    records = list(read_records(tmp_path / "out" / "records.jsonl"))
+    assert [r["messages"] for r in records] == [CANONICAL, plain["messages"]]
+    assert "tools" in records[0] and "tools" not in records[1]

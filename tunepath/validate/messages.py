@@ -59,10 +59,12 @@ def content_parts(parts: list, at: str, reasons: list[str]) -> tuple[str, list[s
         if not isinstance(part, dict):
             reasons.append(f"wrong_type: '{where}' is {type_name(part)}, expected a content part object")
             continue
-        kind = part.get("type", "text")
-        value = part.get("text", part.get("value"))
+        kind = part.get("type") or "text"
+        # Parquet gives every part every key of the column's schema, the unused ones null
+        key = "text" if part.get("text") is not None or "value" not in part else "value"
+        value = part.get(key)
         if kind in TEXT_PARTS or kind in REASONING_PARTS:
-            text = check_str(value, f"{where}.{'text' if 'text' in part else 'value'}", reasons)
+            text = check_str(value, f"{where}.{key}", reasons)
             if text is not None:
                 (texts if kind in TEXT_PARTS else thoughts).append(text)
         elif kind in CALL_PARTS:
