@@ -57,9 +57,6 @@ class Normalised:
     reasons: list[str] = field(default_factory=list)
 
 
-_type_name = type_name
-
-
 class Normaliser:
     """Turns parsed rows into canonical fields; holds the field and role mappings of the config.
 
@@ -88,7 +85,7 @@ class Normaliser:
         value = row.value
         if not isinstance(value, dict):
             return Normalised(reasons=[
-                f"not_an_object: the row is {_type_name(value)}, expected a JSON object with the fields of one format"])
+                f"not_an_object: the row is {type_name(value)}, expected a JSON object with the fields of one format"])
         if row.origin == "text":
             fmt = "text"
         elif fmt == "auto":
@@ -159,8 +156,6 @@ class Normaliser:
             return None
         return check_str(v, key, reasons)
 
-    _check_str = staticmethod(check_str)
-
     @staticmethod
     def _list(v: object, where: str, reasons: list[str], csv: bool) -> list | None:
         if csv and isinstance(v, str) and v.lstrip().startswith("["):
@@ -170,7 +165,7 @@ class Normaliser:
                 reasons.append(f"bad_json: '{where}' holds a string that is not valid JSON, expected a list")
                 return None
         if not isinstance(v, list):
-            reasons.append(f"wrong_type: '{where}' is {_type_name(v)}, expected a list of messages")
+            reasons.append(f"wrong_type: '{where}' is {type_name(v)}, expected a list of messages")
             return None
         return v
 
@@ -207,7 +202,7 @@ class Normaliser:
         """The full diagnosis of one message: parts, reasoning, tool calls and tool results."""
         n = self.names
         if not isinstance(m, dict):
-            reasons.append(f"wrong_type: '{at}' is {_type_name(m)}, expected an object with role and content")
+            reasons.append(f"wrong_type: '{at}' is {type_name(m)}, expected an object with role and content")
             return None
         role_key = n["role"] if n["role"] in m else n["from"]
         content_key = n["content"] if n["content"] in m else n["value"]
@@ -242,7 +237,7 @@ class Normaliser:
                 return None
         if calls_in is not None:
             if not isinstance(calls_in, list):
-                reasons.append(f"wrong_type: '{at}.tool_calls' is {_type_name(calls_in)}, expected a list of calls")
+                reasons.append(f"wrong_type: '{at}.tool_calls' is {type_name(calls_in)}, expected a list of calls")
             else:
                 for j, item in enumerate(calls_in):
                     call = tool_call(item, f"{at}.tool_calls[{j}]", reasons)
@@ -261,9 +256,6 @@ class Normaliser:
             content, thought = split_think(content)
             if thought is not None:
                 thoughts.append(thought)
-        if calls and role == "tool":
-            reasons.append(f"misplaced_field: '{at}' is a tool result with tool calls; only assistant turns call tools")
-            return None
         out: dict = {"role": role, "content": content}
         if out["role"] not in ("assistant", CALL_TURN):
             if thoughts:
@@ -321,7 +313,7 @@ class Normaliser:
             for i, pair in enumerate(pairs):
                 at = f"{history_key}[{i}]"
                 if not isinstance(pair, list) or len(pair) != 2:
-                    what = f"a list of {len(pair)}" if isinstance(pair, list) else _type_name(pair)
+                    what = f"a list of {len(pair)}" if isinstance(pair, list) else type_name(pair)
                     reasons.append(f"wrong_type: '{at}' is {what}, expected a [user, assistant] pair")
                     continue
                 user = check_str(pair[0], f"{at}[0]", reasons)
@@ -350,7 +342,7 @@ class Normaliser:
         if csv and isinstance(label, str) and label.strip().lower() in ("true", "false"):
             label = label.strip().lower() == "true"
         if isinstance(label, (dict, list)):  # the contract names scalars; a structure is a type error here
-            reasons.append(f"bad_label: '{key}' is {_type_name(label)}, expected true or false")
+            reasons.append(f"bad_label: '{key}' is {type_name(label)}, expected true or false")
         return {"messages": messages, "label": label}
 
     def _preference(self, value: dict, reasons: list[str], csv: bool) -> dict:
