@@ -242,3 +242,29 @@ def test_parquet_tool_calls_with_the_null_keys_of_a_shared_schema(tmp_path):
     records = list(read_records(tmp_path / "out" / "records.jsonl"))
     assert [r["messages"] for r in records] == [CANONICAL, plain["messages"]]
     assert "tools" in records[0] and "tools" not in records[1]
+
+
+def test_dataset_info_maps_columns_and_tags_and_names_its_own_errors(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    rows = [{"dialog": [{"speaker": "customer", "text": "Weather?"}, {"speaker": "agent", "text": "Sunny."}],
+             "good": False}]
+    (raw / "fb.json").write_text(json.dumps(rows), encoding="utf-8")
+    info = {"fb": {"file_name": "fb.json", "formatting": "sharegpt", "columns": {"messages": "dialog", "kto_tag": "good"},
+                   "tags": {"role_tag": "speaker", "content_tag": "text", "user_tag": "customer", "assistant_tag": "agent"}},
+            "hub_only": {"hf_hub_url": "someone/data"}}
+    (raw / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
+    run_validate(ValidateConfig(eval_share=0.0), raw, tmp_path / "out")
+    (record,) = read_records(tmp_path / "out" / "records.jsonl")
+    assert record["kind"] == "feedback" and record["label"] is False
+    assert record["messages"] == [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "Sunny."}]
+    with pytest.raises(DataValidationError, match="no usable rows"):  # without it the file means nothing
+        run_validate(ValidateConfig(read_dataset_info=False), raw, tmp_path / "out")
+    reject = json.loads((tmp_path / "out" / "rejects.jsonl").read_text())
+    assert reject["reasons"][0].startswith("missing_field: no known format: the row has keys ['dialog', 'good']")
+    (raw / "dataset_info.json").write_text('{"fb": {"file_name": "fb.json", "formatting": "xml"}}', encoding="utf-8")
+    with pytest.raises(DataValidationError, match=r"dataset_info.json: entry 'fb' has formatting 'xml'"):
+        run_validate(ValidateConfig(), raw, tmp_path / "out")
+    (raw / "dataset_info.json").write_text('{"fb": {"file_name": "fb.json",\n', encoding="utf-8")
+    with pytest.raises(DataValidationError, match=r"dataset_info.json line 2: invalid JSON"):
+        run_validate(ValidateConfig(), raw, tmp_path / "out")
