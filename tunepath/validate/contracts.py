@@ -412,7 +412,9 @@ def _explain(code: str, kind: str, item: ContractInput, offset: int, cfg: Valida
         text = f"the last turn of [{sequence}] is not the assistant's, {why}"
     elif code == "bad_label":
         label = fields["label"]
-        text = f"label is {_label_text(label)} ({type(label).__name__}), expected true or false"
+        text = (f"label is {_label_text(label)} ({type(label).__name__}), expected true or false (unpaired feedback); "
+                "if the column means something else, force the file's format (validate.file_formats) or map "
+                "validate.field_map.label to another name")
     elif code == "bad_answer":
         roles = [",".join(map(_turn_token, fields[p])) for p in ("chosen", "rejected")]
         text = f"chosen is [{roles[0]}] and rejected is [{roles[1]}]; each must be exactly one assistant turn"
