@@ -2,8 +2,12 @@
 
 Usage:
 
-    python -m benchmarks.validate                 # 100,000 conversations, 2 cores
+    python -m benchmarks.validate                 # 100,000 conversations (a fifth with tool calls), 2 cores
     python -m benchmarks.validate --rows 20000 --cores 1
+
+A fifth of the conversations carry tool calls, half in the OpenAI layout (`tools`, `tool_calls`, `tool`
+messages) and half in the ShareGPT one (`function_call` and `observation` turns); each layout is a file of
+its own. After the stage, the child times reading and normalising each file alone: rows/s per layout.
 
 The stage runs in a child process pinned to `--cores` CPUs so that the wall time includes the interpreter
 start and every import (Great Expectations alone takes several seconds), as it does in a pipeline run.
@@ -51,16 +55,55 @@ def _bad_line(rng: random.Random, i: int) -> str:
     ])
 
 
+TOOL_NAMES = ("get_weather", "search_docs", "convert_units", "lookup_order")
+
+
+def _schemas() -> list[dict]:
+    return [{"name": name, "description": f"{name.replace('_', ' ')} for the user",
+             "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}}
+            for name in TOOL_NAMES]
+
+
+def _openai_tools(rng: random.Random, i: int) -> dict:
+    name = rng.choice(TOOL_NAMES)
+    call_id = f"call_{i}"
+    return {"tools": [{"type": "function", "function": f} for f in _schemas()], "messages": [
+        {"role": "user", "content": f"Question {i}: {_sentence(rng, 5, 30)}"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": call_id, "type": "function", "function": {
+            "name": name, "arguments": json.dumps({"query": _sentence(rng, 2, 6)})}}]},
+        {"role": "tool", "tool_call_id": call_id, "name": name, "content": json.dumps({"result": _sentence(rng, 5, 20)})},
+        {"role": "assistant", "content": _sentence(rng, 10, 60)},
+    ]}
+
+
+def _sharegpt_tools(rng: random.Random, i: int) -> dict:
+    name = rng.choice(TOOL_NAMES)
+    return {"tools": json.dumps(_schemas()), "conversations": [
+        {"from": "human", "value": f"Question {i}: {_sentence(rng, 5, 30)}"},
+        {"from": "function_call", "value": json.dumps({"name": name, "arguments": {"query": _sentence(rng, 2, 6)}})},
+        {"from": "observation", "value": json.dumps({"result": _sentence(rng, 5, 20)})},
+        {"from": "gpt", "value": _sentence(rng, 10, 60)},
+    ]}
+
+
+LAYOUTS = {"chat.jsonl": ("openai, plain", _conversation, 0.8), "tools_openai.jsonl": ("openai, tool calls", _openai_tools, 0.1),
+           "tools_sharegpt.jsonl": ("sharegpt, tool calls", _sharegpt_tools, 0.1)}
+
+
 def generate(raw_dir: Path, rows: int, seed: int = 0) -> int:
-    """Write `rows` lines of OpenAI-style chat JSONL (about 1% bad) and return the file size in bytes."""
+    """Write `rows` conversations (about 1% bad) over the LAYOUTS files and return their size in bytes."""
     rng = random.Random(seed)
     raw_dir.mkdir(parents=True, exist_ok=True)
-    path = raw_dir / "chat.jsonl"
-    with open(path, "w", encoding="utf-8") as f:
-        for i in range(rows):
-            line = _bad_line(rng, i) if rng.random() < 0.01 else json.dumps(_conversation(rng, i))
-            f.write(line + "\n")
-    return path.stat().st_size
+    size, start = 0, 0
+    for name, (_, make, share) in LAYOUTS.items():
+        count = round(rows * share) if name != "tools_sharegpt.jsonl" else rows - start
+        with open(raw_dir / name, "w", encoding="utf-8") as f:
+            for i in range(start, start + count):
+                line = _bad_line(rng, i) if rng.random() < 0.01 else json.dumps(make(rng, i))
+                f.write(line + "\n")
+        start += count
+        size += (raw_dir / name).stat().st_size
+    return size
 
 
 # The measured part runs as `python -c` in a neutral folder: run as a script, benchmarks/ would be first on
@@ -71,6 +114,19 @@ from pathlib import Path
 from tunepath.validate import ValidateConfig, run_validate
 summary = run_validate(ValidateConfig(), Path(sys.argv[1]), Path(sys.argv[2]))
 summary["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+import time
+from tunepath.validate.formats import Normaliser
+from tunepath.validate.readers import read_rows
+normaliser, layouts, begun = Normaliser(ValidateConfig()), {}, time.perf_counter()
+for path in sorted(Path(sys.argv[1]).iterdir()):
+    start, n = time.process_time(), 0
+    for row in read_rows(path, path.name):
+        n += 1
+        if not row.reasons:
+            normaliser.normalise(row)
+    layouts[path.name] = [n, time.process_time() - start]
+summary["layouts"] = layouts
+summary["layouts_wall_s"] = time.perf_counter() - begun
 print(json.dumps(summary))
 """
 
@@ -95,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
             print(proc.stderr, file=sys.stderr)
             return proc.returncode
         s = json.loads(proc.stdout.strip().splitlines()[-1])
+        # the per-layout pass after the stage is not part of it
+        wall -= s["layouts_wall_s"]
+        cpu -= sum(c for _, c in s["layouts"].values())
         w, c = s["timings_s"], s["cpu_s"]
         phases = [("read_normalise", "read + parse + normalise"), ("gx_import", "GX import"),
                   ("contracts", "GX contracts (frames + suites)"), ("split_profile", "split + profile"),
@@ -109,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             ("rows/s, whole process", f"{s['read'] / wall:,.0f}", f"{s['read'] / cpu:,.0f}"),
             ("peak RSS", f"{s['peak_rss_mb']:,.0f} MiB", ""),
         ]
+        rows += [(f"rows/s read + normalise, {LAYOUTS[name][0]} ({n:,} rows)", "", f"{n / cpu_s:,.0f}")
+                 for name, (n, cpu_s) in s["layouts"].items()]
         width = max(len(r[0]) for r in rows)
         print(f"| {'validate benchmark':<{width}} | wall | CPU (user+sys) |\n|{'-' * (width + 2)}|---:|---:|")
         for name, wall_value, cpu_value in rows:

@@ -18,10 +18,10 @@ SHAPE = dict(max_length=2048, batch_size=1, lora_rank=16)
 
 
 def profile(labeled=0, unlabeled=0, pairs=0, *, gpus=1, mem=80.0, budget=None, model=LLAMA7, chat=True,
-            goal="auto", grounding=False, style=False, labeled_tokens=None):
+            goal="auto", grounding=False, style=False, labeled_tokens=None, feedback=0):
     return parse_profile({
         "data": {"labeled_examples": labeled, "unlabeled_tokens": unlabeled, "preference_pairs": pairs,
-                 "labeled_tokens": labeled_tokens},
+                 "labeled_tokens": labeled_tokens, "feedback_examples": feedback},
         "resources": {"gpus": gpus, "gpu_memory_gb": mem if gpus else None, "time_budget_hours": budget},
         "model": {**model, "has_chat_variant": chat},
         "intent": {"goal": goal, "strict_grounding": grounding, "style_required": style},
@@ -106,6 +106,15 @@ ROWS = [
         {"S5-no-pairs": ["99 preference pairs < 100"]}),
     row("s5-pairs-without-style-unused", profile(5_000, 0, 3_000, model=QWEN15), ["sft"], "full", "chat", "none",
         {"goal": ["style_required is off", "3,000 preference pairs unused"]}),
+    # only unpaired feedback (KTO data): SFT then KTO; pairs, when enough, still win
+    row("s5-sft-kto", profile(5_000, 0, 0, model=QWEN15, style=True, feedback=800), ["sft", "kto"], "full", "chat", "none",
+        {"S5-kto": ["0 preference pairs < 100", "800 feedback examples ≥ 100"]}),
+    row("s5-kto-on-chat", profile(10, 0, 0, model=QWEN15, style=True, feedback=300), ["kto"], "full", "chat", "none",
+        {"S5-kto": ["300 feedback examples", "10 labelled examples", "chat variant"], "start": ["KTO without SFT"]}),
+    row("s5-pairs-beat-feedback", profile(5_000, 0, 200, model=QWEN15, style=True, feedback=800), ["sft", "dpo"], "full",
+        "chat", "none", {"S5-dpo": ["200 preference pairs ≥ 100"]}),
+    row("s5-boundary-feedback-short", profile(5_000, 0, 0, model=QWEN15, style=True, feedback=99), ["sft"], "full", "chat",
+        "none", {"S5-no-pairs": ["0 preference pairs < 100"]}),
 
     # --- scenario 6: limited resources -> LoRA, QLoRA; LoRA CPT with its warning ------------------------
     row("s6-lora", profile(20_000, 0, 0, mem=48), ["sft"], "lora", "base", "none",

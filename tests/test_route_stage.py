@@ -119,3 +119,18 @@ def test_gpu_detection(tmp_path, tiny_model, monkeypatch):
     assert detect_gpus(RouteConfig()) == (2, 79.0)  # the smallest card bounds every GPU
     assert detect_gpus(RouteConfig(gpus=1)) == (1, 79.0)
     assert detect_gpus(RouteConfig(gpus=4, gpu_memory_gb=24)) == (4, 24)
+
+
+def test_feedback_examples_from_the_tokenize_stats_route_to_kto(tmp_path, tiny_model):
+    stats = {**DEMO_STATS, "preference_pairs": 0, "feedback_examples": 180}
+    tok = write_stats(tmp_path / "tokenize", stats)
+    result = run_route(RouteConfig(gpus=0, style_required=True), ModelConfig(base=str(tiny_model)), tok, tmp_path / "r1", **SHAPE)
+    assert result["stages"] == ["sft", "kto"] and result["profile"]["data"]["feedback_examples"] == 180
+    assert any(r["id"] == "S5-kto" and "180 feedback examples" in r["reason"] for r in result["rules"])
+    # without style_required the feedback stays unused: the default demo route is still LoRA SFT
+    result = run_route(RouteConfig(gpus=0), ModelConfig(base=str(tiny_model)), tok, tmp_path / "r2", **SHAPE)
+    assert (result["stages"], result["method"]) == (["sft"], "lora")
+    # stats written before KTO existed have no feedback_examples: zero
+    tok = write_stats(tmp_path / "old", DEMO_STATS)
+    result = run_route(RouteConfig(gpus=0), ModelConfig(base=str(tiny_model)), tok, tmp_path / "r3", **SHAPE)
+    assert result["profile"]["data"]["feedback_examples"] == 0

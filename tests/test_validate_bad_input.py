@@ -96,7 +96,7 @@ def test_rows_that_are_not_objects_or_miss_fields_or_have_wrong_types():
     assert codes(normalise({"instruction": "Do it"}).reasons) == ["missing_field"]  # no output
     out = normalise({"messages": [{"role": None, "content": ["part"]}, {"content": "x"}, "hello"]})
     assert codes(out.reasons) == ["wrong_type", "wrong_type", "missing_field", "wrong_type"]
-    assert "'messages[0].content' is a list" in out.reasons[1]
+    assert "'messages[0].content[0]' is a string, expected a content part object" in out.reasons[1]
     assert codes(normalise({"messages": None}).reasons) == ["wrong_type"]
     assert codes(normalise({"messages": []}).reasons) == ["empty_content"]
     assert codes(normalise({"prompt": "q", "chosen": 1, "rejected": None}).reasons) == ["wrong_type", "wrong_type"]
@@ -141,9 +141,9 @@ def _write_bad_folder(raw: Path) -> None:
         '"just a string"',                                                      # 42 not an object
         "17",                                                                   # 43 a number
         json.dumps({"messages": [{"role": None, "content": ["x"]}]}),          # 44 wrong types
-        json.dumps({"messages": [{"role": "tool", "content": "x"}, {"role": "user", "content": "y"}]}),  # 45
+        json.dumps({"messages": [{"role": "tool", "content": "x"}, {"role": "user", "content": "y"}]}),  # 45 no call
         json.dumps({"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": " \n"}]}),  # 46
-        json.dumps({"text": "x" * 10_000_000}),                                 # 47 a 10 MB line
+        json.dumps({"text": "x" * 10_000_000}),                                 # 47 a 10 MB line: cut in pieces
         good[0],                                                                # 48 duplicate of line 1
     ]
     (raw / "chat.jsonl").write_bytes(("\r\n".join(good + bad) + "\r\n").encode())
@@ -166,11 +166,16 @@ def bad_run(tmp_path_factory):
 def test_every_read_row_is_accepted_or_rejected(bad_run):
     tmp, summary, rejects, report = bad_run
     assert summary["read"] == summary["accepted"] + summary["rejected"] == 57
-    assert summary["rejected"] == len(rejects) == 12
+    assert summary["rejected"] == len(rejects) == 11
     for name, f in report["files"].items():
         assert f["read"] == f["accepted"] + f["rejected"], name
     records = (tmp / "out" / "records.jsonl").read_text(encoding="utf-8").splitlines()
-    assert len(records) == summary["accepted"]
+    # the 10 MB document is one accepted row and ten records of 1,000,000 characters (validate.text_chars.max)
+    assert report["chunked"]["documents"] == 1 and report["chunked"]["pieces"] == 10
+    assert len(records) == summary["accepted"] - 1 + 10
+    pieces = [json.loads(r) for r in records if '"chunk"' in r]
+    assert [p["source"]["chunk"] for p in pieces] == list(range(10))
+    assert {len(p["text"]) for p in pieces} == {1_000_000} and len({p["id"] for p in pieces}) == 10
 
 
 def test_each_bad_row_is_quarantined_with_location_raw_text_and_every_reason(bad_run):
@@ -179,14 +184,13 @@ def test_each_bad_row_is_quarantined_with_location_raw_text_and_every_reason(bad
     expect = {
         ("chat.jsonl", 41): ["bad_json"], ("chat.jsonl", 42): ["not_an_object"], ("chat.jsonl", 43): ["not_an_object"],
         ("chat.jsonl", 44): ["wrong_type", "wrong_type"],
-        ("chat.jsonl", 45): ["unknown_role", "bad_turn_order", "last_turn_not_assistant"],
-        ("chat.jsonl", 46): ["empty_answer"], ("chat.jsonl", 47): ["too_long"], ("chat.jsonl", 48): ["duplicate"],
+        ("chat.jsonl", 45): ["dangling_tool_result", "bad_turn_order", "last_turn_not_assistant"],
+        ("chat.jsonl", 46): ["empty_answer"], ("chat.jsonl", 48): ["duplicate"],
         ("mixed.jsonl", 5): ["invalid_utf8"], ("only_bad.jsonl", 1): ["missing_field"],
         ("only_bad.jsonl", 2): ["not_an_object"], ("cut.json", 1): ["bad_json"],
     }
     for place, want in expect.items():
         assert sorted(codes(by_place[place]["reasons"])) == sorted(want), (place, by_place[place]["reasons"])
-    assert len(by_place[("chat.jsonl", 47)]["raw"]) > 10_000_000  # the raw line is kept whole
     assert by_place[("chat.jsonl", 48)]["reasons"][0].endswith("chat.jsonl:1")
     assert report["files"][str(tmp / "raw" / "mixed.jsonl")]["formats"] == {
         "alpaca": 1, "text": 1, "preference": 1, "sharegpt": 1}
@@ -196,7 +200,7 @@ def test_each_bad_row_is_quarantined_with_location_raw_text_and_every_reason(bad
 
 def test_too_many_rejects_fail_the_stage_after_writing_the_quarantine(tmp_path):
     _write_bad_folder(tmp_path / "raw")
-    with pytest.raises(DataValidationError, match=r"rows \(2\d\.\d%\) were rejected, above validate.max_reject_share=0.1"):
+    with pytest.raises(DataValidationError, match=r"rows \(1\d\.\d%\) were rejected, above validate.max_reject_share=0.1"):
         run_validate(ValidateConfig(), tmp_path / "raw", tmp_path / "out")
     assert (tmp_path / "out" / "rejects.jsonl").stat().st_size > 0
     assert "rows accepted" in (tmp_path / "out" / "report.md").read_text()

@@ -93,7 +93,7 @@ def test_report_counts_gx_statistics_and_control_tokens(outcome):
                             "preference_records"}
     assert all("unexpected_list" not in r["result"] for r in results["text"]["results"])
     md = (tmp / "out" / "report.md").read_text()
-    assert "| file | formats | read | accepted | rejected | reasons |" in md and "| bad_turn_order | 5 |" in md
+    assert "| file | format | detected by | read | accepted | rejected | top reasons |" in md and "| bad_turn_order | 5 |" in md
 
 
 def test_control_token_policy_reject(tmp_path):

@@ -22,6 +22,22 @@ SEEDS = [
     {"instruction": "Translate", "input": "chat", "output": "cat", "history": [["Hi", "Hello"]]},
     {"text": "A plain document of some length for pretraining."},
     {"prompt": [{"role": "user", "content": "Q?"}], "chosen": "Yes.", "rejected": [{"role": "assistant", "content": "No."}]},
+    # the layouts of issue 13: mutating them gives broken call JSON, unknown tool names, dangling results,
+    # mixed part types and labels that are not booleans
+    {"tools": [{"type": "function", "function": {"name": "w", "parameters": {"type": "object"}}}], "messages": [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "w", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "name": "w", "content": "cold"},
+        {"role": "assistant", "content": "Cold.", "reasoning_content": "It said cold."}]},
+    {"tools": '[{"name": "w", "parameters": {}}]', "conversations": [
+        {"from": "human", "value": "Weather?"}, {"from": "function_call", "value": '{"name": "w", "arguments": {"c": 1}}'},
+        {"from": "observation", "value": "cold"}, {"from": "gpt", "value": "<think>ok</think>Cold."}]},
+    {"conversations": [{"from": "human", "value": "Best?"}], "chosen": {"from": "gpt", "value": "A."},
+     "rejected": {"from": "gpt", "value": "B."}},
+    {"chosen": "\n\nHuman: Hi?\n\nAssistant: Hello.", "rejected": "\n\nHuman: Hi?\n\nAssistant: Go."},
+    {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "value": "?"}]},
+                  {"role": "assistant", "content": [{"type": "text", "text": "Hello."}]}], "label": True},
 ]
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),

@@ -23,11 +23,11 @@ def test_profile_counts_lengths_and_cjk_share():
     ]
     p = build_profile(records)
     assert (p["conversations"], p["turns"], p["assistant_turns"], p["documents"], p["preference_pairs"]) == (1, 2, 1, 2, 1)
-    assert p["characters"] == {"conversation": 7, "text": 16, "preference": 6}
+    assert p["characters"] == {"conversation": 7, "text": 16, "preference": 6, "feedback": 0}
     assert p["cjk_share"] == round(3 / 29, 4)
     assert p["scripts"]["cyrillic"] == round(6 / 29, 4)
     assert p["lengths"]["text"] == {"min": 6, "mean": 8.0, "p50": 6, "p95": 10, "max": 10}
-    assert p["splits"]["eval"] == {"conversation": 0, "text": 1, "preference": 0}
+    assert p["splits"]["eval"] == {"conversation": 0, "text": 1, "preference": 0, "feedback": 0}
 
 
 def test_importing_the_package_loads_neither_pandas_nor_gx():

@@ -1,19 +1,46 @@
 """Canonical records: what the validate stage writes and every later stage reads.
 
-`artifacts/validate/records.jsonl` holds one JSON object per accepted input row:
+`artifacts/validate/records.jsonl` holds one JSON object per accepted input row (a long text document may
+give several, see `tunepath.validate.chunks`):
 
     {"id": "<sha256 of the normalised content, 16 hex>",
-     "kind": "conversation" | "text" | "preference",
+     "kind": "conversation" | "text" | "preference" | "feedback",
      "split": "train" | "eval",
-     "source": {"file": "data/raw/chat.jsonl", "line": 12},
+     "source": {"file": "data/raw/chat.jsonl", "line": 12},   # plus "chunk": n for a piece of a long document
      # kind == "conversation"
-     "messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...],
+     "messages": [message, ...],
+     "tools": "<JSON text>",           # optional, see below; absent when the row declares no tools
      # kind == "text"
      "text": "...",
      # kind == "preference"
-     "prompt": [messages...],          # ends with a user turn
-     "chosen": [{"role": "assistant", "content": "..."}],
-     "rejected": [{"role": "assistant", "content": "..."}]}
+     "prompt": [message, ...],         # ends with a user turn (or with tool results)
+     "chosen": [message],              # one assistant message
+     "rejected": [message],            # one assistant message
+     "tools": "<JSON text>",           # optional
+     # kind == "feedback" (unpaired, for KTO; never an SFT target)
+     "messages": [message, ...],       # ends with the assistant turn that is judged
+     "label": true | false,            # true: the last answer is desirable
+     "tools": "<JSON text>"}           # optional
+
+A message is {"role": "system" | "user" | "assistant" | "tool", "content": str} plus, only where they apply:
+
+    "reasoning": str        assistant only: from a `reasoning_content`/`reasoning` field, a reasoning content part,
+                            or a leading <think>...</think> block of the content (removed from content, stripped)
+    "tool_calls": [{"id": str | null, "name": str, "arguments": str}, ...]
+                            assistant only; `arguments` is the JSON text of an object; content may then be ""
+    "tool_call_id": str | null, "name": str | null
+                            tool messages (both keys always present): the call answered and the tool's name
+
+`tools` is the JSON text of a list of OpenAI-style tool schemas
+`{"type": "function", "function": {"name", "description", "parameters"}}` (bare ShareGPT/glaive schemas are
+wrapped). JSON texts are canonical (`json.dumps(value, ensure_ascii=False)` of the parsed value, key order
+kept), so equal content gives equal ids.
+
+Layouts mapped onto this form: OpenAI (`tools` list, assistant `tool_calls` [{"id", "type": "function",
+"function": {"name", "arguments": str or object}}], `tool` messages with `tool_call_id`/`name`), ShareGPT
+(`tools` as JSON text, `function_call` turns whose value is {"name", "arguments"} become assistant tool calls,
+`observation` turns become tool messages named after the call they follow), content parts
+([{"type": "text", "text" | "value": ...}] joined in order).
 
 `artifacts/validate/rejects.jsonl` holds one object per rejected row:
 
@@ -28,9 +55,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
-KINDS = ("conversation", "text", "preference")
-ROLES = ("system", "user", "assistant")
-Kind = Literal["conversation", "text", "preference"]
+KINDS = ("conversation", "text", "preference", "feedback")
+ROLES = ("system", "user", "assistant", "tool")
+Kind = Literal["conversation", "text", "preference", "feedback"]
 Split = Literal["train", "eval"]
 
 

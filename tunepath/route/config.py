@@ -11,15 +11,15 @@ from pydantic import Field, model_validator
 
 from tunepath.strict import Strict
 
-Stage = Literal["pretrain", "cpt", "sft", "dpo"]
+Stage = Literal["pretrain", "cpt", "sft", "dpo", "kto"]
 Method = Literal["full", "lora", "qlora"]
 Goal = Literal["auto", "new_model", "domain_knowledge", "task_skill", "grounded_answers", "styled_assistant"]
 
-STAGE_ORDER: tuple[str, ...] = ("pretrain", "cpt", "sft", "dpo")
+STAGE_ORDER: tuple[str, ...] = ("pretrain", "cpt", "sft", "dpo", "kto")
 
 
 class RouteConfig(Strict):
-    """How the route stage chooses stages (pretrain, cpt, sft, dpo) and method (full, lora, qlora)."""
+    """How the route stage chooses stages (pretrain, cpt, sft, dpo, kto) and method (full, lora, qlora)."""
 
     # --- intent -----------------------------------------------------------------------------------------
     goal: Goal = Field(
@@ -32,7 +32,7 @@ class RouteConfig(Strict):
 
     # --- forcing ----------------------------------------------------------------------------------------
     force_stages: list[Stage] | None = Field(
-        None, description="Run exactly these stages (in pretrain, cpt, sft, dpo order; [] trains nothing). None: the rules decide."
+        None, description="Run exactly these stages (in pretrain, cpt, sft, dpo, kto order; [] trains nothing). None: the rules decide."
     )
     force_method: Method | None = Field(None, description="Use this method whatever the memory estimate says. None: the rules decide.")
 
@@ -54,6 +54,9 @@ class RouteConfig(Strict):
         10.0, gt=0, description="goal auto: CPT only when unlabelled tokens are also at least this many times the labelled tokens."
     )
     dpo_min_pairs: int = Field(100, ge=1, description="Preference pairs needed before a DPO stage is worth running.")
+    kto_min_examples: int = Field(
+        100, ge=1, description="Unpaired feedback examples (answers judged good or bad) needed for a KTO stage when there are too few pairs for DPO."
+    )
     tokens_per_example: int = Field(
         512, ge=1, description="Assumed tokens per labelled example or preference answer when the tokenize stats give no labeled_tokens."
     )

@@ -182,6 +182,8 @@ def training_tokens(profile: Profile, cfg: RouteConfig, stage: str) -> float:
         return float(d.unlabeled_tokens)
     if stage == "sft":
         return float(labeled_tokens(profile, cfg))
+    if stage == "kto":
+        return 2.0 * d.feedback_examples * cfg.tokens_per_example  # the answer and a mismatched one
     return 2.0 * d.preference_pairs * cfg.tokens_per_example  # dpo: chosen and rejected answers
 
 
@@ -200,6 +202,6 @@ def estimate_hours(profile: Profile, cfg: RouteConfig, stages: list[str], method
     for stage in stages:
         k = 6.0 if method == "full" else 4.0
         k += 2.0 if gradient_checkpointing else 0.0
-        k += 2.0 if stage == "dpo" else 0.0
+        k += 2.0 if stage in ("dpo", "kto") else 0.0
         flops += k * p * training_tokens(profile, cfg, stage)
     return flops * cfg.epochs / (gpus * cfg.gpu_tflops * 1e12) / 3600

@@ -96,10 +96,12 @@ def apply_force(profile: Profile, cfg: RouteConfig, facts: rules.Facts, memory: 
         draft.warn(f"forced pretraining with {method}: pretraining from scratch must train every weight (method full)")
     if "cpt" in stages and method != "full":
         draft.warn(rules.PEFT_CPT_WARNING.format(method=method))
-    empty = {"pretrain": facts.unlabeled, "cpt": facts.unlabeled, "sft": facts.labeled, "dpo": facts.pairs}
+    empty = {"pretrain": facts.unlabeled, "cpt": facts.unlabeled, "sft": facts.labeled, "dpo": facts.pairs,
+             "kto": facts.feedback}
+    what = {"dpo": "preference pairs", "kto": "feedback examples", "sft": "labelled examples"}
     for stage in stages:
         if not empty[stage]:
-            draft.warn(f"forced stage {stage} has no data in this profile (0 {'preference pairs' if stage == 'dpo' else 'labelled examples' if stage == 'sft' else 'unlabelled tokens'})")
+            draft.warn(f"forced stage {stage} has no data in this profile (0 {what.get(stage, 'unlabelled tokens')})")
     draft.stages, draft.method, draft.start_from = stages, method, start
 
 

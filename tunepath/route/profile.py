@@ -3,7 +3,7 @@
 The route stage builds it from the tokenize stage's stats, the detected GPUs and params; `tunepath route
 --profile FILE` reads it from YAML or JSON:
 
-    data:      {labeled_examples: 400, unlabeled_tokens: 40000, preference_pairs: 200}
+    data:      {labeled_examples: 400, unlabeled_tokens: 40000, preference_pairs: 200, feedback_examples: 0}
     resources: {gpus: 1, gpu_memory_gb: 24, time_budget_hours: 12}
     model:     {params_b: 7, has_chat_variant: true}
     intent:    {goal: auto, strict_grounding: false, style_required: false}
@@ -28,6 +28,7 @@ class DataProfile(Strict):
     labeled_examples: int = Field(..., ge=0, description="Labelled (SFT) conversations.")
     unlabeled_tokens: int = Field(..., ge=0, description="Tokens of raw domain text.")
     preference_pairs: int = Field(..., ge=0, description="Chosen/rejected answer pairs.")
+    feedback_examples: int = Field(0, ge=0, description="Unpaired feedback: answers labelled desirable or undesirable (KTO).")
     labeled_tokens: int | None = Field(
         None, ge=0, description="Tokens in the labelled conversations; None: labeled_examples × route.tokens_per_example."
     )

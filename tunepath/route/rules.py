@@ -71,6 +71,8 @@ class Facts:
     unlabeled_ratio: float
     much_unlabeled: bool
     enough_pairs: bool
+    feedback: int = 0
+    enough_feedback: bool = False
 
     @classmethod
     def of(cls, profile: Profile, cfg: RouteConfig) -> "Facts":
@@ -90,6 +92,8 @@ class Facts:
             unlabeled_ratio=ratio,
             much_unlabeled=enough_unlabeled and ratio >= cfg.cpt_min_ratio,
             enough_pairs=d.preference_pairs >= cfg.dpo_min_pairs,
+            feedback=d.feedback_examples,
+            enough_feedback=d.feedback_examples >= cfg.kto_min_examples,
         )
 
     def labeled_tokens_text(self) -> str:
@@ -260,8 +264,12 @@ def choose_stages(profile: Profile, cfg: RouteConfig, goal: str | None, auto: bo
 
 
 def plan_alignment(profile: Profile, cfg: RouteConfig, f: Facts, stages: list[str], draft: Draft) -> None:
-    """Scenario 5: SFT then DPO on preference pairs; without pairs, SFT and a recommendation to collect them."""
+    """Scenario 5: SFT then DPO on preference pairs; with only unpaired feedback, SFT then KTO; without either,
+    SFT and a recommendation to collect pairs."""
     has_chat = profile.model.has_chat_variant
+    if not f.enough_pairs and f.enough_feedback:
+        plan_feedback(f, cfg, stages, has_chat, draft)
+        return
     if not f.enough_pairs:
         draft.fire(
             "S5-no-pairs", 5,
@@ -281,6 +289,24 @@ def plan_alignment(profile: Profile, cfg: RouteConfig, f: Facts, stages: list[st
         )
     else:
         draft.warn("DPO skipped: it needs a model that already follows instructions (an SFT stage or a chat variant), and this plan has neither")
+
+
+def plan_feedback(f: Facts, cfg: RouteConfig, stages: list[str], has_chat: bool, draft: Draft) -> None:
+    """Scenario 5 with unpaired feedback only (answers labelled good or bad, no pairs): KTO instead of DPO."""
+    pairs = f"{num(f.pairs)} preference pairs < {num(cfg.dpo_min_pairs)} (dpo_min_pairs)"
+    feedback = f"{num(f.feedback)} feedback examples ≥ {num(cfg.kto_min_examples)} (kto_min_examples)"
+    if "sft" in stages:
+        stages.append("kto")
+        draft.fire("S5-kto", 5, f"style required, {pairs} but {feedback}: SFT then KTO (binary feedback, no pairs needed)")
+    elif has_chat and "cpt" not in stages:
+        stages.append("kto")
+        draft.fire(
+            "S5-kto", 5,
+            f"style required, {pairs} but {feedback}, and {num(f.labeled)} labelled examples < {num(cfg.sft_min_examples)}: "
+            "KTO directly on the chat variant (it already follows instructions)",
+        )
+    else:
+        draft.warn("KTO skipped: it needs a model that already follows instructions (an SFT stage or a chat variant), and this plan has neither")
 
 
 # --- scenario 6 and the memory estimate: method -----------------------------------------------------------
@@ -388,7 +414,7 @@ def choose_start(profile: Profile, cfg: RouteConfig, f: Facts, stages: list[str]
         draft.fire("start", 3, f"{num(f.labeled)} labelled examples < {num(cfg.base_min_examples)} (base_min_examples) but no chat variant: start from the base model")
         draft.warn("little labelled data and no chat variant: SFT starts from the base model; set model.chat_variant to start from an instruct model")
         return "base"
-    if first == "dpo":
-        draft.fire("start", 5, "DPO without SFT starts from the chat variant")
+    if first in ("dpo", "kto"):
+        draft.fire("start", 5, f"{first.upper()} without SFT starts from the chat variant")
         return "chat" if has_chat else "base"
     return "chat" if has_chat else "base"

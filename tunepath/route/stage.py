@@ -42,6 +42,7 @@ def run_route(
     profile = Profile.model_validate({
         "data": {
             **{k: stats[k] for k in STATS_KEYS},
+            "feedback_examples": stats.get("feedback_examples", 0),  # stats written before KTO lack it
             "labeled_tokens": labeled_tokens(stats),
         },
         "resources": {"gpus": gpus, "gpu_memory_gb": memory_gb, "time_budget_hours": cfg.time_budget_hours},
@@ -75,7 +76,7 @@ def read_stats(path: Path) -> dict:
     missing = [k for k in STATS_KEYS if k not in stats]
     if missing:
         raise ValueError(f"{path}: missing key(s) {missing} (the route stage needs {list(STATS_KEYS)}); re-run the tokenize stage")
-    for key in (k for k in STATS_KEYS + ("labeled_tokens",) if k in stats):
+    for key in (k for k in STATS_KEYS + ("labeled_tokens", "feedback_examples") if k in stats):
         value = stats[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{path}: {key} must be a non-negative integer, got {value!r}")

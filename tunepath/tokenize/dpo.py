@@ -26,8 +26,9 @@ COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "prompt", "chosen", "reje
 def dpo_batch(batch: dict, plan: EncodePlan):
     encoder = encoder_for(plan)
     prompts = batch["prompt"]
-    chosen = encoder.encode([p + c for p, c in zip(prompts, batch["chosen"])], with_text=True)
-    rejected = encoder.encode([p + r for p, r in zip(prompts, batch["rejected"])], with_text=True)
+    tools = batch.get("tools")
+    chosen = encoder.encode([p + c for p, c in zip(prompts, batch["chosen"])], tools, with_text=True)
+    rejected = encoder.encode([p + r for p, r in zip(prompts, batch["rejected"])], tools, with_text=True)
     out: dict[str, list] = {name: [] for name in COLUMNS}
     for c, r in zip(chosen, rejected):
         row = _pair(c, r, plan)

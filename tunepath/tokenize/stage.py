@@ -28,7 +28,7 @@ from tunepath.tokenize.templates import select_template, template_hash
 
 log = logging.getLogger(__name__)
 
-FOLDERS = {"conversation": "sft", "text": "cpt", "preference": "dpo"}
+FOLDERS = {"conversation": "sft", "text": "cpt", "preference": "dpo", "feedback": "kto"}
 SPLITS = ("train", "eval")
 DROP_NAMES = tuple(name for name in STATUS_NAMES.values() if name.startswith("dropped_") and name not in ("dropped_too_long", "dropped_no_labels"))
 # Settings that change the tokenized records (the rest act after the cache: packing, blocks, parallelism).
@@ -82,6 +82,8 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
                 stats[folder][split]["drop_examples"] = _drop_examples(mapped, records, kind, split)
             elif folder == "cpt":
                 stats[folder][split] = _finish_cpt(mapped, cfg, pad_id, target, run_key)
+            elif folder == "kto":
+                stats[folder][split] = _finish_kto(mapped, cfg, target, run_key)
             else:
                 stats[folder][split] = _finish_dpo(mapped, cfg, target, run_key)
 
@@ -90,6 +92,7 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
         "labeled_tokens": stats["sft"]["train"]["tokens"],
         "unlabeled_tokens": stats["cpt"]["train"]["tokens"],
         "preference_pairs": stats["dpo"]["train"]["samples_out"],
+        "feedback_examples": stats["kto"]["train"]["samples_out"],
         "max_length": cfg.max_length,
         "template_hash": template_hash(template),
         "template_source": cfg.template,
@@ -111,7 +114,8 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
 class _Records:
     """records.jsonl as Arrow, read (by pyarrow's multithreaded JSON reader) only when some split is not cached."""
 
-    COLUMNS = {"conversation": ("messages", "tools", "source"), "text": ("text",), "preference": ("prompt", "chosen", "rejected", "tools")}
+    COLUMNS = {"conversation": ("messages", "tools", "source"), "text": ("text",), "preference": ("prompt", "chosen", "rejected", "tools"),
+               "feedback": ("messages", "label", "tools")}
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -134,11 +138,11 @@ class _Records:
                 ("role", pa.string()), ("content", pa.string()), ("reasoning", pa.string()),
                 ("tool_calls", pa.list_(call)), ("tool_call_id", pa.string()), ("name", pa.string()),
             ]))
-            source = pa.struct([("file", pa.string()), ("line", pa.int64())])
+            source = pa.struct([("file", pa.string()), ("line", pa.int64()), ("chunk", pa.int64())])
             schema = pa.schema(
                 [("id", pa.string()), ("kind", pa.string()), ("split", pa.string()), ("source", source),
                  ("messages", messages), ("tools", pa.string()), ("text", pa.string()),
-                 ("prompt", messages), ("chosen", messages), ("rejected", messages)]
+                 ("prompt", messages), ("chosen", messages), ("rejected", messages), ("label", pa.bool_())]
             )
             options = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
             try:
@@ -164,11 +168,13 @@ def _tokenized(kind: str, split: str, records: _Records, plan: EncodePlan, cfg: 
         (cache / "empty").touch()
         return None, False
     from tunepath.tokenize.dpo import dpo_batch
+    from tunepath.tokenize.kto import kto_batch
 
     function, kwargs = {
         "conversation": (sft_batch, {"plan": plan, "with_prompt": split == "eval"}),
         "text": (cpt_batch, {"plan": plan}),
         "preference": (dpo_batch, {"plan": plan}),
+        "feedback": (kto_batch, {"plan": plan}),
     }[kind]
     source = Dataset(InMemoryTable(rows), fingerprint=cache.name + "-records")  # no hashing of the whole table
     mapped = source.map(
@@ -337,6 +343,29 @@ def _finish_dpo(mapped, cfg: TokenizeConfig, target: Path, run_key: str) -> dict
     )
     _save(pairs, target, stats, run_key)
     return {**_zero_stats(), **stats}
+
+
+def _finish_kto(mapped, cfg: TokenizeConfig, target: Path, run_key: str) -> dict:
+    """Unpaired feedback (KTO): kept examples with their label; desirable ones are counted apart."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if mapped is None:
+        return {**_zero_stats(), "desirable": 0}
+    table = mapped.data.table
+    stats, kept = _status_stats(table)
+    rows = table.select(["prompt_ids", "completion_ids", "label", "prompt", "completion"]).take(pa.array(kept))
+
+    def total(name):
+        return int(pc.list_value_length(rows[name]).to_numpy(zero_copy_only=False).astype(np.int64).sum()) if len(kept) else 0
+
+    prompt, completion = total("prompt_ids"), total("completion_ids")
+    share = padding_share(prompt + completion, len(kept), cfg.max_length)
+    stats.update(tokens=prompt + completion, label_tokens=completion, padding_share_unpacked=share,
+                 padding_share_packed=share, rows=len(kept))
+    _save(rows, target, stats, run_key)
+    return {**_zero_stats(), **stats, "desirable": int(pc.sum(rows["label"]).as_py() or 0) if len(kept) else 0}
 
 
 def _save(table, target: Path, stats: dict, run_key: str) -> None:

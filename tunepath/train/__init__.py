@@ -37,6 +37,11 @@ class TrainConfig(Strict):
         "new vocabulary or style); the adapter then holds copies of both, which costs memory and disk.",
     )
     dpo_beta: float = Field(0.1, gt=0, description="DPO: how strongly the policy is held to the reference (the model before DPO); lower lets it drift further.")
+    kto_beta: float = Field(0.1, gt=0, description="KTO: how strongly the policy is held to the reference (the model before KTO); lower lets it drift further.")
+    kto_desirable_weight: float = Field(
+        1.0, gt=0, description="KTO: loss weight of desirable answers; raise it when they are the rarer kind (trl: aim for weight × count about equal)."
+    )
+    kto_undesirable_weight: float = Field(1.0, gt=0, description="KTO: loss weight of undesirable answers.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, about 30% slower.")
     micro_batch_tokens: int = Field(
         8192, ge=0, description="Split each batch into micro-batches of at most this many tokens (rows x max_length) and "

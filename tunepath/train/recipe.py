@@ -3,7 +3,8 @@
 trl's SFTTrainer is not used for pretraining, CPT or SFT: the tokenize stage already rendered, masked and
 packed the data, and trl 1.15's SFTTrainer cannot train on a CPU-only torch (its fused loss needs Triton).
 Plain Trainer on pre-tokenized rows behaves the same on CPU and GPU, and under unsloth. DPO is a Trainer
-with DPO's loss (`tunepath.train.dpo`, which says why trl's DPOTrainer is not used either).
+with DPO's loss (`tunepath.train.dpo`, which says why trl's DPOTrainer is not used either); KTO likewise
+(`tunepath.train.kto`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from tunepath.train import checkpoints, tracking
 log = logging.getLogger(__name__)
 
 # plan stage -> tokenized data folder; pretraining from scratch learns from the same raw-text blocks as CPT
-DATA_FOLDERS = {"pretrain": "cpt", "cpt": "cpt", "sft": "sft", "dpo": "dpo"}
+DATA_FOLDERS = {"pretrain": "cpt", "cpt": "cpt", "sft": "sft", "dpo": "dpo", "kto": "kto"}
 METHODS = ("full", "lora", "qlora")
 ADAPTER_METHODS = ("lora", "qlora")
 
@@ -208,8 +209,8 @@ def train_stage(model, stage: str, position: tuple[int, int], tokenize_dir: Path
             checkpoints.prune(stage_dir, cfg.checkpoint_limit)
         dist.wait_for_everyone()
         resume = checkpoints.last_complete(stage_dir)
-    # a DPO row is a pair: prompt + chosen and prompt + rejected
-    args = build_args(cfg, stage_dir, precision, row_tokens=max_length * (2 if stage == "dpo" else 1))
+    # a DPO row is a pair: prompt + chosen and prompt + rejected; a KTO row is prompt + answer and + a mismatched answer
+    args = build_args(cfg, stage_dir, precision, row_tokens=max_length * (2 if stage in ("dpo", "kto") else 1))
     if args.per_device_train_batch_size != cfg.batch_size:
         log.info("%s: batches of %d rows run as %d micro-batches of %d rows (train.micro_batch_tokens %d)", stage,
                  cfg.batch_size, args.gradient_accumulation_steps // cfg.grad_accum, args.per_device_train_batch_size,
@@ -218,6 +219,11 @@ def train_stage(model, stage: str, position: tuple[int, int], tokenize_dir: Path
         from tunepath.train import dpo
 
         trainer = dpo.build_trainer(model, args, train_set, tokenizer, cfg.dpo_beta, precision, callbacks)
+    elif stage == "kto":
+        from tunepath.train import kto
+
+        trainer = kto.build_trainer(model, args, train_set, tokenizer, cfg.kto_beta, cfg.kto_desirable_weight,
+                                    cfg.kto_undesirable_weight, precision, callbacks)
     else:
         trainer = Trainer(model=model, args=args, train_dataset=train_set, data_collator=collator,
                           processing_class=tokenizer, callbacks=callbacks)

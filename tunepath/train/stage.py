@@ -5,7 +5,8 @@
                         Path("artifacts/train"), tracking_uri="sqlite:///.../mlflow.db")
 
 The RoutePlan's stages run in order on ONE model object, each starting from the previous one's weights:
-pretrain/CPT/SFT with the causal-LM loss on the tokenized rows, DPO with its own loss (`dpo.py`). With LoRA
+pretrain/CPT/SFT with the causal-LM loss on the tokenized rows, DPO and KTO with their own losses (`dpo.py`,
+`kto.py`). With LoRA
 one adapter keeps training through all plan stages, so the result is always one adapter on `start_model`,
 which is what merge and evaluate load (no merged intermediate is written). DPO's reference is the model when
 the DPO stage starts (after SFT), its log-probs computed before the first DPO step; see `dpo.py`. Pretraining

@@ -98,7 +98,7 @@ def step_callback(stage: str, index: int, count: int, step_offset: int, sink: Ml
                    "max_steps": state.max_steps, "stage_index": index, "stages": count, "tokens_per_second": tps,
                    **{k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}}
             if sink is not None:
-                sink.log({k: row.get(k) for k in TRACKED + tuple(k for k in logs if k.startswith("dpo_"))}, row["global_step"])
+                sink.log({k: row.get(k) for k in TRACKED + tuple(k for k in logs if k.startswith(("dpo_", "kto_")))}, row["global_step"])
             if on_progress is not None:
                 try:
                     on_progress(row)

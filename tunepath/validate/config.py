@@ -8,12 +8,12 @@ from pydantic import Field, field_validator, model_validator
 
 from tunepath.strict import Strict
 
-FormatName = Literal["auto", "text", "alpaca", "sharegpt", "openai", "preference"]
+FormatName = Literal["auto", "text", "alpaca", "sharegpt", "openai", "preference", "feedback"]
 
 # Canonical field names that `field_map` may rename (keys: our name, values: the name in the user's data).
 MAPPABLE_FIELDS = (
     "text", "instruction", "input", "output", "system", "history", "conversations", "messages",
-    "role", "content", "from", "value", "prompt", "chosen", "rejected",
+    "role", "content", "from", "value", "prompt", "chosen", "rejected", "label", "kto_tag", "tools",
 )
 
 DEFAULT_CONTROL_TOKENS = [
@@ -52,11 +52,29 @@ class ValidateConfig(Strict):
         default_factory=dict,
         description="Rename fields: canonical name (e.g. 'instruction', 'messages', 'content') -> name in your data.",
     )
-    role_map: dict[str, Literal["system", "user", "assistant"]] = Field(
-        default_factory=dict, description="Extra role names -> canonical role (human/gpt/bot/... are built in)."
+    role_map: dict[str, Literal["system", "user", "assistant", "tool", "function_call"]] = Field(
+        default_factory=dict,
+        description="Extra role names -> canonical role (human/gpt/bot/observation/function_call/... are built in).",
     )
-    text_split: Literal["blank_line", "file"] = Field(
-        "blank_line", description="Plain-text files: one document per blank-line-separated block, or per file."
+    text_split: Literal["blank_line", "line", "file"] = Field(
+        "blank_line", description="Plain-text files: one document per blank-line-separated block, per line, or per file."
+    )
+    long_text: Literal["chunk", "reject"] = Field(
+        "chunk",
+        description="Documents over text_chars.max: cut into pieces of at most that many characters (at a blank line, "
+        "line break or space) for CPT, or reject them as too_long.",
+    )
+    placeholders: dict[str, str] = Field(
+        default_factory=dict,
+        description="Template placeholders to fill in every content, e.g. {name: Ada} turns '{{name}}' into 'Ada'.",
+    )
+    placeholder_policy: Literal["warn", "reject"] = Field(
+        "warn", description="Content still holding a {{...}} placeholder after filling: accept and report it, or reject the row."
+    )
+    read_dataset_info: bool = Field(
+        True,
+        description="Use a LLaMA-Factory dataset_info.json in the raw folder (formatting, ranking, columns, tags per "
+        "file) instead of detecting those files' formats.",
     )
     eval_share: float = Field(
         0.05, ge=0.0, le=0.5, description="Share of records held out for evaluation (by record-id hash, stable)."

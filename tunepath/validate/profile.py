@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from tunepath.records import KINDS
+
 # Han, Hiragana/Katakana, Hangul and their compatibility blocks: enough for a rough "is this CJK data" signal
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff66-\uff9f]")
 _CYRILLIC = re.compile(r"[\u0400-\u04ff]")
@@ -16,7 +18,7 @@ def _contents(record: dict) -> Iterable[str]:
     if record["kind"] == "text":
         yield record["text"]
     else:
-        for part in ("messages",) if record["kind"] == "conversation" else ("prompt", "chosen", "rejected"):
+        for part in ("prompt", "chosen", "rejected") if record["kind"] == "preference" else ("messages",):
             for m in record[part]:
                 yield m["content"]
 
@@ -32,9 +34,9 @@ def _stats(values: list[int]) -> dict:
 
 def build_profile(records: Iterable[dict]) -> dict:
     """Counts per kind and split, characters, per-kind length stats (characters) and the share of CJK text."""
-    lengths: dict[str, list[int]] = {"conversation": [], "text": [], "preference": []}
-    splits = {"train": {"conversation": 0, "text": 0, "preference": 0}, "eval": {"conversation": 0, "text": 0, "preference": 0}}
-    turns = assistant_turns = 0
+    lengths: dict[str, list[int]] = {kind: [] for kind in KINDS}
+    splits = {split: {kind: 0 for kind in KINDS} for split in ("train", "eval")}
+    turns = assistant_turns = tool_calls = desirable = 0
     cjk = cyrillic = arabic = non_ascii = 0
     for record in records:
         kind = record["kind"]
@@ -51,6 +53,9 @@ def build_profile(records: Iterable[dict]) -> dict:
         if kind == "conversation":
             turns += len(record["messages"])
             assistant_turns += sum(1 for m in record["messages"] if m["role"] == "assistant")
+            tool_calls += sum(len(m.get("tool_calls", ())) for m in record["messages"] if len(m) > 2)
+        elif kind == "feedback":
+            desirable += record["label"] is True
     characters = {kind: sum(v) for kind, v in lengths.items()}
     all_chars = sum(characters.values()) or 1
     return {
@@ -59,6 +64,9 @@ def build_profile(records: Iterable[dict]) -> dict:
         "assistant_turns": assistant_turns,
         "documents": len(lengths["text"]),
         "preference_pairs": len(lengths["preference"]),
+        "feedback_examples": len(lengths["feedback"]),
+        "feedback_desirable": desirable,
+        "tool_calls": tool_calls,
         "characters": characters,
         "cjk_share": round(cjk / all_chars, 4),
         "scripts": {"cjk": round(cjk / all_chars, 4), "cyrillic": round(cyrillic / all_chars, 4),

@@ -40,12 +40,16 @@ class FileListing:
     skipped: list[Path]
 
 
+DATASET_INFO = "dataset_info.json"
+
+
 def list_data_files(raw_dir: Path) -> FileListing:
-    """Data files under raw_dir, recursively and sorted; hidden files/folders and DVC pointer files are ignored."""
+    """Data files under raw_dir, recursively and sorted; hidden files/folders, DVC pointer files and LLaMA-Factory's
+    dataset_info.json (a description of the other files, read by `dataset_info`) are ignored."""
     files, skipped = [], []
     for path in sorted(p for p in raw_dir.rglob("*") if p.is_file()):
         rel = path.relative_to(raw_dir)
-        if any(part.startswith(".") for part in rel.parts) or path.suffix == ".dvc":
+        if any(part.startswith(".") for part in rel.parts) or path.suffix == ".dvc" or path.name == DATASET_INFO:
             continue
         (files if path.suffix.lower() in DATA_SUFFIXES else skipped).append(path)
     return FileListing(files, skipped)
@@ -273,6 +277,8 @@ def _read_text(text: str, display: str, text_split: str) -> Iterator[RawRow]:
     text = text.replace("\r\n", "\n")
     if text_split == "file":
         blocks = [(1, text)] if text.strip() else []
+    elif text_split == "line":
+        blocks = list(enumerate(text.split("\n"), 1))
     else:
         blocks, line, pos = [], 1, 0
         for m in _BLANK_LINE.finditer(text):

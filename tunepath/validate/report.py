@@ -13,9 +13,12 @@ class FileTally:
     rejected: int = 0
     reasons: Counter = field(default_factory=Counter)
     formats: Counter = field(default_factory=Counter)
+    detection: str = "per row"  # how the format was chosen: per row, a param, or dataset_info.json
 
     def as_dict(self) -> dict:
         return {"read": self.read, "accepted": self.accepted, "rejected": self.rejected,
+                "accepted_share": round(self.accepted / self.read, 4) if self.read else 0.0,
+                "detection": self.detection,
                 "reasons": dict(self.reasons.most_common()), "formats": dict(self.formats.most_common())}
 
 
@@ -61,13 +64,17 @@ def render_markdown(report: dict) -> str:
         "",
         "Accepted: " + ", ".join(f"{k['accepted']} {name}" for name, k in report["kinds"].items()) + ".",
         "",
-        "| file | formats | read | accepted | rejected | reasons |",
-        "|---|---|---:|---:|---:|---|",
+        "Per file: the format detected (by row, a param or dataset_info.json), rows, and the top reasons of rejects.",
+        "",
+        "| file | format | detected by | read | accepted | rejected | top reasons |",
+        "|---|---|---|---:|---:|---:|---|",
     ]
     for name, f in report["files"].items():
         formats = ", ".join(f"{k} {v}" for k, v in f["formats"].items()) or "-"
-        reasons = ", ".join(f"{k} {v}" for k, v in f["reasons"].items()) or "-"
-        lines.append(f"| {_cell(name)} | {formats} | {f['read']} | {f['accepted']} | {f['rejected']} | {_cell(reasons)} |")
+        reasons = ", ".join(f"{k} {v}" for k, v in list(f["reasons"].items())[:3]) or "-"
+        share = f" ({f['accepted'] / f['read']:.0%})" if f["read"] else ""
+        lines.append(f"| {_cell(name)} | {_cell(formats)} | {_cell(f.get('detection', '-'))} | {f['read']} | "
+                     f"{f['accepted']}{share} | {f['rejected']} | {_cell(reasons)} |")
     if report["reasons"]:
         lines += ["", "| reason | rows |", "|---|---:|"]
         lines += [f"| {code} | {n} |" for code, n in report["reasons"].items()]
@@ -82,6 +89,13 @@ def render_markdown(report: dict) -> str:
     if ct["rows"]:
         lines += ["", f"Control-token text found in {ct['rows']} rows (policy: {ct['policy']}): "
                   + ", ".join(f"`{k}` {v}" for k, v in ct["by_token"].items())]
+    ph = report.get("placeholders") or {}
+    if ph.get("rows"):
+        lines += ["", f"Template placeholders left in {ph['rows']} rows (policy: {ph['policy']}; fill them with "
+                  "validate.placeholders): " + ", ".join(f"`{{{{{k}}}}}` {v}" for k, v in ph["by_name"].items())]
+    chunked = report.get("chunked") or {}
+    if chunked.get("documents"):
+        lines += ["", f"Long documents: {chunked['documents']} cut into {chunked['pieces']} pieces; rule: {chunked['rule']}."]
     if report["warnings"]:
         lines += ["", "Warnings:"] + [f"- {_cell(w)}" for w in report["warnings"]]
     lines += ["", "Every rejected row is in `rejects.jsonl` with its file, line, raw text and all its reasons."]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
@@ -33,9 +34,10 @@ class Item:
     duplicate_of: str | None = None
     reasons: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    placeholders: Counter | None = None
 
 
-_ROLE_CODES = {"system": b"S", "user": b"U", "assistant": b"A"}
+_ROLE_CODES = {"system": b"S", "user": b"U", "assistant": b"A", "tool": b"T"}
 
 
 def record_id(kind: str, fields: dict) -> str:
@@ -51,6 +53,9 @@ def record_id(kind: str, fields: dict) -> str:
             h.update(b"%d:" % len(b))
             h.update(b)
             continue
+        if not isinstance(value, list):  # a feedback label
+            h.update(b"T" if value is True else b"F" if value is False else b"?" + repr(value).encode())
+            continue
         for m in value:
             role, b = m["role"], m["content"].encode("utf-8")
             code = _ROLE_CODES.get(role)
@@ -59,6 +64,11 @@ def record_id(kind: str, fields: dict) -> str:
                 code = b"?%d:%s" % (len(r), r)
             h.update(b"%s%d:" % (code, len(b)))
             h.update(b)
+            if len(m) > 2:  # reasoning, tool calls, tool-result ids: plain messages hash as they always did
+                extra = json.dumps({k: v for k, v in m.items() if k not in ("role", "content")},
+                                   ensure_ascii=False).encode("utf-8", errors="surrogatepass")
+                h.update(b"+%d:" % len(extra))
+                h.update(extra)
     return h.hexdigest()[:16]
 
 
@@ -80,7 +90,7 @@ def run_validate(cfg: ValidateConfig, raw_dir: Path, out_dir: Path) -> dict:
     from tunepath.validate.split import assign_splits
 
     splits = assign_splits([(item.id, item.kind) for item in accepted], cfg.eval_share, cfg.seed)
-    records = [_record(item, split) for item, split in zip(accepted, splits)]
+    records, chunked = _records(accepted, splits, cfg)
     from tunepath.validate.profile import build_profile
 
     profile = build_profile(records)
@@ -90,9 +100,16 @@ def run_validate(cfg: ValidateConfig, raw_dir: Path, out_dir: Path) -> dict:
     if control["rows"]:
         warnings.append(f"{control['rows']} rows contain chat-template control text (policy {cfg.control_token_policy}); "
                         "tokenization treats it as plain text")
+    placeholders = _placeholder_summary(items, cfg)
+    if placeholders["rows"]:
+        warnings.append(f"{placeholders['rows']} rows hold template placeholders "
+                        f"({', '.join('{{' + k + '}}' for k in placeholders['by_name'])}; policy {cfg.placeholder_policy}); "
+                        "fill them with validate.placeholders")
+    if chunked["documents"]:
+        warnings.append(f"{chunked['documents']} long documents were cut into {chunked['pieces']} pieces for CPT: {chunked['rule']}")
     clock.lap("split_profile")
 
-    kinds = {kind: {"accepted": sum(1 for r in records if r["kind"] == kind),
+    kinds = {kind: {"accepted": sum(1 for i in accepted if i.kind == kind),
                     "rejected": sum(1 for i in items if i.reasons and i.kind == kind),
                     "train": profile["splits"]["train"][kind], "eval": profile["splits"]["eval"][kind]}
              for kind in KINDS}
@@ -100,6 +117,8 @@ def run_validate(cfg: ValidateConfig, raw_dir: Path, out_dir: Path) -> dict:
         files=tallies, kinds=kinds, splits={"train": splits.count("train"), "eval": splits.count("eval")},
         control_tokens=control, gx=outcome.summaries if outcome else {}, warnings=warnings,
         skipped=[p.as_posix() for p in paths.skipped], max_reject_share=cfg.max_reject_share, timings=clock.wall)
+    report["placeholders"] = placeholders
+    report["chunked"] = chunked
     report["cpu_s"] = clock.cpu
     report["config"] = cfg.model_dump()
     _write_jsonl(out_dir / "records.jsonl", records)
@@ -162,28 +181,49 @@ def _display_name(raw_dir: Path, path: Path) -> str:
 
 
 def _read_all(cfg: ValidateConfig, raw_dir: Path, files: list[Path]):
+    from tunepath.validate.dataset_info import read_dataset_info
     from tunepath.validate.formats import Normaliser
+    from tunepath.validate.placeholders import fill_placeholders
 
     normaliser = Normaliser(cfg)
+    specs, warnings = read_dataset_info(raw_dir) if cfg.read_dataset_info else ({}, [])
     items: list[Item] = []
     tallies: dict[str, FileTally] = {}
     first_seen: dict[str, str] = {}
-    warnings: list[str] = []
     for path in files:
         display = _display_name(raw_dir, path)
-        fmt = normaliser.format_for(path.relative_to(raw_dir).as_posix())
+        rel = path.relative_to(raw_dir).as_posix()
+        spec = specs.get(path)
         tally = tallies[display] = FileTally()
-        for row in read_rows(path, display, cfg.text_split):
+        file_normaliser = normaliser
+        if any(fnmatch.fnmatch(rel, pattern) for pattern in cfg.file_formats):
+            fmt, tally.detection = normaliser.format_for(rel), "validate.file_formats"
+        elif spec is not None:
+            file_normaliser = Normaliser(cfg, spec.field_map, spec.role_map)
+            fmt, tally.detection = spec.fmt, f"dataset_info.json: {spec.entry}"
+        else:
+            fmt = cfg.format
+            tally.detection = "per row" if fmt == "auto" else "validate.format"
+        text_split = spec.text_split if spec is not None and spec.text_split else cfg.text_split
+        for row in read_rows(path, display, text_split):
             tally.read += 1
             item = Item(row, reasons=row.reasons)
             items.append(item)
             if row.reasons:
                 continue
-            norm = normaliser.normalise(row, fmt)
+            norm = file_normaliser.normalise(row, fmt)
             item.fmt, item.kind = norm.fmt, norm.kind
             if norm.reasons:
                 item.reasons = norm.reasons
                 continue
+            left = fill_placeholders(norm.kind, norm.fields, cfg.placeholders)
+            if left:
+                note = (f"placeholder: {', '.join(f'{{{{{k}}}}} x{v}' for k, v in left.items())} left in the content; "
+                        "fill them with validate.placeholders")
+                (item.reasons if cfg.placeholder_policy == "reject" else item.warnings).append(note)
+                item.placeholders = left
+                if item.reasons:
+                    continue
             item.fields = norm.fields
             row.value = None  # the canonical fields replace the parsed row: halves the memory
             item.id = record_id(norm.kind, norm.fields)
@@ -222,6 +262,37 @@ def _check(cfg: ValidateConfig, items: list[Item], clock: PhaseClock):
 def _record(item: Item, split: str) -> dict:
     return {"id": item.id, "kind": item.kind, "split": split,
             "source": {"file": item.row.file, "line": item.row.line}, **item.fields}
+
+
+def _records(accepted: list[Item], splits: list[str], cfg: ValidateConfig) -> tuple[list[dict], dict]:
+    """The records to write: one per accepted row, except long documents, which give one per piece."""
+    from tunepath.validate.chunks import RULE, chunk_id, chunk_text
+
+    limit = cfg.text_chars.max
+    records, documents, pieces = [], 0, 0
+    for item, split in zip(accepted, splits):
+        if item.kind != "text" or cfg.long_text != "chunk" or len(item.fields["text"]) <= limit:
+            records.append(_record(item, split))
+            continue
+        documents += 1
+        for number, piece in enumerate(chunk_text(item.fields["text"], limit)):
+            pieces += 1
+            records.append({"id": chunk_id(item.id, number), "kind": "text", "split": split,
+                            "source": {"file": item.row.file, "line": item.row.line, "chunk": number}, "text": piece})
+    return records, {"documents": documents, "pieces": pieces, "rule": RULE.format(max=limit)}
+
+
+def _placeholder_summary(items: list[Item], cfg: ValidateConfig) -> dict:
+    by_name: Counter = Counter()
+    rows, examples = 0, []
+    for item in items:
+        if item.placeholders:
+            rows += 1
+            by_name.update(item.placeholders)
+            if len(examples) < 20:
+                examples.append({"file": item.row.file, "line": item.row.line, "names": dict(item.placeholders)})
+    return {"policy": cfg.placeholder_policy, "filled": sorted(cfg.placeholders), "rows": rows,
+            "by_name": dict(by_name.most_common()), "examples": examples}
 
 
 def _reject(item: Item) -> dict:
