@@ -61,7 +61,7 @@ class TokenizeConfig(Strict):
         description="Fail the stage when more than this share of records of one kind and split yields no sample (unrenderable, too long, no labels).",
     )
     parity_checks: int = Field(
-        16, ge=0, le=1_000_000,
+        4, ge=0, le=1_000_000,
         description="Samples per batch compared with the tokenizer's own apply_chat_template; a difference fails the stage.",
     )
     cpt_remainder: Literal["drop", "pad", "keep"] = Field(

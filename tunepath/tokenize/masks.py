@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import logging
 from dataclasses import dataclass
+from itertools import chain
 
 from tunepath.tokenize.render import ChatRenderer, added_token_pattern, guarded_tokens, parse_tools
 from tunepath.tokenize.templates import TemplateError
@@ -140,7 +141,7 @@ class ChatEncoder:
         normal = [r for r in rows if r["status"] == KEPT and not r["injected"]]
         encodings = self.backend.encode_batch([r["sample"].text for r in normal], add_special_tokens=False) if normal else []
         for row, encoding in zip(normal, encodings):
-            row["ids"], row["offsets"] = encoding.ids, encoding.offsets
+            row["ids"], row["tokens"] = encoding.ids, Tokens(encoding)
         for row in rows:
             if row["status"] == KEPT and row["injected"]:
                 self._encode_safely(row)
@@ -149,16 +150,18 @@ class ChatEncoder:
                 self._label(row)
         self._check_parity([r for r in normal if r["status"] == KEPT][: self.parity_checks], rows)
 
-        flat, learnt, lengths = [], [], []
-        for row in rows:
-            ids = row.get("ids", []) if row["status"] == KEPT else []
-            flat += ids
-            learnt += row.get("learnt", []) if ids else []
-            lengths.append(len(ids))
+        lengths = [len(r["ids"]) if r["status"] == KEPT else 0 for r in rows]
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        flat = np.fromiter(chain.from_iterable(r["ids"] for r in rows if r["status"] == KEPT), dtype=np.int32, count=int(offsets[-1]))
+        learnt = np.zeros(len(flat), dtype=bool)
+        for row, start in zip(rows, offsets):
+            if row["status"] == KEPT:
+                for a, b in row["learnt"]:
+                    learnt[start + a : start + b] = True
         batch = EncodedBatch(
-            ids=np.array(flat, dtype=np.int32),
-            learnt=np.array(learnt, dtype=bool),
-            offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            ids=flat,
+            learnt=learnt,
+            offsets=offsets,
             prompt_lens=np.array([r.get("prompt_len", 0) if r["status"] == KEPT else 0 for r in rows], dtype=np.int64),
             answer_lens=np.array([r.get("answer_len", 0) if r["status"] == KEPT else 0 for r in rows], dtype=np.int64),
             owner=np.array([r["owner"] for r in rows], dtype=np.int64),
@@ -183,7 +186,7 @@ class ChatEncoder:
         for m in messages:
             texts += [m.get("content") or "", m.get("reasoning") or "", m.get("name") or ""]
             texts += [f"{c.get('name', '')}\0{c.get('arguments', '')}" for c in m.get("tool_calls") or ()]
-        return any(self.pattern.search(t) for t in texts if t)
+        return self.pattern.search("\0".join(texts)) is not None  # no added token holds a NUL
 
     def _neutral(self, messages: list[dict], tools, samples: list) -> list[str | None]:
         """The samples rendered with every added token's text in the messages masked by private-use characters of
@@ -212,29 +215,29 @@ class ChatEncoder:
         try:
             if row["neutral"] is None:
                 raise ValueError("the chat template does not insert content holding control-token text verbatim")
-            row["ids"], row["offsets"] = self.text_encoder.encode(row["sample"].text, row["neutral"])
+            row["ids"], offsets = self.text_encoder.encode(row["sample"].text, row["neutral"])
+            row["tokens"] = Tokens(None, offsets)
         except ValueError as e:
             row["status"], row["detail"] = REASON_CODES[CONTROL_TEXT], str(e)
 
     def _label(self, row: dict) -> None:
+        """Token ranges of the learnt spans, the prompt and the last answer, from the tokens' character offsets."""
         sample = row["sample"]
-        straddled = [s for s, _ in sample.spans if not self._boundary_ok(row, _first_at(row["offsets"], s), s)]
+        straddled = [s for s, _ in sample.spans if not self._boundary_ok(row, s)]
         if straddled:
             # The prompt is tokenized as the model is given it, and the answer from there on (as trainers that
             # tokenize prompt and completion apart do): "<think>\n" + "\n</think>" would merge "\n\n" otherwise.
             if row["injected"]:
-                row["ids"], row["offsets"] = self.text_encoder.encode(sample.text, row["neutral"], straddled)
+                row["ids"], offsets = self.text_encoder.encode(sample.text, row["neutral"], straddled)
             else:
-                row["ids"], row["offsets"] = self._encode_split(sample.text, straddled)
+                row["ids"], offsets = self._encode_split(sample.text, straddled)
+            row["tokens"] = Tokens(None, offsets)
             row["split"] = True
-        ids, offsets = row["ids"], row["offsets"]
-        learnt = [False] * len(ids)
-        for s, e in sample.spans:
-            first, last = _first_at(offsets, s), _first_at(offsets, e)
-            learnt[first:last] = [True] * (last - first)
-        row["learnt"] = learnt
-        row["prompt_len"] = _first_at(offsets, sample.prompt_end)
-        row["answer_len"] = _first_at(offsets, sample.spans[-1][1]) - _first_at(offsets, sample.spans[-1][0])
+        tokens = row["tokens"]
+        row["learnt"] = [(tokens.first_at(s), tokens.first_at(e)) for s, e in sample.spans]
+        row["prompt_len"] = tokens.first_at(sample.prompt_end)
+        first, last = row["learnt"][-1]
+        row["answer_len"] = last - first
 
     def _encode_split(self, text: str, cuts: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
         """`text` tokenized in pieces cut at `cuts`; pieces after the first take no Metaspace `▁` of their own."""
@@ -260,17 +263,18 @@ class ChatEncoder:
             self._tail = Tokenizer.from_str(json.dumps(data)) if drop_first_prepend(data.get("pre_tokenizer")) else self.backend
         return self._tail
 
-    def _boundary_ok(self, row: dict, first: int, start: int) -> bool:
+    def _boundary_ok(self, row: dict, start: int) -> bool:
         """The tokens before `start` are the generation prompt's own: a token boundary at `start`, and the text
         since the last control token tokenizes alone to the same ids (earlier segments cannot differ: added tokens
         split the text before anything else runs)."""
-        ids, offsets = row["ids"], row["offsets"]
-        if first > 0 and offsets[first - 1][1] > start:
+        ids, tokens = row["ids"], row["tokens"]
+        first = tokens.first_at(start)
+        if tokens.straddles(start, first):
             return False
         if row["injected"]:
             return True  # the safe encoder split the text at the template's markup: its segments stand alone
         control = next((k for k in range(first - 1, -1, -1) if ids[k] in self.added_ids), -1)
-        cut = offsets[control][1] if control >= 0 else 0
+        cut = tokens.end_of(control) if control >= 0 else 0
         segment = row["sample"].text[cut:start]
         if cut == 0:  # no control token before the prompt's end: the whole prompt, tokenized alone
             return ids[:first] == self.backend.encode(segment, add_special_tokens=False).ids
@@ -302,9 +306,37 @@ class ChatEncoder:
                 )
 
 
-def _first_at(offsets: list[tuple[int, int]], position: int) -> int:
-    """Index of the first token starting at or after `position`."""
-    return bisect.bisect_left(offsets, position, key=_start)
+class Tokens:
+    """Where a sample's tokens sit in its text: a tokenizers Encoding (asked only at the few positions that
+    matter, no per-token Python objects) or, for pieced-together encodings, a list of (start, end) offsets."""
+
+    def __init__(self, encoding, offsets: list[tuple[int, int]] | None = None) -> None:
+        self.encoding = encoding
+        self.offsets = offsets
+        self.count = len(encoding.ids) if encoding is not None else len(offsets)
+
+    def _spans(self) -> list[tuple[int, int]]:
+        if self.offsets is None:
+            self.offsets = self.encoding.offsets
+        return self.offsets
+
+    def first_at(self, position: int) -> int:
+        """Index of the first token starting at or after `position`."""
+        if self.encoding is not None:
+            k = self.encoding.char_to_token(position)
+            if k is not None:
+                return k if self.encoding.token_to_chars(k)[0] >= position else k + 1
+        return bisect.bisect_left(self._spans(), position, key=_start)
+
+    def straddles(self, position: int, first: int | None = None) -> bool:
+        """True when a token starts before `position` and ends after it (`first`: first_at(position), if known)."""
+        k = self.first_at(position) if first is None else first
+        return k > 0 and self.end_of(k - 1) > position
+
+    def end_of(self, k: int) -> int:
+        if self.encoding is not None:
+            return self.encoding.token_to_chars(k)[1]
+        return self._spans()[k][1]
 
 
 def _start(offset: tuple[int, int]) -> int:

@@ -265,7 +265,7 @@ def split_reasoning(message: dict) -> dict:
     """An assistant message whose content opens with a `<think>...</think>` block, as its reasoning and answer
     (records validate wrote before it split them; the reasoning must reach the turn's learnt span)."""
     content = message.get("content") or ""
-    if message.get("role") != "assistant" or message.get("reasoning") or not content.lstrip().startswith("<think>"):
+    if "<think>" not in content or message.get("role") != "assistant" or message.get("reasoning") or not content.lstrip().startswith("<think>"):
         return message
     head, sep, answer = content.partition("</think>")
     if not sep:
