@@ -251,3 +251,11 @@ def test_demo_model_and_data(demo_assets, tmp_path):
         expected = [m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant"]
         assert learnt_spans(tokenizer, row["input_ids"], row["labels"]) == expected
         assert tokenizer.decode(row["input_ids"], skip_special_tokens=False) == tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def test_a_template_that_cannot_render_an_exchange_is_named(chatml_model, tmp_path):
+    refusing = "{{ raise_exception('roles must start with system') }}"
+    validate = write_records(tmp_path / "v", [{"kind": "conversation", "split": "train", "messages": CONVERSATIONS[0]}])
+    cfg = TokenizeConfig(template="custom", custom_template=refusing, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match=r"the custom chat template cannot render a user/assistant exchange \(.*roles must start with system.*set tokenize.template"):
+        run_tokenize(cfg, ModelConfig(base=str(chatml_model)), validate, tmp_path / "out")

@@ -40,7 +40,8 @@ def run_stage(name: str, cfg, ws: Workspace, on_progress=None) -> dict:
         from tunepath.validate import run_validate
 
         raw = ws.path(cfg.data.raw_dir)
-        return run_validate(cfg.validate, raw, ws.out("validate"))
+        model = ws.path(cfg.model.base)  # its tokenizer's added tokens are the control text to look for
+        return run_validate(cfg.validate, raw, ws.out("validate"), model if model.is_dir() else None)
     if name == "tokenize":
         from tunepath.tokenize import run_tokenize
 

@@ -379,10 +379,18 @@ def _masked_tools(tools, mask):
     return json.loads(mask(json.dumps(tools, ensure_ascii=False)))
 
 
-def check_encoder(encoder: ChatEncoder) -> None:
+def check_encoder(encoder: ChatEncoder, source: str = "tokenizer", model: str = "") -> None:
     """Fail early on a template that cannot render and learn a plain user/assistant exchange."""
     probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     try:
-        encoder.builder.samples(probe)
+        samples = encoder.builder.samples(probe)
     except SampleError as e:
-        raise TemplateError(f"the chat template cannot render a user/assistant exchange: {e.detail}") from e
+        samples, detail = [], e.detail
+    else:
+        detail = "it renders no assistant turn to learn"
+    if not samples:
+        whose = f"the chat template of {model!r}" if source == "tokenizer" else f"the {source} chat template"
+        raise TemplateError(
+            f"{whose} cannot render a user/assistant exchange ({detail}); set tokenize.template to chatml or llama2, "
+            "or to custom with tokenize.custom_template"
+        )

@@ -61,7 +61,7 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
         cfg.last_turn_only, model.trust_remote_code, cfg.keep_history_reasoning,
         json.dumps(cfg.template_kwargs, sort_keys=True), cfg.render_date.isoformat(), cfg.parity_checks,
     )
-    check_encoder(encoder_for(plan, tokenizer))
+    check_encoder(encoder_for(plan, tokenizer), cfg.template, model.base)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     fingerprint = _fingerprint(records_path, plan, cfg)

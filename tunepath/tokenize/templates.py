@@ -97,4 +97,7 @@ def _check_renders(template: str, tokenizer, source: str) -> None:
     try:
         tokenizer.apply_chat_template(probe, chat_template=template, tokenize=False)
     except Exception as e:  # jinja raises several unrelated exception types
-        raise TemplateError(f"the {source} chat template cannot render a user/assistant exchange: {e}") from e
+        raise TemplateError(
+            f"the {source} chat template cannot render a user/assistant exchange ({e}); set tokenize.template to chatml "
+            "or llama2, or to custom with tokenize.custom_template"
+        ) from e

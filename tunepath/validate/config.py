@@ -98,9 +98,10 @@ class ValidateConfig(Strict):
     require_final_assistant: bool = Field(
         True, description="Reject conversations whose last turn is not the assistant's (SFT learns that turn)."
     )
-    control_tokens: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_CONTROL_TOKENS),
-        description="Chat-template control strings to look for inside content.",
+    control_tokens: list[str] | None = Field(
+        None,
+        description="Chat-template control strings to look for inside content; null: every added token of model.base's "
+        "tokenizer (special or not), or a fixed ChatML/Llama-2 list when the model folder has no tokenizer files.",
     )
     control_token_policy: Literal["reject", "warn"] = Field(
         "warn", description="Content containing a control token: reject the row, or accept it and report it."
@@ -116,7 +117,7 @@ class ValidateConfig(Strict):
 
     @field_validator("control_tokens")
     @classmethod
-    def _non_empty_tokens(cls, v: list[str]) -> list[str]:
-        if any(not t for t in v):
+    def _non_empty_tokens(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and any(not t for t in v):
             raise ValueError("control_tokens must not contain an empty string (it would match every row)")
         return v

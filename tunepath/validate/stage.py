@@ -72,12 +72,20 @@ def record_id(kind: str, fields: dict) -> str:
     return h.hexdigest()[:16]
 
 
-def run_validate(cfg: ValidateConfig, raw_dir: Path, out_dir: Path) -> dict:
+def run_validate(cfg: ValidateConfig, raw_dir: Path, out_dir: Path, model_dir: str | Path | None = None) -> dict:
     """Validate every data file under raw_dir and write records, rejects, report and profile into out_dir.
 
-    Raises DataValidationError when raw_dir has no data, no row is usable, or the rejected share exceeds
-    `cfg.max_reject_share` (the outputs are written first, so rejects.jsonl can be inspected).
+    `model_dir` (the base model's folder) gives the control text to look for: its tokenizer's added tokens,
+    unless `cfg.control_tokens` lists them. Raises DataValidationError when raw_dir has no data, no row is
+    usable, or the rejected share exceeds `cfg.max_reject_share` (the outputs are written first, so
+    rejects.jsonl can be inspected).
     """
+    from tunepath.validate.config import DEFAULT_CONTROL_TOKENS
+    from tunepath.validate.control import tokenizer_control_strings
+
+    if cfg.control_tokens is None:
+        tokens = tokenizer_control_strings(model_dir) or list(DEFAULT_CONTROL_TOKENS)
+        cfg = cfg.model_copy(update={"control_tokens": tokens})
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     clock = PhaseClock()
     _prepare_out_dir(out_dir, raw_dir)  # first: a failed run must not leave the last run's outputs behind
