@@ -65,6 +65,18 @@ def make_project(dest: Path, assets: Path) -> Path:
     return dest
 
 
+def run_stages(root: Path, config: dict) -> dict:
+    """Every stage's core function in order (no Prefect, no DVC) on the project at `root`, with `config` as
+    params; returns each stage's summary."""
+    from tunepath.config import STAGES
+    from tunepath.params import build_config
+    from tunepath.stages import Workspace, default_tracking_uri, run_stage
+
+    cfg = build_config(config, "test")
+    ws = Workspace(root, default_tracking_uri(root))
+    return {stage: run_stage(stage, cfg, ws) for stage in STAGES}
+
+
 @pytest.fixture
 def project(tmp_path, demo_assets) -> Path:
     return make_project(tmp_path / "project", demo_assets)

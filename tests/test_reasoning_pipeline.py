@@ -8,6 +8,8 @@ import json
 
 import pytest
 
+from tests.conftest import run_stages
+
 pytestmark = pytest.mark.slow  # about three minutes on 2 cores: a 151,665-token vocabulary on the CPU
 
 from tests.corpus.templates.load import build_tiny_model
@@ -23,14 +25,11 @@ ROWS = [
 
 @pytest.fixture(scope="module")
 def r1_run(tmp_path_factory):
-    from tunepath.params import build_config
-    from tunepath.stages import Workspace, default_tracking_uri, run_stage
-
     root = tmp_path_factory.mktemp("r1-project")
     build_tiny_model("deepseek-r1-distill-qwen", root / "models" / "r1")
     (root / "data" / "raw").mkdir(parents=True)
     (root / "data" / "raw" / "reasoning.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
-    cfg = build_config({
+    results = run_stages(root, {
         "model": {"base": "models/r1"},
         "tokenize": {"max_length": 128},
         "route": {"force_stages": ["sft"]},  # 60 examples: fewer than the rules ask for before SFT
@@ -38,9 +37,7 @@ def r1_run(tmp_path_factory):
         "train": {"max_steps": 30, "learning_rate": 0.01, "batch_size": 8},
         "evaluate": {"samples": 2, "max_new_tokens": 8, "min_stop_share": 0.0, "max_degenerate_share": 1.0},
         "register": {"model_name": "r1-test"},
-    }, "test")
-    ws = Workspace(root, default_tracking_uri(root))
-    results = {stage: run_stage(stage, cfg, ws) for stage in ("validate", "tokenize", "route", "train", "evaluate", "merge", "register")}
+    })
     return root, results
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import run_stages
+
 pytestmark = pytest.mark.slow  # every stage, on 42 conversations of up to 1,024 tokens
 
 CORPUS = Path(__file__).parent / "corpus" / "data" / "llamafactory"
@@ -17,15 +19,12 @@ CORPUS = Path(__file__).parent / "corpus" / "data" / "llamafactory"
 
 @pytest.fixture(scope="module")
 def tool_run(tmp_path_factory, demo_assets):
-    from tunepath.params import build_config
-    from tunepath.stages import Workspace, default_tracking_uri, run_stage
-
     root = tmp_path_factory.mktemp("tool-project")
     shutil.copytree(demo_assets / "models", root / "models")
     (root / "data" / "raw").mkdir(parents=True)
     for name in ("glaive_toolcall_en_demo.json", "glaive_toolcall_zh_demo.json"):
         shutil.copy(CORPUS / name, root / "data" / "raw" / name)
-    cfg = build_config({
+    results = run_stages(root, {
         "tokenize": {"max_length": 1024},
         "validate": {"eval_share": 0.15},
         "route": {"force_stages": ["sft"]},  # 42 examples: fewer than the rules ask for before SFT
@@ -33,9 +32,7 @@ def tool_run(tmp_path_factory, demo_assets):
         "evaluate": {"samples": 2, "max_new_tokens": 8, "min_stop_share": 0.0, "max_degenerate_share": 1.0,
                      "min_ppl_improvement": 0.0},
         "register": {"model_name": "tool-test"},
-    }, "test")
-    ws = Workspace(root, default_tracking_uri(root))
-    results = {stage: run_stage(stage, cfg, ws) for stage in ("validate", "tokenize", "route", "train", "evaluate", "merge", "register")}
+    })
     return root, results
 
 
