@@ -101,6 +101,7 @@ def test_the_version_carries_metrics_with_intervals_and_the_run_the_per_sample_t
     run = client.get_run(version.run_id)
     assert {"tuned_rouge_l", "tuned_rouge_l_low", "tuned_rouge_l_high", "perplexity_diff_low"} <= set(run.data.metrics)
     mlflow.set_tracking_uri(tracking_uri(root))
+    mlflow.set_experiment(experiment_id=run.info.experiment_id)  # load_table searches the active experiment
     table = mlflow.load_table("evaluate/samples_table.json", run_ids=[version.run_id])
     assert len(table) == 4 and {"prompt", "reference", "base", "tuned", "tuned_rouge_l", "base_chrf"} <= set(table.columns)
 
