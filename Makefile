@@ -25,7 +25,7 @@ demo: install  ## build the demo model and data when missing; track the data wit
 	tunepath demo
 
 run: demo  ## the whole pipeline on the demo (pass ARGS="--set train.max_steps=20" to override params)
-	@start=$$(date +%s); tunepath run $(ARGS); echo "pipeline: $$(( $$(date +%s) - start )) s"
+	@start=$$(date +%s); tunepath run $(ARGS); status=$$?; echo "pipeline: $$(( $$(date +%s) - start )) s"; exit $$status
 
 test: install  ## the fast tier: offline, CPU, the real pipeline on the tiny model
 	pytest -q
@@ -48,7 +48,7 @@ clean:  ## remove pipeline outputs (keeps the venv, data and demo model)
 # Local services (tunepath up/down/status): state, PIDs and logs in .tunepath/
 .PHONY: up down status
 up: install  ## Prefect and MLflow servers, a worker and the deployments on 127.0.0.1; prints the two URLs (ARGS="--prefect-port 0" picks free ports)
-	@start=$$(date +%s); tunepath up $(ARGS); echo "make up: $$(( $$(date +%s) - start )) s"
+	@start=$$(date +%s); tunepath up $(ARGS); status=$$?; echo "make up: $$(( $$(date +%s) - start )) s"; exit $$status
 
 down:  ## stop exactly the processes `make up` started
 	tunepath down

@@ -104,7 +104,7 @@ def publish(name: str, workspace: Workspace, summary: dict) -> None:
         from tunepath.evaluate.report import sample_table
 
         rows = [json.loads(l) for l in (out / "samples.jsonl").read_text(encoding="utf-8").splitlines() if l.strip()]
-        create_table_artifact(sample_table(rows), key="tunepath-evaluate-samples", description="tuned with/without template, base, reference")
+        create_table_artifact(sample_table(rows), key="tunepath-evaluate-samples", description="every held-out prompt: reference, base and tuned answers, ROUGE-L")
     if name in REPORTS and (out / REPORTS[name]).exists():
         create_markdown_artifact((out / REPORTS[name]).read_text(encoding="utf-8"), key=key, description=f"{name} report")
     elif name == "train":

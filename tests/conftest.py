@@ -33,7 +33,7 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("PREFECT_API_URL", None)
 
 # Small and fast for tests; the pipeline code path is the same as `make run`.
-FAST_OVERRIDES = ["evaluate.samples=4"]
+FAST_OVERRIDES = ["evaluate.benchmark_limit=20"]
 
 
 @pytest.fixture(scope="session")
@@ -55,6 +55,7 @@ def make_project(dest: Path, assets: Path) -> Path:
     for name in ("params.yaml", "dvc.yaml", ".gitignore"):
         shutil.copy(REPO / name, dest / name)
     shutil.copytree(REPO / "tunepath", dest / "tunepath", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "evals", dest / "evals")
     shutil.copytree(assets / "data", dest / "data")
     shutil.copytree(assets / "models", dest / "models")
     git = ["git", "-c", "user.email=t@example.invalid", "-c", "user.name=t"]

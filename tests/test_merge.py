@@ -112,7 +112,7 @@ def test_full_fine_tune_is_packaged_as_it_is(workspace, tmp_path):
     shutil.copytree(workspace / "models" / "noised", train / "model")  # a "fine-tune" that changed nothing
     metrics = {"backend": "hf", "method": "full", "start_model": str(workspace / "models" / "noised"), "stages": [{"stage": "sft"}]}
     (train / "metrics.json").write_text(json.dumps(metrics))
-    run_evaluate(fast_config(min_ppl_improvement=0.0).evaluate, ModelConfig(), art / "validate", art / "tokenize", train, tmp_path / "evaluate")
+    run_evaluate(fast_config(min_primary_gain=-1.0).evaluate, ModelConfig(), art / "validate", art / "tokenize", train, tmp_path / "evaluate")
     parity = run_merge(fast_config().merge, ModelConfig(), art / "tokenize", train, tmp_path / "evaluate", tmp_path / "merge")
     assert parity["passed"] and parity["method"] == "full" and parity["relative_gap"] == 0.0
     assert (tmp_path / "merge" / "model" / "model.safetensors").exists()

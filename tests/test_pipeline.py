@@ -44,7 +44,7 @@ def test_overrides_are_written_to_params_for_dvc(finished):
 
     root, _, _ = finished
     params = yaml.safe_load((root / "params.yaml").read_text())
-    assert params["evaluate"]["samples"] == 4
+    assert params["evaluate"]["benchmark_limit"] == 20
 
 
 def test_dvc_status_is_clean_after_the_flow(finished):

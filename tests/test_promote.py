@@ -85,6 +85,27 @@ def test_lineage_tags_and_inputs_are_present_and_correct(registry):
     assert flavor["source_model_name"].startswith("/") and flavor["inference_task"] == "llm/v1/chat"
 
 
+def test_the_version_carries_metrics_with_intervals_and_the_run_the_per_sample_table(registry):
+    import re
+
+    import mlflow
+
+    root, _, v = registry
+    client = client_of(root)
+    version = client.get_model_version(NAME, v["full"])
+    tags = version.tags
+    interval = r"-?[0-9.]+ \[-?[0-9.]+, -?[0-9.]+\]"
+    for name in ("rouge_l", "chrf", "token_f1", "exact_match", "perplexity_ci", "base_rouge_l", "rouge_l_diff", "perplexity_diff"):
+        assert re.fullmatch(interval, tags[f"eval.{name}"]), (name, tags.get(f"eval.{name}"))
+    assert tags["eval.primary_metric"] == "perplexity" and float(tags["eval.perplexity"]) > 0
+    run = client.get_run(version.run_id)
+    assert {"tuned_rouge_l", "tuned_rouge_l_low", "tuned_rouge_l_high", "perplexity_diff_low"} <= set(run.data.metrics)
+    mlflow.set_tracking_uri(tracking_uri(root))
+    mlflow.set_experiment(experiment_id=run.info.experiment_id)  # load_table searches the active experiment
+    table = mlflow.load_table("evaluate/samples_table.json", run_ids=[version.run_id])
+    assert len(table) == 4 and {"prompt", "reference", "base", "tuned", "tuned_rouge_l", "base_chrf"} <= set(table.columns)
+
+
 def test_registering_the_same_weights_again_reuses_the_version(registry):
     from tunepath.register.stage import run_register
 
@@ -148,6 +169,10 @@ def test_better_candidate_replaces_champion_which_stays_reachable_as_previous(re
     tags = client_of(root).get_model_version(NAME, v["full"]).tags
     assert float(tags["promotion.candidate_ppl"]) < float(tags["promotion.champion_ppl"])
     assert tags["promotion.champion_version"] == v["half"] and tags["promotion.decision"] == "promoted"
+    # the same evidence as the gates: paired intervals on the same rows, written on the version
+    assert tags["promotion.primary_metric"] == "perplexity" and record["comparison"]["perplexity"]["diff"]["low"] > 0
+    assert f"| metric | champion v{v['half']} | candidate v{v['full']} |" in tags["promotion.comparison"]
+    assert "| perplexity (answer tokens) **(primary)** |" in tags["promotion.comparison"]
 
 
 def test_worse_candidate_is_not_promoted_and_the_numbers_say_why(registry):

@@ -121,9 +121,11 @@ def fast_config(**evaluate):
     from tunepath.config import Config
 
     cfg = Config()
-    # The noised models loop (a tiny model under noise): the sample gates are tested on their own in test_evaluate.
-    settings = {"samples": 2, "max_new_tokens": 8, "min_stop_share": 0.0, "max_degenerate_share": 1.0, **evaluate}
-    cfg.evaluate = cfg.evaluate.model_copy(update=settings)
+    # The noised models loop (a tiny model under noise) and none was taught the chat template: their known quality is
+    # perplexity, so that is the primary metric here; the answer gates are tested on real training in test_evaluate_grid.
+    settings = {"samples": 4, "report_samples": 2, "max_new_tokens": 8, "min_stop_share": 0.0, "max_degenerate_share": 1.0,
+                "primary_metric": "perplexity", "check_relevance": False, "bootstrap_resamples": 200, "benchmarks": [], **evaluate}
+    cfg.evaluate = type(cfg.evaluate).model_validate({**cfg.evaluate.model_dump(), **settings})
     return cfg
 
 

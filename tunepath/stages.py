@@ -60,7 +60,8 @@ def run_stage(name: str, cfg, ws: Workspace, on_progress=None) -> dict:
     if name == "evaluate":
         from tunepath.evaluate.stage import run_evaluate
 
-        return run_evaluate(cfg.evaluate, resolve_model(cfg.model, ws), ws.out("validate"), ws.out("tokenize"), ws.out("train"), ws.out("evaluate"))
+        return run_evaluate(cfg.evaluate, resolve_model(cfg.model, ws), ws.out("validate"), ws.out("tokenize"), ws.out("train"),
+                            ws.out("evaluate"), root=ws.root)
     if name == "merge":
         from tunepath.merge.stage import run_merge
 

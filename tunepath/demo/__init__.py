@@ -34,13 +34,17 @@ class DemoConfig(Strict):
     documents: int = Field(300, ge=1, le=1_000_000, description="Number of raw-text domain documents written to corpus.txt.")
     preference_pairs: int = Field(200, ge=1, le=1_000_000, description="Number of prompt/chosen/rejected rows written to preferences.jsonl.")
     vocab_size: int = Field(4096, ge=300, le=200_000, description="Upper bound on the BPE vocabulary (3 special tokens + 256 bytes + merges); the BPE stops earlier when the text has no pairs left (about 2.8k on the default demo data).")
-    hidden_size: int = Field(64, ge=8, le=8192, description="Model width; must be divisible by num_heads.")
-    num_layers: int = Field(2, ge=1, le=64, description="Number of transformer decoder layers.")
+    hidden_size: int = Field(96, ge=8, le=8192, description="Model width; must be divisible by num_heads.")
+    num_layers: int = Field(3, ge=1, le=64, description="Number of transformer decoder layers.")
     num_heads: int = Field(4, ge=1, le=128, description="Attention heads per layer.")
     num_kv_heads: int = Field(2, ge=1, le=128, description="Key/value heads (grouped-query attention); must divide num_heads.")
-    intermediate_size: int = Field(256, ge=8, le=65536, description="Width of the MLP inside each layer.")
+    intermediate_size: int = Field(384, ge=8, le=65536, description="Width of the MLP inside each layer.")
     pretrain_steps: int = Field(
-        100, ge=0, le=100_000, description="Steps of plain-text pretraining on the demo text so the demo base knows the domain's words; 0 keeps random weights."
+        300, ge=0, le=100_000, description="Steps of plain-text pretraining on the demo text so the demo base knows the domain's words; 0 keeps random weights."
+    )
+    pretrain_dialogues: int = Field(
+        2000, ge=0, le=1_000_000,
+        description="Plain-text support dialogues (not the chats in chat.jsonl) added to that pretraining, so the base links questions to answers as a real base model does.",
     )
     pretrain_lr: float = Field(3e-3, gt=0, description="Learning rate of that pretraining.")
     max_position_embeddings: int = Field(1024, ge=64, le=131072, description="Longest sequence the model accepts (also the tokenizer's model_max_length).")

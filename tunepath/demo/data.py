@@ -405,6 +405,18 @@ def _conversation(rng: random.Random) -> dict:
     return {"messages": messages}
 
 
+def pretraining_dialogues(n: int, seed: int) -> list[str]:
+    """Support dialogues as plain text ("Customer: ... Support: ..."), drawn from their own random stream: the kind
+    of text a real base model has read, not the chats in chat.jsonl (so no held-out answer is seen in pretraining).
+    SFT then teaches the chat template and the assistant's turn; the base already links questions to answers."""
+    rng = random.Random(f"{seed}/pretraining-dialogues")
+    out = []
+    for _ in range(n):
+        turns = [m for m in _conversation(rng)["messages"] if m["role"] != "system"]
+        out.append("\n".join(("Customer: " if m["role"] == "user" else "Support: ") + m["content"] for m in turns))
+    return out
+
+
 def _bad_row(kind: str, rng: random.Random) -> str:
     """A broken chat line of one kind; the validate stage must quarantine each with its reason."""
     chat = _conversation(rng)

@@ -93,14 +93,15 @@ PARITY_SAMPLES = [
 MODEL_CARD = """---
 library_name: transformers
 pipeline_tag: text-generation
-tags: [tunepath, demo, random-init]
+tags: [tunepath, demo]
 ---
-# tunepath demo model (random init, not for use)
+# tunepath demo model (tiny, not for use)
 
-A tiny Qwen2-architecture causal language model with **random weights**, built offline by
-`tunepath.demo.build_demo_model` so that the tunepath pipeline can run end to end without downloading
-a model. It knows nothing; its only purpose is to exercise the real loading, training, merging and
-registration code paths.
+A tiny Qwen2-architecture causal language model, built offline by `tunepath.demo.build_demo_model` so that
+the tunepath pipeline can run end to end without downloading a model: random weights, then a short plain-text
+pretraining on the demo documents and on support dialogues written as "Customer: ... Support: ..." text (not the
+chats of the demo data). It knows the store's policies but not the chat template; SFT teaches it that. Its
+purpose is to exercise the real loading, training, evaluation, merging and registration code paths.
 
 - Architecture: Qwen2 (`Qwen2ForCausalLM`), {num_layers} layers, hidden size {hidden_size},
   {num_heads} attention heads / {num_kv_heads} key-value heads, MLP {intermediate_size}, tied embeddings,
@@ -247,7 +248,11 @@ def build_demo_model(out_dir: Path, cfg: DemoConfig, corpus_files: list[Path]) -
         if cfg.pretrain_steps:
             from tunepath.demo.pretrain import pretrain_demo
 
-            pretrained = pretrain_demo(model, tokenizer, corpus_files, steps=cfg.pretrain_steps, lr=cfg.pretrain_lr, seed=cfg.seed)
+            from tunepath.demo.data import pretraining_dialogues
+
+            dialogues = pretraining_dialogues(cfg.pretrain_dialogues, cfg.seed)
+            pretrained = pretrain_demo(model, tokenizer, corpus_files, steps=cfg.pretrain_steps, lr=cfg.pretrain_lr, seed=cfg.seed,
+                                       extra_texts=dialogues)
     model.generation_config = GenerationConfig(
         bos_token_id=endoftext_id, eos_token_id=[im_end_id, endoftext_id], pad_token_id=endoftext_id
     )

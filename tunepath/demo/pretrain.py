@@ -15,18 +15,19 @@ log = logging.getLogger(__name__)
 
 
 def pretrain_demo(model, tokenizer, corpus_files: list[Path], *, steps: int, lr: float, seed: int,
-                  block: int = 128, batch: int = 16) -> dict:
-    """Full-parameter causal-LM training on random blocks of the joined demo text; returns first/final loss."""
+                  block: int = 128, batch: int = 16, extra_texts: list[str] = ()) -> dict:
+    """Full-parameter causal-LM training on random blocks of the joined demo text and `extra_texts`; returns
+    first/final loss."""
     import torch
 
     from tunepath.demo.model import ENDOFTEXT, corpus_texts
 
     eot = tokenizer.token_to_id(ENDOFTEXT)
     ids: list[int] = []
-    for path in corpus_files:
-        for text in corpus_texts(path):
-            ids.extend(tokenizer.encode(text).ids)
-            ids.append(eot)
+    texts = [text for path in corpus_files for text in corpus_texts(path)] + list(extra_texts)
+    for text in texts:
+        ids.extend(tokenizer.encode(text).ids)
+        ids.append(eot)
     rows = len(ids) // block
     if rows < batch:
         raise ValueError(f"demo pretraining needs at least {batch * block} tokens of text, got {len(ids)}")
@@ -38,6 +39,23 @@ def pretrain_demo(model, tokenizer, corpus_files: list[Path], *, steps: int, lr:
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
     model.train()
+    # the demo's matrices are tiny: on a shared CPU a second thread costs more in synchronisation than it computes
+    # (measured 5-9x slower steps with 2 threads when other processes compete for the 2 cores); one thread also
+    # gives the same weights on any machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        losses = _steps(model, data, rows, batch, steps, generator, optimizer, schedule)
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    log.info("demo pretraining: %d steps, loss %.3f -> %.3f", steps, losses[0], losses[-1])
+    return {"steps": steps, "tokens": len(ids), "first_loss": losses[0], "final_loss": losses[-1]}
+
+
+def _steps(model, data, rows: int, batch: int, steps: int, generator, optimizer, schedule) -> list[float]:
+    import torch
+
     losses = []
     for _ in range(steps):
         x = data[torch.randint(0, rows, (batch,), generator=generator)]
@@ -48,6 +66,4 @@ def pretrain_demo(model, tokenizer, corpus_files: list[Path], *, steps: int, lr:
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    model.eval()
-    log.info("demo pretraining: %d steps, loss %.3f -> %.3f", steps, losses[0], losses[-1])
-    return {"steps": steps, "tokens": len(ids), "first_loss": losses[0], "final_loss": losses[-1]}
+    return losses

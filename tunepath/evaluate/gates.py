@@ -1,39 +1,99 @@
-"""The gates: each one a rule from params with the numbers that decided it. One failed gate blocks registration."""
+"""The gates: each one a rule on a metric and its interval, with the numbers that decided it. One failed gate blocks
+registration.
+
+- primary: the tuned model beats the base on the primary metric: the lower end of the paired interval of the
+  difference is above `min_primary_gain` (zero: better with the stated confidence).
+- relevance (answers to conversations): the tuned answers fit their own prompts: the primary text metric against
+  the own reference beats the same answers against other prompts' references, interval clear of zero. A model
+  that learnt the format but not the task (trained on shuffled labels) answers every prompt alike and fails it.
+- perplexity (when not primary): fails only when the tuned model is surely worse.
+- degenerate, stop_at_eot: shares of the tuned answers that loop or run past the end-of-turn token.
+- preference (pairs held out): tuned accuracy at least chance, and not surely lower than the base's by the drop.
+"""
 
 from __future__ import annotations
 
 from tunepath.errors import StageError
 from tunepath.evaluate import EvaluateConfig
+from tunepath.evaluate.textmetrics import METRICS
+
+CHANCE = 0.5
 
 
 class GateFailed(StageError):
     """The tuned model did not pass an evaluation gate: nothing downstream may register it."""
 
 
-def apply_gates(cfg: EvaluateConfig, base: dict, tuned: dict, kind: str, preference: dict) -> dict[str, dict]:
-    """{gate name: {"passed": bool, "detail": str}}, for `base` and `tuned` as `measure` returns them."""
-    limit = base["perplexity"] * (1 - cfg.min_ppl_improvement)
-    gates = {
-        "perplexity": {"passed": tuned["perplexity"] <= limit,
-                       "detail": f"tuned {tuned['perplexity']:.3f} vs base {base['perplexity']:.3f} on {kind} eval, needs <= {limit:.3f}"},
+def primary_metric(cfg: EvaluateConfig, trained: list[str], comparison: dict) -> str:
+    """The configured primary metric, or by the last trained stage: rouge_l (SFT), preference accuracy (DPO/KTO),
+    perplexity (CPT or nothing to generate)."""
+    name = cfg.primary_metric
+    if name == "auto":
+        last = trained[-1] if trained else "sft"
+        name = {"dpo": "preference_accuracy", "kto": "preference_accuracy", "cpt": "perplexity", "pretrain": "perplexity"}.get(last, "rouge_l")
+        if name not in comparison:
+            name = "perplexity"
+    if name not in comparison:
+        have = ", ".join(k for k in comparison if k in (*METRICS, "perplexity", "preference_accuracy"))
+        raise ValueError(f"evaluate.primary_metric: {name!r} was not measured on this held-out data (measured: {have}); "
+                         "choose one of those or add the held-out data it needs")
+    return name
+
+
+def _ci(c: dict, pct: bool = False) -> str:
+    f = (lambda v: f"{v:.1%}") if pct else (lambda v: f"{v:.3f}")
+    return f"{f(c['value'])} [{f(c['low'])}, {f(c['high'])}]"
+
+
+def apply_gates(cfg: EvaluateConfig, comparison: dict, primary: str, kind: str, labels: tuple[str, str] = ("base", "tuned")) -> dict[str, dict]:
+    """{gate name: {"passed", "detail", "metric", "rule"}}; `comparison` as `compare` returns it."""
+    ref, new = labels
+    conf = f"{cfg.confidence:.0%}"
+    gates: dict[str, dict] = {}
+    p = comparison[primary]
+    what = "relative perplexity reduction" if primary == "perplexity" else f"{primary} {new} - {ref}"
+    gates["primary"] = {
+        "metric": primary, "rule": f"lower end of the {conf} interval of the difference > {cfg.min_primary_gain}",
+        "passed": p["diff"]["low"] > cfg.min_primary_gain,
+        "detail": f"{primary}: {new} {_ci(p['tuned'])} vs {ref} {_ci(p['base'])}; {what} {_ci(p['diff'])}, needs lower end > {cfg.min_primary_gain}",
     }
-    n = tuned["samples"]
-    if n:
-        bad = round(tuned["degenerate_share"] * n)
-        gates["degenerate"] = {"passed": tuned["degenerate_share"] <= cfg.max_degenerate_share,
-                               "detail": f"{bad}/{n} samples empty or looping, allowed share {cfg.max_degenerate_share}"}
-    else:
-        gates["degenerate"] = {"passed": True, "detail": "no samples generated (evaluate.samples is 0 or nothing held out)"}
-    if kind == "sft" and n:
-        stopped = round(tuned["stopped_at_eot_share"] * n)
-        gates["stop_at_eot"] = {"passed": tuned["stopped_at_eot_share"] >= cfg.min_stop_share,
-                                "detail": f"{stopped}/{n} samples ended with the end-of-turn token within {cfg.max_new_tokens} "
-                                          f"tokens, needs share >= {cfg.min_stop_share}"}
-    if preference.get("pairs"):
-        floor = preference["base_accuracy"] - cfg.max_preference_drop
-        gates["preference"] = {"passed": preference["tuned_accuracy"] >= floor - 1e-12,
-                               "detail": f"chosen above rejected in {preference['tuned_accuracy']:.0%} of {preference['pairs']} pairs "
-                                         f"(base {preference['base_accuracy']:.0%}), needs >= {max(floor, 0):.0%}"}
+    if cfg.check_relevance and "relevance" in comparison:
+        r = comparison["relevance"]
+        gates["relevance"] = {
+            "metric": r["metric"], "rule": f"lower end of the {conf} interval of (own reference - other references) > 0",
+            "passed": r["diff"]["low"] > 0,
+            "detail": f"{r['metric']} of {new} answers against their own reference {_ci(r['own'])} vs other prompts' "
+                      f"references {_ci(r['other'])}; difference {_ci(r['diff'])}, needs lower end > 0",
+        }
+    if primary != "perplexity":
+        g = comparison["perplexity"]
+        gates["perplexity"] = {
+            "metric": "perplexity", "rule": f"upper end of the interval of the relative reduction >= -{cfg.max_ppl_rise}",
+            "passed": g["diff"]["high"] >= -cfg.max_ppl_rise,
+            "detail": f"{new} {_ci(g['tuned'])} vs {ref} {_ci(g['base'])} on {kind} eval; relative reduction {_ci(g['diff'], True)}, "
+                      f"fails only when the upper end < -{cfg.max_ppl_rise:.0%}",
+        }
+    if "degenerate_share" in comparison:
+        d = comparison["degenerate_share"]["tuned"]
+        gates["degenerate"] = {"metric": "degenerate_share", "rule": f"share <= {cfg.max_degenerate_share}",
+                               "passed": d["value"] <= cfg.max_degenerate_share,
+                               "detail": f"{d['value']:.0%} of {new} answers empty or looping [{d['low']:.0%}, {d['high']:.0%}], allowed {cfg.max_degenerate_share:.0%}"}
+        if kind == "sft" and cfg.min_stop_share > 0:
+            s = comparison["stopped_at_eot_share"]["tuned"]
+            gates["stop_at_eot"] = {"metric": "stopped_at_eot_share", "rule": f"share >= {cfg.min_stop_share}",
+                                    "passed": s["value"] >= cfg.min_stop_share,
+                                    "detail": f"{s['value']:.0%} of {new} answers ended with the end-of-turn token within {cfg.max_new_tokens} tokens "
+                                              f"[{s['low']:.0%}, {s['high']:.0%}], needs >= {cfg.min_stop_share:.0%}"}
+    a = comparison.get("preference_accuracy")
+    if a:
+        floor = -cfg.max_preference_drop
+        ok = a["tuned"]["value"] >= CHANCE - 1e-12 and (primary == "preference_accuracy" or a["diff"]["high"] >= floor)
+        gates["preference"] = {
+            "metric": "preference_accuracy", "rule": f"{new} accuracy >= chance ({CHANCE:.0%}); upper end of ({new} - {ref}) >= {floor}",
+            "passed": ok,
+            "detail": f"chosen above rejected (per token) in {_ci(a['tuned'], True)} of {a['pairs']} pairs ({ref} {_ci(a['base'], True)}); "
+                      f"difference {_ci(a['diff'], True)}; needs >= {CHANCE:.0%} and a difference reaching {floor:.0%}",
+        }
     return gates
 
 

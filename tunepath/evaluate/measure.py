@@ -10,12 +10,12 @@ from tunepath.evaluate.scoring import mean_loss, perplexity, preference_scores, 
 
 
 def prepare_prompts(heldout: Heldout, tokenizer, cfg: EvaluateConfig) -> tuple[list[Prompt], list[int]]:
-    """The sample prompts and the end-of-turn ids, the same for every model measured on this held-out set."""
+    """The prompts and the end-of-turn ids, the same for every model measured on this held-out set."""
     sft = heldout.splits.get("sft", [])
     eot = end_of_turn_ids(sft, tokenizer)
     if not eot:
         raise ValueError("cannot tell the end-of-turn token: the tokenizer has no eos_token and no SFT rows are held out")
-    if heldout.kind == "sft":
+    if "sft" in heldout.splits:
         prompts = conversation_prompts(sft, heldout.records("conversation"), tokenizer, cfg.samples)
     else:
         prompts = text_prompts(heldout.rows, tokenizer, cfg.samples)
@@ -23,9 +23,12 @@ def prepare_prompts(heldout: Heldout, tokenizer, cfg: EvaluateConfig) -> tuple[l
 
 
 def measure(model, tokenizer, heldout: Heldout, cfg: EvaluateConfig, runtime: Runtime, prompts: list[Prompt],
-            eot_ids: list[int], untemplated: bool = False) -> dict:
-    """Loss and perplexity on every held-out split, preference log-probs, and generated answers."""
+            eot_ids: list[int], untemplated: int = 0) -> dict:
+    """Loss and perplexity on every held-out split, preference log-probs, and an answer to every prompt."""
+    import time
+
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot_ids[0]
+    started = time.perf_counter()
     splits, row_scores = {}, []
     for kind, rows in heldout.splits.items():
         scores = row_logprobs(model, rows, pad, cfg.batch_size, runtime.device)
@@ -34,13 +37,16 @@ def measure(model, tokenizer, heldout: Heldout, cfg: EvaluateConfig, runtime: Ru
         if kind == heldout.kind:
             row_scores = scores
     preference = preference_scores(model, heldout.pairs, pad, cfg.batch_size, runtime.device) if heldout.pairs else []
-    answers = answer_prompts(model, tokenizer, prompts, cfg.max_new_tokens, eot_ids, cfg.repeat_ngram, runtime.device, untemplated)
+    scored = time.perf_counter()
+    answers = answer_prompts(model, tokenizer, prompts, cfg, eot_ids, runtime.device, untemplated)
+    seconds = {"scoring": scored - started, "generation": time.perf_counter() - scored}
     primary = splits[heldout.kind]
     return {"loss": primary["loss"], "perplexity": primary["perplexity"], "tokens": primary["tokens"], "splits": splits,
-            "row_scores": row_scores, "preference": preference, "answers": answers, **sample_summary(answers)}
+            "row_scores": row_scores, "preference": preference, "answers": answers, "seconds": seconds, **sample_summary(answers)}
 
 
 def settings_of(cfg: EvaluateConfig, runtime: Runtime) -> dict:
-    """What changes the numbers besides the data (batch size does not)."""
+    """What changes the numbers besides the data (batch sizes do not)."""
     return {"samples": cfg.samples, "max_new_tokens": cfg.max_new_tokens, "repeat_ngram": cfg.repeat_ngram,
-            "precision": runtime.precision}
+            "do_sample": cfg.do_sample, "temperature": cfg.temperature if cfg.do_sample else None,
+            "bootstrap": [cfg.bootstrap_resamples, cfg.confidence, cfg.bootstrap_seed], "precision": runtime.precision}

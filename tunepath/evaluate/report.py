@@ -2,37 +2,78 @@
 
 from __future__ import annotations
 
+LABELS = {"exact_match": "exact match", "token_f1": "token F1", "rouge_l": "ROUGE-L", "chrf": "chrF",
+          "perplexity": "perplexity (answer tokens)", "preference_accuracy": "preference accuracy (per token)",
+          "degenerate_share": "degenerate answers", "stopped_at_eot_share": "stopped at end of turn"}
+
 
 def cell(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")[:160]
 
 
+def ci(c: dict) -> str:
+    return f"{c['value']:.3f} [{c['low']:.3f}, {c['high']:.3f}]"
+
+
+def comparison_table(comparison: dict, primary: str, labels: tuple[str, str] = ("base", "tuned")) -> list[str]:
+    """Markdown rows: metric, each side with its interval, the paired difference with its interval."""
+    ref, new = labels
+    lines = [f"| metric | {ref} | {new} | difference ({new} - {ref}) |", "|---|---|---|---|"]
+    for name, label in LABELS.items():
+        if name not in comparison:
+            continue
+        c = comparison[name]
+        diff = ci(c["diff"]) + (" (relative reduction)" if name == "perplexity" else "")
+        mark = " **(primary)**" if name == primary else ""
+        lines.append(f"| {label}{mark} | {ci(c['base'])} | {ci(c['tuned'])} | {diff} |")
+    return lines
+
+
 def render_report(metrics: dict, samples: list[dict]) -> str:
     verdict = "passed every gate" if metrics["passed"] else "**failed** a gate: not registered"
-    lines = [f"# Evaluation: {verdict}", "", f"Held-out split `{metrics['split_kind']}`: {metrics['eval_rows']} rows, "
-             f"{metrics['eval_tokens']} scored tokens; scored in {metrics['precision']}.", "",
-             "| metric | base | tuned |", "|---|---|---|"]
-    for kind, s in metrics["splits"].items():
-        lines.append(f"| {kind} held-out loss | {s['base_loss']:.4f} | {s['tuned_loss']:.4f} |")
-        lines.append(f"| {kind} perplexity | {s['base_perplexity']:.3f} | {s['tuned_perplexity']:.3f} |")
-    lines += [f"| degenerate samples | {metrics['base_degenerate_share']:.0%} | {metrics['degenerate_share']:.0%} |",
-              f"| stopped at end of turn | {metrics['base_stopped_at_eot_share']:.0%} | {metrics['stopped_at_eot_share']:.0%} |"]
-    pref = metrics.get("preference") or {}
-    if pref.get("pairs"):
-        lines += [f"| preference accuracy ({pref['pairs']} pairs) | {pref['base_accuracy']:.0%} | {pref['tuned_accuracy']:.0%} |",
-                  f"| preference accuracy per token | {pref['base_accuracy_per_token']:.0%} | {pref['tuned_accuracy_per_token']:.0%} |",
-                  f"| mean log-prob margin chosen - rejected | {pref['base_margin']:.3f} | {pref['tuned_margin']:.3f} |",
-                  f"| reward accuracy (tuned over base) | | {pref['reward_accuracy']:.0%} |"]
-    lines += ["", "| gate | passed | detail |", "|---|---|---|"]
-    lines += [f"| {name} | {'yes' if g['passed'] else '**no**'} | {cell(g['detail'])} |" for name, g in metrics["gates"].items()]
-    lines += ["", "## Samples", "", "Greedy answers; *without template* is the tuned model given the user message as plain text.", "",
-              "| prompt | tuned | tuned, without template | base | reference |", "|---|---|---|---|---|"]
-    lines += [f"| {cell(s['prompt'])} | {cell(s['tuned'])} | {cell(s.get('tuned_without_template', ''))} | {cell(s['base'])} "
-              f"| {cell(s['reference'])} |" for s in samples]
+    comparison = metrics["comparison"]
+    lines = [f"# Evaluation: {verdict}", "",
+             f"Held-out split `{metrics['split_kind']}`: {metrics['eval_rows']} rows, {metrics['eval_tokens']} scored tokens, "
+             f"{metrics['samples']} generated answers per model; scored in {metrics['precision']}. Intervals: bootstrap over "
+             "held-out rows; differences are paired (both models on the same resampled rows).", ""]
+    lines += comparison_table(comparison, metrics["primary_metric"])
+    if "relevance" in comparison:
+        r = comparison["relevance"]
+        lines += ["", f"Answers fit their prompts: tuned {r['metric']} against the own reference {ci(r['own'])}, against other "
+                      f"prompts' references {ci(r['other'])}, difference {ci(r['diff'])}."]
+    bench = (metrics.get("benchmarks") or {}).get("tasks") or {}
+    if bench:
+        lines += ["", "Benchmarks (lm-evaluation-harness, offline task folders):", "",
+                  "| task | metric | base | tuned | change |", "|---|---|---|---|---|"]
+        for name, b in bench.items():
+            change = f"{b['change']:+.3f}" if b["higher_is_better"] else f"{b['change']:+.1%}"
+            se = lambda v: f" ± {v:.3f}" if v else ""  # noqa: E731
+            lines.append(f"| {name} | {b['metric']} | {b['base']:.3f}{se(b['base_stderr'])} | {b['tuned']:.3f}{se(b['tuned_stderr'])} | {change} |")
+    judge = metrics.get("judge")
+    if judge:
+        w = judge["win_rate"]
+        lines += ["", f"Judge `{judge['model']}` at {judge['base_url']}: tuned preferred over base in {ci(w)} of "
+                      f"{len(judge['scores'])} prompts (asked twice, positions swapped; {judge['unreadable']} unreadable verdicts count as ties)."]
+    lines += ["", "| gate | passed | rule | detail |", "|---|---|---|---|"]
+    lines += [f"| {name} | {'yes' if g['passed'] else '**no**'} | {cell(g.get('rule', ''))} | {cell(g['detail'])} |"
+              for name, g in metrics["gates"].items()]
+    lines += ["", "## Samples", "", "Greedy answers; *without template* is the tuned model given the user message as plain text.", ""]
+    for i, s in enumerate(samples, 1):
+        t, b = s.get("tuned_scores") or {}, s.get("base_scores") or {}
+        lines += [f"### {i}. {cell(s['prompt'])}", "", "| | answer | ROUGE-L | chrF |", "|---|---|---|---|",
+                  f"| reference | {cell(s['reference'])} | | |",
+                  f"| base | {cell(s['base'])} | {b.get('rouge_l', 0):.2f} | {b.get('chrf', 0):.2f} |",
+                  f"| tuned | {cell(s['tuned'])} | {t.get('rouge_l', 0):.2f} | {t.get('chrf', 0):.2f} |",
+                  f"| tuned, without template | {cell(s.get('tuned_without_template', ''))} | | |", ""]
     return "\n".join(lines) + "\n"
 
 
 def sample_table(samples: list[dict]) -> list[dict]:
     """Rows for a Prefect table artifact: short strings, one column per variant."""
-    keys = ("prompt", "tuned", "tuned_without_template", "base", "reference", "stopped_at_eot", "degenerate")
-    return [{k: (str(s.get(k, ""))[:300]) for k in keys} for s in samples]
+    keys = ("prompt", "reference", "base", "tuned", "tuned_without_template")
+    rows = []
+    for s in samples:
+        row = {k: str(s.get(k, ""))[:300] for k in keys}
+        row.update({f"{who}_rouge_l": round((s.get(f"{who}_scores") or {}).get("rouge_l", 0.0), 3) for who in ("base", "tuned")})
+        rows.append(row)
+    return rows

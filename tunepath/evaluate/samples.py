@@ -56,7 +56,7 @@ def end_of_turn_ids(rows, tokenizer) -> list[int]:
 
 
 def conversation_prompts(rows, records: list[dict], tokenizer, limit: int) -> list[Prompt]:
-    """The first `limit` SFT eval rows with a prompt, each matched to its record for the plain-text variant.
+    """The first `limit` (0: every) SFT eval rows with a prompt, each matched to its record for the plain-text variant.
 
     Rows keep the records' order but dropped records have no row, so a row is matched to the next record whose
     last assistant answer starts like the row's answer.
@@ -64,12 +64,12 @@ def conversation_prompts(rows, records: list[dict], tokenizer, limit: int) -> li
     out: list[Prompt] = []
     j = 0
     for row in rows:
-        if len(out) >= limit:
+        if limit and len(out) >= limit:
             break
         prompt_ids = list(row.get("prompt_ids") or [])
         if not prompt_ids:
             continue
-        reference = tokenizer.decode(row["input_ids"][len(prompt_ids) :], skip_special_tokens=True).strip()
+        reference = reference_text(row, tokenizer)
         match, j = _match(records, j, reference)
         if match is None:
             log.warning("held-out row %d has no matching record; its untemplated sample is skipped", len(out))
@@ -80,6 +80,13 @@ def conversation_prompts(rows, records: list[dict], tokenizer, limit: int) -> li
         raw = tokenizer(user + "\n", add_special_tokens=False, split_special_tokens=True)["input_ids"]
         out.append(Prompt(match["id"], user, reference, prompt_ids, list(raw)))
     return out
+
+
+def reference_text(row, tokenizer) -> str:
+    """The learnt answer after the generation prompt: label tokens only, special tokens dropped."""
+    start = len(row["prompt_ids"])
+    ids = [t for t, label in zip(row["input_ids"][start:], row["labels"][start:]) if label != IGNORE_INDEX]
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
 def _match(records: list[dict], start: int, reference: str) -> tuple[dict | None, int]:
@@ -95,42 +102,62 @@ def _match(records: list[dict], start: int, reference: str) -> tuple[dict | None
 def text_prompts(rows, tokenizer, limit: int, head: int = 32) -> list[Prompt]:
     """CPT only (no conversations held out): continue the first `head` tokens of each held-out block."""
     out = []
-    for row in rows[:limit]:
+    for row in rows[: limit or None]:
         ids = list(row["input_ids"][:head])
         out.append(Prompt(None, tokenizer.decode(ids), tokenizer.decode(row["input_ids"][head : head * 2]), ids, None))
     return out
 
 
-def generate(model, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int], pad_id: int, device: str = "cpu") -> tuple[list[int], bool]:
-    """Greedy continuation; returns the new ids and whether generation ended on one of `stop_ids`."""
+def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int], pad_id: int,
+                   device: str = "cpu", batch_size: int = 8, do_sample: bool = False, temperature: float = 1.0,
+                   seed: int = 0) -> list[tuple[list[int], bool]]:
+    """Continuations of many prompts, `batch_size` at a time, left-padded so every prompt ends where generation starts.
+
+    Returns per prompt the new ids (up to and including the stop token) and whether it ended on one of `stop_ids`.
+    Greedy unless `do_sample`.
+    """
     import torch
 
+    out: list[tuple[list[int], bool]] = []
+    sampling = {"do_sample": True, "temperature": temperature} if do_sample else {"do_sample": False}
+    if do_sample:
+        torch.manual_seed(seed)
+    # longest first: rows of a batch have similar lengths, so little padding is computed
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    results: dict[int, tuple[list[int], bool]] = {}
     with torch.no_grad():
-        out = model.generate(
-            input_ids=torch.tensor([prompt_ids], device=device),
-            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=stop_ids,
-            pad_token_id=pad_id,
-        )
-    new = out[0, len(prompt_ids) :].tolist()
-    return new, bool(new) and new[-1] in stop_ids
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            width = max(len(prompts[i]) for i in chunk)
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, i in enumerate(chunk):
+                ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+                mask[row, width - len(prompts[i]) :] = 1
+            generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                                       eos_token_id=stop_ids, pad_token_id=pad_id, **sampling)
+            for row, i in enumerate(chunk):
+                new = generated[row, width:].tolist()
+                end = next((k for k, t in enumerate(new) if t in stop_ids), None)
+                results[i] = (new[: end + 1], True) if end is not None else (new, False)
+    out = [results[i] for i in range(len(prompts))]
+    return out
 
 
-def answer_prompts(model, tokenizer, prompts: list[Prompt], max_new_tokens: int, eot_ids: list[int], repeat_ngram: int,
-                   device: str = "cpu", untemplated: bool = False) -> list[dict]:
-    """One answer per prompt: text, whether it stopped at the end-of-turn token, whether it is degenerate."""
+def answer_prompts(model, tokenizer, prompts: list[Prompt], cfg, eot_ids: list[int], device: str = "cpu",
+                   untemplated: int = 0) -> list[dict]:
+    """One answer per prompt: text, whether it stopped at the end-of-turn token, whether it is degenerate; the first
+    `untemplated` prompts are also answered from the plain user text (no template)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot_ids[0]
+    run = lambda ids: generate_batch(model, ids, cfg.max_new_tokens, eot_ids, pad, device, cfg.generation_batch_size,  # noqa: E731
+                                     cfg.do_sample, cfg.temperature, cfg.bootstrap_seed)
     answers = []
-    for p in prompts:
-        ids, stopped = generate(model, p.templated_ids, max_new_tokens, eot_ids, pad, device)
+    for p, (ids, stopped) in zip(prompts, run([p.templated_ids for p in prompts])):
         text = tokenizer.decode(ids, skip_special_tokens=True).strip()
-        answer = {"text": text, "stopped_at_eot": stopped, "degenerate": is_degenerate(text, repeat_ngram)}
-        if untemplated and p.raw_ids:
-            raw, _ = generate(model, p.raw_ids, max_new_tokens, eot_ids, pad, device)
-            answer["untemplated"] = tokenizer.decode(raw, skip_special_tokens=True).strip()
-        answers.append(answer)
+        answers.append({"text": text, "stopped_at_eot": stopped, "degenerate": is_degenerate(text, cfg.repeat_ngram)})
+    raw = [(k, p.raw_ids) for k, p in enumerate(prompts[:untemplated]) if p.raw_ids]
+    for (k, _), (ids, _) in zip(raw, run([r for _, r in raw]) if raw else []):
+        answers[k]["untemplated"] = tokenizer.decode(ids, skip_special_tokens=True).strip()
     return answers
 
 

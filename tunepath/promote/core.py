@@ -11,8 +11,9 @@ import logging
 from datetime import datetime, timezone
 
 from tunepath.promote import PromoteConfig
-from tunepath.promote.decide import Scores, compare
+from tunepath.promote.decide import compare
 from tunepath.promote.registry import PromotionError, Registry
+from tunepath.promote.report import comparison_markdown
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +48,16 @@ def promote_model(cfg: PromoteConfig, name: str, tracking_uri: str, force: bool 
                                                     f"(perplexity {record['candidate']['perplexity']} vs base {candidate.tags.get('eval.base_perplexity')})")
         return _promote(registry, record, candidate, None)
 
-    cand_scores, champ_scores, why = comparable_scores(registry, candidate, champion)
-    if cand_scores is None:
+    comparison, primary, why = comparable_evidence(registry, candidate, champion)
+    if comparison is None:
         record.update(decision="rejected", reason=why)
         return _finish(registry, record, str(champion.version))
     record["compared_on"] = why
-    record["candidate"]["perplexity"], record["champion"]["perplexity"] = cand_scores.perplexity, champ_scores.perplexity
-    verdict = compare(cfg, cand_scores, champ_scores)
+    ppl = comparison["perplexity"]
+    record["candidate"]["perplexity"], record["champion"]["perplexity"] = ppl["tuned"]["value"], ppl["base"]["value"]
+    record["primary_metric"] = primary
+    record["comparison"] = comparison
+    verdict = compare(cfg, comparison, primary)
     record["checks"] = verdict.checks
     record.update(decision="promoted" if verdict.promote else "rejected", reason=verdict.reason)
     if verdict.promote:
@@ -61,20 +65,24 @@ def promote_model(cfg: PromoteConfig, name: str, tracking_uri: str, force: bool 
     return _finish(registry, record, str(champion.version))
 
 
-def comparable_scores(registry: Registry, candidate, champion) -> tuple[Scores | None, Scores | None, str]:
-    """Both versions' gate metrics on the same data: from their tags when they match, else re-measured."""
+def comparable_evidence(registry: Registry, candidate, champion) -> tuple[dict | None, str | None, str]:
+    """Both versions compared row by row on the same held-out data: from their logged evaluations when those were
+    measured the same way, else re-measured on the candidate's held-out split."""
+    from tunepath.promote.reevaluate import recorded, reevaluate
+
     ct, pt = candidate.tags, champion.tags
     if ct.get("tokenizer_hash") and pt.get("tokenizer_hash") and ct["tokenizer_hash"] != pt["tokenizer_hash"]:
         return None, None, ("candidate and champion use different tokenizers or chat templates: their perplexities are not "
                             "comparable. Compare them by hand and promote with --force if the candidate is better")
     same = ct.get("eval.fingerprint") and ct.get("eval.fingerprint") == pt.get("eval.fingerprint") and ct.get("data_hash") == pt.get("data_hash")
-    if same:
-        return Scores.from_tags(ct), Scores.from_tags(pt), "recorded: both evaluated on the same held-out data with the same settings"
-    from tunepath.promote.reevaluate import reevaluate
-
-    cand, champ, info = reevaluate(registry, candidate, champion)
-    return cand, champ, (f"re-evaluated: both measured on the candidate's held-out {info['split']} split "
-                         f"({info['rows']} rows, {info['samples']} samples, {info['precision']})")
+    found = recorded(registry, candidate, champion) if same else None
+    if found is not None:
+        comparison, primary, info = found
+        return comparison, primary, (f"recorded: both evaluated on the same held-out data with the same settings "
+                                     f"({info['rows']} {info['split']} rows, {info['samples']} answers each), compared row by row")
+    comparison, primary, info = reevaluate(registry, candidate, champion)
+    return comparison, primary, (f"re-evaluated: both measured on the candidate's held-out {info['split']} split "
+                                 f"({info['rows']} rows, {info['samples']} answers, {info['precision']})")
 
 
 def rollback_champion(name: str, tracking_uri: str) -> dict:
@@ -138,6 +146,8 @@ def _finish(registry: Registry, record: dict, champion_after: str | None, tag: b
             "promotion.champion_ppl": champ.get("perplexity") or "",
             "promotion.champion_version": champ.get("version") or "",
             "promotion.compared_on": record["compared_on"],
+            **({"promotion.primary_metric": record["primary_metric"], "promotion.comparison": comparison_markdown(record)}
+               if record.get("comparison") else {}),
             "promotion.forced": str(record["forced"]).lower(),
             "promotion.at": record["at"],
             **({"promotion.rolled_back": "false"} if record["decision"] == "promoted" else {}),

@@ -1,28 +1,11 @@
-"""The promotion rule, as a pure function of the numbers: easy to read, easy to test."""
+"""The promotion rule, as a pure function of the comparison (the evaluate stage's `compare`, champion on the
+reference side, candidate on the other): easy to read, easy to test."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
 from tunepath.promote import PromoteConfig
-
-
-@dataclass(frozen=True)
-class Scores:
-    """The gate metrics of one version, as recorded in its tags or re-measured."""
-
-    perplexity: float
-    degenerate_share: float
-    stop_share: float
-    samples: int = 0
-
-    @classmethod
-    def from_tags(cls, tags: dict) -> "Scores":
-        try:
-            return cls(float(tags["eval.perplexity"]), float(tags.get("eval.degenerate_share", 0.0)),
-                       float(tags.get("eval.stop_share", 0.0)), int(float(tags.get("eval.samples", 0))))
-        except KeyError as e:
-            raise ValueError(f"model version has no {e.args[0]} tag: it was not registered by tunepath's register stage") from e
 
 
 @dataclass
@@ -35,19 +18,25 @@ class Verdict:
         return asdict(self)
 
 
-def compare(cfg: PromoteConfig, candidate: Scores, champion: Scores) -> Verdict:
-    """The candidate wins when its perplexity is lower by the margin and its samples are not worse beyond the slack."""
-    need = champion.perplexity * (1 - cfg.min_improvement)
-    checks = [
-        {"check": "perplexity", "passed": candidate.perplexity <= need,
-         "detail": f"candidate {candidate.perplexity:.4f} vs champion {champion.perplexity:.4f}, needs <= {need:.4f}"},
-    ]
-    if candidate.samples and champion.samples:
-        checks.append({"check": "degenerate", "passed": candidate.degenerate_share <= champion.degenerate_share + cfg.generation_slack,
-                       "detail": f"degenerate share {candidate.degenerate_share:.2f} vs champion {champion.degenerate_share:.2f} "
-                                 f"(slack {cfg.generation_slack})"})
-        checks.append({"check": "stop_at_eot", "passed": candidate.stop_share >= champion.stop_share - cfg.generation_slack,
-                       "detail": f"stop-at-end-of-turn share {candidate.stop_share:.2f} vs champion {champion.stop_share:.2f} "
+def _ci(c: dict) -> str:
+    return f"{c['value']:.4f} [{c['low']:.4f}, {c['high']:.4f}]"
+
+
+def compare(cfg: PromoteConfig, comparison: dict, primary: str) -> Verdict:
+    """The candidate wins when the interval of its gain over the champion on the primary metric lies above
+    `min_improvement`, and its answers do not loop or run on more often beyond the slack."""
+    p = comparison[primary]
+    gain = "relative perplexity reduction" if primary == "perplexity" else f"{primary} candidate - champion"
+    checks = [{"check": primary, "passed": p["diff"]["low"] > cfg.min_improvement,
+               "detail": f"{primary}: candidate {_ci(p['tuned'])} vs champion {_ci(p['base'])}; {gain} {_ci(p['diff'])}, "
+                         f"needs lower end > {cfg.min_improvement}"}]
+    if "degenerate_share" in comparison:
+        d = comparison["degenerate_share"]
+        checks.append({"check": "degenerate", "passed": d["tuned"]["value"] <= d["base"]["value"] + cfg.generation_slack,
+                       "detail": f"degenerate share {d['tuned']['value']:.2f} vs champion {d['base']['value']:.2f} (slack {cfg.generation_slack})"})
+        s = comparison["stopped_at_eot_share"]
+        checks.append({"check": "stop_at_eot", "passed": s["tuned"]["value"] >= s["base"]["value"] - cfg.generation_slack,
+                       "detail": f"stop-at-end-of-turn share {s['tuned']['value']:.2f} vs champion {s['base']['value']:.2f} "
                                  f"(slack {cfg.generation_slack})"})
     failed = [c for c in checks if not c["passed"]]
     if failed:

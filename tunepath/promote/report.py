@@ -14,6 +14,8 @@ def render_decision(record: dict) -> str:
         if v:
             lines.append(f"| {role} | {v['version']} | {_num(v.get('perplexity'))} | `{(v.get('data_hash') or '')[:16]}` "
                          f"| `{(v.get('git_commit') or '')[:12]}` |")
+    if record.get("comparison"):
+        lines += ["", comparison_markdown(record)]
     if record.get("checks"):
         lines += ["", f"Compared on: {record['compared_on']}.", "", "| check | passed | detail |", "|---|---|---|"]
         lines += [f"| {c['check']} | {'yes' if c['passed'] else '**no**'} | {c['detail']} |" for c in record["checks"]]
@@ -27,3 +29,12 @@ def _num(value) -> str:
         return f"{float(value):.4f}"
     except (TypeError, ValueError):
         return "n/a"
+
+
+def comparison_markdown(record: dict) -> str:
+    """Champion and candidate side by side: each metric with its interval and the paired difference."""
+    from tunepath.evaluate.report import comparison_table
+
+    champ, cand = (record.get(k) or {} for k in ("champion", "candidate"))
+    labels = (f"champion v{champ.get('version', '?')}", f"candidate v{cand.get('version', '?')}")
+    return "\n".join(comparison_table(record["comparison"], record.get("primary_metric", ""), labels))

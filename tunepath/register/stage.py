@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 PIP_REQUIREMENTS = ["torch", "transformers", "safetensors", "tokenizers", "accelerate"]
 REPORTS = {"validate": ["report.json", "report.md"], "tokenize": ["stats.json", "report.md"], "route": ["plan.json", "plan.md"],
-           "train": ["metrics.json", "loss.csv"], "evaluate": ["metrics.json", "samples.jsonl", "report.md"], "merge": ["parity.json"]}
+           "train": ["metrics.json", "loss.csv"], "evaluate": ["metrics.json", "samples.jsonl", "row_scores.json", "report.md"], "merge": ["parity.json"]}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
@@ -78,8 +78,6 @@ def evaluation_tags(evaluation: dict, parity: dict) -> dict[str, str]:
     tags = {
         "eval.split": evaluation["split_kind"],
         "eval.rows": evaluation["eval_rows"],
-        "eval.perplexity": evaluation["tuned_perplexity"],
-        "eval.base_perplexity": evaluation["base_perplexity"],
         "eval.degenerate_share": evaluation["degenerate_share"],
         "eval.stop_share": evaluation["stopped_at_eot_share"],
         "eval.samples": evaluation.get("samples", 0),
@@ -90,8 +88,50 @@ def evaluation_tags(evaluation: dict, parity: dict) -> dict[str, str]:
         "merge.evaluated_gap": parity.get("evaluated_gap", ""),
     }
     if (evaluation.get("preference") or {}).get("pairs"):
-        tags["eval.preference_accuracy"] = evaluation["preference"]["tuned_accuracy"]
+        tags["eval.preference_accuracy_sum"] = evaluation["preference"]["tuned_accuracy"]
+    # every compared metric with its interval: "value [low, high]" for the tuned model, its base and the difference
+    for name, c in (evaluation.get("comparison") or {}).items():
+        if name == "relevance":
+            tags["eval.relevance"] = _interval(c["diff"])
+            continue
+        ci = "_ci" if name == "perplexity" else ""  # eval.perplexity stays a plain number: promotion parses it
+        tags[f"eval.{name}{ci}"] = _interval(c["tuned"])
+        tags[f"eval.base_{name}{ci}"] = _interval(c["base"])
+        tags[f"eval.{name}_diff"] = _interval(c["diff"])
+    if evaluation.get("judge"):
+        tags["eval.judge_win_rate"] = _interval(evaluation["judge"]["win_rate"])
+    if evaluation.get("primary_metric"):
+        tags["eval.primary_metric"] = evaluation["primary_metric"]
+    tags["eval.perplexity"] = evaluation["tuned_perplexity"]
+    tags["eval.base_perplexity"] = evaluation["base_perplexity"]
+    for name, b in (evaluation.get("benchmarks") or {}).get("tasks", {}).items():
+        tags[f"eval.benchmark.{name}"] = f"{b['tuned']:.4f} (base {b['base']:.4f})"
     return {k: str(v) for k, v in tags.items()}
+
+
+def _interval(c: dict) -> str:
+    return f"{c['value']:.4f} [{c['low']:.4f}, {c['high']:.4f}]"
+
+
+def log_sample_table(samples_path: Path) -> None:
+    """The per-prompt answers and scores as an MLflow evaluation table (the run's Evaluation/Artifacts view)."""
+    import mlflow
+
+    if not samples_path.exists():
+        return
+    rows = [json.loads(line) for line in samples_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not rows:
+        return
+    table: dict[str, list] = {k: [] for k in ("prompt", "reference", "base", "tuned")}
+    for name in rows[0].get("tuned_scores") or {}:
+        table[f"base_{name}"], table[f"tuned_{name}"] = [], []
+    for r in rows:
+        for k in ("prompt", "reference", "base", "tuned"):
+            table[k].append(r.get(k, ""))
+        for name in r.get("tuned_scores") or {}:
+            table[f"base_{name}"].append(r["base_scores"][name])
+            table[f"tuned_{name}"].append(r["tuned_scores"][name])
+    mlflow.log_table(table, artifact_file="evaluate/samples_table.json")
 
 
 def run_register(cfg: RegisterConfig, params: dict, root: Path, tracking_uri: str, artifacts: Path, out_dir: Path) -> dict:
@@ -165,6 +205,7 @@ def _log_and_register(cfg, params, root, model_dir, stage_dirs, plan, evaluation
             for name in files:
                 if (stage_dirs[stage] / name).exists():
                     mlflow.log_artifact(str(stage_dirs[stage] / name), artifact_path=stage)
+        log_sample_table(stage_dirs["evaluate"] / "samples.jsonl")
         records = stage_dirs["validate"] / "records.jsonl"
         with tempfile.TemporaryDirectory(prefix="tunepath-heldout-") as tmp:
             heldout = write_heldout(stage_dirs["tokenize"], records, Path(tmp) / "heldout")

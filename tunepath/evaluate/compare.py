@@ -1,0 +1,50 @@
+"""Two models measured on the same held-out rows, side by side: every metric with its interval for each model and
+the paired interval of the difference. The evaluate stage compares base and tuned; promotion compares champion and
+candidate with the same function (`base` is the reference side, `tuned` the side that must be better).
+"""
+
+from __future__ import annotations
+
+from tunepath.evaluate.stats import Bootstrap, mean_ci, paired_diff_ci, perplexity_ci, perplexity_gain_ci
+from tunepath.evaluate.textmetrics import METRICS, mismatched_scores, score_answers
+
+HIGHER_IS_BETTER = {**{m: True for m in METRICS}, "perplexity": False, "preference_accuracy": True,
+                    "degenerate_share": False, "stopped_at_eot_share": True}
+
+
+def preference_correct(scores: list[tuple]) -> list[float]:
+    """Per pair: 1 when the chosen answer has the higher mean log-probability per token. Sums would favour short
+    answers whatever the model learnt (the demo's rejected answers are a tenth as long as the chosen ones)."""
+    return [float(c / max(cn, 1) > r / max(rn, 1)) for c, cn, r, rn in scores]
+
+
+def compare(base: dict, tuned: dict, references: list[str], boot: Bootstrap, relevance_metric: str | None = None) -> dict:
+    """{metric: {"base": ci, "tuned": ci, "diff": ci}} for `base` and `tuned` as `measure` returns them; the diff of
+    perplexity is the relative reduction 1 - tuned/base (positive: tuned better), every other diff is tuned - base."""
+    out: dict[str, dict] = {}
+    if references and tuned["answers"]:
+        b = score_answers([a["text"] for a in base["answers"]], references)
+        t = score_answers([a["text"] for a in tuned["answers"]], references)
+        for name in METRICS:
+            out[name] = {"base": mean_ci(b[name], boot), "tuned": mean_ci(t[name], boot), "diff": paired_diff_ci(t[name], b[name], boot)}
+        for name in ("degenerate", "stopped_at_eot"):
+            bv, tv = ([float(a[name]) for a in m["answers"]] for m in (base, tuned))
+            out[f"{name}_share"] = {"base": mean_ci(bv, boot), "tuned": mean_ci(tv, boot), "diff": paired_diff_ci(tv, bv, boot)}
+        if relevance_metric in METRICS and len(references) > 1:
+            own = t[relevance_metric]
+            other = mismatched_scores([a["text"] for a in tuned["answers"]], references, relevance_metric)
+            out["relevance"] = {"metric": relevance_metric, "own": mean_ci(own, boot), "other": mean_ci(other, boot),
+                                "diff": paired_diff_ci(own, other, boot)}
+    out["perplexity"] = {"base": perplexity_ci(base["row_scores"], boot), "tuned": perplexity_ci(tuned["row_scores"], boot),
+                         "diff": perplexity_gain_ci(tuned["row_scores"], base["row_scores"], boot)}
+    if tuned["preference"]:
+        b, t = preference_correct(base["preference"]), preference_correct(tuned["preference"])
+        out["preference_accuracy"] = {"base": mean_ci(b, boot), "tuned": mean_ci(t, boot), "diff": paired_diff_ci(t, b, boot),
+                                      "pairs": len(t)}
+    return out
+
+
+def per_sample_scores(answers: list[dict], references: list[str]) -> list[dict]:
+    """Each answer's task metrics (for samples.jsonl and the MLflow evaluation table)."""
+    scores = score_answers([a["text"] for a in answers], references)
+    return [{name: scores[name][i] for name in METRICS} for i in range(len(answers))]
