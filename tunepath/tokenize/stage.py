@@ -102,7 +102,7 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
     }
     (out_dir / "stats.json").write_text(json.dumps({**summary, **stats}, indent=2) + "\n", encoding="utf-8")
     write_report(out_dir / "report.md", summary, stats)
-    _check_drops(stats, cfg)
+    _check_drops(stats, cfg, model.base)
     log.info(
         "tokenize: %d SFT conversations, %d CPT tokens, %d preference pairs (template %s %s, %.1f s%s)",
         summary["labeled_examples"], summary["unlabeled_tokens"], summary["preference_pairs"], cfg.template,
@@ -242,7 +242,7 @@ def _drop_examples(mapped, records, kind: str, split: str) -> dict:
     return examples
 
 
-def _check_drops(stats: dict, cfg: TokenizeConfig) -> None:
+def _check_drops(stats: dict, cfg: TokenizeConfig, model: str) -> None:
     """Fail when a kind and split lost more than `max_drop_share` of its rows (stats and report are written first)."""
     for folder, splits in stats.items():
         for split, row in splits.items():
@@ -255,7 +255,8 @@ def _check_drops(stats: dict, cfg: TokenizeConfig) -> None:
             where = f" (e.g. {example['file']}, line {example['line']}: {example['detail']})" if example else ""
             raise StageError(
                 f"tokenize: {sum(dropped.values())} of {total} {folder}/{split} rows yield no sample, more than "
-                f"tokenize.max_drop_share={cfg.max_drop_share}; most: {worst} ({dropped[worst]}){where}. "
+                f"tokenize.max_drop_share={cfg.max_drop_share} (template: {cfg.template}, model {model}); most: "
+                f"{worst} ({dropped[worst]}){where}. "
                 "See artifacts/tokenize/report.md; change tokenize.template or max_length, fix the data, or raise the share."
             )
 
