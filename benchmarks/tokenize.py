@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         from tests.corpus.templates.load import materialize
 
         args.model = str(materialize(args.corpus, args.workdir / "corpus" / args.corpus))
+    label = args.corpus or (Path(args.model).name if args.model else "a ChatML BPE trained here")
     if not args.model:
         args.model = str(build_tokenizer(args.workdir / "tokenizer", [m["content"] for c in chats[:5000] for m in c]))
     (args.workdir / "validate").mkdir(exist_ok=True)
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ratio = raw["seconds"] / stage["seconds"]
     rows = [
-        ("tokenizer and template", args.corpus or args.model),
+        ("tokenizer and template", label),
         ("conversations (train/eval)", f"{len(chats):,} ({records:,}/{len(chats) - records:,})"),
         ("samples (train): one per turn where the template rewrites history", f"{train['samples_out']:,} ({train.get('turn_samples', 0):,} extra)"),
         ("tokens (rendered chats)", f"{tokens:,} (longest {train['longest']}, max_length {args.max_length}, truncated {train['truncated']})"),
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     figures = {
         "date": time.strftime("%Y-%m-%d"), "cpu_cores": os.cpu_count(), "load_average": round(os.getloadavg()[0], 2),
-        "conversations": len(chats), "tokens": tokens, "tokenizer": args.corpus or args.model,
+        "conversations": len(chats), "tokens": tokens, "tokenizer": label,
         "samples_out": train["samples_out"], "turn_samples": train.get("turn_samples", 0), "max_length": args.max_length, "num_proc": args.num_proc,
         "raw_runs": raws, "stage_runs": stages, "cached_run": cached,
         "ratio_wall": round(ratio, 3), "ratio_cpu": round(raw_cpu / stage_cpu, 3),
