@@ -98,17 +98,13 @@ class ChatEncoder:
         self.pattern = added_token_pattern(self.guarded.values())
         self.added_ids = set(tokenizer.added_tokens_decoder)
         added = {t.content for t in tokenizer.added_tokens_decoder.values()}
-        self.builder = TurnBuilder(self.renderer, None, added, last_turn_only, keep_history_reasoning)
-        self.builder.end_of_turn = find_end_of_turn(self.renderer, self.pattern)
+        end_of_turn = find_end_of_turn(self.renderer, self.pattern)
+        self.builder = TurnBuilder(self.renderer, end_of_turn, added, last_turn_only, keep_history_reasoning)
         self.eos_id = tokenizer.eos_token_id
         self.parity_checks = parity_checks
         self._safe = None
         self._tail = None
         self._segments: dict[str, list[int]] = {}
-
-    @property
-    def last_turn_only(self) -> bool:
-        return self.builder.last_turn_only
 
     def encode(self, conversations: list[list[dict]], tools: list | None = None, with_text: bool = False) -> list[EncodedChat | None]:
         """Per conversation, its last sample (the one teaching its last assistant turn); None when it has none."""
@@ -148,7 +144,7 @@ class ChatEncoder:
         for row in rows:
             if row["status"] == KEPT:
                 self._label(row)
-        self._check_parity([r for r in normal if r["status"] == KEPT][: self.parity_checks], rows)
+        self._check_parity([r for r in normal if r["status"] == KEPT][: self.parity_checks])
 
         lengths = [len(r["ids"]) if r["status"] == KEPT else 0 for r in rows]
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -288,7 +284,7 @@ class ChatEncoder:
         cut = len(before[-200:])
         return [i for i, (s, _) in zip(probe.ids, probe.offsets) if s >= cut]
 
-    def _check_parity(self, rows: list[dict], all_rows: list[dict]) -> None:
+    def _check_parity(self, rows: list[dict]) -> None:
         for row in rows:
             sample = row["sample"]
             kwargs = {"tools": row["tools"], "tokenize": True, "return_dict": False, **self.renderer.kwargs}
