@@ -58,8 +58,8 @@ def end_of_turn_ids(rows, tokenizer) -> list[int]:
 def conversation_prompts(rows, records: list[dict], tokenizer, limit: int) -> list[Prompt]:
     """The first `limit` (0: every) SFT eval rows with a prompt, each matched to its record for the plain-text variant.
 
-    Rows keep the records' order but dropped records have no row, so a row is matched to the next record whose
-    last assistant answer starts like the row's answer.
+    A row names its record (`record`, written by tokenize); rows of older tokenize outputs are matched to the
+    next record whose last assistant answer starts like the row's answer.
     """
     out: list[Prompt] = []
     j = 0
@@ -70,13 +70,16 @@ def conversation_prompts(rows, records: list[dict], tokenizer, limit: int) -> li
         if not prompt_ids:
             continue
         reference = reference_text(row, tokenizer)
-        match, j = _match(records, j, reference)
+        index = row.get("record")
+        if index is not None and 0 <= index < len(records):
+            match = records[index]  # tokenize recorded which record the row came from
+        else:
+            match, j = _match(records, j, reference)
         if match is None:
             log.warning("held-out row %d has no matching record; its untemplated sample is skipped", len(out))
             out.append(Prompt(None, tokenizer.decode(prompt_ids), reference, prompt_ids, None))
             continue
-        user = next(m["content"] for m in reversed(match["messages"]) if m["role"] == "user") if any(
-            m["role"] == "user" for m in match["messages"]) else ""
+        user = _user_before(match["messages"], reference)
         raw = tokenizer(user + "\n", add_special_tokens=False, split_special_tokens=True)["input_ids"]
         out.append(Prompt(match["id"], user, reference, prompt_ids, list(raw)))
     return out
@@ -87,6 +90,15 @@ def reference_text(row, tokenizer) -> str:
     start = len(row["prompt_ids"])
     ids = [t for t, label in zip(row["input_ids"][start:], row["labels"][start:]) if label != IGNORE_INDEX]
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def _user_before(messages: list[dict], reference: str) -> str:
+    """The user message the row's answer replies to: the one before the assistant turn it teaches (a template that
+    rewrites history gives one row per turn), else the last one."""
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and (m.get("content") or "").strip()
+             and (m.get("content") or "").strip() in reference]
+    end = turns[-1] if turns else len(messages)
+    return next((m["content"] for m in reversed(messages[:end]) if m["role"] == "user"), "")
 
 
 def _match(records: list[dict], start: int, reference: str) -> tuple[dict | None, int]:
