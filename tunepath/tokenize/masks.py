@@ -18,7 +18,7 @@ from __future__ import annotations
 import bisect
 import logging
 from dataclasses import dataclass
-from itertools import chain
+from itertools import accumulate, chain
 
 from tunepath.tokenize.render import ChatRenderer, added_token_pattern, guarded_tokens, parse_tools
 from tunepath.tokenize.templates import TemplateError
@@ -117,10 +117,12 @@ class ChatEncoder:
         import numpy as np
 
         rows: list[dict] = []
+        # Reasoning written as a <think> block in the content is split off first: its tags are not content.
+        conversations = [[split_reasoning(m) for m in messages] for messages in conversations]
+        suspects = self._control_text_rows(conversations, tools)
         for index, messages in enumerate(conversations):
-            messages = [split_reasoning(m) for m in messages]
             declared = parse_tools(tools[index]) if tools is not None else None
-            injected = self._holds_control_text(messages, tools[index] if tools is not None else None)
+            injected = index in suspects and self._holds_control_text(messages, tools[index] if tools is not None else None)
             try:
                 samples = self.builder.samples(messages, declared, exact=injected)
             except SampleError as e:
@@ -175,14 +177,21 @@ class ChatEncoder:
 
     # -- pieces ---------------------------------------------------------------------------------------------
 
-    def _holds_control_text(self, messages: list[dict], tools) -> bool:
+    def _control_text_rows(self, conversations: list[list[dict]], tools) -> set[int]:
+        """The conversations that may hold an added token's text: one regex pass over the batch, and the rows
+        around each hit (most batches have none)."""
         if self.pattern is None:
-            return False
-        texts = [tools or ""]
-        for m in messages:
-            texts += [m.get("content") or "", m.get("reasoning") or "", m.get("name") or ""]
-            texts += [f"{c.get('name', '')}\0{c.get('arguments', '')}" for c in m.get("tool_calls") or ()]
-        return self.pattern.search("\0".join(texts)) is not None  # no added token holds a NUL
+            return set()
+        texts = [_message_texts(messages, tools[i] if tools is not None else None) for i, messages in enumerate(conversations)]
+        joined = "\1".join(texts)  # no added token holds \1 or NUL, so no match spans two texts
+        hits = [m.start() for m in self.pattern.finditer(joined)]
+        if not hits:
+            return set()
+        ends = list(accumulate(len(t) + 1 for t in texts))
+        return {bisect.bisect_right(ends, at) for at in hits}
+
+    def _holds_control_text(self, messages: list[dict], tools) -> bool:
+        return self.pattern is not None and self.pattern.search(_message_texts(messages, tools)) is not None
 
     def _neutral(self, messages: list[dict], tools, samples: list) -> list[str | None]:
         """The samples rendered with every added token's text in the messages masked by private-use characters of
@@ -269,7 +278,9 @@ class ChatEncoder:
             return False
         if row["injected"]:
             return True  # the safe encoder split the text at the template's markup: its segments stand alone
-        control = next((k for k in range(first - 1, -1, -1) if ids[k] in self.added_ids), -1)
+        control, added = first - 1, self.added_ids
+        while control >= 0 and ids[control] not in added:
+            control -= 1
         cut = tokens.end_of(control) if control >= 0 else 0
         segment = row["sample"].text[cut:start]
         if cut == 0:  # no control token before the prompt's end: the whole prompt, tokenized alone
@@ -309,7 +320,7 @@ class Tokens:
     def __init__(self, encoding, offsets: list[tuple[int, int]] | None = None) -> None:
         self.encoding = encoding
         self.offsets = offsets
-        self.count = len(encoding.ids) if encoding is not None else len(offsets)
+        self._first: dict[int, int] = {}  # the same few positions are asked for by the checks and the labels
 
     def _spans(self) -> list[tuple[int, int]]:
         if self.offsets is None:
@@ -318,6 +329,12 @@ class Tokens:
 
     def first_at(self, position: int) -> int:
         """Index of the first token starting at or after `position`."""
+        k = self._first.get(position)
+        if k is None:
+            k = self._first[position] = self._find_first(position)
+        return k
+
+    def _find_first(self, position: int) -> int:
         if self.encoding is not None:
             k = self.encoding.char_to_token(position)
             if k is not None:
@@ -333,6 +350,15 @@ class Tokens:
         if self.encoding is not None:
             return self.encoding.token_to_chars(k)[1]
         return self._spans()[k][1]
+
+
+def _message_texts(messages: list[dict], tools) -> str:
+    """Every text of a conversation that content can reach, NUL-separated (no added token holds a NUL)."""
+    texts = [tools or ""]
+    for m in messages:
+        texts += [m.get("content") or "", m.get("reasoning") or "", m.get("name") or ""]
+        texts += [f"{c.get('name', '')}\0{c.get('arguments', '')}" for c in m.get("tool_calls") or ()]
+    return "\0".join(texts)
 
 
 def _start(offset: tuple[int, int]) -> int:

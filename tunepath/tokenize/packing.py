@@ -41,25 +41,31 @@ def padding_share(tokens: int, rows: int, width: int) -> float:
     return round(1.0 - tokens / (rows * width), 6) if rows else 0.0
 
 
-def build_rows(table, bins: list[list[int]], extra: tuple[str, ...] = ()):
+def build_rows(table, bins: list[list[int]], extra: tuple[str, ...] = (), rows=None):
     """A pyarrow Table with one row per bin: input_ids, labels and position_ids concatenated over its samples.
 
-    `table` holds one sample per row (list columns input_ids and labels); `extra` names list columns copied
-    through unchanged (only for bins of one sample).
+    `table` holds one sample per row (list columns input_ids and labels); bins index `rows` (an array of table
+    row numbers: the samples kept) or the table itself. `extra` names list columns copied through unchanged
+    (only for bins of one sample). The samples are gathered in one take.
     """
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
     order = np.fromiter((i for b in bins for i in b), dtype=np.int64, count=sum(len(b) for b in bins))
-    taken = table.take(pa.array(order))
-    sample_lengths = pc.list_value_length(taken["input_ids"]).to_numpy(zero_copy_only=False).astype(np.int64)
+    taken = table.take(pa.array(order if rows is None else np.asarray(rows, dtype=np.int64)[order]))
+    sample_lengths = pc.list_value_length(taken["input_ids"]).to_numpy(zero_copy_only=False).astype(np.int32)
     bin_sizes = np.fromiter((len(b) for b in bins), dtype=np.int64, count=len(bins))
-    sample_ends = np.cumsum(sample_lengths)
-    sample_starts = sample_ends - sample_lengths
+    sample_ends = np.cumsum(sample_lengths, dtype=np.int64)
     row_offsets = np.concatenate([[0], sample_ends[np.cumsum(bin_sizes) - 1]]) if len(bins) else np.zeros(1, np.int64)
     total = int(sample_ends[-1]) if len(sample_ends) else 0
-    positions = np.arange(total, dtype=np.int32) - np.repeat(sample_starts, sample_lengths).astype(np.int32)
+    # Position ids count up from 0 in each sample: ones, with each sample's first set back to 1 - its predecessor's length.
+    steps = np.ones(total, dtype=np.int32)
+    if total:
+        lengths = sample_lengths[sample_lengths > 0]
+        steps[0] = 0
+        steps[np.cumsum(lengths[:-1], dtype=np.int64)] = 1 - lengths[:-1]
+    positions = np.cumsum(steps, dtype=np.int32)
     offsets = pa.array(row_offsets.astype(np.int32))
     columns = {
         "input_ids": pa.ListArray.from_arrays(offsets, _flat(taken["input_ids"])),

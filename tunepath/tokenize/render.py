@@ -69,7 +69,8 @@ class ChatRenderer:
         # The compiled template and variables of transformers, minus its per-call setup (a third of the time).
         compiled = self._compiled
         names = {**self._globals, "messages": messages, "add_generation_prompt": add_generation_prompt, "tools": tools}
-        context = new_context(compiled.environment, compiled.name, compiled.blocks, names, shared=True, globals=compiled.globals)
+        # `names` holds the globals already; passing them again only makes jinja copy their keys into a set.
+        context = new_context(compiled.environment, compiled.name, compiled.blocks, names, shared=True)
         return compiled.environment.concat(compiled.root_render_func(context))
 
     def message(self, record: dict, with_reasoning: bool) -> dict:

@@ -126,7 +126,11 @@ class _Records:
 
         table = self._read()
         mask = pc.and_(pc.equal(table["kind"], kind), pc.equal(table["split"], split))
-        return table.filter(mask).select(columns or list(self.COLUMNS[kind]))
+        rows = table.select(columns or list(self.COLUMNS[kind])).filter(mask)
+        for name in ("messages", "prompt", "chosen", "rejected"):
+            if name in rows.column_names:
+                rows = rows.set_column(rows.column_names.index(name), name, _used_fields(rows[name]))
+        return rows
 
     def _read(self):
         import pyarrow as pa
@@ -152,15 +156,36 @@ class _Records:
         return self._table
 
 
+def _used_fields(column):
+    """A list<struct> column of messages without the fields no message of it sets (tool calls, names, reasoning in
+    most data): each batch is turned into Python dicts, and a field that is null everywhere costs a key in each."""
+    import pyarrow as pa
+
+    lists = column.combine_chunks()
+    if not len(lists) or lists.null_count:
+        return lists
+    messages = lists.values
+    keep = [i for i, f in enumerate(messages.type) if f.name in ("role", "content") or messages.field(i).null_count < len(messages)]
+    if len(keep) == messages.type.num_fields:
+        return lists
+    fields = [messages.type.field(i) for i in keep]
+    struct = pa.StructArray.from_arrays([messages.field(i) for i in keep], fields=fields, mask=messages.is_null() if messages.null_count else None)
+    return pa.ListArray.from_arrays(lists.offsets, struct)
+
+
 def _tokenized(kind: str, split: str, records: _Records, plan: EncodePlan, cfg: TokenizeConfig, cache: Path):
-    """The map output for one (kind, split) and whether it came from the cache; None when there are no records."""
-    from datasets import Dataset, load_from_disk
+    """The map output for one (kind, split) and whether it came from the cache; None when there are no records.
+
+    The map writes its Arrow files straight into the cache folder (an in-memory map output grows a buffer by
+    copying it, which cost more than the tokenizer on 50k chats), and the folder's `files.json` lists them.
+    """
+    from datasets import Dataset
     from datasets.table import InMemoryTable
 
     if (cache / "empty").exists():
         return None, True
-    if (cache / "dataset_info.json").exists():
-        return load_from_disk(str(cache)), True
+    if (cache / MAP_FILES).exists():
+        return _load_mapped(cache), True
     rows = records.get(kind, split)
     cache.parent.mkdir(parents=True, exist_ok=True)
     if not rows.num_rows:
@@ -176,6 +201,9 @@ def _tokenized(kind: str, split: str, records: _Records, plan: EncodePlan, cfg: 
         "preference": (dpo_batch, {"plan": plan}),
         "feedback": (kto_batch, {"plan": plan}),
     }[kind]
+    partial = cache.with_name(cache.name + f".partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
     source = Dataset(InMemoryTable(rows), fingerprint=cache.name + "-records")  # no hashing of the whole table
     mapped = source.map(
         function,
@@ -186,14 +214,33 @@ def _tokenized(kind: str, split: str, records: _Records, plan: EncodePlan, cfg: 
         with_indices=kind == "conversation",
         remove_columns=source.column_names,
         new_fingerprint=cache.name,
+        cache_file_name=str(partial / "map.arrow"),
         load_from_cache_file=False,
         desc=f"tokenize {FOLDERS[kind]}/{split}",
     )
-    partial = cache.with_name(cache.name + f".partial-{os.getpid()}")
-    mapped.save_to_disk(str(partial))
+    files = [Path(f["filename"]).name for f in mapped.cache_files]
+    (partial / MAP_FILES).write_text(json.dumps(files) + "\n", encoding="utf-8")
+    del mapped  # its memory maps point into `partial`, renamed next
     shutil.rmtree(cache, ignore_errors=True)
     os.replace(partial, cache)
-    return load_from_disk(str(cache)), False
+    return _load_mapped(cache), False
+
+
+MAP_FILES = "files.json"
+
+
+READ_WHOLE_BYTES = 2 << 30  # map outputs up to this size are read into memory; larger ones are memory-mapped
+
+
+def _load_mapped(cache: Path):
+    """The cached map output: its Arrow files, in order. Packing reads every row; reading a file whole was 5x
+    faster than faulting its pages in through a memory map (a 92 MB output: 0.07 s against 0.37 s)."""
+    from datasets import Dataset, concatenate_datasets
+
+    paths = [cache / name for name in json.loads((cache / MAP_FILES).read_text(encoding="utf-8"))]
+    whole = sum(p.stat().st_size for p in paths) <= READ_WHOLE_BYTES
+    parts = [Dataset.from_file(str(p), in_memory=whole) for p in paths]
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
 
 def _zero_stats() -> dict:
@@ -263,7 +310,6 @@ def _check_drops(stats: dict, cfg: TokenizeConfig, model: str) -> None:
 
 def _finish_sft(mapped, split: str, cfg: TokenizeConfig, target: Path, run_key: str) -> dict:
     import numpy as np
-    import pyarrow as pa
     import pyarrow.compute as pc
 
     if mapped is None:
@@ -271,8 +317,8 @@ def _finish_sft(mapped, split: str, cfg: TokenizeConfig, target: Path, run_key: 
     table = mapped.data.table
     stats, kept = _status_stats(table)
     extra = ("prompt_ids", "record") if split == "eval" else ()  # record: the row of records.jsonl (this kind and split)
-    samples = table.select(["input_ids", "labels", *extra]).take(pa.array(kept))
-    lengths = pc.list_value_length(samples["input_ids"]).to_numpy(zero_copy_only=False).astype(np.int64).tolist()
+    samples = table.select(["input_ids", "labels", *extra])
+    lengths = pc.list_value_length(samples["input_ids"]).to_numpy(zero_copy_only=False)[kept].astype(np.int64).tolist()
     tokens = sum(lengths)
     packed_bins = best_fit_decreasing(lengths, cfg.max_length)
     pack = cfg.pack and split == "train"
@@ -285,7 +331,7 @@ def _finish_sft(mapped, split: str, cfg: TokenizeConfig, target: Path, run_key: 
         rows=len(bins),
         packed=pack,
     )
-    _save(build_rows(samples, bins, extra), target, stats, run_key)
+    _save(build_rows(samples, bins, extra, rows=kept), target, stats, run_key)
     return {**_zero_stats(), **stats}
 
 
