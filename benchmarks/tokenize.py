@@ -122,7 +122,7 @@ def _measure(args) -> dict:
 def _run_child(args, child: str, cache: str = "") -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--child", child, "--model", args.model, "--workdir", str(args.workdir),
                "--cache", cache, "--max-length", str(args.max_length), "--num-proc", str(args.num_proc), "--batch-size", str(args.batch_size)]
-    done = subprocess.run(command, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    done = subprocess.run(command, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))})
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
