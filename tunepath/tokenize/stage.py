@@ -167,17 +167,13 @@ def _used_fields(column):
     """A list<struct> column of messages without the fields no message of it sets (tool calls, names, reasoning in
     most data): each batch is turned into Python dicts, and a field that is null everywhere costs a key in each."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
-    lists = column.combine_chunks()
-    if not len(lists) or lists.null_count:
-        return lists
-    messages = lists.values
-    keep = [i for i, f in enumerate(messages.type) if f.name in ("role", "content") or messages.field(i).null_count < len(messages)]
-    if len(keep) == messages.type.num_fields:
-        return lists
-    fields = [messages.type.field(i) for i in keep]
-    struct = pa.StructArray.from_arrays([messages.field(i) for i in keep], fields=fields, mask=messages.is_null() if messages.null_count else None)
-    return pa.ListArray.from_arrays(lists.offsets, struct)
+    messages = pc.list_flatten(column)
+    fields = [f for f in messages.type if f.name in ("role", "content") or pc.struct_field(messages, f.name).null_count < len(messages)]
+    if len(fields) == messages.type.num_fields:
+        return column
+    return column.cast(pa.list_(pa.struct(fields)))  # a cast, not arrays rebuilt from buffers: slices pickle small
 
 
 def _tokenized(kind: str, split: str, records: _Records, plan: EncodePlan, cfg: TokenizeConfig, cache: Path):
