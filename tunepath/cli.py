@@ -165,6 +165,40 @@ def cmd_promote(args) -> int:
     return 1 if record["decision"] == "rejected" else 0
 
 
+def cmd_export(args) -> int:
+    from tunepath.export import export
+    from tunepath.export.gguf_file import ExportError
+
+    try:
+        model_dir = _model_folder(args.source, args.project)
+        written = export(model_dir, args.out, tuple(args.format or ("gguf", "ollama", "vllm")), args.dtype, check=not args.no_check)
+    except (ExportError, ValueError, FileNotFoundError) as e:
+        print(f"tunepath export: {e}", file=sys.stderr)
+        return 1
+    for kind, what in written.items():
+        where = what["path"] if isinstance(what, dict) else what
+        extra = f" (read back: logit gap {what['check']['logit_gap']})" if isinstance(what, dict) and "check" in what else ""
+        print(f"{kind}: {where}{extra}")
+    return 0
+
+
+def _model_folder(source: str, project: Path) -> Path:
+    """A model folder from a path or a registry reference (models:/NAME@ALIAS or models:/NAME/VERSION)."""
+    if not source.startswith("models:/"):
+        path = Path(source)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path}: not a model folder (no config.json); run the pipeline up to merge, or pass models:/NAME@ALIAS")
+        return path
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(project))
+    local = Path(mlflow.artifacts.download_artifacts(source))
+    found = sorted(p.parent for p in local.rglob("config.json") if any(p.parent.glob("*.safetensors")))
+    if not found:
+        raise FileNotFoundError(f"{source}: the registered artifact holds no model folder with safetensors")
+    return found[0]
+
+
 def cmd_params(args) -> int:
     from tunepath.params import render_defaults
 
@@ -199,6 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     action.add_argument("--force", action="store_true", help="promote the candidate without comparing (recorded on the version)")
     action.add_argument("--rollback", action="store_true", help="point `champion` back at the `previous` version")
     promote.set_defaults(func=cmd_promote)
+    export = sub.add_parser("export", help="the merged model as GGUF (llama.cpp), an Ollama Modelfile and a vLLM folder")
+    export.add_argument("source", nargs="?", default="artifacts/merge/model", help="model folder or models:/NAME@ALIAS (default artifacts/merge/model)")
+    export.add_argument("--format", action="append", choices=["gguf", "ollama", "vllm"], help="repeatable (default: all three)")
+    export.add_argument("--dtype", default="f16", choices=["f16", "bf16", "f32", "q8_0"], help="GGUF tensor type (default f16)")
+    export.add_argument("--out", type=Path, default=Path("artifacts/export"), help="output folder (default artifacts/export)")
+    export.add_argument("--no-check", action="store_true", help="skip reading the GGUF back and comparing logits")
+    export.set_defaults(func=cmd_export)
     params = sub.add_parser("params", help="print params.yaml with every default and what it does")
     params.set_defaults(func=cmd_params)
     sub.add_parser("route", help="explain the training route for a profile file (tunepath route --help)", add_help=False)
