@@ -57,6 +57,9 @@ def preflight(cfg, root: Path) -> None:
         raise FileNotFoundError(f"data.raw_dir: {raw} does not exist; put your data files there or run `tunepath demo`")
     if not any(p.is_file() and not p.name.startswith(".") and p.suffix != ".dvc" for p in raw.rglob("*")):
         raise FileNotFoundError(f"data.raw_dir: {raw} has no data files (.jsonl, .json, .parquet, .csv, .txt)")
+    from tunepath.validate.readers import refuse_special_files
+
+    refuse_special_files(raw)
     resolve_model(cfg.model, Workspace(root, ""))
 
 
