@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,9 @@ from pathlib import Path
 import pytest
 
 from tunepath.errors import explain_fault
+
+# every write to /dev/full fails with ENOSPC; only the character device, never a file that took its name
+FULL_DEVICE = os.path.exists("/dev/full") and stat.S_ISCHR(os.stat("/dev/full").st_mode)
 
 
 def _raised(fn) -> BaseException:
@@ -23,7 +27,7 @@ def _raised(fn) -> BaseException:
     raise AssertionError("the fault did not happen")
 
 
-@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.skipif(not FULL_DEVICE, reason="needs the /dev/full device")
 def test_enospc_behind_another_error_is_named(tmp_path):
     def save():
         try:
@@ -34,7 +38,18 @@ def test_enospc_behind_another_error_is_named(tmp_path):
             raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed") from e
 
     text = explain_fault(_raised(save), root=tmp_path)
-    assert text.startswith("No space left on device (") and "MB free there" in text and "\n" not in text
+    assert text.startswith("No space left on device (") and f"MB free on the disk holding {tmp_path}" in text
+    assert "\n" not in text
+
+
+@pytest.mark.skipif(not FULL_DEVICE, reason="needs the /dev/full device")
+def test_a_torch_save_on_a_full_device_points_at_the_disk(tmp_path):
+    import torch
+
+    error = _raised(lambda: torch.save({"w": torch.zeros(1000, 1000)}, "/dev/full"))  # torch drops the errno
+    text = explain_fault(error, root=tmp_path)
+    assert text.startswith("saving a torch file failed (") and text.endswith("a full disk is the usual cause")
+    assert f"MB free on the disk holding {tmp_path}" in text
 
 
 def _mlflow_store(db: Path):

@@ -42,7 +42,7 @@ def _free(path) -> str:
     while not p.exists() and p != p.parent:
         p = p.parent
     try:
-        return f"{shutil.disk_usage(p).free / 1e6:,.0f} MB free there"
+        return f"{shutil.disk_usage(p).free / 1e6:,.0f} MB free on the disk holding {p}"
     except OSError:
         return "free space unknown"
 
@@ -64,6 +64,16 @@ def explain_fault(e: BaseException, mlflow_db=None, root=None) -> str | None:
             where = x.filename or mlflow_db or root
             writing = f" writing {x.filename}" if x.filename else ""
             return f"No space left on device{writing} ({_free(where) if where else 'free space unknown'}); free some space and rerun"
+    for x in chain:  # safetensors (Rust) and others put the OS error into their message only
+        if "No space left on device" in str(x) or "StorageFull" in str(x):
+            where = mlflow_db or root
+            return (f"No space left on device ({_free(where) if where else 'free space unknown'}); "
+                    f"{type(x).__name__}: {_first_line(x)[:200]}; free some space and rerun")
+    torch_write = next((x for x in chain if "PytorchStreamWriter" in str(x) or "inline_container" in str(x)), None)
+    if torch_write is not None and root is not None:
+        # torch's writer drops the errno; a full disk is by far its most common cause
+        return (f"saving a torch file failed ({_first_line(torch_write)[:200]}); {_free(root)}: "
+                "a full disk is the usual cause")
     db = mlflow_db or "the MLflow database"
     for x in chain:
         if not isinstance(x, sqlite3.Error):
