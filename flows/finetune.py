@@ -16,6 +16,7 @@ from tasks.stages import run_stage_task
 from tunepath.config import STAGES, Config
 from tunepath.params import write_params
 from tunepath.stages import Workspace, default_tracking_uri
+from tunepath.validate.readers import refuse_special_files
 
 
 @flow(name="finetune")
@@ -32,6 +33,7 @@ def finetune(config: Config = Config(), project_dir: str = ".", tracking_uri: st
         logger.info("params.yaml updated with this run's values: %s", ", ".join(changed))
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
     workspace = Workspace(root=root, tracking_uri=uri)
+    refuse_special_files(root / config.data.raw_dir)  # before DVC hashes the folder: a FIFO would block it forever
     results = [run_stage_task(name, config, workspace) for name in STAGES]
     skipped = [r["stage"] for r in results if r["skipped"]]
     logger.info("done: %d stages ran, %d up to date (%s)", len(STAGES) - len(skipped), len(skipped), ", ".join(skipped) or "none")

@@ -115,6 +115,17 @@ def test_registering_the_same_weights_again_reuses_the_version(registry):
     assert record["reused"] is True and record["version"] == v["full"]  # the last merged candidate
     assert len(client_of(root).search_model_versions(f"name='{NAME}'")) == before
     assert aliases(root)["candidate"] == v["full"]
+    # other settings that gave the same weights: model.json keeps the version's lineage, and this run's beside it
+    from tunepath.lineage import params_hash
+
+    params = cfg.model_dump(mode="json")
+    params["register"] = {**params["register"], "max_new_tokens": params["register"]["max_new_tokens"] + 1}
+    record = run_register(cfg.register, params, root, tracking_uri(root), root / "artifacts", root / "artifacts" / "register")
+    version = client_of(root).get_model_version(NAME, record["version"])
+    written = json.loads((root / "artifacts" / "register" / "model.json").read_text())
+    assert written["reused"] is True and written["tags"] == version.tags
+    assert written["tags"]["params_hash"] == version.tags["params_hash"] != params_hash(params)
+    assert written["this_run"]["params_hash"] == params_hash(params)
 
 
 def test_the_registry_check_notices_a_lost_or_foreign_registry(registry, tmp_path):

@@ -48,6 +48,11 @@ def tracking_uri(root: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
 
 
+def sqlite_file(uri: str) -> str | None:
+    """The database file of a sqlite:/// tracking URI (what a locked or corrupt registry message names)."""
+    return uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
+
+
 def preflight(cfg, root: Path) -> None:
     """Catch the common mistakes before any server starts or model loads."""
     from tunepath.stages import Workspace, resolve_model
@@ -57,6 +62,9 @@ def preflight(cfg, root: Path) -> None:
         raise FileNotFoundError(f"data.raw_dir: {raw} does not exist; put your data files there or run `tunepath demo`")
     if not any(p.is_file() and not p.name.startswith(".") and p.suffix != ".dvc" for p in raw.rglob("*")):
         raise FileNotFoundError(f"data.raw_dir: {raw} has no data files (.jsonl, .json, .parquet, .csv, .txt)")
+    from tunepath.validate.readers import refuse_special_files
+
+    refuse_special_files(raw)
     resolve_model(cfg.model, Workspace(root, ""))
 
 
@@ -259,14 +267,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("httpx", "httpcore", "alembic", "dvc"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from tunepath.errors import USER_ERRORS, describe
+    from tunepath.errors import USER_ERRORS, describe, explain_fault
 
     try:
         return args.func(args)
-    except USER_ERRORS as e:
+    except Exception as e:
         if os.environ.get("TUNEPATH_DEBUG"):
             raise  # the whole traceback, for whoever debugs tunepath itself
-        print(f"tunepath: error: {describe(e)} (TUNEPATH_DEBUG=1 shows the traceback)", file=sys.stderr)
+        fault = explain_fault(e, mlflow_db=sqlite_file(tracking_uri(args.project)), root=args.project)
+        if fault is None and not isinstance(e, USER_ERRORS):
+            raise  # a bug: its traceback is what fixes it
+        print(f"tunepath: error: {fault or describe(e)} (TUNEPATH_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tunepath: interrupted", file=sys.stderr)

@@ -14,6 +14,57 @@ class ConfigError(ValueError):
     """params.yaml or an override is wrong; the message names the key and what to do."""
 
 
+# the generated params.yaml is about 30 KB; a YAML alias bomb of 123 KB expanded to 200 MB and 2 GB of memory
+MAX_PARAMS_BYTES = 1_000_000
+MAX_PARAMS_NODES = 100_000  # scalars, lists and mappings after every alias is expanded; the generated file has ~1,000
+
+
+def read_params_text(path: Path) -> str:
+    """params.yaml's text, refused before parsing when too large or when its aliases expand past MAX_PARAMS_NODES."""
+    import yaml
+
+    size = path.stat().st_size
+    if size > MAX_PARAMS_BYTES:
+        raise ConfigError(f"{path}: {size:,} bytes, more than the {MAX_PARAMS_BYTES:,} a params file may hold; "
+                          "regenerate it with `tunepath params > params.yaml`")
+    text = path.read_text(encoding="utf-8")
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)  # nodes only: an alias is one shared node, not a copy
+    except yaml.YAMLError:
+        return text  # the parse that follows reports it with its line
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a params file") from None
+    expanded = _expanded_nodes(root)
+    if expanded > MAX_PARAMS_NODES:
+        raise ConfigError(f"{path}: its YAML aliases expand to more than {MAX_PARAMS_NODES:,} values; "
+                          "write the values out instead of repeating anchors (*alias)")
+    return text
+
+
+def _expanded_nodes(root) -> int:
+    """How many nodes the document has once every alias is expanded, counted without expanding (memoised per node)."""
+    import yaml
+
+    if root is None:
+        return 0
+    sizes: dict[int, int] = {}
+    stack = [(root, False)]
+    while stack:  # post-order, iterative: size(node) = 1 + the sizes of its children
+        node, done = stack.pop()
+        if id(node) in sizes:
+            continue
+        if isinstance(node, yaml.ScalarNode):
+            sizes[id(node)] = 1
+            continue
+        children = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else list(node.value)
+        if done:
+            sizes[id(node)] = min(1 + sum(sizes[id(c)] for c in children), MAX_PARAMS_NODES + 1)
+        else:
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in sizes)
+    return sizes[id(root)]
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     import yaml
 
@@ -62,7 +113,7 @@ def load_config(path: Path, overrides: list[str] | None = None):
     if not path.exists():
         raise ConfigError(f"{path}: not found; run from the project folder or pass --params FILE")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.safe_load(read_params_text(path)) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -78,7 +129,7 @@ def write_params(path: Path, config) -> list[str]:
 
     yaml = YAML()
     yaml.preserve_quotes = True
-    doc = yaml.load(path.read_text(encoding="utf-8")) if path.exists() else None
+    doc = yaml.load(read_params_text(path)) if path.exists() else None
     if doc is None:
         from ruamel.yaml.comments import CommentedMap
 

@@ -54,7 +54,8 @@ def run_stage(name: str, cfg, ws: Workspace, on_progress=None) -> dict:
         rows = micro_batches(t.batch_size, t.grad_accum, cfg.tokenize.max_length, t.micro_batch_tokens)[0]
         return run_route(cfg.route, resolve_model(cfg.model, ws), ws.out("tokenize"), ws.out("route"),
                          max_length=cfg.tokenize.max_length, batch_size=rows, lora_rank=cfg.train.lora_r,
-                         gradient_checkpointing=cfg.train.gradient_checkpointing)
+                         gradient_checkpointing=cfg.train.gradient_checkpointing, max_steps=t.max_steps,
+                         step_rows=t.batch_size * t.grad_accum)
     if name == "train":
         return train_stage(cfg, ws, on_progress)
     if name == "evaluate":

@@ -6,4 +6,5 @@ from pydantic import BaseModel, ConfigDict
 class Strict(BaseModel):
     """A pydantic model that rejects unknown keys (a typo in params.yaml must not be silently ignored)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and NaN pass every bound (inf > 0): an infinite learning rate would train on NaN until a gate noticed
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)

@@ -19,6 +19,7 @@ from tunepath.evaluate.heldout import Heldout, write_heldout
 from tunepath.register import RegisterConfig
 from tunepath.register.datasets import log_lineage
 from tunepath.register.hub import HubReference, hub_references
+from tunepath.registry import fail_orphaned_runs, process_tags
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,7 @@ def run_register(cfg: RegisterConfig, params: dict, root: Path, tracking_uri: st
     out_dir.mkdir(parents=True)
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient()
+    fail_orphaned_runs(client)
     digest = artifact_hash(model_dir)
     plan = _read_json(stage_dirs["route"] / "plan.json")
     train = _read_json(stage_dirs["train"] / "metrics.json")
@@ -183,6 +185,11 @@ def run_register(cfg: RegisterConfig, params: dict, root: Path, tracking_uri: st
     record = {"name": cfg.model_name, "version": str(version), "alias": cfg.alias, "run_id": run_id,
               "uri": f"models:/{cfg.model_name}@{cfg.alias}", "tracking_uri": tracking_uri, "tags": tags,
               "reused": existing is not None}
+    if existing is not None:
+        # model.json describes the version it points at: that version's lineage, not this run's (whose settings
+        # gave the same weights); this run's own identity is kept beside it
+        record["tags"] = dict(existing.tags)
+        record["this_run"] = {k: tags[k] for k in ("params_hash", "git_commit", "data_hash")}
     (out_dir / "model.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     log.info("registered %s version %s as @%s", cfg.model_name, version, cfg.alias)
     return record
@@ -193,7 +200,7 @@ def _log_and_register(cfg, params, root, model_dir, stage_dirs, plan, evaluation
 
     experiment_id = open_experiment(mlflow, cfg.experiment, root / "mlartifacts")
     with mlflow.start_run(experiment_id=experiment_id) as run:
-        mlflow.set_tags(tags)
+        mlflow.set_tags({**tags, **process_tags()})
         mlflow.log_params(flatten(params))
         mlflow.log_dict(params, "params.json")
         numbers = {k: float(v) for k, v in evaluation.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

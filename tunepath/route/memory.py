@@ -205,3 +205,19 @@ def estimate_hours(profile: Profile, cfg: RouteConfig, stages: list[str], method
         k += 2.0 if stage in ("dpo", "kto") else 0.0
         flops += k * p * training_tokens(profile, cfg, stage)
     return flops * cfg.epochs / (gpus * cfg.gpu_tflops * 1e12) / 3600
+
+
+def estimate_step_hours(profile: Profile, cfg: RouteConfig, stages: list[str], method: str, max_steps: int,
+                        tokens_per_step: int, gradient_checkpointing: bool = False) -> float | None:
+    """Wall-clock hours when every stage runs train.max_steps optimizer steps of `tokens_per_step` tokens (all
+    GPUs together): the time the configured step count asks for, whatever the data size; None on CPU."""
+    gpus = profile.resources.gpus
+    if gpus == 0:
+        return None
+    p = profile.model.params_b * 1e9
+    flops = 0.0
+    for stage in stages:
+        k = (6.0 if method == "full" else 4.0) + (2.0 if gradient_checkpointing else 0.0)
+        k += 2.0 if stage in ("dpo", "kto") else 0.0
+        flops += k * p * max_steps * tokens_per_step
+    return flops / (gpus * cfg.gpu_tflops * 1e12) / 3600

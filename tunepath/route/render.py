@@ -67,6 +67,13 @@ def render_memory(memory: dict) -> list[str]:
         total = f"{memory['per_gpu_gb'][method]:,.2f}"
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {total} | {fits} | {'-' if h is None else f'{h:,.1f}'} |")
     lines += ["", f"Formula: {memory['formula']}"]
+    steps = memory.get("max_steps")
+    if steps:
+        per = ", ".join(f"{m} {'-' if h is None else f'{h:,.1f}'}" for m, h in steps["hours"].items())
+        lines += ["", f"train.max_steps: {steps['max_steps']:,} optimizer steps per stage × at most "
+                      f"{steps['tokens_per_step']:,} tokens per step = {steps['max_steps'] * steps['tokens_per_step']:,} "
+                      f"tokens per stage; hours at that step count: {per}"
+                      + (" (no GPU: no time estimate)" if all(h is None for h in steps["hours"].values()) else "")]
     return lines
 
 

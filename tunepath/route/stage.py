@@ -30,11 +30,15 @@ def run_route(
     batch_size: int,
     lora_rank: int,
     gradient_checkpointing: bool = False,
+    max_steps: int = -1,
+    step_rows: int = 0,
 ) -> dict:
     """Plan the training route for this data, model and machine; returns the plan as written to plan.json.
 
     max_length, batch_size (rows per micro-batch), lora_rank and gradient_checkpointing describe how the train
     stage will run, so the memory estimate matches it (the pipeline passes the tokenize and train values).
+    max_steps (train.max_steps) and step_rows (rows per optimizer step per GPU: batch_size × grad_accum) add the
+    hours that the configured step count asks for, so a step count far beyond the data shows in the plan.
     """
     stats = read_stats(Path(tokenize_dir) / "stats.json")
     shape = model_shape_from_config(model, cfg.params_b)
@@ -51,6 +55,8 @@ def run_route(
     })
     plan = plan_route(profile, cfg, max_length=max_length, batch_size=batch_size, lora_rank=lora_rank,
                       gradient_checkpointing=gradient_checkpointing)
+    if max_steps > 0 and step_rows > 0:
+        _add_step_hours(plan, profile, cfg, max_steps, step_rows * max_length * max(gpus, 1), gradient_checkpointing)
     result = {**plan.model_dump(mode="json"), "profile": profile.model_dump(mode="json")}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -61,6 +67,21 @@ def run_route(
     for warning in plan.warnings:
         log.warning("route: %s", warning)
     return result
+
+
+def _add_step_hours(plan, profile: Profile, cfg: RouteConfig, max_steps: int, tokens_per_step: int,
+                    gradient_checkpointing: bool) -> None:
+    from tunepath.route.memory import estimate_step_hours
+    from tunepath.route.rules import hours
+
+    est = {m: estimate_step_hours(profile, cfg, plan.stages, m, max_steps, tokens_per_step, gradient_checkpointing)
+           for m in ("full", "lora", "qlora")}
+    plan.memory["max_steps"] = {"max_steps": max_steps, "tokens_per_step": tokens_per_step,
+                                "hours": {m: (round(h, 3) if h is not None else None) for m, h in est.items()}}
+    h, budget = est[plan.method], cfg.time_budget_hours
+    if h is not None and budget and h > budget:
+        plan.warnings.append(f"train.max_steps={max_steps:,} per stage takes ≈ {hours(h)} with {plan.method}, more "
+                             f"than the {hours(budget)} budget (route.time_budget_hours); lower train.max_steps")
 
 
 def read_stats(path: Path) -> dict:

@@ -8,6 +8,9 @@ from pydantic import Field, model_validator
 
 from tunepath.strict import Strict
 
+# a run of 10 million optimizer steps already takes weeks on one GPU; beyond it is a typo (1e23), not a plan
+MAX_STEPS_CEILING = 10_000_000
+
 
 class TrainConfig(Strict):
     """How to train. The route plan decides what (stages) and how (full/LoRA/QLoRA); this section tunes it."""
@@ -17,11 +20,13 @@ class TrainConfig(Strict):
         "tunepath's speed paths, measured faster than unsloth for LoRA and full fine-tuning; see benchmarks/README.md).",
     )
     seed: int = Field(0, description="Seed for initialisation and data order; same seed, data and machine give the same loss curve.")
-    max_steps: int = Field(60, ge=-1, description="Optimizer steps per training stage; -1 trains for `epochs` instead.")
-    epochs: float = Field(1.0, gt=0, description="Passes over the data when max_steps is -1.")
+    max_steps: int = Field(
+        60, ge=-1, le=MAX_STEPS_CEILING,
+        description=f"Optimizer steps per training stage (at most {MAX_STEPS_CEILING:,}); -1 trains for `epochs` instead.")
+    epochs: float = Field(1.0, gt=0, le=10_000, description="Passes over the data when max_steps is -1 (at most 10,000).")
     batch_size: int = Field(8, ge=1, description="Rows per device per step (packed rows hold several samples).")
     grad_accum: int = Field(1, ge=1, description="Steps accumulated per optimizer step; raises the effective batch without memory.")
-    learning_rate: float = Field(2e-3, gt=0, description="Peak learning rate; LoRA tolerates about 10x what full fine-tuning does.")
+    learning_rate: float = Field(2e-3, gt=0, allow_inf_nan=False, description="Peak learning rate; LoRA tolerates about 10x what full fine-tuning does.")
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field("cosine", description="Learning-rate schedule.")
     warmup_steps: float = Field(0.1, ge=0, description="Warm-up: a share of all steps when below 1, else a step count.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
@@ -29,7 +34,9 @@ class TrainConfig(Strict):
     lora_r: int = Field(16, ge=1, description="LoRA rank; higher learns more and costs more memory.")
     lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator (the update is scaled by alpha / r).")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input; regularises small data sets.")
-    target_modules: str | list[str] = Field("all-linear", description="Layers that get adapters: 'all-linear' or a list of module names.")
+    target_modules: str | list[str] = Field(
+        "all-linear", min_length=1,
+        description="Layers that get adapters: 'all-linear' or a non-empty list of module names (checked against the model's).")
     use_dora: bool = Field(False, description="DoRA: weight-decomposed LoRA; a little better, slower.")
     lora_train_embeddings: bool = Field(
         False,

@@ -98,9 +98,52 @@ def init_from_config(base: str, out: Path, tokenizer, seed: int, trust_remote_co
     return out
 
 
+def adaptable_modules(model) -> dict[str, str]:
+    """Full name -> leaf name of every layer peft's LoRA can wrap (linear, embedding, convolution)."""
+    import torch
+
+    kinds = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    try:
+        from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
+
+        kinds += (Conv1D,)
+    except ImportError:
+        pass
+    return {name: name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, kinds)}
+
+
+def check_target_modules(model, target_modules: str | list[str]) -> None:
+    """train.target_modules must name layers of this model (peft's own error names neither the key nor the layers).
+
+    peft matches a list entry against a module's full name or its dotted suffix, and a string other than
+    'all-linear' as a regular expression over the full name; the same rules here."""
+    import re
+
+    from tunepath.params import ConfigError
+
+    if target_modules == "all-linear":
+        return
+    layers = adaptable_modules(model)
+    if isinstance(target_modules, str):
+        if not any(re.fullmatch(target_modules, name) for name in layers):
+            missing = [target_modules]
+        else:
+            return
+    else:
+        missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in layers)]
+    if missing:
+        valid = sorted(set(layers.values()))
+        raise ConfigError(
+            f"train.target_modules: {', '.join(repr(m) for m in missing)} match{'es' if len(missing) == 1 else ''} no "
+            f"layer of {type(model).__name__}; layers that can take adapters: {', '.join(valid) or 'none'} "
+            "(or use 'all-linear')")
+
+
 def add_lora(model, cfg: TrainConfig):
     """Fresh LoRA (or DoRA) adapters; with lora_train_embeddings the embeddings and LM head train in full too."""
     from peft import LoraConfig, get_peft_model
+
+    check_target_modules(model, cfg.target_modules)
 
     extra = {}
     if cfg.lora_train_embeddings:

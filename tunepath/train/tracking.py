@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tunepath.registry import fail_orphaned_runs, process_tags
+
 log = logging.getLogger(__name__)
 
 CURVE_COLUMNS = ("step", "stage", "loss", "learning_rate", "grad_norm", "tokens_per_second")
@@ -32,6 +34,8 @@ class MlflowSink:
         from tunepath.registry import artifact_location
 
         self.client = MlflowClient(tracking_uri)
+        self.logged: dict[str, int] = {}  # metric -> last step already in the run (a resumed run has some)
+        fail_orphaned_runs(self.client)
         if run_id is not None:
             try:
                 self.client.get_run(run_id)
@@ -43,9 +47,15 @@ class MlflowSink:
             exp_id = exp.experiment_id if exp else self.client.create_experiment(
                 experiment, artifact_location=artifact_location(tracking_uri, Path(artifact_root))
             )
-            run_id = self.client.create_run(exp_id, tags={"stage": "train", **tags}, run_name="train").info.run_id
+            run_id = self.client.create_run(exp_id, tags={"stage": "train", **tags, **process_tags()},
+                                            run_name="train").info.run_id
         else:
             self.client.update_run(run_id, status="RUNNING")
+            for key, value in process_tags().items():
+                self.client.set_tag(run_id, key, value)
+            # steps between the last checkpoint and the kill were logged before it and are trained again now
+            for key in self.client.get_run(run_id).data.metrics:
+                self.logged[key] = max((m.step for m in self.client.get_metric_history(run_id, key)), default=-1)
         self.run_id = run_id
 
     def log_params(self, params: dict) -> None:
@@ -60,7 +70,8 @@ class MlflowSink:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and math.isfinite(float(v))]
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                 if v is not None and math.isfinite(float(v)) and step > self.logged.get(k, -1)]
         if batch:
             self.client.log_batch(self.run_id, metrics=batch, synchronous=False)
 

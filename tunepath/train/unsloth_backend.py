@@ -91,6 +91,9 @@ def build_model(base: str, cfg: TrainConfig, method: str, precision: str, max_le
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
+    from tunepath.train.recipe import check_target_modules
+
+    check_target_modules(model, cfg.target_modules)
     model = FastLanguageModel.get_peft_model(
         model,
         r=cfg.lora_r,

@@ -311,7 +311,7 @@ def _call_frame(items: list[ContractInput], kind: str):
 def _is_object(arguments: str) -> bool:
     try:
         return isinstance(json.loads(arguments), dict)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # ValueError: also an integer past Python's digit limit
         return False
 
 

@@ -44,10 +44,14 @@ def read_dataset_info(raw_dir: Path) -> tuple[dict[Path, FileSpec], list[str]]:
     for info_path in sorted(raw_dir.rglob(DATASET_INFO)):
         if any(part.startswith(".") for part in info_path.relative_to(raw_dir).parts):
             continue
+        if not info_path.is_file():  # a FIFO would block the read forever; the file listing names it
+            continue
         try:
             info = json.loads(info_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise DataValidationError(f"{info_path} line {e.lineno}: invalid JSON ({e.msg})") from e
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataValidationError(f"cannot read {info_path}: {getattr(e, 'strerror', None) or e}") from e
         if not isinstance(info, dict):
             raise DataValidationError(f"{info_path}: expected an object of data set entries, got {type(info).__name__}")
         for name, entry in info.items():

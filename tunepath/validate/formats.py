@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 
 from tunepath.validate.config import MAPPABLE_FIELDS, ValidateConfig
+from tunepath.validate.jsontext import PARSE_ERRORS, huge_integer_reason
 from tunepath.validate.messages import (
     CALL_TURN,
     canonical_json,
@@ -161,8 +162,9 @@ class Normaliser:
         if csv and isinstance(v, str) and v.lstrip().startswith("["):
             try:  # a CSV cell can only hold a message list as JSON text
                 v = json.loads(v)
-            except (json.JSONDecodeError, RecursionError):
-                reasons.append(f"bad_json: '{where}' holds a string that is not valid JSON, expected a list")
+            except PARSE_ERRORS as e:
+                reasons.append(huge_integer_reason(e, v, where)
+                               or f"bad_json: '{where}' holds a string that is not valid JSON, expected a list")
                 return None
         if not isinstance(v, list):
             reasons.append(f"wrong_type: '{where}' is {type_name(v)}, expected a list of messages")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 
+from tunepath.validate.jsontext import PARSE_ERRORS, huge_integer_reason
 from tunepath.validate.readers import has_invalid_utf8
 
 TEXT_PARTS = ("text", "input_text", "output_text")
@@ -81,8 +82,9 @@ def parse_call_text(value: object, where: str, reasons: list[str]) -> list[dict]
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except (json.JSONDecodeError, RecursionError):
-            reasons.append(f"bad_tool_call: '{where}' is not valid JSON, expected {{\"name\", \"arguments\"}}")
+        except PARSE_ERRORS as e:
+            reasons.append(huge_integer_reason(e, value, where)
+                           or f"bad_tool_call: '{where}' is not valid JSON, expected {{\"name\", \"arguments\"}}")
             return []
     items = value if isinstance(value, list) else [value]
     calls = []
@@ -113,8 +115,11 @@ def tool_call(item: object, where: str, reasons: list[str]) -> dict | None:
     if isinstance(arguments, str):
         try:  # canonical text when it parses; kept as written when not, so the contract can name it
             arguments = canonical_json(json.loads(arguments))
-        except (json.JSONDecodeError, RecursionError):
-            pass
+        except PARSE_ERRORS as e:
+            huge = huge_integer_reason(e, arguments, f"{at}.arguments")
+            if huge:  # kept as written, it would crash whatever parses it next (tokenize, the contract)
+                reasons.append(huge)
+                return None
     else:
         arguments = canonical_json(arguments)
     call_id = item.get("id")
@@ -130,8 +135,9 @@ def parse_tools(value: object, key: str, reasons: list[str]) -> str | None:
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except (json.JSONDecodeError, RecursionError):
-            reasons.append(f"bad_tools: '{key}' is a string that is not valid JSON, expected a list of tool schemas")
+        except PARSE_ERRORS as e:
+            reasons.append(huge_integer_reason(e, value, key)
+                           or f"bad_tools: '{key}' is a string that is not valid JSON, expected a list of tool schemas")
             return None
     if isinstance(value, dict):
         value = [value]

@@ -9,11 +9,15 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
+import stat
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tunepath.validate.jsontext import huge_integer, huge_integer_message, huge_integer_reason
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 DATA_SUFFIXES = (*JSONL_SUFFIXES, ".json", ".parquet", ".csv", ".txt")
@@ -32,63 +36,155 @@ class RawRow:
     value: object = None
     reasons: list[str] = field(default_factory=list)
     origin: str = "json"  # "json", "csv", "parquet" or "text": how lenient the normaliser may be with types
+    whole_file: bool = False  # the file itself cannot be read: its rows cannot be counted, so the stage fails
 
 
 @dataclass(slots=True)
 class FileListing:
     files: list[Path]
     skipped: list[Path]
+    special: list[str] = field(default_factory=list)  # FIFOs, sockets, devices: named, never opened
+    links: list[str] = field(default_factory=list)  # links to folders: not followed (a loop would never end)
 
 
 DATASET_INFO = "dataset_info.json"
 
+_SPECIAL = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+            (stat.S_ISBLK, "a block device"))
+
+
+def special_kind(mode: int) -> str | None:
+    return next((name for test, name in _SPECIAL if test(mode)), None)
+
 
 def list_data_files(raw_dir: Path) -> FileListing:
     """Data files under raw_dir, recursively and sorted; hidden files/folders, DVC pointer files and LLaMA-Factory's
-    dataset_info.json (a description of the other files, read by `dataset_info`) are ignored."""
-    files, skipped = [], []
-    for path in sorted(p for p in raw_dir.rglob("*") if p.is_file()):
-        rel = path.relative_to(raw_dir)
-        if any(part.startswith(".") for part in rel.parts) or path.suffix == ".dvc" or path.name == DATASET_INFO:
-            continue
-        (files if path.suffix.lower() in DATA_SUFFIXES else skipped).append(path)
-    return FileListing(files, skipped)
+    dataset_info.json (a description of the other files, read by `dataset_info`) are ignored.
+
+    A folder that cannot be listed raises DataValidationError naming it: its rows could not even be counted.
+    FIFOs, sockets and devices are listed in `special` and never opened (a FIFO would block the read forever).
+    """
+    from tunepath.validate.config import DataValidationError
+
+    files, skipped, special, links = [], [], [], []
+    folders = [raw_dir]
+    while folders:
+        folder = folders.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError as e:
+            raise DataValidationError(
+                f"cannot read the folder '{folder}' ({e.strerror or e}): the rows of its files cannot be counted, so "
+                "validate stops; fix its permissions or move it out of the data folder") from e
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            try:
+                mode = entry.stat().st_mode  # follows links; never opens the file
+            except OSError:
+                mode = None  # a broken link: reading it names the file and the cause
+            if mode is not None and stat.S_ISDIR(mode):
+                if entry.is_symlink():
+                    links.append(f"{path} is a link to a folder, which is not followed")
+                else:
+                    folders.append(path)
+                continue
+            kind = special_kind(mode) if mode is not None else None
+            if kind:
+                special.append(f"{path} is {kind}, not a regular file")
+            elif path.suffix == ".dvc" or path.name == DATASET_INFO:
+                continue
+            else:
+                (files if path.suffix.lower() in DATA_SUFFIXES else skipped).append(path)
+    return FileListing(sorted(files), sorted(skipped), sorted(special), sorted(links))
+
+
+def refuse_special_files(raw_dir: Path) -> None:
+    """Before DVC hashes the data folder: it opens every file there, and blocks forever on a FIFO."""
+    from tunepath.validate.config import DataValidationError
+
+    if not Path(raw_dir).is_dir():
+        return  # the validate stage says what to do about a missing folder
+    special = list_data_files(Path(raw_dir)).special
+    if special:
+        raise DataValidationError(
+            f"{'; '.join(special[:5])}{f' (and {len(special) - 5} more)' if len(special) > 5 else ''}: DVC hashes "
+            "every file of data.raw_dir and would block reading a special file; move it out of the data folder")
 
 
 def read_rows(path: Path, display: str, text_split: str = "blank_line") -> Iterator[RawRow]:
-    """Yield every row of one data file; `display` is the file name written into records and rejects."""
+    """Yield every row of one data file; `display` is the file name written into records and rejects.
+
+    A file that cannot be read at all (permissions, I/O error, binary, a broken Parquet footer) gives one row with
+    `whole_file` set: the stage fails naming it, since its rows cannot be counted.
+    """
     suffix = path.suffix.lower()
     try:
-        if suffix in JSONL_SUFFIXES:  # streamed: the file is never held twice in memory
-            with open(path, "rb") as f:
-                head = f.read(8192)
-                if not looks_binary(head):
-                    f.seek(0)
-                    yield from _read_jsonl((b.decode("utf-8", errors="surrogateescape") for b in f), display)
-                    return
-            data = head
-        else:
-            data = path.read_bytes()
+        with open(path, "rb") as f:
+            head = f.read(8192)
+            codec = bom_codec(head)
+            if suffix in JSONL_SUFFIXES and codec is None and not looks_binary(head):
+                # streamed: the file is never held twice in memory
+                f.seek(0)
+                yield from _read_jsonl((b.decode("utf-8", errors="surrogateescape") for b in f), display)
+                return
+            data = head + f.read()
     except OSError as e:
-        yield RawRow(display, 0, "", reasons=[f"unreadable_file: cannot read {display}: {e}"])
+        yield _unreadable(display, f"cannot read {display}: {e.strerror or e}")
         return
     if suffix == ".parquet":
         yield from _read_parquet(data, display)
         return
-    if looks_binary(data):
-        # report the file once instead of one garbage row per line
-        yield RawRow(display, 1, _replace(data[:1000]), reasons=[
-            f"binary_file: {display} is mostly control bytes: it is not a UTF-8 text file (binary, compressed or "
-            f"UTF-16?); save it as UTF-8 {suffix}"])
+    if codec is not None:
+        try:
+            text = data.decode(codec)
+        except UnicodeDecodeError as e:
+            yield _unreadable(display, f"{display} starts with a {codec.upper()} byte-order mark but holds invalid "
+                                       f"{codec.upper()} at byte {e.start}; save it as UTF-8 {suffix}")
+            return
+        text = text.removeprefix(BOM)
+    elif looks_binary(data):
+        yield _unreadable(display, f"{display} is mostly control bytes: it is not a UTF-8 text file ({_guess(data)}); "
+                                   f"save it as UTF-8 {suffix}", code="binary_file", raw=_replace(data[:1000]))
         return
-    # surrogateescape keeps invalid bytes recoverable, so only the rows that hold them are rejected
-    text = data.decode("utf-8", errors="surrogateescape").removeprefix(BOM)
-    if suffix == ".json":
+    else:
+        # surrogateescape keeps invalid bytes recoverable, so only the rows that hold them are rejected
+        text = data.decode("utf-8", errors="surrogateescape").removeprefix(BOM)
+    if suffix in JSONL_SUFFIXES:
+        yield from _read_jsonl(text.split("\n"), display)
+    elif suffix == ".json":
         yield from _read_json(text, display)
     elif suffix == ".csv":
         yield from _read_csv(text, display)
     else:
         yield from _read_text(text, display, text_split)
+
+
+def _unreadable(display: str, message: str, code: str = "unreadable_file", raw: str = "") -> RawRow:
+    return RawRow(display, 0, raw, reasons=[f"{code}: {message}"], whole_file=True)
+
+
+# longest first: the UTF-32 LE mark starts with the UTF-16 LE one
+_BOMS = ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"), (b"\xff\xfe", "utf-16"),
+         (b"\xfe\xff", "utf-16"))
+
+
+def bom_codec(head: bytes) -> str | None:
+    """The codec named by a UTF-16 or UTF-32 byte-order mark (which Python's codecs then consume); UTF-8's is read
+    as UTF-8."""
+    return next((codec for mark, codec in _BOMS if head.startswith(mark)), None)
+
+
+def _guess(data: bytes) -> str:
+    sample = data[:8192]
+    even, odd = sample[0::2], sample[1::2]
+    if sample and (even.count(0) > 0.3 * len(even) or odd.count(0) > 0.3 * len(odd)):
+        return "it looks like UTF-16 without a byte-order mark"
+    if sample.startswith((b"\x1f\x8b", b"PK\x03\x04", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")):
+        return "it looks compressed or archived"
+    return "binary, compressed, or UTF-16 without a byte-order mark"
 
 
 _CONTROL_BYTES = bytes([*range(0x00, 0x09), *range(0x0E, 0x20), 0x7F])
@@ -141,6 +237,8 @@ def _parse_json(display: str, line: int, raw: str, origin: str = "json") -> RawR
         return RawRow(display, line, raw, reasons=[f"bad_json: {e.msg}, column {e.colno} (a truncated or malformed line?)"])
     except RecursionError:
         return RawRow(display, line, raw, reasons=["bad_json: nested too deeply to parse"])
+    except ValueError as e:
+        return RawRow(display, line, raw, reasons=[huge_integer_reason(e, raw) or f"bad_json: {e}"])
     return RawRow(display, line, raw, value, origin=origin)
 
 
@@ -197,9 +295,19 @@ def _read_json_array(text: str, display: str, pos: int) -> Iterator[RawRow]:
             yield RawRow(display, line, _printable(text[pos:]), reasons=[
                 f"bad_json: element {elements + 1} is nested too deeply; the rest of the file is quarantined"])
             return
-        raw = text[pos:end]
+        except ValueError as e:  # an integer past Python's digit limit: that element alone is rejected
+            found = huge_integer(text, pos)
+            if found is None:
+                yield RawRow(display, line, _printable(text[pos:]), reasons=[
+                    f"bad_json: element {elements + 1}: {e}; the rest of the file is quarantined"])
+                return
+            path, digits, end = found
+            row = RawRow(display, line, _printable(text[pos:end]), reasons=[huge_integer_message(path, digits)])
+        else:
+            raw = text[pos:end]
+            row = _invalid_utf8(display, line, raw) if has_invalid_utf8(raw) else RawRow(display, line, raw, value)
         elements += 1
-        yield _invalid_utf8(display, line, raw) if has_invalid_utf8(raw) else RawRow(display, line, raw, value)
+        yield row
         pos = _WHITESPACE.match(text, end).end()
         if pos < n and text[pos] == ",":
             pos += 1
@@ -265,12 +373,26 @@ def _read_parquet(data: bytes, display: str) -> Iterator[RawRow]:
     import pyarrow.parquet as pq
 
     try:
-        rows = pq.read_table(pa.BufferReader(data)).to_pylist()
+        parquet = pq.ParquetFile(pa.BufferReader(data))
     except Exception as e:  # pyarrow raises several types for corrupt files; all mean the same to the user
-        yield RawRow(display, 0, _replace(data[:1000]), reasons=[f"unreadable_file: {display} is not a readable Parquet file: {e}"])
+        yield _unreadable(display, f"{display} is not a readable Parquet file (truncated or corrupt?): {e}",
+                          raw=_replace(data[:1000]))
         return
-    for number, value in enumerate(rows, 1):  # line = row number for Parquet
-        yield RawRow(display, number, json.dumps(value, ensure_ascii=False, default=str), value, origin="parquet")
+    number = 0  # line = row number for Parquet
+    for group in range(parquet.num_row_groups):
+        size = parquet.metadata.row_group(group).num_rows
+        try:
+            rows = parquet.read_row_group(group).to_pylist()
+        except Exception as e:  # the footer still counts this group's rows: each is rejected, none vanishes
+            reason = (f"unreadable_row_group: rows {number + 1}-{number + size} (row group {group}) of {display} "
+                      f"cannot be read: {e}")
+            for _ in range(size):
+                number += 1
+                yield RawRow(display, number, "", reasons=[reason], origin="parquet")
+            continue
+        for value in rows:
+            number += 1
+            yield RawRow(display, number, json.dumps(value, ensure_ascii=False, default=str), value, origin="parquet")
 
 
 def _read_text(text: str, display: str, text_split: str) -> Iterator[RawRow]:

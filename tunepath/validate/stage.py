@@ -91,6 +91,7 @@ def run_validate(cfg: ValidateConfig, raw_dir: Path, out_dir: Path, model_dir: s
     _prepare_out_dir(out_dir, raw_dir)  # first: a failed run must not leave the last run's outputs behind
     paths = _data_files(raw_dir)
     items, tallies, warnings = _read_all(cfg, raw_dir, paths.files)
+    warnings += [f"skipped {s}: it is never opened" for s in paths.special] + [f"skipped {s}" for s in paths.links]
     clock.lap("read_normalise")
 
     outcome = _check(cfg, items, clock)
@@ -196,6 +197,7 @@ def _read_all(cfg: ValidateConfig, raw_dir: Path, files: list[Path]):
     normaliser = Normaliser(cfg)
     specs, warnings = read_dataset_info(raw_dir) if cfg.read_dataset_info else ({}, [])
     items: list[Item] = []
+    unreadable: list[str] = []
     tallies: dict[str, FileTally] = {}
     first_seen: dict[str, str] = {}
     for path in files:
@@ -213,13 +215,21 @@ def _read_all(cfg: ValidateConfig, raw_dir: Path, files: list[Path]):
             fmt = cfg.format
             tally.detection = "per row" if fmt == "auto" else "validate.format"
         text_split = spec.text_split if spec is not None and spec.text_split else cfg.text_split
+        faults_before = len(unreadable)
         for row in read_rows(path, display, text_split):
+            if row.whole_file:
+                unreadable.append(row.reasons[0].split(": ", 1)[1])
+                continue
             tally.read += 1
             item = Item(row, reasons=row.reasons)
             items.append(item)
             if row.reasons:
                 continue
-            norm = file_normaliser.normalise(row, fmt)
+            try:
+                norm = file_normaliser.normalise(row, fmt)
+            except RecursionError:  # a parse limit of one row, never the stage's
+                item.reasons = ["too_deep: the row is nested too deeply to normalise"]
+                continue
             item.fmt, item.kind = norm.fmt, norm.kind
             if norm.reasons:
                 item.reasons = norm.reasons
@@ -239,8 +249,13 @@ def _read_all(cfg: ValidateConfig, raw_dir: Path, files: list[Path]):
             first = first_seen.setdefault(item.id, here)
             if first != here:
                 item.duplicate_of = first
-        if tally.read == 0:
+        if tally.read == 0 and len(unreadable) == faults_before:
             warnings.append(f"{display} holds no rows (empty file)")
+    if unreadable:
+        listed = "; ".join(unreadable[:5]) + (f"; and {len(unreadable) - 5} more" if len(unreadable) > 5 else "")
+        raise DataValidationError(
+            f"{len(unreadable)} data file(s) cannot be read, so their rows cannot be counted: {listed.rstrip('.')}; "
+            "fix or remove them (the stage does not run on part of the data)")
     if not items:
         raise DataValidationError(
             f"no rows could be read from {len(files)} data file(s) under '{raw_dir}': every file is empty")
