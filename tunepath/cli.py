@@ -69,9 +69,9 @@ def preflight(cfg, root: Path) -> None:
 
 
 def cmd_run(args) -> int:
-    from tunepath.params import load_config
+    from tunepath.params import load_config, load_recipe
 
-    cfg = load_config(args.project / "params.yaml", args.set)
+    cfg = load_recipe(args.config, args.set) if args.config else load_config(args.project / "params.yaml", args.set)
     preflight(cfg, args.project)
     from flows.finetune import finetune
 
@@ -219,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--project", type=Path, default=Path("."), help="project folder holding params.yaml (default: .)")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the finetune flow end to end")
+    run.add_argument("--config", type=Path, metavar="RECIPE.yaml", help="a recipe (examples/recipes/): a partial config over the defaults, instead of params.yaml's values")
     run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a params.yaml value (repeatable); written back to params.yaml")
     run.set_defaults(func=cmd_run)
     stage = sub.add_parser("stage", help="run one stage (what dvc.yaml calls)")

@@ -123,12 +123,45 @@ def load_config(path: Path, overrides: list[str] | None = None):
     return build_config(apply_overrides(raw, overrides or []), str(path))
 
 
+def load_recipe(path: Path, overrides: list[str] | None = None):
+    """A recipe: a partial config (any sections and keys of params.yaml) over the defaults, then the overrides.
+
+    The recipe alone says what the run is: params.yaml's earlier values do not leak into it (the run writes the
+    effective values back to params.yaml, which is what `dvc repro` reads).
+    """
+    import yaml
+
+    from tunepath.config import Config
+
+    if not path.exists():
+        raise ConfigError(f"--config {path}: not found (recipes ship in examples/recipes/)")
+    try:
+        recipe = yaml.safe_load(read_params_text(path)) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(recipe, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of sections (data, model, train, ...), got {type(recipe).__name__}")
+    merged = _deep_merge(Config().model_dump(mode="json"), recipe)
+    return build_config(apply_overrides(merged, overrides or []), str(path))
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _deep_merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
 def write_params(path: Path, config) -> list[str]:
     """Write the config's values into params.yaml where they differ; returns the changed key paths."""
     from ruamel.yaml import YAML
 
     yaml = YAML()
     yaml.preserve_quotes = True
+    yaml.width = 4096  # long lines stay as written: no re-wrapping diffs
+    yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     doc = yaml.load(read_params_text(path)) if path.exists() else None
     if doc is None:
         from ruamel.yaml.comments import CommentedMap
@@ -147,8 +180,24 @@ def _merge(doc, values: dict, prefix: list[str], changed: list[str]) -> None:
         if isinstance(value, dict) and isinstance(doc.get(key), dict):
             _merge(doc[key], value, prefix + [key], changed)
         elif key not in doc or doc[key] != value:
-            doc[key] = value
+            doc[key] = _styled_like(doc.get(key), value)
             changed.append(".".join(prefix + [key]))
+
+
+def _styled_like(old, value):
+    """A new list or mapping written in the flow style ([a, b], {k: v}) of the value it replaces, as the file has it."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    flow = getattr(getattr(old, "fa", None), "flow_style", lambda: False)()
+    if isinstance(value, list) and (flow or not isinstance(old, list)):
+        seq = CommentedSeq(value)
+        seq.fa.set_flow_style()
+        return seq
+    if isinstance(value, dict) and flow:
+        mapping = CommentedMap(value)
+        mapping.fa.set_flow_style()
+        return mapping
+    return value
 
 
 def render_defaults() -> str:
