@@ -104,6 +104,40 @@ def test_samples_are_what_apply_chat_template_gives(corpus, name, conversation):
     assert len(batch.status) in (1, len(turns))
 
 
+# Whitespace at the edges of every message: added tokens with rstrip/lstrip (Phi-3's `<|assistant|>`, Phi-4's
+# `<|im_sep|>`) take it into their own match, so it has no tokens of its own; other templates trim it.
+EDGES = [
+    {"role": "user", "content": "\n What is the capital of France?  "},
+    {"role": "assistant", "content": " \nParis. \n"},
+    {"role": "user", "content": " Thanks!\n"},
+    {"role": "assistant", "content": "\n\nYou are welcome."},
+]
+
+
+@pytest.mark.parametrize("name", WITH_TOKENIZER)
+def test_whitespace_around_content_keeps_the_tokenizers_ids(corpus, name):
+    """An answer's leading whitespace swallowed by the prompt's last token is no reason to tokenize the answer
+    apart: every sample is apply_chat_template's own ids, the answer included, not just its prompt."""
+    tokenizer, template = corpus[name]
+    encoder = _encoder(corpus, name)
+    batch = encoder.encode_batch([EDGES])
+    assert list(batch.status) == [KEPT] * len(batch.status), batch.details
+    turns = [1, 3]
+    for row in range(len(batch.status)):
+        chat = batch.chat(row)
+        last = turns[-len(batch.status) + row] if len(batch.status) == len(turns) else turns[-1]
+        history = [encoder.renderer.message(m, False) for m in EDGES[:last]]
+        prompt = _apply(tokenizer, template, encoder, history, add_generation_prompt=True)
+        assert chat.input_ids[: chat.prompt_len] == prompt
+        if batch.restored[row]:
+            continue
+        full = _apply(tokenizer, template, encoder, [*history, encoder.renderer.message(EDGES[last], True)])
+        if full[: len(prompt)] == prompt:  # no token of the whole text spans the prompt's end
+            assert not batch.split[row] and chat.input_ids == full
+        else:  # one does (Qwen's "\n" + "\n"): the answer is tokenized from the inference prompt's end on
+            assert batch.split[row] and len(batch.status) == len(turns), "a sample teaches a turn after a straddled prompt"
+
+
 @pytest.mark.parametrize("name", WITH_TOKENIZER)
 def test_user_turns_and_markup_are_never_learnt(corpus, name):
     tokenizer, template = corpus[name]
