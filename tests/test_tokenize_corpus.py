@@ -265,6 +265,30 @@ def test_tool_calls_are_learnt_and_results_masked(corpus, name):
     assert any("Current weather of a city" in t for t in batch.texts)
 
 
+@pytest.mark.parametrize("name", WITH_TOKENIZER)
+def test_the_system_prompt_is_prompt_wherever_the_template_puts_it(corpus, name):
+    """Gemma-3 folds the system text into the first user turn, Mistral into the last one, R1 before the first
+    role tag: wherever it lands it is prompt, never learnt."""
+    tokenizer, template = corpus[name]
+    if _refuses_system(tokenizer, template):
+        pytest.skip("the template refuses a system message")
+    batch = _encoder(corpus, name).encode_batch([MULTI])
+    assert list(batch.status) == [KEPT] * len(batch.status), batch.details
+    for row in range(len(batch.status)):
+        assert MULTI[0]["content"] in batch.texts[row]
+        assert not any(MULTI[0]["content"] in run for run in _learnt_runs(tokenizer, batch, row))
+
+
+def test_llama_3_1_tool_prompt_has_the_ipython_environment_and_a_pinned_date(corpus):
+    """Llama-3.1 switches on tool calling with "Environment: ipython" in the system header and prints a date."""
+    tokenizer, _ = corpus["llama-3.1-instruct"]
+    batch = _encoder(corpus, "llama-3.1-instruct").encode_batch([TOOL_CHAT], [TOOLS])
+    assert list(batch.status) == [KEPT] * len(batch.status), batch.details
+    header = "<|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+    assert all(header in text for text in batch.texts)
+    assert any('{"name": "get_weather", "parameters": {"city": "Paris"}}' in run for run in _learnt_runs(tokenizer, batch, 0))
+
+
 def test_a_tokenizer_class_that_rewrites_the_pipeline_is_not_used(tmp_path, caplog):
     """R1-Distill-Qwen names LlamaTokenizerFast: without config.json, transformers 5 builds Llama's Metaspace
     pre-tokenizer over a byte-level vocabulary; the stage loads tokenizer.json as it is instead."""
