@@ -104,6 +104,40 @@ def test_samples_are_what_apply_chat_template_gives(corpus, name, conversation):
     assert len(batch.status) in (1, len(turns))
 
 
+# Whitespace at the edges of every message: added tokens with rstrip/lstrip (Phi-3's `<|assistant|>`, Phi-4's
+# `<|im_sep|>`) take it into their own match, so it has no tokens of its own; other templates trim it.
+EDGES = [
+    {"role": "user", "content": "\n What is the capital of France?  "},
+    {"role": "assistant", "content": " \nParis. \n"},
+    {"role": "user", "content": " Thanks!\n"},
+    {"role": "assistant", "content": "\n\nYou are welcome."},
+]
+
+
+@pytest.mark.parametrize("name", WITH_TOKENIZER)
+def test_whitespace_around_content_keeps_the_tokenizers_ids(corpus, name):
+    """An answer's leading whitespace swallowed by the prompt's last token is no reason to tokenize the answer
+    apart: every sample is apply_chat_template's own ids, the answer included, not just its prompt."""
+    tokenizer, template = corpus[name]
+    encoder = _encoder(corpus, name)
+    batch = encoder.encode_batch([EDGES])
+    assert list(batch.status) == [KEPT] * len(batch.status), batch.details
+    turns = [1, 3]
+    for row in range(len(batch.status)):
+        chat = batch.chat(row)
+        last = turns[-len(batch.status) + row] if len(batch.status) == len(turns) else turns[-1]
+        history = [encoder.renderer.message(m, False) for m in EDGES[:last]]
+        prompt = _apply(tokenizer, template, encoder, history, add_generation_prompt=True)
+        assert chat.input_ids[: chat.prompt_len] == prompt
+        if batch.restored[row]:
+            continue
+        full = _apply(tokenizer, template, encoder, [*history, encoder.renderer.message(EDGES[last], True)])
+        if full[: len(prompt)] == prompt:  # no token of the whole text spans the prompt's end
+            assert not batch.split[row] and chat.input_ids == full
+        else:  # one does (Qwen's "\n" + "\n"): the answer is tokenized from the inference prompt's end on
+            assert batch.split[row] and len(batch.status) == len(turns), "a sample teaches a turn after a straddled prompt"
+
+
 @pytest.mark.parametrize("name", WITH_TOKENIZER)
 def test_user_turns_and_markup_are_never_learnt(corpus, name):
     tokenizer, template = corpus[name]
@@ -229,6 +263,30 @@ def test_tool_calls_are_learnt_and_results_masked(corpus, name):
     assert not any("temperature" in r for r in runs), "a tool result was learnt"
     # The declared tool reaches the prompt, as at inference.
     assert any("Current weather of a city" in t for t in batch.texts)
+
+
+@pytest.mark.parametrize("name", WITH_TOKENIZER)
+def test_the_system_prompt_is_prompt_wherever_the_template_puts_it(corpus, name):
+    """Gemma-3 folds the system text into the first user turn, Mistral into the last one, R1 before the first
+    role tag: wherever it lands it is prompt, never learnt."""
+    tokenizer, template = corpus[name]
+    if _refuses_system(tokenizer, template):
+        pytest.skip("the template refuses a system message")
+    batch = _encoder(corpus, name).encode_batch([MULTI])
+    assert list(batch.status) == [KEPT] * len(batch.status), batch.details
+    for row in range(len(batch.status)):
+        assert MULTI[0]["content"] in batch.texts[row]
+        assert not any(MULTI[0]["content"] in run for run in _learnt_runs(tokenizer, batch, row))
+
+
+def test_llama_3_1_tool_prompt_has_the_ipython_environment_and_a_pinned_date(corpus):
+    """Llama-3.1 switches on tool calling with "Environment: ipython" in the system header and prints a date."""
+    tokenizer, _ = corpus["llama-3.1-instruct"]
+    batch = _encoder(corpus, "llama-3.1-instruct").encode_batch([TOOL_CHAT], [TOOLS])
+    assert list(batch.status) == [KEPT] * len(batch.status), batch.details
+    header = "<|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+    assert all(header in text for text in batch.texts)
+    assert any('{"name": "get_weather", "parameters": {"city": "Paris"}}' in run for run in _learnt_runs(tokenizer, batch, 0))
 
 
 def test_a_tokenizer_class_that_rewrites_the_pipeline_is_not_used(tmp_path, caplog):

@@ -146,6 +146,9 @@ class ChatEncoder:
         for row in rows:
             if row["status"] == KEPT:
                 self._label(row)
+        if any(r.get("per_turn") for r in rows):
+            rows = self._one_sample_per_turn(rows, conversations)
+            normal = [r for r in rows if r["status"] == KEPT and not r["injected"]]
         self._check_parity([r for r in normal if r["status"] == KEPT][: self.parity_checks])
 
         lengths = [len(r["ids"]) if r["status"] == KEPT else 0 for r in rows]
@@ -229,6 +232,9 @@ class ChatEncoder:
         """Token ranges of the learnt spans, the prompt and the last answer, from the tokens' character offsets."""
         sample = row["sample"]
         straddled = [s for s, _ in sample.spans if not self._boundary_ok(row, s)]
+        if straddled and not row["injected"] and straddled != [sample.spans[-1][0]]:
+            row["per_turn"] = True  # an earlier turn's prompt ends inside a token: see _one_sample_per_turn
+            return
         if straddled:
             # The prompt is tokenized as the model is given it, and the answer from there on (as trainers that
             # tokenize prompt and completion apart do): "<think>\n" + "\n</think>" would merge "\n\n" otherwise.
@@ -243,6 +249,37 @@ class ChatEncoder:
         row["prompt_len"] = tokens.first_at(sample.prompt_end)
         first, last = row["learnt"][-1]
         row["answer_len"] = last - first
+
+    def _one_sample_per_turn(self, rows: list[dict], conversations: list[list[dict]]) -> list[dict]:
+        """Conversations in which an earlier answer starts inside a token (Qwen2.5: the "\n" after
+        `<|im_start|>assistant` and an answer's leading "\n" are one token) get one sample per assistant turn.
+        One sample cannot teach such a turn: at inference its prompt ends before that token, while every later
+        turn's history is tokenized whole, with it. Each per-turn sample has its whole history and its own
+        prompt, and its answer is tokenized from the prompt's end on, as a last turn with a straddle is."""
+        tools = {r["owner"]: r["tools"] for r in rows if r.get("per_turn")}
+        built: dict[int, list[dict] | None] = {}
+        for owner, declared in tools.items():
+            messages = conversations[owner]
+            try:
+                samples = [self.builder.samples(messages[: i + 1], declared)[-1] for i, m in enumerate(messages) if m["role"] == "assistant"]
+            except SampleError as e:  # the whole conversation rendered, so a prefix hardly fails: counted if it does
+                built[owner] = [{"owner": owner, "status": REASON_CODES[e.reason], "detail": e.detail}]
+                continue
+            for sample in samples:
+                sample.spans = sample.spans[-1:]  # its own turn only: the earlier ones have their own samples
+            built[owner] = [{"owner": owner, "status": KEPT, "sample": s, "injected": False, "neutral": None, "tools": declared} for s in samples]
+        fresh = [r for group in built.values() for r in group if r["status"] == KEPT]
+        for row, encoding in zip(fresh, self.backend.encode_batch([r["sample"].text for r in fresh], add_special_tokens=False)):
+            row["ids"], row["tokens"] = encoding.ids, Tokens(encoding)
+            self._label(row)
+        out = []
+        for row in rows:  # the conversation's new samples take the place of its first old one
+            if row["owner"] not in built:
+                out.append(row)
+            elif built[row["owner"]] is not None:
+                out += built[row["owner"]]
+                built[row["owner"]] = None
+        return out
 
     def _encode_split(self, text: str, cuts: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
         """`text` tokenized in pieces cut at `cuts`; pieces after the first take no Metaspace `▁` of their own."""
@@ -274,7 +311,7 @@ class ChatEncoder:
         split the text before anything else runs)."""
         ids, tokens = row["ids"], row["tokens"]
         first = tokens.first_at(start)
-        if tokens.straddles(start, first):
+        if tokens.straddles(start, first) and not self._absorbs_whitespace(row, first - 1, start):
             return False
         if row["injected"]:
             return True  # the safe encoder split the text at the template's markup: its segments stand alone
@@ -288,6 +325,13 @@ class ChatEncoder:
         if segment not in self._segments:  # generation prompts end in a few fixed strings
             self._segments[segment] = self._tail_ids(row["sample"].text[:cut], segment)
         return ids[control + 1 : first] == self._segments[segment]
+
+    def _absorbs_whitespace(self, row: dict, k: int, start: int) -> bool:
+        """Token `k` is an added token that took the whitespace after it (`rstrip`: Phi-3's `<|assistant|>`,
+        Phi-4's `<|im_sep|>`) up to past `start`. That is no straddle: the answer's leading whitespace has no
+        tokens of its own, in apply_chat_template's ids as here, and the prompt's ids end with the same token.
+        Tokenizing the answer apart would give that whitespace tokens the model never sees."""
+        return row["ids"][k] in self.added_ids and not row["sample"].text[start : row["tokens"].end_of(k)].strip()
 
     def _tail_ids(self, before: str, segment: str) -> list[int]:
         """Ids of `segment` right after a control token (a Metaspace `prepend_scheme: first` adds no `▁` there)."""
