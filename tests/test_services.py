@@ -219,6 +219,8 @@ def test_compose_binds_loopback_and_takes_every_secret_from_the_environment():
     assert required and all(re.search(rf"^#?\s*{var}=", example, re.M) for var in required)
     assert compose["services"]["prefect-server"]["environment"]["PREFECT_SERVER_API_AUTH_STRING"].startswith("${")
     assert "basic-auth" in compose["services"]["mlflow"]["command"]
+    assert compose["services"]["prefect-server"]["environment"]["PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS"] != "*"
+    assert "## Authentication" in (REPO / "infra" / "README.md").read_text()
     gpu = compose["services"]["gpu-worker"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
 
@@ -437,7 +439,7 @@ def test_both_servers_refuse_foreign_origins_and_hosts_and_serve_their_own_pages
     checks = {  # a state-changing request each server has, and a read
         "prefect": (report.prefect_url, f"{report.prefect_url}/api/flows/", {"name": "from-a-web-page"}, f"{report.prefect_url}/api/flows/filter"),
         "mlflow": (report.mlflow_url, f"{report.mlflow_url}/api/2.0/mlflow/experiments/create", {"name": "from-a-web-page"},
-                   f"{report.mlflow_url}/api/2.0/mlflow/experiments/search"),
+                   f"{report.mlflow_url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default"),
     }
     for name, (own, write, body, read) in checks.items():
         foreign_host = {"Host": "evil.example:" + own.rsplit(":", 1)[1]}
