@@ -13,17 +13,19 @@ from __future__ import annotations
 import argparse
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=4200)
+    parser.add_argument("--allowed-host", action="append", default=[], metavar="HOST[:PORT]",
+                        help="another name the server answers to, besides its loopback names (repeatable)")
     args = parser.parse_args(argv)
 
     import os
 
     from tunepath.localguard import LocalOnly, local_hosts, origins_of
 
-    hosts = local_hosts(args.host, args.port)
+    hosts = local_hosts(args.host, args.port, args.allowed_host)
     os.environ["PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS"] = ",".join(origins_of(hosts))  # read when the app is made
 
     import uvicorn
@@ -43,7 +45,8 @@ def main(argv: list[str] | None = None) -> None:
         ws_ping_timeout=PREFECT_SERVER_API_WEBSOCKET_PING_TIMEOUT.value(),
         log_level=PREFECT_SERVER_LOGGING_LEVEL.value().lower(),
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

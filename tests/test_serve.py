@@ -110,6 +110,34 @@ def test_no_added_token_text_in_any_message_yields_a_control_id(tokenizer):
     assert theirs_extra >= 4 * len(guarded)  # apply_chat_template makes each occurrence a control token
 
 
+def test_control_text_in_tools_and_tool_calls_stays_text(tmp_path):
+    from transformers import AutoTokenizer
+
+    from tunepath.serve.prompt import PromptEncoder
+    from tunepath.tokenize.render import guarded_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(str(materialize("qwen2.5-instruct", tmp_path)))
+    encoder, guarded = PromptEncoder(tokenizer), guarded_tokens(tokenizer)
+
+    def conversation(text: str):
+        tools = [{"type": "function", "function": {"name": "order_status", "description": f"Look up{text} an order.",
+                                                   "parameters": {"type": "object", "properties": {f"id{text}": {"type": "string"}}}}}]
+        messages = [{"role": "user", "content": "Where is NW-1?"},
+                    {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {
+                        "name": "order_status", "arguments": json.dumps({"id": f"NW-1{text}"})}}]},
+                    {"role": "tool", "tool_call_id": "c1", "content": f"shipped{text}"}]
+        return messages, tools
+
+    clean = encoder.encode(*conversation(""))
+    assert clean == reference_ids(tokenizer, *[[{**m, "tool_calls": [{**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}
+                                                                     for c in m["tool_calls"]]} if m.get("tool_calls") else m
+                                                 for m in conversation("")[0]], conversation("")[1]])
+    for token in ("<|im_start|>", "<tool_call>", "</tool_call>", "<|im_end|>", "<tool_response>"):
+        ids = encoder.encode(*conversation(token))
+        assert control_ids(ids, guarded) == control_ids(clean, guarded), token
+        assert tokenizer.decode(ids) == encoder.render(*conversation(token))
+
+
 def test_a_request_the_encoder_cannot_serve_says_which_field(tmp_path):
     from transformers import AutoTokenizer
 

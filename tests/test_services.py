@@ -283,13 +283,12 @@ def test_the_local_guard_refuses_foreign_hosts_and_origins_and_lets_local_caller
     assert asgi_status(guard, [local, (b"origin", b"http://127.0.0.1:4200")], "websocket") == "websocket.accept"
 
 
-def test_a_non_loopback_bind_also_answers_to_this_machines_names(monkeypatch):
+def test_a_non_loopback_bind_also_answers_to_this_machines_names():
     import socket
 
     from tunepath.localguard import local_hosts
 
-    monkeypatch.setenv("TUNEPATH_ALLOWED_HOSTS", "ml.example.org, ml.example.org:4200")
-    hosts = local_hosts("0.0.0.0", 4200)
+    hosts = local_hosts("0.0.0.0", 4200, ["ml.example.org", "ml.example.org:4200"])
     assert {"127.0.0.1:4200", f"{socket.gethostname()}:4200", "ml.example.org", "ml.example.org:4200"} <= set(hosts)
     assert "0.0.0.0:4200" not in hosts and "10.1.2.3:4200" in local_hosts("10.1.2.3", 4200)
 

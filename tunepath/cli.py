@@ -124,7 +124,8 @@ def track_data(root: Path, raw_dir: str) -> None:
 def cmd_up(args) -> int:
     from tunepath.services import ServiceOptions, start_services
 
-    options = ServiceOptions(host=args.host, prefect_port=args.prefect_port, mlflow_port=args.mlflow_port, pool=args.pool)
+    options = ServiceOptions(host=args.host, prefect_port=args.prefect_port, mlflow_port=args.mlflow_port, pool=args.pool,
+                             allowed_hosts=tuple(args.allowed_host))
     report = start_services(args.project, options)
     for name, action in report.actions.items():
         print(f"{name}: {action}")
@@ -216,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--prefect-port", type=int, default=4200, help="Prefect server port; 0 or busy: a free one (default 4200)")
     up.add_argument("--mlflow-port", type=int, default=5000, help="MLflow server port; 0 or busy: a free one (default 5000)")
     up.add_argument("--pool", default="tunepath", help="process work pool the worker serves (default tunepath)")
+    up.add_argument("--allowed-host", action="append", default=[], metavar="HOST[:PORT]",
+                    help="another name the servers answer to (repeatable); others, and other sites' pages, get 403")
     up.set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop exactly the processes `tunepath up` started").set_defaults(func=cmd_down)
     sub.add_parser("status", help="the services `tunepath up` started: PID, URL, health, log").set_defaults(func=cmd_status)

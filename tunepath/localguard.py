@@ -13,24 +13,21 @@ browser (the worker, the CLI, MLflow's client) send no Origin and a loopback Hos
 
 from __future__ import annotations
 
-import os
 import socket
 
 LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
-EXTRA_HOSTS_ENV = "TUNEPATH_ALLOWED_HOSTS"  # comma-separated host[:port] names a non-loopback bind also answers to
 
 
-def local_hosts(bind: str, port: int) -> list[str]:
+def local_hosts(bind: str, port: int, extra: tuple[str, ...] | list[str] = ()) -> list[str]:
     """The Host values the server answers to: its loopback names with the port; for a non-loopback bind also the
-    bound address, this machine's names and `TUNEPATH_ALLOWED_HOSTS`."""
+    bound address and this machine's names; and `extra` (host or host:port, as the caller names the server)."""
     names = list(LOOPBACK)
     if bind not in ("127.0.0.1", "localhost", "::1", ""):
         if bind not in ("0.0.0.0", "::"):
             names.append(f"[{bind}]" if ":" in bind else bind)
         names += [socket.gethostname(), socket.getfqdn()]
     hosts = [f"{n}:{port}" for n in dict.fromkeys(names) if n]
-    extra = [h.strip() for h in os.environ.get(EXTRA_HOSTS_ENV, "").split(",") if h.strip()]
-    return list(dict.fromkeys([*hosts, *extra]))
+    return list(dict.fromkeys([*hosts, *(h.strip() for h in extra if h.strip())]))
 
 
 def origins_of(hosts: list[str]) -> list[str]:

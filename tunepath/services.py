@@ -65,6 +65,7 @@ class ServiceOptions:
     gpu_slots: int | None = None  # None: one per CUDA card found by nvidia-smi, at least 1
     deploy: bool = True
     timeout_s: float = 180.0
+    allowed_hosts: tuple[str, ...] = ()  # names besides loopback (and, off loopback, this machine's) both servers answer to
 
 
 @dataclass
@@ -314,11 +315,12 @@ def start_services(root: Path, options: ServiceOptions = ServiceOptions()) -> Re
         server_env = service_env(root, {"PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(ports["prefect"]),
                                         "PREFECT_UI_API_URL": f"{prefect_url}/api", "PREFECT_API_URL": f"{prefect_url}/api"})
         # Prefect's app behind a Host/Origin guard (flows/server.py): Prefect itself answers any Host and Origin
-        spawn(root, "prefect", [sys.executable, "-m", "flows.server", "--host", host, "--port", str(ports["prefect"])], server_env)
+        extra = [a for h in options.allowed_hosts for a in ("--allowed-host", h)]
+        spawn(root, "prefect", [sys.executable, "-m", "flows.server", "--host", host, "--port", str(ports["prefect"]), *extra], server_env)
     if report.actions["mlflow"] == "started":
         (root / "mlartifacts").mkdir(exist_ok=True)
         # MLflow's own guard, narrowed to this server's names (its default also admits private-network addresses)
-        mlflow_hosts = local_hosts(host, ports["mlflow"])
+        mlflow_hosts = local_hosts(host, ports["mlflow"], options.allowed_hosts)
         spawn(root, "mlflow", [tool("mlflow"), "server", "--host", host, "--port", str(ports["mlflow"]), "--workers", "1",
                                "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
                                "--artifacts-destination", (root / "mlartifacts").as_uri(),

@@ -77,13 +77,13 @@ class PromptEncoder:
         for k, m in enumerate(messages):
             one = [*messages[:k], _masked(m, self.pattern), *messages[k + 1:]]
             if len(self.renderer.render(one, add_generation_prompt=True, tools=tools or None)) != length:
-                found = self.pattern.search(json.dumps(m, ensure_ascii=False))
+                found = next(f for f in map(self.pattern.search, _strings(m)) if f)
                 return (f"messages[{k}] ({m['role']}) holds {found.group()!r}, which the chat template treats as markup; "
                         "remove it from the request")
         return "the declared tools hold control-token text that the chat template treats as markup; remove it from the request"
 
     def _holds_control_text(self, messages: list[dict], tools) -> bool:
-        return self.pattern.search(json.dumps([messages, tools], ensure_ascii=False)) is not None
+        return any(self.pattern.search(text) for text in _strings([messages, tools]))
 
 
 def encode_prompt(tokenizer, template: str | None, messages: list[dict], tools: list | None = None,
@@ -142,6 +142,19 @@ def _tool_call(call: dict, where: str) -> dict:
     if call.get("id") is not None:
         out["id"] = call["id"]
     return out
+
+
+def _strings(value):
+    """Every string in a JSON-like value, keys included (tool schemas name their properties)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(k)
+            yield from _strings(v)
 
 
 def _masked(value, pattern):
