@@ -40,7 +40,7 @@ mlflow-ui:  ## the MLflow UI on the registry `make run` filled: http://127.0.0.1
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 prefect-ui:  ## the Prefect UI with the runs `make run` made: http://127.0.0.1:4200
-	prefect server start --host 127.0.0.1 --port 4200
+	python -m flows.server --host 127.0.0.1 --port 4200
 
 clean:  ## remove pipeline outputs (keeps the venv, data and demo model)
 	rm -rf artifacts mlflow.db mlartifacts .prefect

@@ -63,10 +63,9 @@ def test_registered_candidate_loads_from_mlflow_and_generates(finished):
     assert record["uri"] == "models:/tunepath-demo@candidate"
     assert record["tags"]["git_commit"] and record["tags"]["data_hash"]
     mlflow.set_tracking_uri(default_tracking_uri(root))
-    pipe = mlflow.transformers.load_model("models:/tunepath-demo@candidate")
-    messages = [{"role": "user", "content": "Where is my order?"}]
-    prompt = pipe.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    text = pipe(prompt, max_new_tokens=12, do_sample=False, return_full_text=False)[0]["generated_text"]
+    model = mlflow.pyfunc.load_model("models:/tunepath-demo@candidate")
+    out = model.predict({"messages": [{"role": "user", "content": "Where is my order?"}], "max_tokens": 12})
+    text = out[0]["choices"][0]["message"]["content"]
     assert isinstance(text, str) and text.strip()
 
 

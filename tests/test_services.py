@@ -219,6 +219,8 @@ def test_compose_binds_loopback_and_takes_every_secret_from_the_environment():
     assert required and all(re.search(rf"^#?\s*{var}=", example, re.M) for var in required)
     assert compose["services"]["prefect-server"]["environment"]["PREFECT_SERVER_API_AUTH_STRING"].startswith("${")
     assert "basic-auth" in compose["services"]["mlflow"]["command"]
+    assert compose["services"]["prefect-server"]["environment"]["PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS"] != "*"
+    assert "## Authentication" in (REPO / "infra" / "README.md").read_text()
     gpu = compose["services"]["gpu-worker"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
 
@@ -237,6 +239,58 @@ def test_kubernetes_job_template_passes_prefect_validation_and_requests_gpus():
     container = job["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
     assert container["envFrom"] == [{"secretRef": {"name": "tunepath-secrets"}}]
+
+
+def asgi_status(app, headers: list[tuple[bytes, bytes]], kind: str = "http") -> object:
+    """What an ASGI app answers to one request with `headers`: the HTTP status, or the WebSocket message type."""
+    import asyncio
+
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False} if kind == "http" else {"type": "websocket.connect"}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app({"type": kind, "method": "POST", "path": "/api/flows/", "headers": headers}, receive, send))
+    return sent[0].get("status") or sent[0]["type"]
+
+
+def test_the_local_guard_refuses_foreign_hosts_and_origins_and_lets_local_callers_through():
+    from tunepath.localguard import LocalOnly, local_hosts
+
+    async def app(scope, receive, send):
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.accept"})
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    hosts = local_hosts("127.0.0.1", 4200)
+    assert hosts == ["127.0.0.1:4200", "localhost:4200", "[::1]:4200"]
+    guard = LocalOnly(app, hosts)
+    local = (b"host", b"127.0.0.1:4200")
+    assert asgi_status(guard, [local]) == 200  # the worker, the CLI: no Origin
+    assert asgi_status(guard, [(b"host", b"LOCALHOST:4200"), (b"origin", b"http://localhost:4200")]) == 200  # the UI
+    assert asgi_status(guard, [local, (b"origin", b"http://evil.example")]) == 403
+    assert asgi_status(guard, [local, (b"origin", b"null")]) == 403  # sandboxed frames, file:// pages
+    assert asgi_status(guard, [local, (b"origin", b"http://127.0.0.1:8080")]) == 403  # another local site
+    assert asgi_status(guard, [(b"host", b"evil.example:4200")]) == 403  # DNS rebinding
+    assert asgi_status(guard, []) == 403
+    assert asgi_status(guard, [local, (b"host", b"evil.example:4200")]) == 403
+    assert asgi_status(guard, [local, (b"origin", b"http://evil.example")], "websocket") == "websocket.close"
+    assert asgi_status(guard, [local, (b"origin", b"http://127.0.0.1:4200")], "websocket") == "websocket.accept"
+
+
+def test_a_non_loopback_bind_also_answers_to_this_machines_names():
+    import socket
+
+    from tunepath.localguard import local_hosts
+
+    hosts = local_hosts("0.0.0.0", 4200, ["ml.example.org", "ml.example.org:4200"])
+    assert {"127.0.0.1:4200", f"{socket.gethostname()}:4200", "ml.example.org", "ml.example.org:4200"} <= set(hosts)
+    assert "0.0.0.0:4200" not in hosts and "10.1.2.3:4200" in local_hosts("10.1.2.3", 4200)
 
 
 # ---------------------------------------------------------------- services tier: real servers and a worker
@@ -357,3 +411,48 @@ def test_down_stops_every_process_up_started(live):
     assert not alive, f"still running after down: {alive}"
     assert not (root / ".tunepath" / "services.env").exists()
     assert not services.healthy(f"{report.prefect_url}/api/health")
+
+
+def request_status(url: str, method: str = "GET", headers: dict | None = None, body: dict | None = None) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, dict(resp.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers)
+
+
+@pytest.mark.services
+def test_both_servers_refuse_foreign_origins_and_hosts_and_serve_their_own_pages(live):
+    """The probe of the issue: a page on another origin POSTs to the local servers (Prefect answered it, with
+    `Access-Control-Allow-Origin: *`); a rebound DNS name reaches them with its own Host header."""
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    _, report = live
+    evil = {"Origin": "http://evil.example"}
+    checks = {  # a state-changing request each server has, and a read
+        "prefect": (report.prefect_url, f"{report.prefect_url}/api/flows/", {"name": "from-a-web-page"}, f"{report.prefect_url}/api/flows/filter"),
+        "mlflow": (report.mlflow_url, f"{report.mlflow_url}/api/2.0/mlflow/experiments/create", {"name": "from-a-web-page"},
+                   f"{report.mlflow_url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default"),
+    }
+    for name, (own, write, body, read) in checks.items():
+        foreign_host = {"Host": "evil.example:" + own.rsplit(":", 1)[1]}
+        assert request_status(write, "POST", evil, body)[0] == 403, name
+        assert request_status(read, "POST" if name == "prefect" else "GET", foreign_host, {} if name == "prefect" else None)[0] == 403, name
+        status, headers = request_status(read, "POST" if name == "prefect" else "GET", {"Origin": own}, {} if name == "prefect" else None)
+        assert status == 200, name
+        assert headers.get("access-control-allow-origin", own) in (own, None), (name, headers)
+    assert request_status(checks["prefect"][3], "POST", {}, {"flows": {"name": {"any_": ["from-a-web-page"]}}})[0] == 200
+    _, flows = http("POST", f"{report.prefect_url}/api/flows/filter", {"flows": {"name": {"any_": ["from-a-web-page"]}}})
+    assert flows == []  # the refused POST created nothing
+    _, found = http("GET", f"{report.mlflow_url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=from-a-web-page")
+    assert "experiment" not in found
+    ws = report.prefect_url.replace("http://", "ws://") + "/api/events/out"
+    with pytest.raises(InvalidStatus, match="403"):
+        connect(ws, origin="http://evil.example", open_timeout=10).close()
+    assert services.healthy(f"{report.prefect_url}/api/health") and services.healthy(f"{report.mlflow_url}/health")

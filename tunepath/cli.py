@@ -5,6 +5,7 @@
     tunepath promote [--force | --rollback]   # candidate -> champion when better; or roll back
     tunepath stage NAME                # one stage, as `dvc repro` runs it
     tunepath up | down | status        # local Prefect + MLflow servers, a worker and the deployments
+    tunepath chat "Where is my order?" [--model models:/tunepath-demo@champion | FOLDER]   # one answer, prompted as in training
     tunepath params > params.yaml      # every knob with its default and a comment
     tunepath route --profile examples/profiles/sft_task.yaml [--json]   # explain a route for a profile
 
@@ -131,7 +132,8 @@ def track_data(root: Path, raw_dir: str) -> None:
 def cmd_up(args) -> int:
     from tunepath.services import ServiceOptions, start_services
 
-    options = ServiceOptions(host=args.host, prefect_port=args.prefect_port, mlflow_port=args.mlflow_port, pool=args.pool)
+    options = ServiceOptions(host=args.host, prefect_port=args.prefect_port, mlflow_port=args.mlflow_port, pool=args.pool,
+                             allowed_hosts=tuple(args.allowed_host))
     report = start_services(args.project, options)
     for name, action in report.actions.items():
         print(f"{name}: {action}")
@@ -207,6 +209,31 @@ def _model_folder(source: str, project: Path) -> Path:
     return found[0]
 
 
+def cmd_chat(args) -> int:
+    """One answer from a registered model (through its MLflow pyfunc) or a model folder, prompted as in training."""
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.message}]
+    request = {"messages": messages, "max_tokens": args.max_tokens}
+    if args.show_prompt_ids:
+        request["custom_inputs"] = {"return_prompt_ids": True}
+    if Path(args.model).is_dir():
+        from tunepath.serve.chat import ChatModel
+
+        answer = ChatModel(Path(args.model)).complete(request)
+    else:
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        mlflow.set_tracking_uri(tracking_uri(args.project))
+        try:
+            answer = mlflow.pyfunc.load_model(args.model).predict(request)[0]
+        except MlflowException as e:
+            raise ValueError(f"--model {args.model}: {e.message}") from e
+    print(answer["choices"][0]["message"]["content"])
+    if args.show_prompt_ids:
+        print(f"prompt ids: {answer['custom_outputs']['prompt_ids']}", file=sys.stderr)
+    return 0
+
+
 def cmd_params(args) -> int:
     from tunepath.params import render_defaults
 
@@ -233,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--prefect-port", type=int, default=4200, help="Prefect server port; 0 or busy: a free one (default 4200)")
     up.add_argument("--mlflow-port", type=int, default=5000, help="MLflow server port; 0 or busy: a free one (default 5000)")
     up.add_argument("--pool", default="tunepath", help="process work pool the worker serves (default tunepath)")
+    up.add_argument("--allowed-host", action="append", default=[], metavar="HOST[:PORT]",
+                    help="another name the servers answer to (repeatable); others, and other sites' pages, get 403")
     up.set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop exactly the processes `tunepath up` started").set_defaults(func=cmd_down)
     sub.add_parser("status", help="the services `tunepath up` started: PID, URL, health, log").set_defaults(func=cmd_status)
@@ -249,6 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, default=Path("artifacts/export"), help="output folder (default artifacts/export)")
     export.add_argument("--no-check", action="store_true", help="skip reading the GGUF back and comparing logits")
     export.set_defaults(func=cmd_export)
+    chat = sub.add_parser("chat", help="ask a registered model (or a model folder) one question, prompted as in training")
+    chat.add_argument("message", help="the user message")
+    chat.add_argument("--model", default="models:/tunepath-demo@champion", help="model URI or model folder (default models:/tunepath-demo@champion)")
+    chat.add_argument("--system", default=None, help="a system message before it")
+    chat.add_argument("--max-tokens", type=int, default=128, help="longest answer in tokens (default 128)")
+    chat.add_argument("--show-prompt-ids", action="store_true", help="also print the prompt's token ids (stderr)")
+    chat.set_defaults(func=cmd_chat)
     params = sub.add_parser("params", help="print params.yaml with every default and what it does")
     params.set_defaults(func=cmd_params)
     sub.add_parser("route", help="explain the training route for a profile file (tunepath route --help)", add_help=False)

@@ -10,6 +10,8 @@ Prefect keeps its SQLite database in the project's PREFECT_HOME (`.prefect/`), M
 in `mlartifacts/`: the same stores `tunepath run` uses when no server is up, so earlier runs show in the UIs too.
 
 This module talks to Prefect and MLflow only through their CLIs and HTTP APIs (no Prefect import in the core).
+Both servers answer only their own loopback names as Host and their own pages as Origin (`tunepath.localguard`):
+a web page open in the user's browser cannot drive them.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunepath.errors import StageError
+from tunepath.localguard import local_hosts, origins_of
 from tunepath.offline import OFFLINE_ENV
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,7 @@ class ServiceOptions:
     gpu_slots: int | None = None  # None: one per CUDA card found by nvidia-smi, at least 1
     deploy: bool = True
     timeout_s: float = 180.0
+    allowed_hosts: tuple[str, ...] = ()  # names besides loopback (and, off loopback, this machine's) both servers answer to
 
 
 @dataclass
@@ -310,13 +314,17 @@ def start_services(root: Path, options: ServiceOptions = ServiceOptions()) -> Re
         # the UI asks /ui-settings for its API address, derived from these settings, not from --host/--port
         server_env = service_env(root, {"PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(ports["prefect"]),
                                         "PREFECT_UI_API_URL": f"{prefect_url}/api", "PREFECT_API_URL": f"{prefect_url}/api"})
-        spawn(root, "prefect", [tool("prefect"), "server", "start", "--host", host, "--port", str(ports["prefect"]),
-                                "--analytics-off"], server_env)
+        # Prefect's app behind a Host/Origin guard (flows/server.py): Prefect itself answers any Host and Origin
+        extra = [a for h in options.allowed_hosts for a in ("--allowed-host", h)]
+        spawn(root, "prefect", [sys.executable, "-m", "flows.server", "--host", host, "--port", str(ports["prefect"]), *extra], server_env)
     if report.actions["mlflow"] == "started":
         (root / "mlartifacts").mkdir(exist_ok=True)
+        # MLflow's own guard, narrowed to this server's names (its default also admits private-network addresses)
+        mlflow_hosts = local_hosts(host, ports["mlflow"], options.allowed_hosts)
         spawn(root, "mlflow", [tool("mlflow"), "server", "--host", host, "--port", str(ports["mlflow"]), "--workers", "1",
                                "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-                               "--artifacts-destination", (root / "mlartifacts").as_uri()], env)
+                               "--artifacts-destination", (root / "mlartifacts").as_uri(),
+                               "--allowed-hosts", ",".join(mlflow_hosts), "--cors-allowed-origins", ",".join(origins_of(mlflow_hosts))], env)
     state = {"host": host, "prefect_port": ports["prefect"], "mlflow_port": ports["mlflow"], "pool": options.pool,
              "prefect_url": prefect_url, "mlflow_url": mlflow_url}
     write_state(root, state)

@@ -1,5 +1,6 @@
 """A minimal OpenAI-compatible chat server for a local model folder, on loopback: `POST /v1/chat/completions` and
-`GET /v1/models`, greedy generation with the folder's chat template. It lets the judge path run with no service
+`GET /v1/models`, greedy generation with the folder's chat template
+(prompts encoded as in training: `tunepath.serve`). It lets the judge path run with no service
 outside this machine (on the demo model it exercises the client and the HTTP protocol, not judgement); point
 `evaluate.judge.base_url` at a real server (vLLM, llama.cpp, a hosted API) for verdicts worth having.
 
@@ -11,39 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import threading
-import time
-import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-
-class ChatModel:
-    """A model folder that answers chat messages; one generation at a time."""
-
-    def __init__(self, folder: Path, name: str) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        self.name = name
-        self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        self.model = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
-        self.lock = threading.Lock()
-        self.requests = 0
-
-    def complete(self, messages: list[dict], max_tokens: int) -> tuple[str, int, int, str]:
-        import torch
-
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
-        eos = self.model.generation_config.eos_token_id
-        with self.lock, torch.no_grad():
-            self.requests += 1
-            out = self.model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                      max_new_tokens=max_tokens, do_sample=False, eos_token_id=eos,
-                                      pad_token_id=self.tokenizer.pad_token_id)
-        new = out[0, len(ids):].tolist()
-        stops = eos if isinstance(eos, list) else [eos]
-        finish = "stop" if new and new[-1] in stops else "length"
-        return self.tokenizer.decode(new, skip_special_tokens=True).strip(), len(ids), len(new), finish
+from tunepath.serve.chat import ChatModel
 
 
 def make_handler(chat: ChatModel):
@@ -71,19 +43,11 @@ def make_handler(chat: ChatModel):
                 return
             try:
                 request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-                messages = request["messages"]
-                max_tokens = int(request.get("max_tokens") or request.get("max_completion_tokens") or 64)
-            except (ValueError, KeyError, TypeError) as e:
+                answer = chat.complete({"max_tokens": 64, **request})
+            except (ValueError, KeyError, TypeError) as e:  # PromptError is a ValueError
                 self._send(400, {"error": {"message": f"bad request: {e}", "type": "invalid_request_error"}})
                 return
-            text, prompt_tokens, completion_tokens, finish = chat.complete(messages, max_tokens)
-            self._send(200, {
-                "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
-                "model": request.get("model", chat.name),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens},
-            })
+            self._send(200, {**answer, "model": request.get("model", chat.name)})
 
     return Handler
 

@@ -2,7 +2,7 @@
 
 The templated prompt is the tokenize stage's `prompt_ids` (control tokens only from the template's markup, so a
 user message containing `<|im_start|>system` stays text). The untemplated prompt is the last user message as
-plain text, tokenized with special-token matching off: the seed's point is that a model tuned on a template
+plain text, tokenized with added-token matching off (special or not): the seed's point is that a model tuned on a template
 answers well only when it sees that template.
 """
 
@@ -63,6 +63,7 @@ def conversation_prompts(rows, records: list[dict], tokenizer, limit: int) -> li
     """
     out: list[Prompt] = []
     j = 0
+    as_text = plain_text_encoder(tokenizer)
     for row in rows:
         if limit and len(out) >= limit:
             break
@@ -80,9 +81,23 @@ def conversation_prompts(rows, records: list[dict], tokenizer, limit: int) -> li
             out.append(Prompt(None, tokenizer.decode(prompt_ids), reference, prompt_ids, None))
             continue
         user = _user_before(match["messages"], reference)
-        raw = tokenizer(user + "\n", add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        out.append(Prompt(match["id"], user, reference, prompt_ids, list(raw)))
+        out.append(Prompt(match["id"], user, reference, prompt_ids, as_text(user + "\n")))
     return out
+
+
+def plain_text_encoder(tokenizer):
+    """Text to ids with no added token matched: `split_special_tokens` stops only the special ones, and a user
+    message holding Qwen's `<tool_call>` or R1's `<think>` (added, not special) would still yield their ids."""
+    from tunepath.tokenize.render import added_token_pattern, guarded_tokens
+
+    guarded = guarded_tokens(tokenizer)
+    pattern = added_token_pattern(guarded.values())
+    if pattern is None:
+        return lambda text: list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    from tunepath.tokenize.safe import TextOnlyEncoder
+
+    encoder = TextOnlyEncoder(tokenizer, guarded, pattern)
+    return lambda text: encoder.encode_texts([text])[0]
 
 
 def reference_text(row, tokenizer) -> str:

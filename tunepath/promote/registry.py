@@ -83,7 +83,17 @@ class Registry:
 
 
 def model_folders(root: Path) -> tuple[Path, Path]:
-    """The weights folder and the tokenizer folder inside a logged transformers model."""
+    """The weights folder and the tokenizer folder inside a logged model: tunepath's chat pyfunc keeps the merged
+    folder as an artifact (MLmodel names where); versions logged in the transformers flavour keep `model/` and
+    `components/tokenizer/`."""
+    import yaml
+
+    mlmodel = root / "MLmodel"
+    if mlmodel.exists():
+        pyfunc = (yaml.safe_load(mlmodel.read_text(encoding="utf-8")).get("flavors") or {}).get("python_function") or {}
+        folder = ((pyfunc.get("artifacts") or {}).get("model") or {}).get("path")
+        if folder and (root / folder / "config.json").exists():
+            return root / folder, root / folder
     weights = root / "model"
     tokenizer = root / "components" / "tokenizer"
     return weights, tokenizer if (tokenizer / "tokenizer_config.json").exists() else weights

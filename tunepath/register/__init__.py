@@ -3,9 +3,10 @@
 The MLflow run holds the params (flat, and whole as `params.json`), the evaluation metrics, the route plan, the
 validation, token, evaluation and parity reports, the held-out data (`heldout/`, so promotion can re-evaluate
 any two versions on the same rows), the data lineage (`mlflow.data` inputs carrying the DVC hash) and the
-merged model in the transformers flavour as an `llm/v1/chat` model: `mlflow.pyfunc.load_model(uri).predict(
-{"messages": [...]})` answers a chat. The version carries the lineage and evaluation tags; the same merged
-weights register once (tag `artifact_hash`).
+merged model as tunepath's chat pyfunc (`tunepath.serve`): `mlflow.pyfunc.load_model(uri).predict(
+{"messages": [...]})` answers a chat, its prompt encoded as in training (control-token text in a message stays
+text). The version carries the lineage and evaluation tags; the same merged weights register once (tag
+`artifact_hash`).
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ def looks_like_hub_id(value: str) -> bool:
 
 
 def hub_references(flavor: dict, model_dir: Path) -> list[str]:
-    """What in the transformers flavour's configuration or the model folder would send a loader to a hub."""
+    """What in a logged flavour's configuration (the transformers flavour's keys; {} for tunepath's pyfunc) or
+    the model folder would send a loader to a hub."""
     problems = []
     source = flavor.get("source_model_name")
     if source and looks_like_hub_id(str(source)):

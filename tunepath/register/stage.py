@@ -198,6 +198,8 @@ def run_register(cfg: RegisterConfig, params: dict, root: Path, tracking_uri: st
 def _log_and_register(cfg, params, root, model_dir, stage_dirs, plan, evaluation, parity, tags, client) -> tuple[str, str]:
     import mlflow
 
+    from tunepath.serve.pyfunc import log_chat_model  # subclasses an MLflow class: imports mlflow
+
     experiment_id = open_experiment(mlflow, cfg.experiment, root / "mlartifacts")
     with mlflow.start_run(experiment_id=experiment_id) as run:
         mlflow.set_tags({**tags, **process_tags()})
@@ -219,13 +221,14 @@ def _log_and_register(cfg, params, root, model_dir, stage_dirs, plan, evaluation
             mlflow.log_artifacts(str(heldout), artifact_path="heldout")
             digest = Heldout.load(heldout, heldout / "records.jsonl").digest()
         log_lineage(params["data"]["raw_dir"], tags["data_hash"], tags["git_commit"], records, digest)
-        info = mlflow.transformers.log_model(
-            str(model_dir), name="model", task="llm/v1/chat", pip_requirements=PIP_REQUIREMENTS,
-            model_config={"max_new_tokens": cfg.max_new_tokens, "do_sample": False},
-        )
-        problems = hub_references(info.flavors.get("transformers", {}), model_dir)
+        problems = hub_references({}, model_dir)
         if problems:
-            raise HubReference("the logged model points at a model hub, which serving machines may not reach: " + "; ".join(problems))
+            raise HubReference("the merged model points at a model hub, which serving machines may not reach: " + "; ".join(problems))
+        # tunepath's own pyfunc, not the transformers flavour: that one tokenizes the rendered prompt whole, so
+        # control-token text in a user message would become control tokens (a forged system turn)
+        tokenize = params.get("tokenize") or {}
+        info = log_chat_model(model_dir, "model", cfg.max_new_tokens, tokenize.get("template_kwargs") or {},
+                              str(tokenize.get("render_date") or ""), PIP_REQUIREMENTS)
         run_id = run.info.run_id
     version = mlflow.register_model(info.model_uri, cfg.model_name, tags=tags)
     return str(version.version), run_id
