@@ -45,6 +45,7 @@ def test_repaired_model_beats_the_noised_base_and_everything_is_written(workspac
         for side in ("base", "tuned", "diff"):
             assert c[name][side]["low"] <= c[name][side]["value"] <= c[name][side]["high"], (name, side)
     assert m["primary_metric"] == "perplexity" and c["perplexity"]["diff"]["low"] > 0
+    assert "prompt_dependence" not in c and "relevance" not in m["gates"]  # check_relevance off: not measured
     assert m["tuned_rouge_l"] == c["rouge_l"]["tuned"]["value"] and "rouge_l_diff_low" in m
     rows = json.loads((out / "row_scores.json").read_text())
     assert rows["split"] == "sft" and len(rows["rows"]) == m["eval_rows"]
@@ -96,7 +97,7 @@ def comparison(**over):
         "preference_accuracy": {"base": ci(0.6), "tuned": ci(0.55), "diff": ci(-0.05, -0.2, 0.1), "pairs": 10},
     }
     for key, value in over.items():
-        c[key] = {**c[key], **value}
+        c[key] = {**c.get(key, {}), **value}
     return c
 
 
@@ -119,6 +120,41 @@ def test_gates_are_rules_on_intervals_and_name_what_failed():
     assert not apply_gates(cfg, dropped, "rouge_l", "sft")["preference"]["passed"]
     cpt = apply_gates(cfg, comparison(), "perplexity", "cpt")
     assert "perplexity" not in cpt and cpt["primary"]["metric"] == "perplexity"  # one perplexity rule, the stricter one
+
+
+def test_relevance_passes_on_prompt_dependence_kept_and_fails_when_training_lost_it():
+    # numbers measured on the demo: 20 steps at 1e-4 (answers still mostly the base's) and shuffled labels
+    brief = comparison(relevance={"diff": ci(0.049, -0.003, 0.11)},
+                       prompt_dependence={"base": ci(0.096, 0.057, 0.142), "tuned": ci(0.119, 0.067, 0.178), "diff": ci(0.023, 0.008, 0.042)})
+    shuffled = comparison(relevance={"diff": ci(0.0, -0.054, 0.05)},
+                          prompt_dependence={"base": ci(0.096, 0.057, 0.142), "tuned": ci(0.027, 0.017, 0.038), "diff": ci(-0.069, -0.106, -0.037)})
+    no_base = comparison(relevance={"diff": ci(0.0, -0.05, 0.05)},  # shuffled on a base that never linked questions to answers
+                         prompt_dependence={"base": ci(0.0, -0.01, 0.01), "tuned": ci(0.0, -0.01, 0.01), "diff": ci(0.0, -0.01, 0.01)})
+    cfg = EvaluateConfig()
+    assert apply_gates(cfg, brief, "rouge_l", "sft")["relevance"]["passed"]
+    lost = apply_gates(cfg, shuffled, "rouge_l", "sft")["relevance"]
+    assert not lost["passed"] and "prompt dependence (nats per answer token, own prompt vs others) tuned 0.027" in lost["detail"]
+    assert not apply_gates(cfg, no_base, "rouge_l", "sft")["relevance"]["passed"]
+    assert apply_gates(cfg, {**shuffled, "relevance": comparison()["relevance"]}, "rouge_l", "sft")["relevance"]["passed"]  # answers clearly fit
+
+
+def test_prompt_dependence_scores_the_same_answer_tokens_after_other_prompts(workspace, demo_assets):
+    from tunepath.evaluate.heldout import Heldout
+    from tunepath.evaluate.models import load_folder, pick_runtime
+    from tunepath.evaluate.scoring import prompt_dependence, prompt_swapped_rows, row_logprobs
+
+    art = workspace / "artifacts"
+    rows = [r for r in Heldout.load(art / "tokenize", art / "validate" / "records.jsonl", ["sft"]).splits["sft"] if r.get("prompt_ids")]
+    own, other = prompt_swapped_rows(rows, 0), prompt_swapped_rows(rows, 1)
+    assert other[0]["input_ids"][: len(rows[1]["prompt_ids"])] == list(rows[1]["prompt_ids"])
+    model = load_folder(demo_assets / "models" / "demo", pick_runtime("fp32"))
+    counts = [[n for _, n in row_logprobs(model, r, 0, 8)] for r in (own, other)]
+    assert counts[0] == counts[1] and min(counts[0]) > 0  # only the answer is scored, the same tokens both times
+    gaps = prompt_dependence(model, rows, 0, 8)
+    assert len(gaps) == len(rows) and any(abs(g) > 1e-4 for g in gaps)
+    alike = [{**r, "prompt_ids": rows[0]["prompt_ids"], "input_ids": list(rows[0]["prompt_ids"]) + list(r["input_ids"][len(r["prompt_ids"]):]),
+              "labels": [-100] * len(rows[0]["prompt_ids"]) + list(r["labels"][len(r["prompt_ids"]):])} for r in rows]
+    assert max(abs(g) for g in prompt_dependence(model, alike, 0, 8)) < 1e-4  # one prompt for all: nothing to depend on
 
 
 def test_primary_metric_follows_the_trained_stage_and_an_unknown_one_names_the_param():

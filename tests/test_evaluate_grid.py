@@ -1,16 +1,28 @@
 """The gates' defaults against real training on the demo: every sane single change a user makes in the run form
 passes, training that really hurts fails.
 
-Slow tier (each setting trains and evaluates the demo model, 20-90 s on two busy cores). The grid is one setting at
-a time at each end of its range, the others at their defaults (the issue's "change one setting in the Custom run
-form"): train.max_steps 20 and 300, learning_rate 1e-4 and 5e-3, lora_r 4 and 64 (alpha 2r), batch_size 2 and
-16, packing off; plus one corner combining two small ends (rank 4 with batch 2). The bad runs: a learning rate of
-1, a diverged run (learning rate 0.3 without clipping), and a model trained on shuffled answers.
+Slow tier (each setting trains and evaluates the demo model, 20-90 s on two busy cores; about 3 minutes on a
+loaded machine). The grid is one setting at a time at each end of its range, the others at their defaults (the
+issue's "change one setting in the Custom run form"): train.max_steps 20 and 300, learning_rate 1e-4 and 5e-3,
+lora_r 4 and 64 (alpha 2r), batch_size 2 and 16, packing off; plus corners combining two ends that a user trying
+to go fast or small hits: rank 4 with batch 2, 20 steps with learning rate 1e-4 (the least training in the
+ranges), 20 steps with rank 4, learning rate 1e-4 with rank 4. 20 steps with batch 2 (the fewest examples seen)
+fails the primary gate and is kept as a strict xfail (FAILING_CORNERS).
+The bad runs: a learning rate of 1, a diverged run (learning rate 0.3 without clipping), and a model trained on
+shuffled answers.
 
-Not in the grid because it fails: the corner of 20 steps at learning rate 1e-4 together. Its answers beat the
-base on ROUGE-L, but the relevance gate cannot tell them from answers to other prompts (measured: difference
-+0.049, interval lower end -0.003 on 23 held-out prompts; -0.026 with 800 demo conversations): so little
-training has not yet made the answers depend on the question.
+20 steps at 1e-4 decided how the relevance gate is formulated. Its answers beat the base on ROUGE-L (+0.050,
+interval +0.006..+0.110) but are still mostly the base's, and the base's answers hardly depend on the question, so
+the generated-text relevance (own reference against other prompts' references) cannot be told from zero on 23
+held-out prompts (+0.049, lower end -0.003). More held-out prompts do not fix that (-0.026 with 800 demo
+conversations: the effect is small, not just noisy), and a lower bar on the same statistic would let shuffled
+labels through (their interval reaches +0.05 too). What tells the two apart is the tuned model's likelihood of the
+reference answers given their own prompt against other prompts (nats per answer token): the base has +0.096
+[+0.057, +0.142]; 20 steps at 1e-4 keep and raise it (+0.119, difference to the base +0.023 [+0.008, +0.042]),
+shuffled labels teach the model to ignore the question and lose it (+0.027, difference -0.069 [-0.106, -0.037]).
+So the gate passes when the generated answers clearly fit their prompts, or when the prompt dependence is clear of
+zero and not surely below the base's (tunepath/evaluate/gates.py, relevance_gate). The shuffled-label run still
+fails, and so would shuffled labels on a base with no prompt dependence (nothing clear of zero).
 Every gate runs with its default, the shipped benchmarks (evals/) included.
 """
 
@@ -35,6 +47,16 @@ SANE = {
     "batch_16": ["train.batch_size=16"],
     "no_packing": ["tokenize.pack=false"],
     "corner_rank_4_batch_2": ["train.lora_r=4", "train.lora_alpha=8", "train.batch_size=2"],
+    "corner_steps_20_lr_1e-4": ["train.max_steps=20", "train.learning_rate=0.0001"],
+    "corner_steps_20_rank_4": ["train.max_steps=20", "train.lora_r=4", "train.lora_alpha=8"],
+    "corner_lr_1e-4_rank_4": ["train.learning_rate=0.0001", "train.lora_r=4", "train.lora_alpha=8"],
+}
+# Known to fail, kept so that the day it passes the test says so (strict xfail): 20 steps of 2 rows see 40 packed rows
+# of the ~370 training samples; perplexity falls as far as with batch 8 (2.91 -> 1.98) and the answers fit their
+# prompts (relevance +0.036, lower end +0.004; prompt dependence +0.065 over the base), but greedy answers do not yet
+# beat the base's ROUGE-L with confidence (+0.022, interval -0.025..+0.065 on 23 prompts).
+FAILING_CORNERS = {
+    "corner_steps_20_batch_2": ["train.max_steps=20", "train.batch_size=2"],
 }
 BAD = {
     "lr_1": ["train.learning_rate=1"],
@@ -80,9 +102,11 @@ def summary(name: str, m: dict) -> str:
     p = m["comparison"][m["primary_metric"]]
     failed = [k for k, g in m["gates"].items() if not g["passed"]]
     rel = m["comparison"].get("relevance", {}).get("diff", {})
+    dep = m["comparison"].get("prompt_dependence", {}).get("diff", {})
     return (f"{name:28} {'PASS' if m['passed'] else 'FAIL':4} {m['primary_metric']} base {p['base']['value']:.3f} tuned "
             f"{p['tuned']['value']:.3f} diff {p['diff']['value']:+.3f} [{p['diff']['low']:+.3f}, {p['diff']['high']:+.3f}] "
             f"relevance {rel.get('value', float('nan')):+.3f} [{rel.get('low', float('nan')):+.3f}] "
+            f"dependence vs base {dep.get('value', float('nan')):+.3f} [{dep.get('low', float('nan')):+.3f}, {dep.get('high', float('nan')):+.3f}] "
             f"ppl {m['base_perplexity']:.2f}->{m['tuned_perplexity']:.2f} failed: {','.join(failed) or '-'}")
 
 
@@ -102,8 +126,40 @@ def test_sane_settings_pass_the_gates(grid_project, name):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="too little training to beat the base's ROUGE-L with confidence (see FAILING_CORNERS)")
+@pytest.mark.parametrize("name", list(FAILING_CORNERS))
+def test_corners_known_to_fail_the_primary_gate(grid_project, name):
+    m = run_setting(grid_project, FAILING_CORNERS[name])
+    print(summary(name, m))
+    assert m["passed"], summary(name, m)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(BAD))
 def test_training_that_hurts_fails_the_gates(grid_project, name):
     m = run_setting(grid_project, BAD[name])
     print(summary(name, m))
     assert not m["passed"], summary(name, m)
+
+
+@pytest.mark.slow
+def test_a_dpo_run_is_judged_on_held_out_preference_accuracy(grid_project):
+    """route.style_required with the demo's preference pairs plans SFT then DPO; the primary metric is then the
+    per-token preference accuracy on the held-out pairs, and the primary gate reads its interval.
+
+    Measured 2026-12-01: the demo base already ranks the chosen answer above the rejected one on all 9 held-out
+    pairs (the demo's rejected answers are curt one-liners), so the tuned model cannot beat it (1.000 vs 1.000,
+    difference [0, 0]) and the run fails the primary gate; it also failed relevance (prompt dependence -0.041
+    [-0.121, +0.024], generated relevance lower end -0.005), degenerate and the general-text benchmark. The demo's
+    pairs need harder rejected answers (or the primary gate a rule for a base at the ceiling) before a DPO run can
+    pass; until then this test checks the metric, not the outcome.
+    """
+    m = run_setting(grid_project, ["route.style_required=true"])
+    print(summary("dpo (style_required)", m))
+    plan = json.loads((grid_project / "artifacts" / "route" / "plan.json").read_text(encoding="utf-8"))
+    assert plan["stages"] == ["sft", "dpo"]
+    assert m["primary_metric"] == "preference_accuracy" and m["gates"]["primary"]["metric"] == "preference_accuracy"
+    p = m["comparison"]["preference_accuracy"]
+    assert p["pairs"] == m["preference"]["pairs"] > 0
+    assert p["tuned"]["value"] >= p["base"]["value"]
+    assert m["gates"]["primary"]["passed"] == (p["diff"]["low"] > 0)

@@ -89,6 +89,15 @@ def test_kto_trains_on_unpaired_feedback_on_the_cpu(project, tmp_path):
     assert last["kto_reward_desirable"] > last["kto_reward_undesirable"]
     start, tuned = load_start(summary["start_model"]), load_trained(tmp_path)
     assert _answer_logratio(tuned, project) > _answer_logratio(start, project)
+    # a KTO-only run has only feedback held out: evaluate says it cannot judge it rather than passing it unmeasured
+    from tunepath.config import Config
+    from tunepath.evaluate.stage import run_evaluate
+    from tunepath.sections import ModelConfig
+
+    art = project / "artifacts"
+    assert (art / "tokenize" / "kto" / "eval").exists()
+    with pytest.raises(FileNotFoundError, match=r"KTO feedback only \(kto/eval\), which tunepath does not evaluate yet.*data/raw"):
+        run_evaluate(Config().evaluate, ModelConfig(), art / "validate", art / "tokenize", tmp_path / "train", tmp_path / "evaluate")
 
 
 def test_kto_loss_matches_trl_formula():

@@ -41,7 +41,7 @@ class EvaluateConfig(Strict):
     confidence: float = Field(0.95, gt=0.5, lt=1, description="Two-sided confidence of every interval.")
     bootstrap_seed: int = Field(0, ge=0, description="Seed of the bootstrap resampling (and of sampling when do_sample is on).")
     check_relevance: bool = Field(
-        True, description="Gate (SFT): answers must fit their own prompt: the primary metric against the own reference beats it against other prompts' references, interval clear of zero."
+        True, description="Gate (SFT): answers must fit their own prompt: the primary metric against the own reference beats it against other prompts' references (interval clear of zero), or the tuned likelihood of each reference depends on its prompt and not surely less than the base's."
     )
     max_ppl_rise: float = Field(
         0.0, ge=0, description="Gate when perplexity is not the primary metric: fails when the whole interval of the relative perplexity reduction lies below -max_ppl_rise (tuned surely worse)."

@@ -9,7 +9,7 @@ from tunepath.evaluate.stats import Bootstrap, mean_ci, paired_diff_ci, perplexi
 from tunepath.evaluate.textmetrics import METRICS, mismatched_scores, score_answers
 
 HIGHER_IS_BETTER = {**{m: True for m in METRICS}, "perplexity": False, "preference_accuracy": True,
-                    "degenerate_share": False, "stopped_at_eot_share": True}
+                    "degenerate_share": False, "stopped_at_eot_share": True, "prompt_dependence": True}
 
 
 def preference_correct(scores: list[tuple]) -> list[float]:
@@ -35,6 +35,10 @@ def compare(base: dict, tuned: dict, references: list[str], boot: Bootstrap, rel
             other = mismatched_scores([a["text"] for a in tuned["answers"]], references, relevance_metric)
             out["relevance"] = {"metric": relevance_metric, "own": mean_ci(own, boot), "other": mean_ci(other, boot),
                                 "diff": paired_diff_ci(own, other, boot)}
+    bd, td = base.get("prompt_dependence") or [], tuned.get("prompt_dependence") or []
+    if td and len(bd) == len(td):
+        out["prompt_dependence"] = {"base": mean_ci(bd, boot), "tuned": mean_ci(td, boot), "diff": paired_diff_ci(td, bd, boot),
+                                    "rows": len(td)}
     out["perplexity"] = {"base": perplexity_ci(base["row_scores"], boot), "tuned": perplexity_ci(tuned["row_scores"], boot),
                          "diff": perplexity_gain_ci(tuned["row_scores"], base["row_scores"], boot)}
     if tuned["preference"]:

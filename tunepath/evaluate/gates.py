@@ -4,8 +4,10 @@ registration.
 - primary: the tuned model beats the base on the primary metric: the lower end of the paired interval of the
   difference is above `min_primary_gain` (zero: better with the stated confidence).
 - relevance (answers to conversations): the tuned answers fit their own prompts: the primary text metric against
-  the own reference beats the same answers against other prompts' references, interval clear of zero. A model
-  that learnt the format but not the task (trained on shuffled labels) answers every prompt alike and fails it.
+  the own reference beats the same answers against other prompts' references, interval clear of zero; or the
+  tuned model's likelihood of each reference answer depends on its prompt (interval clear of zero) and not surely
+  less than the base's. A model that learnt the format but not the task (trained on shuffled labels) answers
+  every prompt alike, has unlearnt the question, and fails both.
 - perplexity (when not primary): fails only when the tuned model is surely worse.
 - degenerate, stop_at_eot: shares of the tuned answers that loop or run past the end-of-turn token.
 - preference (pairs held out): tuned accuracy at least chance, and not surely lower than the base's by the drop.
@@ -58,13 +60,7 @@ def apply_gates(cfg: EvaluateConfig, comparison: dict, primary: str, kind: str, 
         "detail": f"{primary}: {new} {_ci(p['tuned'])} vs {ref} {_ci(p['base'])}; {what} {_ci(p['diff'])}, needs lower end > {cfg.min_primary_gain}",
     }
     if cfg.check_relevance and "relevance" in comparison:
-        r = comparison["relevance"]
-        gates["relevance"] = {
-            "metric": r["metric"], "rule": f"lower end of the {conf} interval of (own reference - other references) > 0",
-            "passed": r["diff"]["low"] > 0,
-            "detail": f"{r['metric']} of {new} answers against their own reference {_ci(r['own'])} vs other prompts' "
-                      f"references {_ci(r['other'])}; difference {_ci(r['diff'])}, needs lower end > 0",
-        }
+        gates["relevance"] = relevance_gate(comparison, conf, new, ref)
     if primary != "perplexity":
         g = comparison["perplexity"]
         gates["perplexity"] = {
@@ -95,6 +91,34 @@ def apply_gates(cfg: EvaluateConfig, comparison: dict, primary: str, kind: str, 
                       f"difference {_ci(a['diff'], True)}; needs >= {CHANCE:.0%} and a difference reaching {floor:.0%}",
         }
     return gates
+
+
+def relevance_gate(comparison: dict, conf: str, new: str = "tuned", ref: str = "base") -> dict:
+    """Passes when the generated answers clearly fit their own prompts, or when the model's likelihood of each
+    reference answer clearly depends on its prompt and no less than the base's did.
+
+    The first alone fails a briefly trained model whose answers are still mostly the base's (20 steps at 1e-4 on
+    the demo: +0.05 ROUGE-L, interval reaching -0.003 on 23 prompts): generated text is too noisy a signal to prove
+    relevance on a small split. The second is what shuffled labels destroy: trained to ignore the question, the model
+    loses the prompt dependence its base had (demo: -0.07 nats per token, interval ending at -0.04), while brief sane
+    training keeps or raises it.
+    """
+    r = comparison["relevance"]
+    fit = r["diff"]["low"] > 0
+    detail = (f"{r['metric']} of {new} answers against their own reference {_ci(r['own'])} vs other prompts' references "
+              f"{_ci(r['other'])}, difference {_ci(r['diff'])} ({'clear of' if fit else 'not clear of'} 0)")
+    d = comparison.get("prompt_dependence")
+    depends = False
+    if d:
+        depends = d["tuned"]["low"] > 0 and d["diff"]["high"] >= 0
+        detail += (f"; prompt dependence (nats per answer token, own prompt vs others) {new} {_ci(d['tuned'])} vs {ref} "
+                   f"{_ci(d['base'])}, difference {_ci(d['diff'])}")
+    return {
+        "metric": r["metric"],
+        "rule": f"lower end of the {conf} interval of (own reference - other references) > 0, or: lower end of {new}'s "
+                f"prompt dependence > 0 and upper end of ({new} - {ref}) >= 0",
+        "passed": fit or depends, "detail": detail,
+    }
 
 
 def failure_message(gates: dict[str, dict], where: str) -> str:

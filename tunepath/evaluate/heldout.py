@@ -38,6 +38,12 @@ class Heldout:
 
         root = Path(root)
         splits = {k: list(load_from_disk(str(root / k / "eval"))) for k in SCORED_KINDS if (root / k / "eval").exists()}
+        if not splits and (root / "kto" / "eval").exists():
+            raise FileNotFoundError(
+                f"{root}: the held-out data is KTO feedback only (kto/eval), which tunepath does not evaluate yet: nothing "
+                "would back the gates. Add conversations or preference pairs to data/raw so some are held out "
+                "(validate.eval_share), or train with route.force_stages including sft."
+            )
         if not splits:
             raise FileNotFoundError(
                 f"{root}: no held-out split (sft/eval or cpt/eval). The validate stage puts a share of the records in "

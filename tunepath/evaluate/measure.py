@@ -6,7 +6,7 @@ from tunepath.evaluate import EvaluateConfig
 from tunepath.evaluate.heldout import Heldout
 from tunepath.evaluate.models import Runtime
 from tunepath.evaluate.samples import Prompt, answer_prompts, conversation_prompts, end_of_turn_ids, sample_summary, text_prompts
-from tunepath.evaluate.scoring import mean_loss, perplexity, preference_scores, row_logprobs
+from tunepath.evaluate.scoring import mean_loss, perplexity, preference_scores, prompt_dependence, row_logprobs
 
 
 def prepare_prompts(heldout: Heldout, tokenizer, cfg: EvaluateConfig) -> tuple[list[Prompt], list[int]]:
@@ -24,7 +24,8 @@ def prepare_prompts(heldout: Heldout, tokenizer, cfg: EvaluateConfig) -> tuple[l
 
 def measure(model, tokenizer, heldout: Heldout, cfg: EvaluateConfig, runtime: Runtime, prompts: list[Prompt],
             eot_ids: list[int], untemplated: int = 0) -> dict:
-    """Loss and perplexity on every held-out split, preference log-probs, and an answer to every prompt."""
+    """Loss and perplexity on every held-out split, preference log-probs, prompt dependence (SFT rows, when the
+    relevance gate is on), and an answer to every prompt."""
     import time
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot_ids[0]
@@ -37,12 +38,14 @@ def measure(model, tokenizer, heldout: Heldout, cfg: EvaluateConfig, runtime: Ru
         if kind == heldout.kind:
             row_scores = scores
     preference = preference_scores(model, heldout.pairs, pad, cfg.batch_size, runtime.device) if heldout.pairs else []
+    sft = heldout.splits.get("sft") if cfg.check_relevance else None
+    dependence = prompt_dependence(model, sft, pad, cfg.batch_size, runtime.device) if sft else []
     scored = time.perf_counter()
     answers = answer_prompts(model, tokenizer, prompts, cfg, eot_ids, runtime.device, untemplated)
     seconds = {"scoring": scored - started, "generation": time.perf_counter() - scored}
     primary = splits[heldout.kind]
     return {"loss": primary["loss"], "perplexity": primary["perplexity"], "tokens": primary["tokens"], "splits": splits,
-            "row_scores": row_scores, "preference": preference, "answers": answers, "seconds": seconds, **sample_summary(answers)}
+            "row_scores": row_scores, "preference": preference, "prompt_dependence": dependence, "answers": answers, "seconds": seconds, **sample_summary(answers)}
 
 
 def settings_of(cfg: EvaluateConfig, runtime: Runtime) -> dict:

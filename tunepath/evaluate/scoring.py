@@ -46,6 +46,37 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, 700.0))  # exp overflows past ~709: a broken model reads as huge, not as an error
 
 
+def prompt_swapped_rows(rows, shift: int) -> list[dict]:
+    """Each SFT row's answer (the tokens after its `prompt_ids`) after the prompt of the row `shift` places on
+    (cyclically); shift 0 gives the row's own prompt. Only the answer is labelled, so every variant of a row scores
+    the same tokens."""
+    n = len(rows)
+    out = []
+    for i, row in enumerate(rows):
+        start = len(row["prompt_ids"])
+        prompt = list(rows[(i + shift) % n]["prompt_ids"])
+        out.append({"input_ids": prompt + list(row["input_ids"][start:]), "labels": [IGNORE_INDEX] * len(prompt) + list(row["labels"][start:])})
+    return out
+
+
+def prompt_dependence(model, rows, pad_id: int, batch_size: int, device: str = "cpu", shifts: int = 3) -> list[float]:
+    """Per SFT row with a prompt: how much its own prompt raises the reference answer's log-probability, in nats per
+    answer token, against the prompts of the next `shifts` rows (a pointwise mutual information of question and
+    answer). A model trained on shuffled answers learns to ignore the question and loses it; a briefly trained one
+    keeps what its base had. Likelihoods of the same tokens, so it varies far less than scores of generated text."""
+    rows = [r for r in rows if r.get("prompt_ids")]
+    if len(rows) < 2:
+        return []
+    own = row_logprobs(model, prompt_swapped_rows(rows, 0), pad_id, batch_size, device)
+    gaps = [0.0] * len(rows)
+    steps = range(1, min(shifts, len(rows) - 1) + 1)
+    for k in steps:
+        other = row_logprobs(model, prompt_swapped_rows(rows, k), pad_id, batch_size, device)
+        for i, ((lo, n), (lx, _)) in enumerate(zip(own, other)):
+            gaps[i] += (lo - lx) / max(n, 1) / len(steps)
+    return gaps
+
+
 def preference_rows(pairs) -> list[dict]:
     """Two rows per pair, prompt + chosen and prompt + rejected, labels on the answer tokens only."""
     rows = []
