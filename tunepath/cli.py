@@ -34,6 +34,9 @@ def prepare_env(root: Path) -> None:
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "PREFECT_LOGGING_EXTRA_LOGGERS": "tunepath",
         "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
+        # The temporary server `tunepath run` starts has no browser client: no other site's page may call it
+        # (Prefect's default is `*`; a JSON request from a page needs a preflight this refuses).
+        "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": "http://127.0.0.1",
     })
     if (root / SERVICES_ENV).exists():
         from tunepath.services import live_env  # stdlib only: ignores the file when the servers are gone
