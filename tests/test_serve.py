@@ -286,7 +286,9 @@ def test_mlflow_models_serve_feeds_the_model_no_control_id_from_message_text(ser
 
     model, tokenizer, info, root = served
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    # mlflow starts `uvicorn` by name: this interpreter's scripts must be on PATH (CI calls .venv/bin/python directly)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", info.model_uri, "--env-manager", "local",
            "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
     log = (root / "serve.log").open("wb")

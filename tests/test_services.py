@@ -398,21 +398,6 @@ def test_cli_and_dvc_stages_report_to_the_running_servers(live):
     assert record["tracking_uri"] == report.mlflow_url
 
 
-@pytest.mark.services
-def test_down_stops_every_process_up_started(live):
-    import psutil
-
-    root, report = live
-    pids = process_tree(root)
-    assert len(pids) >= 3
-    stop_services(root)
-    time.sleep(0.5)
-    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-    assert not alive, f"still running after down: {alive}"
-    assert not (root / ".tunepath" / "services.env").exists()
-    assert not services.healthy(f"{report.prefect_url}/api/health")
-
-
 def request_status(url: str, method: str = "GET", headers: dict | None = None, body: dict | None = None) -> tuple[int, dict]:
     import urllib.error
     import urllib.request
@@ -456,3 +441,19 @@ def test_both_servers_refuse_foreign_origins_and_hosts_and_serve_their_own_pages
     with pytest.raises(InvalidStatus, match="403"):
         connect(ws, origin="http://evil.example", open_timeout=10).close()
     assert services.healthy(f"{report.prefect_url}/api/health") and services.healthy(f"{report.mlflow_url}/health")
+
+
+# Last: it stops the servers every test above shares.
+@pytest.mark.services
+def test_down_stops_every_process_up_started(live):
+    import psutil
+
+    root, report = live
+    pids = process_tree(root)
+    assert len(pids) >= 3
+    stop_services(root)
+    time.sleep(0.5)
+    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"still running after down: {alive}"
+    assert not (root / ".tunepath" / "services.env").exists()
+    assert not services.healthy(f"{report.prefect_url}/api/health")
