@@ -108,10 +108,16 @@ def build_config(raw: dict, source: str = "params.yaml"):
 
 
 def load_config(path: Path, overrides: list[str] | None = None):
-    import yaml
-
     if not path.exists():
         raise ConfigError(f"{path}: not found; run from the project folder or pass --params FILE")
+    raw = _read_mapping(path, "expected a mapping of sections (data, model, validate, ...)")
+    return build_config(apply_overrides(raw, overrides or []), str(path))
+
+
+def _read_mapping(path: Path, expected: str) -> dict:
+    """A params-like YAML file as a dict (bounded by read_params_text); errors name the file and line."""
+    import yaml
+
     try:
         raw = yaml.safe_load(read_params_text(path)) or {}
     except yaml.YAMLError as e:
@@ -119,8 +125,8 @@ def load_config(path: Path, overrides: list[str] | None = None):
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (data, model, validate, ...), got {type(raw).__name__}")
-    return build_config(apply_overrides(raw, overrides or []), str(path))
+        raise ConfigError(f"{path}: {expected}, got {type(raw).__name__}")
+    return raw
 
 
 def load_recipe(path: Path, overrides: list[str] | None = None):
@@ -129,20 +135,11 @@ def load_recipe(path: Path, overrides: list[str] | None = None):
     The recipe alone says what the run is: params.yaml's earlier values do not leak into it (the run writes the
     effective values back to params.yaml, which is what `dvc repro` reads).
     """
-    import yaml
-
     from tunepath.config import Config
 
     if not path.exists():
         raise ConfigError(f"--config {path}: not found (recipes ship in examples/recipes/)")
-    try:
-        recipe = yaml.safe_load(read_params_text(path)) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(recipe, dict):
-        raise ConfigError(f"{path}: a recipe is a mapping of sections (data, model, train, ...), got {type(recipe).__name__}")
+    recipe = _read_mapping(path, "a recipe is a mapping of sections (data, model, train, ...)")
     merged = _deep_merge(Config().model_dump(mode="json"), recipe)
     return build_config(apply_overrides(merged, overrides or []), str(path))
 

@@ -20,6 +20,8 @@ FORMATS = ("gguf", "ollama", "vllm")
 
 def export(model_dir: Path, out_dir: Path, formats: tuple[str, ...] = FORMATS, dtype: str = "f16", check: bool = True) -> dict:
     """Write the asked formats under `out_dir`; returns what was written, with the GGUF round-trip figures."""
+    from transformers import AutoTokenizer
+
     from tunepath.export.gguf_file import ExportError, write_gguf
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -27,6 +29,8 @@ def export(model_dir: Path, out_dir: Path, formats: tuple[str, ...] = FORMATS, d
     if unknown:
         raise ExportError(f"--format {unknown[0]!r}: choose from {', '.join(FORMATS)}")
     out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    stops = stop_tokens(tokenizer)
     written: dict = {}
     if "gguf" in formats or "ollama" in formats:
         result = write_gguf(model_dir, out_dir / "gguf" / f"model-{dtype}.gguf", dtype)
@@ -36,21 +40,18 @@ def export(model_dir: Path, out_dir: Path, formats: tuple[str, ...] = FORMATS, d
 
             written["gguf"]["check"] = check_gguf(model_dir, result.path, dtype)
         if "ollama" in formats:
-            written["ollama"] = str(write_modelfile(model_dir, result.path, out_dir / "gguf" / "Modelfile"))
+            written["ollama"] = str(write_modelfile(model_dir, result.path, out_dir / "gguf" / "Modelfile", stops))
     if "vllm" in formats:
-        written["vllm"] = str(write_vllm_folder(model_dir, out_dir / "vllm"))
+        written["vllm"] = str(write_vllm_folder(model_dir, out_dir / "vllm", sorted({tokenizer.convert_tokens_to_ids(t) for t in stops})))
     (out_dir / "export.json").write_text(json.dumps(written, indent=2) + "\n", encoding="utf-8")
     return written
 
 
-def stop_tokens(model_dir: Path) -> list[str]:
+def stop_tokens(tokenizer) -> list[str]:
     """The texts that end an assistant turn: the eos token and the template's end-of-turn token."""
-    from transformers import AutoTokenizer
-
     from tunepath.tokenize.render import ChatRenderer, added_token_pattern, guarded_tokens
     from tunepath.tokenize.turns import find_end_of_turn
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     stops = [tokenizer.eos_token] if tokenizer.eos_token else []
     if tokenizer.chat_template:
         pattern = added_token_pattern(guarded_tokens(tokenizer).values())
@@ -68,7 +69,7 @@ CHATML_OLLAMA = '''{{- if .System }}<|im_start|>system
 '''
 
 
-def write_modelfile(model_dir: Path, gguf_path: Path, path: Path) -> Path:
+def write_modelfile(model_dir: Path, gguf_path: Path, path: Path, stops: list[str]) -> Path:
     """An Ollama Modelfile beside the GGUF: `ollama create NAME -f Modelfile`.
 
     ChatML templates get their Go-template form; for others Ollama reads the Jinja template stored in the GGUF
@@ -80,20 +81,16 @@ def write_modelfile(model_dir: Path, gguf_path: Path, path: Path) -> Path:
         lines.append(f'TEMPLATE """{CHATML_OLLAMA}"""')
     else:
         lines.append("# TEMPLATE: none here; Ollama uses the chat template stored in the GGUF file")
-    lines += [f'PARAMETER stop "{s}"' for s in stop_tokens(model_dir)]
+    lines += [f'PARAMETER stop "{s}"' for s in stops]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
 
-def write_vllm_folder(model_dir: Path, out: Path) -> Path:
+def write_vllm_folder(model_dir: Path, out: Path, stop_ids: list[int]) -> Path:
     """The merged folder as vLLM serves it, with every stop id in generation_config.json."""
-    from transformers import AutoTokenizer
-
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(model_dir, out, ignore=shutil.ignore_patterns("*.bin", "training_args*", "parity.json"))
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    stop_ids = sorted({tokenizer.convert_tokens_to_ids(t) for t in stop_tokens(model_dir)})
     path = out / "generation_config.json"
     config = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
     config["eos_token_id"] = stop_ids if len(stop_ids) > 1 else stop_ids[0]

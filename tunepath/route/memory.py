@@ -198,13 +198,16 @@ def estimate_hours(profile: Profile, cfg: RouteConfig, stages: list[str], method
     if gpus == 0:
         return None
     p = profile.model.params_b * 1e9
-    flops = 0.0
-    for stage in stages:
-        k = 6.0 if method == "full" else 4.0
-        k += 2.0 if gradient_checkpointing else 0.0
-        k += 2.0 if stage in ("dpo", "kto") else 0.0
-        flops += k * p * training_tokens(profile, cfg, stage)
+    flops = sum(_flops_per_token(method, stage, gradient_checkpointing) * p * training_tokens(profile, cfg, stage) for stage in stages)
     return flops * cfg.epochs / (gpus * cfg.gpu_tflops * 1e12) / 3600
+
+
+def _flops_per_token(method: str, stage: str, gradient_checkpointing: bool) -> float:
+    """Training FLOPs per parameter and token: 6 for full fine-tuning, 4 with frozen base weights; +2 for
+    recomputed activations, +2 for the reference model's forward pass of DPO/KTO."""
+    k = 6.0 if method == "full" else 4.0
+    k += 2.0 if gradient_checkpointing else 0.0
+    return k + (2.0 if stage in ("dpo", "kto") else 0.0)
 
 
 def estimate_step_hours(profile: Profile, cfg: RouteConfig, stages: list[str], method: str, max_steps: int,
@@ -215,9 +218,5 @@ def estimate_step_hours(profile: Profile, cfg: RouteConfig, stages: list[str], m
     if gpus == 0:
         return None
     p = profile.model.params_b * 1e9
-    flops = 0.0
-    for stage in stages:
-        k = (6.0 if method == "full" else 4.0) + (2.0 if gradient_checkpointing else 0.0)
-        k += 2.0 if stage in ("dpo", "kto") else 0.0
-        flops += k * p * max_steps * tokens_per_step
+    flops = sum(_flops_per_token(method, stage, gradient_checkpointing) * p * max_steps * tokens_per_step for stage in stages)
     return flops / (gpus * cfg.gpu_tflops * 1e12) / 3600
