@@ -120,7 +120,7 @@ def scale(n: int, single: int, max_new_tokens: int, shape: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="tunepath-bench-eval-scale-") as tmp:
         tok, prompts, references, rows = scale_inputs(n, Path(tmp))
     eot, pad = tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id
-    config = Qwen2Config(**QWEN2, **SHAPES[shape], bos_token_id=pad, eos_token_id=eot, pad_token_id=pad)
+    config = Qwen2Config(**{**QWEN2, **SHAPES[shape]}, bos_token_id=pad, eos_token_id=eot, pad_token_id=pad)
     torch.manual_seed(0)
     with torch.device(device):
         model = Qwen2ForCausalLM(config)
@@ -140,12 +140,16 @@ def scale(n: int, single: int, max_new_tokens: int, shape: str) -> dict:
     out = {"conversations": n, "shape": shape, "parameters": sum(p.numel() for p in model.parameters()),
            "max_new_tokens": max_new_tokens, "prompt_tokens_mean": sum(map(len, prompts)) / n,
            "scored_tokens": sum(sum(x != -100 for x in r["labels"]) for r in rows)}
+    say = lambda key: print(f"  {key}: {out[key]:.2f}", flush=True)  # noqa: E731  (a run cut short still shows its parts)
     _, out["scoring_s"] = timed(lambda: row_logprobs(model, rows, pad, 8, device))
+    say("scoring_s")
+    _, t1 = timed(lambda: generate(prompts[:single], 1))
+    out["generation_b1_s"] = t1 * n / single
+    say("generation_b1_s")
     answers = {}
     for b in (16, 64):
         answers[b], out[f"generation_b{b}_s"] = timed(lambda: generate(prompts, b))
-    _, t1 = timed(lambda: generate(prompts[:single], 1))
-    out["generation_b1_s"] = t1 * n / single
+        say(f"generation_b{b}_s")
     out["generation_b1_measured_prompts"] = single
     out["new_tokens"] = sum(len(ids) for ids, _ in answers[16])
     texts = [tok.decode(ids, skip_special_tokens=True) for ids, _ in answers[16]]
@@ -156,6 +160,7 @@ def scale(n: int, single: int, max_new_tokens: int, shape: str) -> dict:
         one = {"answers": [{"text": t, "degenerate": False, "stopped_at_eot": False} for t in texts],
                "row_scores": [(-1.0, 1)] * n, "preference": []}
         _, out["metrics_s"] = timed(lambda: compare(one, one, references, Bootstrap(), relevance_metric="rouge_l"))
+        say("metrics_s")
     except ImportError as e:  # rouge-score / sacrebleu not installed on this machine
         out["metrics_s"], out["metrics_skipped"] = None, str(e)
     out["evaluate_stage_s"] = 2 * (out["scoring_s"] + out["generation_b16_s"]) + (out["metrics_s"] or 0.0)

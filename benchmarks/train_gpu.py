@@ -22,8 +22,13 @@ own process (unsloth patches transformers process-wide), one after another:
   b_gc       b_compile with gradient checkpointing (train.gradient_checkpointing)
   c          tunepath unsloth backend (micro-batch rows flattened into one, unsloth's varlen path)
   bq, cq     QLoRA (4-bit NF4 base) on the hf backend (with compile) and on unsloth
+  trl, trl_nogc, trl_liger, u, u_nogc, uq
+             the peers as their documentation shows them (TRL's SFTTrainer, unsloth): see train_peers.py
 
-Reported per variant: real (non-padding) tokens/s, peak GPU memory (the worst batch of an epoch included),
+Shapes: tiny, 0.5b, 1.5b, 7b and 14b (Qwen2.5's configs; the 7B and 14B heads are untied).
+
+Reported per variant: real (non-padding) tokens/s (counted from the micro-batches handed to training_step, the
+same way for every trainer), peak GPU memory of the timed steps and with the worst batch of an epoch added,
 model FLOPs utilisation against the bf16 matrix rate measured in the same run, time from process start to the
 end of the first optimizer step. FLOPs per real token (LoRA, frozen base): 4*N (forward, and backward to the
 activations only) + 6*N_lora + 6*L*H*D*E[s+1] (causal attention over each sample of length s, forward and
@@ -53,6 +58,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.train_peers import PEERS, UNSLOTH  # noqa: E402
+
 log = logging.getLogger("train_gpu")
 
 QWEN2 = dict(max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu")
@@ -61,8 +68,14 @@ SHAPES = {
     # Qwen2.5-0.5B and Qwen2.5-1.5B, as in their config.json
     "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, vocab_size=151936),
     "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, vocab_size=151936),
+    # Qwen2.5-7B and Qwen2.5-14B: untied LM heads
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+               tie_word_embeddings=False),
+    "14b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8, vocab_size=152064,
+                tie_word_embeddings=False),
 }
-VARIANTS = ("a", "b_plain", "b", "b_compile", "b_fast", "b_gc", "c", "bq", "cq")
+VARIANTS = ("a", "b_plain", "b", "b_compile", "b_fast", "b_gc", "c", "bq", "cq", *PEERS)
+UNSLOTH_PROCESS = ("c", "cq", *UNSLOTH)  # variants whose process imports unsloth first
 # TrainConfig settings per tunepath variant; everything else is the default: batch 8 rows, micro-batches of
 # 8,192 tokens, varlen attention on CUDA, chunked loss. compile is set explicitly: its default (auto) compiles
 # runs of 200 steps or more, and a benchmark run is shorter.
@@ -160,7 +173,7 @@ def flops_per_token(shape: dict, lora_params: int, e_s1: float, labelled: float)
     heads, kv = shape["num_attention_heads"], shape["num_key_value_heads"]
     hd = d // heads
     per_layer = d * d * 2 + d * kv * hd * 2 + d * i * 3
-    body, head = per_layer * layers, d * shape["vocab_size"]
+    body, head = per_layer * layers, d * shape["vocab_size"]  # the head's matmul counts once, tied or not
     attention = 6 * layers * heads * hd * e_s1
     common = 4 * body + 6 * lora_params + attention
     return {"matmul_params": body + head, "lora_params": lora_params, "labelled_share": round(labelled, 4),
@@ -172,7 +185,7 @@ def run_variant(args) -> dict:
     spawned = args.spawned
     work = Path(args.work)
     shape = SHAPES[args.shape]
-    if args.variant in ("c", "cq"):
+    if args.variant in UNSLOTH_PROCESS:
         from tunepath.train import unsloth_backend
 
         unsloth_backend.preload()  # before transformers, so unsloth can patch it
@@ -192,7 +205,15 @@ def run_variant(args) -> dict:
     result: dict = {"variant": args.variant, "shape": args.shape, "device": "cuda" if cuda else "cpu"}
 
     started = time.perf_counter()
-    if args.variant == "a":
+    if args.variant in PEERS:
+        from benchmarks.train_peers import build_trainer
+
+        trainer = build_trainer(args.variant, model_dir, load_from_disk(str(data_dir / "samples")), out, steps, BASE_BATCH,
+                                args.max_length, cuda)
+        model, train, collator = trainer.model, trainer.train_dataset, trainer.data_collator
+        result["micro_batch"] = [trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps]
+        result["gradient_checkpointing"] = bool(trainer.args.gradient_checkpointing)
+    elif args.variant == "a":
         from peft import LoraConfig, get_peft_model
 
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if cuda else torch.float32)
@@ -223,23 +244,25 @@ def run_variant(args) -> dict:
                 result["attention_check"] = {"error": f"{type(e).__name__}: {e}"[:500]}
         result["speed_paths"] = speed.apply(model, cfg, backend)
         result["micro_batch"] = [targs.per_device_train_batch_size, targs.gradient_accumulation_steps]
+    if args.variant not in PEERS:
+        trainer = Trainer(model=model, args=targs, train_dataset=train, data_collator=collator)
     result["load_s"] = round(time.perf_counter() - started, 2)
     result["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    # Real tokens per optimizer step: counted on the device at each forward, read once at the end.
+    # Real tokens per optimizer step, counted the same way for every trainer: from each micro-batch as the training
+    # loop hands it to training_step (once per micro-batch, whatever the model's forward or checkpointing does).
+    # The synthetic ids are drawn from [10, vocab - 10): any other id in a batch is padding.
     counts: list = []
     current = {"step": 0}
+    vocab = shape["vocab_size"]
+    inner_step = trainer.training_step
 
-    def count(_module, _args, kwargs):
-        if "attention_mask" in kwargs and kwargs["attention_mask"] is not None:
-            real = kwargs["attention_mask"].sum()
-        else:
-            real = (kwargs["input_ids"] != pad_id).sum()
-        counts.append((current["step"], real))
-        width = kwargs["input_ids"].numel()
-        counts.append((current["step"], -width))
+    def counted_step(model_, inputs, *rest, **kw):
+        ids = inputs["input_ids"]
+        counts.append((current["step"], int(((ids >= 10) & (ids < vocab - 10)).sum()), ids.numel()))
+        return inner_step(model_, inputs, *rest, **kw)
 
-    model.register_forward_pre_hook(count, with_kwargs=True)
+    trainer.training_step = counted_step
     times: list[float] = []
     marks: dict = {}
 
@@ -261,22 +284,21 @@ def run_variant(args) -> dict:
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    trainer = Trainer(model=model, args=targs, train_dataset=train, data_collator=collator, callbacks=[Timer()])
+    trainer.add_callback(Timer())
     fit = trainer.train()
     sync()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    if cuda:  # the peak of the timed steps alone; peak_gib below adds the epoch's worst batch
+        result["train_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     worst = worst_batch(args.variant, train, collator, trainer.args.per_device_train_batch_size)
-    probe_peak(model, worst, cuda)
+    probe_peak(trainer, worst, cuda)
 
     real = [0] * steps
     slots = [0] * steps
-    for step, value in counts:
-        v = int(value.item()) if hasattr(value, "item") else int(value)
+    for step, n_real, n_slots in counts:
         if step < steps:
-            if v >= 0:
-                real[step] += v
-            else:
-                slots[step] += -v
+            real[step] += n_real
+            slots[step] += n_slots
     timed = slice(args.warmup, len(times))
     seconds = sum(times[timed])
     tokens = sum(real[timed])
@@ -320,7 +342,7 @@ def data_lengths(data_dir: Path) -> dict:
 
 def worst_batch(variant: str, train, collator, batch: int):
     """The batch that sets an epoch's memory peak: the longest sample padded with others (a), else full rows."""
-    if variant == "a":
+    if variant == "a" or variant in PEERS and "input_ids" in train.column_names and "seq_lengths" not in train.column_names:
         longest = max(range(len(train)), key=lambda i: len(train[i]["input_ids"]))
         picks = [longest] + [i for i in range(batch) if i != longest][: batch - 1]
     else:
@@ -328,14 +350,17 @@ def worst_batch(variant: str, train, collator, batch: int):
     return collator([train[i] for i in picks])
 
 
-def probe_peak(model, batch: dict, cuda: bool) -> None:
+def probe_peak(trainer, batch: dict, cuda: bool) -> None:
+    """One more forward and backward on `batch`, through the trainer's own loss (TRL's fused LM head, unsloth's
+    patched loss): a plain `model(**batch).loss` would build full logits that these trainers never build."""
     import torch
 
+    model = trainer.model
     device = next(p.device for p in model.parameters())
     batch = {k: v.to(device) for k, v in batch.items()}
     model.train()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-        loss = model(**batch).loss
+        loss = trainer.compute_loss(model, batch)
     loss.backward()
     model.zero_grad(set_to_none=True)
 
@@ -374,7 +399,7 @@ def build_models(work: Path, shapes: list[str], cpu: bool) -> dict:
     built = {}
     for name in shapes:
         shape = SHAPES[name]
-        config = Qwen2Config(**QWEN2, **shape, bos_token_id=shape["vocab_size"] - 2, eos_token_id=shape["vocab_size"] - 2,
+        config = Qwen2Config(**{**QWEN2, **shape}, bos_token_id=shape["vocab_size"] - 2, eos_token_id=shape["vocab_size"] - 2,
                              pad_token_id=shape["vocab_size"] - 1)
         torch.manual_seed(0)
         with torch.device(device):
@@ -542,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
         f"train_{'cpu-tiny' if cpu else report['card'].replace(' ', '-')}_{report['date']}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     # unsloth last: its process is the slowest to start and the likeliest to fail
-    unsloth = ("c", "cq")
+    unsloth = UNSLOTH_PROCESS
     order = [(s, v) for v in variants if v not in unsloth for s in shapes] + [(s, v) for v in unsloth if v in variants for s in shapes]
     for shape, variant in order:
         log.info("running %s %s", shape, variant)

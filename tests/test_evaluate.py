@@ -304,3 +304,20 @@ def test_judge_verdicts_are_read_from_the_reply(reply, expected):
     from tunepath.evaluate.judge import verdict
 
     assert verdict(reply) == expected
+
+
+def test_preference_at_the_ceiling_is_judged_on_the_margin():
+    # the demo's base ranks all 9 held-out pairs right: accuracy cannot rise, the margin can
+    ceiling = {"base": ci(1.0), "tuned": ci(1.0), "diff": ci(0.0), "pairs": 9}
+    wider = comparison(preference_accuracy=ceiling,
+                       preference_margin={"base": ci(0.8, 0.6, 1.0), "tuned": ci(1.1, 0.9, 1.3), "diff": ci(0.3, 0.1, 0.5), "pairs": 9})
+    gate = apply_gates(EvaluateConfig(), wider, "preference_accuracy", "dpo")["primary"]
+    assert gate["passed"] and gate["metric"] == "preference_margin" and "at the ceiling" in gate["detail"]
+    same = comparison(preference_accuracy=ceiling,
+                      preference_margin={"base": ci(0.8), "tuned": ci(0.8), "diff": ci(0.0, -0.1, 0.1), "pairs": 9})
+    assert not apply_gates(EvaluateConfig(), same, "preference_accuracy", "dpo")["primary"]["passed"]
+    lost = comparison(preference_accuracy={**ceiling, "tuned": ci(8 / 9), "diff": ci(-1 / 9, -1 / 3, 0.0)},
+                      preference_margin={"base": ci(0.8), "tuned": ci(1.5), "diff": ci(0.7, 0.4, 1.0), "pairs": 9})
+    assert not apply_gates(EvaluateConfig(), lost, "preference_accuracy", "dpo")["primary"]["passed"]  # a pair lost
+    below = comparison(preference_accuracy={"base": ci(0.7), "tuned": ci(0.9), "diff": ci(0.2, 0.05, 0.35), "pairs": 9})
+    assert apply_gates(EvaluateConfig(), below, "preference_accuracy", "dpo")["primary"]["metric"] == "preference_accuracy"

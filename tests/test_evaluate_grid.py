@@ -152,14 +152,20 @@ def test_a_dpo_run_is_judged_on_held_out_preference_accuracy(grid_project):
     difference [0, 0]) and the run fails the primary gate; it also failed relevance (prompt dependence -0.041
     [-0.121, +0.024], generated relevance lower end -0.005), degenerate and the general-text benchmark. The demo's
     pairs need harder rejected answers (or the primary gate a rule for a base at the ceiling) before a DPO run can
-    pass; until then this test checks the metric, not the outcome.
+    pass; until then this test checks the metric, not the outcome. Since then a base at the ceiling is judged on the
+    preference margin (every pair kept, margin wider with its interval clear of zero).
     """
     m = run_setting(grid_project, ["route.style_required=true"])
     print(summary("dpo (style_required)", m))
     plan = json.loads((grid_project / "artifacts" / "route" / "plan.json").read_text(encoding="utf-8"))
     assert plan["stages"] == ["sft", "dpo"]
-    assert m["primary_metric"] == "preference_accuracy" and m["gates"]["primary"]["metric"] == "preference_accuracy"
-    p = m["comparison"]["preference_accuracy"]
-    assert p["pairs"] == m["preference"]["pairs"] > 0
+    assert m["primary_metric"] == "preference_accuracy"
+    p, margin = m["comparison"]["preference_accuracy"], m["comparison"]["preference_margin"]
+    assert p["pairs"] == m["preference"]["pairs"] == margin["pairs"] > 0
     assert p["tuned"]["value"] >= p["base"]["value"]
-    assert m["gates"]["primary"]["passed"] == (p["diff"]["low"] > 0)
+    if p["base"]["value"] == 1.0:
+        assert m["gates"]["primary"]["metric"] == "preference_margin"
+        assert m["gates"]["primary"]["passed"] == (p["tuned"]["value"] == 1.0 and margin["diff"]["low"] > 0)
+    else:
+        assert m["gates"]["primary"]["metric"] == "preference_accuracy"
+        assert m["gates"]["primary"]["passed"] == (p["diff"]["low"] > 0)

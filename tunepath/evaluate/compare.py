@@ -9,13 +9,19 @@ from tunepath.evaluate.stats import Bootstrap, mean_ci, paired_diff_ci, perplexi
 from tunepath.evaluate.textmetrics import METRICS, mismatched_scores, score_answers
 
 HIGHER_IS_BETTER = {**{m: True for m in METRICS}, "perplexity": False, "preference_accuracy": True,
-                    "degenerate_share": False, "stopped_at_eot_share": True, "prompt_dependence": True}
+                    "preference_margin": True, "degenerate_share": False, "stopped_at_eot_share": True, "prompt_dependence": True}
 
 
 def preference_correct(scores: list[tuple]) -> list[float]:
     """Per pair: 1 when the chosen answer has the higher mean log-probability per token. Sums would favour short
     answers whatever the model learnt (the demo's rejected answers are a tenth as long as the chosen ones)."""
     return [float(c / max(cn, 1) > r / max(rn, 1)) for c, cn, r, rn in scores]
+
+
+def preference_margins(scores: list[tuple]) -> list[float]:
+    """Per pair: mean log-probability per token of the chosen answer minus the rejected one's (nats). What DPO
+    widens; it still moves when the base already ranks every pair right and accuracy cannot rise."""
+    return [c / max(cn, 1) - r / max(rn, 1) for c, cn, r, rn in scores]
 
 
 def compare(base: dict, tuned: dict, references: list[str], boot: Bootstrap, relevance_metric: str | None = None) -> dict:
@@ -45,6 +51,9 @@ def compare(base: dict, tuned: dict, references: list[str], boot: Bootstrap, rel
         b, t = preference_correct(base["preference"]), preference_correct(tuned["preference"])
         out["preference_accuracy"] = {"base": mean_ci(b, boot), "tuned": mean_ci(t, boot), "diff": paired_diff_ci(t, b, boot),
                                       "pairs": len(t)}
+        bm, tm = preference_margins(base["preference"]), preference_margins(tuned["preference"])
+        out["preference_margin"] = {"base": mean_ci(bm, boot), "tuned": mean_ci(tm, boot), "diff": paired_diff_ci(tm, bm, boot),
+                                    "pairs": len(tm)}
     return out
 
 

@@ -2,7 +2,10 @@
 registration.
 
 - primary: the tuned model beats the base on the primary metric: the lower end of the paired interval of the
-  difference is above `min_primary_gain` (zero: better with the stated confidence).
+  difference is above `min_primary_gain` (zero: better with the stated confidence). Preference accuracy has a
+  ceiling: when the base already ranks every held-out pair right, no model can beat it, so the gate asks instead
+  that the tuned model keeps every pair and widens the preference margin (nats per token, chosen minus rejected),
+  the lower end of that difference's interval above zero.
 - relevance (answers to conversations): the tuned answers fit their own prompts: the primary text metric against
   the own reference beats the same answers against other prompts' references, interval clear of zero; or the
   tuned model's likelihood of each reference answer depends on its prompt (interval clear of zero) and not surely
@@ -59,6 +62,8 @@ def apply_gates(cfg: EvaluateConfig, comparison: dict, primary: str, kind: str, 
         "passed": p["diff"]["low"] > cfg.min_primary_gain,
         "detail": f"{primary}: {new} {_ci(p['tuned'])} vs {ref} {_ci(p['base'])}; {what} {_ci(p['diff'])}, needs lower end > {cfg.min_primary_gain}",
     }
+    if primary == "preference_accuracy" and p["base"]["value"] >= 1.0 - 1e-12 and "preference_margin" in comparison:
+        gates["primary"] = ceiling_gate(p, comparison["preference_margin"], conf, new, ref)
     if cfg.check_relevance and "relevance" in comparison:
         gates["relevance"] = relevance_gate(comparison, conf, new, ref)
     if primary != "perplexity":
@@ -91,6 +96,21 @@ def apply_gates(cfg: EvaluateConfig, comparison: dict, primary: str, kind: str, 
                       f"difference {_ci(a['diff'], True)}; needs >= {CHANCE:.0%} and a difference reaching {floor:.0%}",
         }
     return gates
+
+
+def ceiling_gate(accuracy: dict, margin: dict, conf: str, new: str = "tuned", ref: str = "base") -> dict:
+    """The primary gate on preference data the base already ranks perfectly: keep every pair, widen the margin."""
+    kept = accuracy["tuned"]["value"] >= 1.0 - 1e-12
+    wider = margin["diff"]["low"] > 0
+    return {
+        "metric": "preference_margin",
+        "rule": f"{ref} ranks every pair right (accuracy at its ceiling): {new} keeps every pair, and the lower end of the "
+                f"{conf} interval of the margin difference > 0",
+        "passed": kept and wider,
+        "detail": f"preference_accuracy at the ceiling: {ref} {_ci(accuracy['base'], True)}, {new} {_ci(accuracy['tuned'], True)} of "
+                  f"{accuracy['pairs']} pairs; margin (nats per token, chosen - rejected) {new} {_ci(margin['tuned'])} vs {ref} "
+                  f"{_ci(margin['base'])}, difference {_ci(margin['diff'])}, needs every pair kept and lower end > 0",
+    }
 
 
 def relevance_gate(comparison: dict, conf: str, new: str = "tuned", ref: str = "base") -> dict:
