@@ -321,3 +321,18 @@ def test_preference_at_the_ceiling_is_judged_on_the_margin():
     assert not apply_gates(EvaluateConfig(), lost, "preference_accuracy", "dpo")["primary"]["passed"]  # a pair lost
     below = comparison(preference_accuracy={"base": ci(0.7), "tuned": ci(0.9), "diff": ci(0.2, 0.05, 0.35), "pairs": 9})
     assert apply_gates(EvaluateConfig(), below, "preference_accuracy", "dpo")["primary"]["metric"] == "preference_accuracy"
+
+
+def test_feedback_auc_ranks_desirable_answers_and_its_interval_is_paired():
+    from tunepath.evaluate.compare import class_gaps
+    from tunepath.evaluate.stats import Bootstrap, auc_ci
+
+    labels = [True, True, True, False, False, False]
+    base = [-1.0, -3.0, -2.5, -2.0, -4.0, -0.5]  # 4 of the 9 desirable-undesirable pairs in the right order
+    tuned = [-0.5, -1.0, -1.5, -3.0, -4.0, -2.0]  # every desirable answer above every undesirable one
+    out = auc_ci(tuned, base, labels, Bootstrap(500))
+    assert out["base"]["value"] == pytest.approx(4 / 9) and out["tuned"]["value"] == 1.0
+    assert out["diff"]["value"] == pytest.approx(5 / 9) and out["diff"]["low"] <= out["diff"]["value"] <= out["diff"]["high"]
+    tied = auc_ci([0.0] * 6, [0.0] * 6, labels, Bootstrap(50))
+    assert tied["tuned"]["value"] == 0.5  # ties count half
+    assert sum(class_gaps(tuned, labels)) / 6 == pytest.approx(-1.0 - (-3.0))  # mean desirable minus mean undesirable

@@ -5,11 +5,11 @@ candidate with the same function (`base` is the reference side, `tuned` the side
 
 from __future__ import annotations
 
-from tunepath.evaluate.stats import Bootstrap, mean_ci, paired_diff_ci, perplexity_ci, perplexity_gain_ci
+from tunepath.evaluate.stats import Bootstrap, auc_ci, mean_ci, paired_diff_ci, perplexity_ci, perplexity_gain_ci
 from tunepath.evaluate.textmetrics import METRICS, mismatched_scores, score_answers
 
 HIGHER_IS_BETTER = {**{m: True for m in METRICS}, "perplexity": False, "preference_accuracy": True,
-                    "preference_margin": True, "degenerate_share": False, "stopped_at_eot_share": True, "prompt_dependence": True}
+                    "preference_margin": True, "feedback_auc": True, "feedback_margin": True, "degenerate_share": False, "stopped_at_eot_share": True, "prompt_dependence": True}
 
 
 def preference_correct(scores: list[tuple]) -> list[float]:
@@ -22,6 +22,13 @@ def preference_margins(scores: list[tuple]) -> list[float]:
     """Per pair: mean log-probability per token of the chosen answer minus the rejected one's (nats). What DPO
     widens; it still moves when the base already ranks every pair right and accuracy cannot rise."""
     return [c / max(cn, 1) - r / max(rn, 1) for c, cn, r, rn in scores]
+
+
+def class_gaps(values: list[float], positive: list[bool]) -> list[float]:
+    """Per-row terms whose mean is mean(values of positive rows) - mean(values of negative rows): each row weighted by
+    its class's share, so the usual mean interval applies (class sizes held at the sample's)."""
+    n, pos = len(values), sum(positive)
+    return [v * n / pos if p else -v * n / (n - pos) for v, p in zip(values, positive)]
 
 
 def compare(base: dict, tuned: dict, references: list[str], boot: Bootstrap, relevance_metric: str | None = None) -> dict:
@@ -54,6 +61,15 @@ def compare(base: dict, tuned: dict, references: list[str], boot: Bootstrap, rel
         bm, tm = preference_margins(base["preference"]), preference_margins(tuned["preference"])
         out["preference_margin"] = {"base": mean_ci(bm, boot), "tuned": mean_ci(tm, boot), "diff": paired_diff_ci(tm, bm, boot),
                                     "pairs": len(tm)}
+    if tuned.get("feedback"):
+        per_token = [[lp / max(n, 1) for lp, n, _ in m["feedback"]] for m in (base, tuned)]
+        labels = [desirable for _, _, desirable in tuned["feedback"]]
+        if any(labels) and not all(labels):
+            out["feedback_auc"] = {**auc_ci(per_token[1], per_token[0], labels, boot), "examples": len(labels),
+                                   "desirable": sum(labels)}
+            b, t = (class_gaps(x, labels) for x in per_token)
+            out["feedback_margin"] = {"base": mean_ci(b, boot), "tuned": mean_ci(t, boot), "diff": paired_diff_ci(t, b, boot),
+                                      "examples": len(labels)}
     return out
 
 

@@ -5,7 +5,8 @@ registration.
   difference is above `min_primary_gain` (zero: better with the stated confidence). Preference accuracy has a
   ceiling: when the base already ranks every held-out pair right, no model can beat it, so the gate asks instead
   that the tuned model keeps every pair and widens the preference margin (nats per token, chosen minus rejected),
-  the lower end of that difference's interval above zero.
+  the lower end of that difference's interval above zero. The feedback AUC after KTO has the same rule, on the
+  feedback margin (desirable minus undesirable answers).
 - relevance (answers to conversations): the tuned answers fit their own prompts: the primary text metric against
   the own reference beats the same answers against other prompts' references, interval clear of zero; or the
   tuned model's likelihood of each reference answer depends on its prompt (interval clear of zero) and not surely
@@ -14,6 +15,8 @@ registration.
 - perplexity (when not primary): fails only when the tuned model is surely worse.
 - degenerate, stop_at_eot: shares of the tuned answers that loop or run past the end-of-turn token.
 - preference (pairs held out): tuned accuracy at least chance, and not surely lower than the base's by the drop.
+- feedback (KTO examples held out): the feedback AUC (a desirable answer more likely, per token, than an undesirable
+  one) at least chance, and not surely lower than the base's by the same drop. The primary metric after KTO.
 """
 
 from __future__ import annotations
@@ -35,7 +38,11 @@ def primary_metric(cfg: EvaluateConfig, trained: list[str], comparison: dict) ->
     name = cfg.primary_metric
     if name == "auto":
         last = trained[-1] if trained else "sft"
-        name = {"dpo": "preference_accuracy", "kto": "preference_accuracy", "cpt": "perplexity", "pretrain": "perplexity"}.get(last, "rouge_l")
+        name = {"dpo": "preference_accuracy", "kto": "feedback_auc", "cpt": "perplexity", "pretrain": "perplexity"}.get(last, "rouge_l")
+        if name == "feedback_auc" and name not in comparison:
+            name = "preference_accuracy"  # KTO trained on feedback, judged on the pairs held out
+        if name == "preference_accuracy" and name not in comparison:
+            name = "rouge_l"
         if name not in comparison:
             name = "perplexity"
     if name not in comparison:
@@ -62,8 +69,9 @@ def apply_gates(cfg: EvaluateConfig, comparison: dict, primary: str, kind: str, 
         "passed": p["diff"]["low"] > cfg.min_primary_gain,
         "detail": f"{primary}: {new} {_ci(p['tuned'])} vs {ref} {_ci(p['base'])}; {what} {_ci(p['diff'])}, needs lower end > {cfg.min_primary_gain}",
     }
-    if primary == "preference_accuracy" and p["base"]["value"] >= 1.0 - 1e-12 and "preference_margin" in comparison:
-        gates["primary"] = ceiling_gate(p, comparison["preference_margin"], conf, new, ref)
+    margin = {"preference_accuracy": "preference_margin", "feedback_auc": "feedback_margin"}.get(primary)
+    if margin in comparison and p["base"]["value"] >= 1.0 - 1e-12:
+        gates["primary"] = ceiling_gate(primary, p, margin, comparison[margin], conf, new, ref)
     if cfg.check_relevance and "relevance" in comparison:
         gates["relevance"] = relevance_gate(comparison, conf, new, ref)
     if primary != "perplexity":
@@ -95,21 +103,33 @@ def apply_gates(cfg: EvaluateConfig, comparison: dict, primary: str, kind: str, 
             "detail": f"chosen above rejected (per token) in {_ci(a['tuned'], True)} of {a['pairs']} pairs ({ref} {_ci(a['base'], True)}); "
                       f"difference {_ci(a['diff'], True)}; needs >= {CHANCE:.0%} and a difference reaching {floor:.0%}",
         }
+    f = comparison.get("feedback_auc")
+    if f:
+        floor = -cfg.max_preference_drop
+        ok = f["tuned"]["value"] >= CHANCE - 1e-12 and (primary == "feedback_auc" or f["diff"]["high"] >= floor)
+        gates["feedback"] = {
+            "metric": "feedback_auc", "rule": f"{new} feedback AUC >= chance ({CHANCE:.0%}); upper end of ({new} - {ref}) >= {floor}",
+            "passed": ok,
+            "detail": f"a desirable answer above an undesirable one (per token) with chance {_ci(f['tuned'])} over {f['examples']} "
+                      f"held-out examples ({f['desirable']} desirable; {ref} {_ci(f['base'])}); difference {_ci(f['diff'])}",
+        }
     return gates
 
 
-def ceiling_gate(accuracy: dict, margin: dict, conf: str, new: str = "tuned", ref: str = "base") -> dict:
-    """The primary gate on preference data the base already ranks perfectly: keep every pair, widen the margin."""
-    kept = accuracy["tuned"]["value"] >= 1.0 - 1e-12
+def ceiling_gate(name: str, score: dict, margin_name: str, margin: dict, conf: str, new: str = "tuned", ref: str = "base") -> dict:
+    """The primary gate on preference data or feedback the base already ranks perfectly (accuracy or AUC 1): no model
+    can beat it there, so the tuned model must keep the ceiling and widen the margin between good and bad answers."""
+    kept = score["tuned"]["value"] >= 1.0 - 1e-12
     wider = margin["diff"]["low"] > 0
+    count = f"{score['pairs']} pairs" if "pairs" in score else f"{score['examples']} examples"
     return {
-        "metric": "preference_margin",
-        "rule": f"{ref} ranks every pair right (accuracy at its ceiling): {new} keeps every pair, and the lower end of the "
-                f"{conf} interval of the margin difference > 0",
+        "metric": margin_name,
+        "rule": f"{ref} at the ceiling of {name}: {new} stays there, and the lower end of the {conf} interval of the "
+                f"{margin_name} difference > 0",
         "passed": kept and wider,
-        "detail": f"preference_accuracy at the ceiling: {ref} {_ci(accuracy['base'], True)}, {new} {_ci(accuracy['tuned'], True)} of "
-                  f"{accuracy['pairs']} pairs; margin (nats per token, chosen - rejected) {new} {_ci(margin['tuned'])} vs {ref} "
-                  f"{_ci(margin['base'])}, difference {_ci(margin['diff'])}, needs every pair kept and lower end > 0",
+        "detail": f"{name} at the ceiling: {ref} {_ci(score['base'])}, {new} {_ci(score['tuned'])} on {count}; {margin_name} "
+                  f"(nats per token, good - bad answers) {new} {_ci(margin['tuned'])} vs {ref} {_ci(margin['base'])}, difference "
+                  f"{_ci(margin['diff'])}, needs {new} at the ceiling and lower end > 0",
     }
 
 

@@ -3,8 +3,12 @@
 Layout (the tokenize stage's, and the `heldout/` folder the register stage logs with each model version so
 promotion can re-evaluate any two versions on the same data):
 
-    <root>/sft/eval   <root>/cpt/eval   <root>/dpo/eval     datasets on disk, any of them may be missing
+    <root>/sft/eval   <root>/cpt/eval   <root>/dpo/eval   <root>/kto/eval     datasets on disk, any may be missing
     <records>                                                records.jsonl lines whose split is "eval"
+
+Feedback held out for KTO (kto/eval: prompt, completion, desirable or not) is scored as it is (feedback AUC); when
+it is all there is, its desirable answers also stand in for the SFT split: good answers to real prompts are what
+perplexity and the generated-answer metrics need.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 from tunepath import lineage
 
 SCORED_KINDS = ("sft", "cpt")
-KINDS = ("sft", "cpt", "dpo")
+KINDS = ("sft", "cpt", "dpo", "kto")
 
 
 @dataclass
@@ -30,6 +34,8 @@ class Heldout:
     kind: str
     splits: dict[str, list[dict]] = field(default_factory=dict)
     pairs: list[dict] = field(default_factory=list)
+    feedback: list[dict] = field(default_factory=list)
+    records_kind: str = "conversation"
 
     @classmethod
     def load(cls, root: Path, records_path: Path, trained: list[str] | None = None) -> "Heldout":
@@ -38,20 +44,19 @@ class Heldout:
 
         root = Path(root)
         splits = {k: list(load_from_disk(str(root / k / "eval"))) for k in SCORED_KINDS if (root / k / "eval").exists()}
-        if not splits and (root / "kto" / "eval").exists():
-            raise FileNotFoundError(
-                f"{root}: the held-out data is KTO feedback only (kto/eval), which tunepath does not evaluate yet: nothing "
-                "would back the gates. Add conversations or preference pairs to data/raw so some are held out "
-                "(validate.eval_share), or train with route.force_stages including sft."
-            )
+        feedback = list(load_from_disk(str(root / "kto" / "eval"))) if (root / "kto" / "eval").exists() else []
+        records_kind = "conversation"
+        if not splits and any(f["label"] for f in feedback):
+            splits["sft"] = [desirable_row(f) for f in feedback if f["label"]]
+            records_kind = "feedback"
         if not splits:
             raise FileNotFoundError(
-                f"{root}: no held-out split (sft/eval or cpt/eval). The validate stage puts a share of the records in "
-                "the eval split (validate.eval_share); with too few records it may be empty."
+                f"{root}: no held-out split (sft/eval, cpt/eval, or kto/eval with a desirable answer). The validate stage "
+                "puts a share of the records in the eval split (validate.eval_share); with too few records it may be empty."
             )
         order = [k for k in reversed(trained or []) if k in splits] + [k for k in SCORED_KINDS if k in splits]
         pairs = list(load_from_disk(str(root / "dpo" / "eval"))) if (root / "dpo" / "eval").exists() else []
-        return cls(root, Path(records_path), order[0], splits, pairs)
+        return cls(root, Path(records_path), order[0], splits, pairs, feedback, records_kind)
 
     @property
     def rows(self) -> list[dict]:
@@ -62,7 +67,10 @@ class Heldout:
             return []
         with open(self.records_path, encoding="utf-8") as f:
             recs = [json.loads(line) for line in f if line.strip()]
-        return [r for r in recs if r.get("split", "eval") == "eval" and (kind is None or r["kind"] == kind)]
+        recs = [r for r in recs if r.get("split", "eval") == "eval" and (kind is None or r["kind"] == kind)]
+        if kind == "feedback" and self.records_kind == "feedback":
+            recs = [r for r in recs if r.get("label")]  # the desirable ones, in the order of the stand-in SFT rows
+        return recs
 
     def digest(self) -> str:
         """Identity of the held-out data: the eval splits' bytes (ids depend on the tokenizer and template too)."""
@@ -72,6 +80,14 @@ class Heldout:
             if folder.exists():
                 h.update(f"{kind}:{lineage.tree_hash(folder)}".encode())
         return h.hexdigest()
+
+
+def desirable_row(example: dict) -> dict:
+    """A held-out KTO example as an SFT eval row: prompt + completion, labels on the completion."""
+    from tunepath.collate import IGNORE_INDEX
+
+    prompt, completion = list(example["prompt_ids"]), list(example["completion_ids"])
+    return {"input_ids": prompt + completion, "labels": [IGNORE_INDEX] * len(prompt) + completion, "prompt_ids": prompt}
 
 
 def write_heldout(tokenize_dir: Path, records_path: Path, dest: Path) -> Path:

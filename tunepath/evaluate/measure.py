@@ -6,7 +6,7 @@ from tunepath.evaluate import EvaluateConfig
 from tunepath.evaluate.heldout import Heldout
 from tunepath.evaluate.models import Runtime
 from tunepath.evaluate.samples import Prompt, answer_prompts, conversation_prompts, end_of_turn_ids, sample_summary, text_prompts
-from tunepath.evaluate.scoring import mean_loss, perplexity, preference_scores, prompt_dependence, row_logprobs
+from tunepath.evaluate.scoring import feedback_scores, mean_loss, perplexity, preference_scores, prompt_dependence, row_logprobs
 
 
 def prepare_prompts(heldout: Heldout, tokenizer, cfg: EvaluateConfig) -> tuple[list[Prompt], list[int]]:
@@ -16,7 +16,7 @@ def prepare_prompts(heldout: Heldout, tokenizer, cfg: EvaluateConfig) -> tuple[l
     if not eot:
         raise ValueError("cannot tell the end-of-turn token: the tokenizer has no eos_token and no SFT rows are held out")
     if "sft" in heldout.splits:
-        prompts = conversation_prompts(sft, heldout.records("conversation"), tokenizer, cfg.samples)
+        prompts = conversation_prompts(sft, heldout.records(heldout.records_kind), tokenizer, cfg.samples)
     else:
         prompts = text_prompts(heldout.rows, tokenizer, cfg.samples)
     return prompts, eot
@@ -38,6 +38,7 @@ def measure(model, tokenizer, heldout: Heldout, cfg: EvaluateConfig, runtime: Ru
         if kind == heldout.kind:
             row_scores = scores
     preference = preference_scores(model, heldout.pairs, pad, cfg.batch_size, runtime.device) if heldout.pairs else []
+    feedback = feedback_scores(model, heldout.feedback, pad, cfg.batch_size, runtime.device) if heldout.feedback else []
     sft = heldout.splits.get("sft") if cfg.check_relevance else None
     dependence = prompt_dependence(model, sft, pad, cfg.batch_size, runtime.device) if sft else []
     scored = time.perf_counter()
@@ -45,7 +46,7 @@ def measure(model, tokenizer, heldout: Heldout, cfg: EvaluateConfig, runtime: Ru
     seconds = {"scoring": scored - started, "generation": time.perf_counter() - scored}
     primary = splits[heldout.kind]
     return {"loss": primary["loss"], "perplexity": primary["perplexity"], "tokens": primary["tokens"], "splits": splits,
-            "row_scores": row_scores, "preference": preference, "prompt_dependence": dependence, "answers": answers, "seconds": seconds, **sample_summary(answers)}
+            "row_scores": row_scores, "preference": preference, "feedback": feedback, "prompt_dependence": dependence, "answers": answers, "seconds": seconds, **sample_summary(answers)}
 
 
 def settings_of(cfg: EvaluateConfig, runtime: Runtime) -> dict:

@@ -5,6 +5,8 @@ from __future__ import annotations
 LABELS = {"exact_match": "exact match", "token_f1": "token F1", "rouge_l": "ROUGE-L", "chrf": "chrF",
           "perplexity": "perplexity (answer tokens)", "preference_accuracy": "preference accuracy (per token)",
           "preference_margin": "preference margin (nats per token)",
+          "feedback_auc": "feedback AUC (desirable above undesirable, per token)",
+          "feedback_margin": "feedback margin (nats per token)",
           "degenerate_share": "degenerate answers", "stopped_at_eot_share": "stopped at end of turn",
           "prompt_dependence": "prompt dependence (nats per answer token)"}
 

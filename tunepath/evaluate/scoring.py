@@ -94,6 +94,16 @@ def preference_scores(model, pairs, pad_id: int, batch_size: int, device: str = 
     return [(c[0], c[1], r[0], r[1]) for c, r in zip(flat[0::2], flat[1::2])]
 
 
+def feedback_scores(model, examples, pad_id: int, batch_size: int, device: str = "cpu") -> list[tuple]:
+    """Per held-out KTO example: (completion log-prob, completion tokens, desirable), the completion given its prompt."""
+    rows = []
+    for ex in examples:
+        prompt, completion = list(ex["prompt_ids"]), list(ex["completion_ids"])
+        rows.append({"input_ids": prompt + completion, "labels": [IGNORE_INDEX] * len(prompt) + completion})
+    scored = row_logprobs(model, rows, pad_id, batch_size, device)
+    return [(lp, n, bool(ex["label"])) for (lp, n), ex in zip(scored, examples)]
+
+
 def preference_summary(base: list[tuple], tuned: list[tuple]) -> dict:
     """For both models: accuracy (summed log-prob of chosen above rejected, as DPO scores answers), the same per
     token (long chosen answers lose on sums), the mean margin; and the DPO-style reward accuracy of tuned over

@@ -77,3 +77,35 @@ def perplexity_gain_ci(tuned: list[tuple[float, int]], base: list[tuple[float, i
 
     point = float(gain(lt.sum(), lb.sum(), tok.sum()))
     return interval(point, *boot.bounds(gain(lt[idx].sum(1), lb[idx].sum(1), tok[idx].sum(1))))
+
+
+def auc_ci(tuned: list[float], base: list[float], positive: list[bool], boot: Bootstrap) -> dict:
+    """Area under the ROC curve of a per-row score separating positive from negative rows (Mann-Whitney: the chance
+    that a random positive row outscores a random negative one, ties half), for both models and their paired
+    difference, on the same resampled rows. {"base", "tuned", "diff"}, each an interval."""
+    import numpy as np
+    from scipy.stats import rankdata
+
+    pos = np.asarray(positive, dtype=bool)
+    scores = {"tuned": np.asarray(tuned, dtype=float), "base": np.asarray(base, dtype=float)}
+    nan = interval(float("nan"), float("nan"), float("nan"))
+    if pos.all() or not pos.any():
+        return {"base": nan, "tuned": nan, "diff": nan}
+
+    def auc(x, p):
+        ranks = rankdata(x, axis=-1)
+        n_pos = p.sum(axis=-1)
+        n_neg = p.shape[-1] - n_pos
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return ((ranks * p).sum(axis=-1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+    idx = boot.indices(len(pos))
+    out = {}
+    resampled = {}
+    for side, x in scores.items():
+        resampled[side] = auc(x[idx], pos[idx])  # NaN for a resample with one class only: left out below
+        keep = resampled[side][np.isfinite(resampled[side])]
+        out[side] = interval(float(auc(x, pos)), *boot.bounds(keep))
+    d = resampled["tuned"] - resampled["base"]
+    out["diff"] = interval(out["tuned"]["value"] - out["base"]["value"], *boot.bounds(d[np.isfinite(d)]))
+    return out
