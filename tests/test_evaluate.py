@@ -105,8 +105,15 @@ def test_gates_are_rules_on_intervals_and_name_what_failed():
     cfg = EvaluateConfig(min_stop_share=0.5)
     assert "stop_at_eot" not in apply_gates(EvaluateConfig(), comparison(), "rouge_l", "sft")  # off by default
     assert all(g["passed"] for g in apply_gates(cfg, comparison(), "rouge_l", "sft").values())
-    unsure = apply_gates(cfg, comparison(rouge_l={"diff": ci(0.05, -0.01, 0.1)}), "rouge_l", "sft")["primary"]
+    text_only = EvaluateConfig(min_stop_share=0.5, primary_support="none")
+    unsure = apply_gates(text_only, comparison(rouge_l={"diff": ci(0.05, -0.01, 0.1)}), "rouge_l", "sft")["primary"]
     assert not unsure["passed"] and "needs lower end > 0.0" in unsure["detail"]  # better on average is not enough
+    supported = apply_gates(cfg, comparison(rouge_l={"diff": ci(0.05, -0.01, 0.1)}), "rouge_l", "sft")["primary"]
+    assert supported["passed"] and "answer perplexity decides" in supported["detail"]  # reference answers surely likelier
+    both_unsure = comparison(rouge_l={"diff": ci(0.05, -0.01, 0.1)}, perplexity={"diff": ci(0.05, -0.02, 0.1)})
+    assert not apply_gates(cfg, both_unsure, "rouge_l", "sft")["primary"]["passed"]
+    worse = apply_gates(cfg, comparison(rouge_l={"diff": ci(-0.1, -0.2, -0.01)}), "rouge_l", "sft")["primary"]
+    assert not worse["passed"] and "surely worse" in worse["detail"]
     assert not apply_gates(cfg, comparison(relevance={"diff": ci(0.01, -0.02, 0.04)}), "rouge_l", "sft")["relevance"]["passed"]
     assert not apply_gates(cfg, comparison(perplexity={"diff": ci(-0.3, -0.4, -0.1)}), "rouge_l", "sft")["perplexity"]["passed"]
     assert apply_gates(cfg, comparison(perplexity={"diff": ci(-0.1, -0.3, 0.05)}), "rouge_l", "sft")["perplexity"]["passed"]

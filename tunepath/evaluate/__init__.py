@@ -32,10 +32,15 @@ class EvaluateConfig(Strict):
     do_sample: bool = Field(False, description="Sample answers instead of greedy decoding (greedy is reproducible).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature when do_sample is on.")
     primary_metric: PrimaryMetric = Field(
-        "auto", description="Metric the tuned model must beat the base on: auto is rouge_l after SFT, preference_accuracy after DPO/KTO, perplexity after CPT only."
+        "auto", description="Metric the tuned model must beat the base on: auto is rouge_l after SFT, preference_accuracy after DPO, feedback_auc after KTO, perplexity after CPT only."
     )
     min_primary_gain: float = Field(
         0.0, description="Gate: the lower end of the interval of (tuned - base) on the primary metric must be above this (perplexity: relative reduction)."
+    )
+    primary_support: Literal["perplexity", "none"] = Field(
+        "perplexity",
+        description="When a generated-text primary metric (rouge_l, ...) cannot tell tuned from base (interval across zero, not surely worse), "
+                    "the primary gate passes if the reference answers became surely likelier: the relative perplexity reduction's interval clear of min_primary_gain. none: the text metric alone decides.",
     )
     bootstrap_resamples: int = Field(1000, ge=100, le=100_000, description="Bootstrap resamples per interval.")
     confidence: float = Field(0.95, gt=0.5, lt=1, description="Two-sided confidence of every interval.")
