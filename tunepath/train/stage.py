@@ -92,6 +92,7 @@ def build_model(base: str, cfg: TrainConfig, method: str, precision: str, backen
     """The start model, ready to train: full weights, or wrapped with fresh LoRA adapters (lora, qlora)."""
     from tunepath.train import recipe
 
+    cfg = cfg.resolved()  # callers outside the train stage (the benchmark) may pass `auto` knobs
     if backend == "unsloth":
         unsloth_backend = _gpu_module("unsloth_backend", "train.backend unsloth")
         model = unsloth_backend.build_model(base, cfg, method, precision, max_length, trust_remote_code)
@@ -186,6 +187,10 @@ def run_train(cfg: TrainConfig, model: ModelConfig, plan_path: Path, tokenize_di
     plan = json.loads(Path(plan_path).read_text(encoding="utf-8"))
     stages, method, start_from = list(plan["stages"]), plan["method"], plan.get("start_from", "base")
     recipe.check_plan(stages, method, start_from)
+    cfg = cfg.resolved(plan.get("train"))  # train.* `auto` knobs take the route's choice
+    log.info("train.gradient_checkpointing %s, train.micro_batch_tokens %d (%s)", cfg.gradient_checkpointing,
+             cfg.micro_batch_tokens, ", ".join(f"{k} by {v}" for k, v in (plan.get("train") or {}).get("set_by", {}).items())
+             or "no route choice in the plan: defaults")
     dist = PartialState()
     backend, why = pick_backend(cfg.backend, method, dist.num_processes)
     if method == "qlora" and backend == "hf":
