@@ -375,6 +375,12 @@ def choose_method(profile: Profile, cfg: RouteConfig, memory: dict, f: Facts, dr
     return est
 
 
+def pick_by_memory(memory: dict, gpus: int) -> str:
+    if gpus == 0:
+        return "lora"
+    return next((m for m in ("full", "lora", "qlora") if memory["fits"][m]), "qlora")
+
+
 def plan_limited_extras(f: Facts, draft: Draft) -> None:
     """Scenario 6's companions: the PEFT-CPT warning, and retrieval to carry knowledge an adapter will not."""
     if "cpt" in draft.stages:
