@@ -243,6 +243,7 @@ def run_train(cfg: TrainConfig, model: ModelConfig, plan_path: Path, tokenize_di
             if dist.is_main_process:
                 trainer.state.save_to_json(str(_mkdir(out_dir / "stages" / stage) / "trainer_state.json"))
             per_stage.append(result["metrics"])
+            compare_speed(plan.get("train") or {}, result["metrics"])
             steps += [{**s, "global_step": offset + s["step"]} for s in result["steps"]]
             offset += result["metrics"]["steps"]
     except BaseException:
@@ -279,6 +280,23 @@ def run_train(cfg: TrainConfig, model: ModelConfig, plan_path: Path, tokenize_di
         sink.finish()
     dist.wait_for_everyone()
     return summary
+
+
+SLOWER_THAN_PLANNED = 0.8
+
+
+def compare_speed(planned: dict, metrics: dict) -> None:
+    """Log the route plan's expected tokens/s beside the measured; a warning when measured is well below it."""
+    expected, got = planned.get("tokens_per_second"), metrics.get("tokens_per_second")
+    if not expected or not got:
+        return
+    gc = "on" if planned.get("gradient_checkpointing") else "off"
+    text = (f"{metrics['stage']}: {got:,.0f} tokens/s per process, the route plan expected {expected:,.0f} "
+            f"(checkpointing {gc}, micro-batches of {planned.get('micro_batch_tokens')} tokens; route.gpu_tflops sets the card's rate)")
+    if got < SLOWER_THAN_PLANNED * expected:
+        log.warning("%s: slower than planned", text)
+    else:
+        log.info("%s", text)
 
 
 def _has_mlflow(tracking_uri: str) -> bool:
