@@ -23,6 +23,9 @@ EXPECTED = {  # example -> (stages, method, start_from, retrieval)
     "limited_qlora": (["sft"], "qlora", "base", "none"),
     "limited_lora_cpt": (["cpt"], "lora", "base", "recommended"),
     "demo_cpu": (["sft"], "lora", "base", "recommended"),
+    "lora_8b_24gb": (["sft"], "lora", "chat", "none"),
+    "full_1.5b_80gb": (["sft"], "full", "base", "none"),
+    "qlora_70b_80gb": (["sft"], "qlora", "base", "none"),
 }
 PROFILE = {
     "data": {"labeled_examples": 400, "unlabeled_tokens": 40000, "preference_pairs": 200},

@@ -101,9 +101,10 @@ def tokens_per_second(profile: Profile, cfg: RouteConfig, k: Knobs, stage: str =
 
 
 def measured(k: Knobs) -> bool:
-    """Whether the benchmark measured this path itself (else it is derived, see the module doc)."""
+    """Whether the benchmark measured this path at this micro-batch (else the speed is derived, see the module doc)."""
     path, measured_gc = path_of(k)
-    return k.method != "full" and (measured_gc or not k.gradient_checkpointing)
+    at_size = any(t == k.tokens for _p, t, _n, _r in MEASURED[path])
+    return k.method != "full" and at_size and (measured_gc or not k.gradient_checkpointing)
 
 
 def estimate_hours(profile: Profile, cfg: RouteConfig, stages: list[str], k: Knobs, tokens: dict[str, float] | None = None) -> float | None:
