@@ -121,3 +121,17 @@ def test_the_train_stage_takes_the_plans_knobs_only_where_params_say_auto():
     assert (mine.gradient_checkpointing, mine.micro_batch_tokens) == (False, 4096)
     bare = TrainConfig().resolved()  # no plan: the defaults
     assert (bare.gradient_checkpointing, bare.micro_batch_tokens) == (False, 8192)
+
+
+def test_training_slower_than_the_plan_is_logged_with_both_numbers(caplog):
+    import logging
+
+    from tunepath.train.stage import compare_speed
+
+    planned = {"tokens_per_second": 10_000, "gradient_checkpointing": True, "micro_batch_tokens": 2048}
+    with caplog.at_level(logging.INFO, logger="tunepath.train.stage"):
+        compare_speed(planned, {"stage": "sft", "tokens_per_second": 6_000.0})
+        compare_speed(planned, {"stage": "sft", "tokens_per_second": 9_500.0})
+    slow, fine = caplog.records[-2:]
+    assert slow.levelno == logging.WARNING and "6,000 tokens/s" in slow.getMessage() and "expected 10,000" in slow.getMessage()
+    assert fine.levelno == logging.INFO and "slower" not in fine.getMessage()
