@@ -22,6 +22,8 @@ own process (unsloth patches transformers process-wide), one after another:
   b_gc       b_compile with gradient checkpointing (train.gradient_checkpointing)
   c          tunepath unsloth backend (micro-batch rows flattened into one, unsloth's varlen path)
   bq, cq     QLoRA (4-bit NF4 base) on the hf backend (with compile) and on unsloth
+  bq_gc, cq_gc  the same with gradient checkpointing (unsloth's offloads the layer inputs to CPU)
+  b_full, b_full_gc  full fine-tuning (fp32 weights under bf16 autocast, compiled), without and with checkpointing
   trl, trl_nogc, trl_liger, u, u_nogc, uq
              the peers as their documentation shows them (TRL's SFTTrainer, unsloth): see train_peers.py
 
@@ -74,8 +76,8 @@ SHAPES = {
     "14b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8, vocab_size=152064,
                 tie_word_embeddings=False),
 }
-VARIANTS = ("a", "b_plain", "b", "b_compile", "b_fast", "b_gc", "c", "bq", "cq", *PEERS)
-UNSLOTH_PROCESS = ("c", "cq", *UNSLOTH)  # variants whose process imports unsloth first
+VARIANTS = ("a", "b_plain", "b", "b_compile", "b_fast", "b_gc", "c", "bq", "cq", "bq_gc", "cq_gc", "b_full", "b_full_gc", *PEERS)
+UNSLOTH_PROCESS = ("c", "cq", "cq_gc", *UNSLOTH)  # variants whose process imports unsloth first
 # TrainConfig settings per tunepath variant; everything else is the default: batch 8 rows, micro-batches of
 # 8,192 tokens, varlen attention on CUDA, chunked loss. compile is set explicitly: its default (auto) compiles
 # runs of 200 steps or more, and a benchmark run is shorter.
@@ -88,6 +90,11 @@ TUNEPATH_VARIANTS = {
     "c": dict(backend="unsloth"),
     "bq": dict(method="qlora", compile=True),  # QLoRA (4-bit NF4 base) on the hf backend
     "cq": dict(method="qlora", backend="unsloth"),  # QLoRA on unsloth: what `auto` picks for QLoRA
+    # the paths the route's planner chooses that no run has measured yet (tests/test_route_calibration.py reads them)
+    "bq_gc": dict(method="qlora", compile=True, gradient_checkpointing=True),
+    "cq_gc": dict(method="qlora", backend="unsloth", gradient_checkpointing=True),
+    "b_full": dict(method="full", compile=True),
+    "b_full_gc": dict(method="full", compile=True, gradient_checkpointing=True),
 }
 
 MAX_LENGTH = 2048

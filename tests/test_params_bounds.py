@@ -110,15 +110,22 @@ def test_the_route_plan_shows_the_hours_that_max_steps_asks_for(tmp_path):
     tok.mkdir()
     (tok / "stats.json").write_text(json.dumps({"labeled_examples": 20_000, "unlabeled_tokens": 40_000, "preference_pairs": 0}))
     cfg = RouteConfig(gpus=1, gpu_memory_gb=80, time_budget_hours=24, params_b=1.0)
-    shape = dict(max_length=2048, batch_size=8, lora_rank=16)
-    small = run_route(cfg, ModelConfig(base=str(model)), tok, tmp_path / "a", **shape, max_steps=60, step_rows=8)
-    huge = run_route(cfg, ModelConfig(base=str(model)), tok, tmp_path / "b", **shape, max_steps=MAX_STEPS_CEILING, step_rows=8)
+    from tunepath.route.knobs import TrainSettings, choose_knobs
+    from tunepath.route.speed import tokens_per_second
+
+    train = TrainSettings(max_length=2048, batch_size=8, lora_rank=16)
+    small = run_route(cfg, ModelConfig(base=str(model)), tok, tmp_path / "a", train, max_steps=60)
+    huge = run_route(cfg, ModelConfig(base=str(model)), tok, tmp_path / "b", train, max_steps=MAX_STEPS_CEILING)
     steps = huge["memory"]["max_steps"]
     assert steps["max_steps"] == MAX_STEPS_CEILING and steps["tokens_per_step"] == 8 * 2048
-    # one SFT stage; 6 FLOPs per parameter and token for full training, 4 for LoRA/QLoRA (route/memory.py)
+    # one SFT stage, each method at its expected tokens/s with the knobs the planner chose (route/speed.py)
     assert huge["stages"] == ["sft"]
-    for method, k in (("full", 6), ("lora", 4), ("qlora", 4)):
-        expected = k * 1e9 * MAX_STEPS_CEILING * 8 * 2048 / (cfg.gpu_tflops * 1e12) / 3600
+    from tunepath.route import parse_profile
+
+    options = choose_knobs(parse_profile(huge["profile"]), cfg, train)
+    for method in ("full", "lora", "qlora"):
+        speed = tokens_per_second(parse_profile(huge["profile"]), cfg, options[method].knobs)
+        expected = MAX_STEPS_CEILING * 8 * 2048 / speed / 3600
         assert steps["hours"][method] == pytest.approx(expected, rel=1e-3)
         assert small["memory"]["max_steps"]["hours"][method] == pytest.approx(expected * 60 / MAX_STEPS_CEILING, abs=1e-3)
     assert any("train.max_steps=10,000,000" in w and "time_budget_hours" in w for w in huge["warnings"])

@@ -18,11 +18,14 @@ EXPECTED = {  # example -> (stages, method, start_from, retrieval)
     "domain_cpt": (["cpt", "sft"], "full", "base", "none"),
     "sft_task": (["sft"], "full", "chat", "none"),
     "grounded_rag": (["sft"], "lora", "chat", "required"),
-    "grounded_retrieval_only": ([], "qlora", "chat", "required"),
+    "grounded_retrieval_only": ([], "lora", "chat", "required"),
     "styled_assistant": (["sft", "dpo"], "full", "chat", "none"),
     "limited_qlora": (["sft"], "qlora", "base", "none"),
     "limited_lora_cpt": (["cpt"], "lora", "base", "recommended"),
     "demo_cpu": (["sft"], "lora", "base", "recommended"),
+    "lora_8b_24gb": (["sft"], "lora", "chat", "none"),
+    "full_1.5b_80gb": (["sft"], "full", "base", "none"),
+    "qlora_70b_80gb": (["sft"], "qlora", "base", "none"),
 }
 PROFILE = {
     "data": {"labeled_examples": 400, "unlabeled_tokens": 40000, "preference_pairs": 200},
@@ -136,10 +139,17 @@ def test_import_stays_light():
     assert out == "[]"
 
 
-def test_gradient_checkpointing_flag_shrinks_the_activation_estimate():
+def test_the_route_chooses_checkpointing_and_the_flags_set_it():
     path = next(p for p in EXAMPLES if "limited_qlora" in p.name)
-    plain, ckpt = run_json(path), run_json(path, "--gradient-checkpointing")
-    assert plain["memory"]["inputs"]["gradient_checkpointing"] is False
-    assert ckpt["memory"]["inputs"]["gradient_checkpointing"] is True
-    act = lambda plan: plan["memory"]["breakdown_gb"]["lora"]["activations"]  # noqa: E731
-    assert act(ckpt) < act(plain) / 3
+    chosen, kept = run_json(path), run_json(path, "--gradient-checkpointing", "--micro-batch-tokens", "4096")
+    assert chosen["train"]["gradient_checkpointing"] is True and chosen["train"]["set_by"]["gradient_checkpointing"] == "route"
+    assert kept["train"]["set_by"] == {"gradient_checkpointing": "params", "micro_batch_tokens": "params"}
+    assert kept["train"]["micro_batch_tokens"] == 4096
+
+
+def test_a_setting_that_cannot_fit_exits_2_with_the_estimate_and_the_knob(capsys):
+    path = next(p for p in EXAMPLES if "limited_qlora" in p.name)
+    assert route_main(["--profile", str(path), "--no-gradient-checkpointing"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tunepath route: train.gradient_checkpointing false (set in params): no method fits 14.40 GB")
+    assert "train.gradient_checkpointing: true (or auto)" in err and len(err.splitlines()) == 1

@@ -1,11 +1,12 @@
-"""The memory estimate: the formula's terms, sharding, checkpointing, and the shape derivation."""
+"""The memory estimate: the formula's terms, sharding, checkpointing, the loss, and the shape derivation."""
 
 from __future__ import annotations
 
 import pytest
 
 from tunepath.route import RouteConfig, parse_profile
-from tunepath.route.memory import GB, NF4_BYTES, estimate_hours, estimate_memory, model_shape
+from tunepath.route.memory import GB, NF4_BYTES, Knobs, breakdown, estimate_memory, loss_bytes, model_shape
+from tunepath.route.speed import estimate_hours
 
 LLAMA7 = dict(params_b=6.74, hidden_size=4096, num_layers=32, intermediate_size=11008, vocab_size=32000)
 
@@ -16,8 +17,12 @@ def prof(gpus=1, mem=80.0, model=LLAMA7, **data):
                           "model": model})
 
 
+def knobs(method="lora", **kw):
+    return Knobs(**{"method": method, "gradient_checkpointing": False, "rows": 1, "max_length": 2048, **kw})
+
+
 def est(p, cfg=None, **kw):
-    return estimate_memory(p, cfg or RouteConfig(), **{"max_length": 2048, "batch_size": 1, "lora_rank": 16, **kw})
+    return estimate_memory(p, cfg or RouteConfig(), {m: knobs(m, **kw) for m in ("full", "lora", "qlora")})
 
 
 def test_full_counts_16_bytes_per_parameter_and_shards_them():
@@ -34,10 +39,13 @@ def test_full_counts_16_bytes_per_parameter_and_shards_them():
 def test_methods_order_and_qlora_weights():
     m = est(prof())
     assert m["per_gpu_gb"]["qlora"] < m["per_gpu_gb"]["lora"] < m["per_gpu_gb"]["full"]
-    embed = 2 * 32000 * 4096
+    embed = 2 * 32000 * 4096  # untied: embedding and LM head
     lora_weights = 4 * m["inputs"]["lora_params"]
-    expected = ((6.74e9 - embed) * NF4_BYTES + embed * 2 + lora_weights) / GB
+    # the hf backend's prepare_model_for_kbit_training keeps the embeddings in fp32
+    expected = ((6.74e9 - embed) * NF4_BYTES + embed * 4 + lora_weights) / GB
     assert m["breakdown_gb"]["qlora"]["weights"] == pytest.approx(expected, abs=1e-3)
+    on_unsloth = breakdown(prof(), RouteConfig(), knobs("qlora", backend="unsloth"))
+    assert on_unsloth["weights"] == pytest.approx(expected - embed * 2 / GB, abs=1e-3)
 
 
 def test_lora_params_follow_rank():
@@ -47,19 +55,27 @@ def test_lora_params_follow_rank():
 
 
 def test_activations_scale_with_tokens_and_checkpointing_cuts_them():
-    short, long = est(prof(), max_length=1024), est(prof(), max_length=4096)
-    a = lambda m: m["breakdown_gb"]["full"]["activations"]  # noqa: E731
-    assert a(long) == pytest.approx(4 * a(short), rel=1e-4)
-    assert est(prof(), batch_size=4)["breakdown_gb"]["full"]["activations"] == pytest.approx(a(est(prof())) * 4, rel=1e-4)
-    ckpt = est(prof(), gradient_checkpointing=True)
-    assert a(ckpt) < a(est(prof())) / 3
+    act = lambda **kw: breakdown(prof(), RouteConfig(), knobs(**kw))["activations"]  # noqa: E731
+    loss = lambda rows: loss_bytes(model_shape(prof()), knobs(rows=rows)) / GB  # noqa: E731
+    # the layers' share grows with the tokens of a micro-batch; the loss's chunk is bounded
+    assert act(rows=4) - loss(4) == pytest.approx(4 * (act(rows=1) - loss(1)), rel=1e-3)
+    assert act(rows=4, gradient_checkpointing=True) < act(rows=4) / 5
+    assert act(rows=4, compile=False) > act(rows=4) * 1.3  # eager layers keep more than compiled ones
+
+
+def test_chunked_loss_is_bounded_and_the_plain_loss_is_not():
+    shape = model_shape(prof(model=dict(LLAMA7, vocab_size=151936)))
+    chunked = [loss_bytes(shape, knobs(rows=r)) for r in (1, 4, 16)]
+    assert chunked[1] == chunked[2]  # past two chunks, the peak stops growing
+    assert chunked[1] == pytest.approx(4 * 2**30, rel=0.01)  # 4 GiB: the loss peak the benchmark measured
+    plain = loss_bytes(shape, knobs(rows=4, chunked_loss=False))
+    assert plain == 4 * 2048 * 151936 * 12
 
 
 def test_activation_factor_overrides_the_derived_one():
-    base = est(prof(), RouteConfig(activation_factor=10))
-    more = est(prof(), RouteConfig(activation_factor=20))
-    layer_part = 2048 * 4096 * 32 * 10 / GB
-    assert more["breakdown_gb"]["full"]["activations"] - base["breakdown_gb"]["full"]["activations"] == pytest.approx(layer_part, abs=2e-3)
+    a10 = breakdown(prof(), RouteConfig(activation_factor=10), knobs())["activations"]
+    a20 = breakdown(prof(), RouteConfig(activation_factor=20), knobs())["activations"]
+    assert a20 - a10 == pytest.approx(2048 * 4096 * 32 * 10 / GB, abs=2e-3)
 
 
 def test_available_memory_and_fits():
@@ -78,10 +94,14 @@ def test_shape_is_derived_from_size_when_unknown():
     assert given.derived == () and given.hidden_size == 4096
 
 
-def test_hours_follow_six_n_d_and_gpu_count():
-    p = prof(gpus=2, labeled_examples=1000, labeled_tokens=1_000_000)
+def test_hours_follow_tokens_gpu_count_and_flops_per_token():
+    p1 = prof(gpus=1, labeled_examples=1000, labeled_tokens=1_000_000)
+    p2 = prof(gpus=2, labeled_examples=1000, labeled_tokens=1_000_000)
     cfg = RouteConfig(gpu_tflops=100)
-    full = estimate_hours(p, cfg, ["sft"], "full")
-    assert full == pytest.approx(6 * 6.74e9 * 1e6 / (2 * 100e12) / 3600)
-    assert estimate_hours(p, cfg, ["sft"], "lora") == pytest.approx(full * 4 / 6)
-    assert estimate_hours(prof(gpus=0), cfg, ["sft"], "full") is None
+    lora = estimate_hours(p1, cfg, ["sft"], knobs("lora", rows=4))
+    assert estimate_hours(p2, cfg, ["sft"], knobs("lora", rows=4)) == pytest.approx(lora / 2)
+    assert estimate_hours(p1, RouteConfig(gpu_tflops=200), ["sft"], knobs("lora", rows=4)) == pytest.approx(lora / 2)
+    # full fine-tuning: the same utilisation over 6 FLOPs per parameter and token instead of 4
+    assert estimate_hours(p1, cfg, ["sft"], knobs("full", rows=4)) == pytest.approx(lora * 6 / 4)
+    assert estimate_hours(p1, cfg, ["sft"], knobs("lora", rows=4, gradient_checkpointing=True)) > lora
+    assert estimate_hours(prof(gpus=0), cfg, ["sft"], knobs("full")) is None

@@ -9,12 +9,12 @@ from __future__ import annotations
 import pytest
 
 from tunepath.route import RouteConfig, parse_profile, plan_route
-from tunepath.route.memory import estimate_memory
+from tunepath.route.knobs import TrainSettings, choose_knobs
 from tunepath.route.rules import gb
 
 LLAMA7 = dict(params_b=6.74, hidden_size=4096, num_layers=32, intermediate_size=11008, vocab_size=32000)
 QWEN15 = dict(params_b=1.54, hidden_size=1536, num_layers=28, intermediate_size=8960, vocab_size=151936)
-SHAPE = dict(max_length=2048, batch_size=1, lora_rank=16)
+TRAIN = TrainSettings(max_length=2048, batch_size=1, lora_rank=16)
 
 
 def profile(labeled=0, unlabeled=0, pairs=0, *, gpus=1, mem=80.0, budget=None, model=LLAMA7, chat=True,
@@ -88,7 +88,7 @@ ROWS = [
     # --- scenario 4: strict grounding -> SFT on retrieved context + retrieval, or retrieval alone --------
     row("s4-strategy-a", profile(2_500, 3_000_000, 0, grounding=True), ["sft"], "lora", "chat", "required",
         {"goal": ["strict_grounding"], "S4-grounded-sft": ["2,500", "strategy A"]}),
-    row("s4-strategy-b", profile(0, 2_000_000, 0, mem=24, goal="grounded_answers", grounding=True), [], "qlora", "chat", "required",
+    row("s4-strategy-b", profile(0, 2_000_000, 0, mem=24, goal="grounded_answers", grounding=True), [], "lora", "chat", "required",
         {"S4-retrieval-only": ["0 labelled examples < 100", "strategy B"]}),
     row("s4-flag-with-task-goal", profile(3_000, 0, 0, model=QWEN15, goal="task_skill", grounding=True), ["sft"], "full", "chat", "required",
         {"S4-grounded-sft": ["3,000"]}),
@@ -118,15 +118,15 @@ ROWS = [
 
     # --- scenario 6: limited resources -> LoRA, QLoRA; LoRA CPT with its warning ------------------------
     row("s6-lora", profile(20_000, 0, 0, mem=48), ["sft"], "lora", "base", "none",
-        {"S6-lora": ["120.77 GB", "43.20 GB", "32.78 GB"]}),
-    row("s6-qlora", profile(20_000, 0, 0, mem=32), ["sft"], "qlora", "base", "none",
-        {"S6-qlora": ["32.78 GB > 28.80 GB", "23.17 GB"]}),
+        {"S6-lora": ["110.56 GB", "43.20 GB", "25.26 GB"]}),
+    row("s6-qlora", profile(20_000, 0, 0, mem=16), ["sft"], "qlora", "base", "none",
+        {"S6-qlora": ["16.31 GB > 14.40 GB", "7.76 GB"]}),
     row("s6-lora-cpt", profile(0, 200_000_000, 0, mem=48, chat=False), ["cpt"], "lora", "base", "recommended",
         {"S6-lora": ["43.20 GB"], "S6-retrieval": ["200,000,000"]}),
     row("s6-cpu-demo", profile(400, 40_000, 200, gpus=0, model=dict(params_b=0.0003), chat=False), ["sft"], "lora", "base", "recommended",
         {"goal": ["task_skill", "400", "40,000", "10,000,000", "style_required is off"], "S6-cpu": ["no GPU"]}),
-    row("s6-nothing-fits", profile(20_000, 0, 0, mem=16), [], "qlora", "chat", "none",
-        {"S6-no-fit": ["23.17 GB per GPU > 14.40 GB", "['sft']"]}),
+    row("s6-nothing-fits", profile(20_000, 0, 0, mem=8), [], "qlora", "chat", "none",
+        {"S6-no-fit": ["7.76 GB per GPU > 7.20 GB", "['sft']"]}),
     row("s6-full-over-time-budget", profile(3_000_000, 0, 0, model=QWEN15, budget=1), ["sft"], "lora", "base", "none",
         {"S6-lora": ["fits", "> 1.0 h budget"]}),
 ]
@@ -134,7 +134,7 @@ ROWS = [
 
 @pytest.mark.parametrize("prof, cfg, stages, method, start, retrieval, reasons", ROWS)
 def test_route_table(prof, cfg, stages, method, start, retrieval, reasons):
-    plan = plan_route(prof, RouteConfig(**cfg), **SHAPE)
+    plan = plan_route(prof, RouteConfig(**cfg), TRAIN)
     got = (plan.stages, plan.method, plan.start_from, plan.retrieval)
     assert got == (stages, method, start, retrieval), plan.model_dump_json(indent=1)
     fired = {r.id: r.reason for r in plan.rules}
@@ -151,13 +151,19 @@ def test_every_scenario_has_at_least_two_rows():
         assert sum(1 for p in ROWS if p.id.startswith(f"s{n}-")) >= 2
 
 
+def needed(prof, cfg, method):
+    """The least memory `method` can run in (the planner's smallest option, with checkpointing)."""
+    fixed = TrainSettings(max_length=2048, batch_size=1, lora_rank=16, gradient_checkpointing=True)
+    return choose_knobs(prof, cfg, fixed)[method].per_gpu_gb
+
+
 @pytest.mark.parametrize("delta, method", [(0.0, "full"), (-0.001, "lora")])
 def test_boundary_just_enough_memory_for_full(delta, method):
     """Full fine-tuning when its estimate equals the memory available; LoRA when 1 MB short."""
     cfg = RouteConfig(headroom=0)
     probe = profile(3_000, 0, 0, model=QWEN15)
-    need = estimate_memory(probe, cfg, **SHAPE)["per_gpu_gb"]["full"]
-    plan = plan_route(profile(3_000, 0, 0, model=QWEN15, mem=need + delta), cfg, **SHAPE)
+    need = needed(probe, cfg, "full")
+    plan = plan_route(profile(3_000, 0, 0, model=QWEN15, mem=need + delta), cfg, TRAIN)
     assert (plan.stages, plan.method) == (["sft"], method)
     reason = next(r.reason for r in plan.rules if r.id.startswith("S6-"))
     assert gb(need) in reason and gb(need + delta) in reason
@@ -166,41 +172,41 @@ def test_boundary_just_enough_memory_for_full(delta, method):
 @pytest.mark.parametrize("delta, method", [(0.0, "lora"), (-0.001, "qlora")])
 def test_boundary_just_enough_memory_for_lora(delta, method):
     cfg = RouteConfig(headroom=0)
-    need = estimate_memory(profile(20_000), cfg, **SHAPE)["per_gpu_gb"]["lora"]
-    plan = plan_route(profile(20_000, mem=need + delta), cfg, **SHAPE)
+    need = needed(profile(20_000), cfg, "lora")
+    plan = plan_route(profile(20_000, mem=need + delta), cfg, TRAIN)
     assert (plan.stages, plan.method) == (["sft"], method)
 
 
 def test_sharding_across_gpus_turns_lora_into_full():
-    one = plan_route(profile(20_000, mem=80), RouteConfig(), **SHAPE)
-    eight = plan_route(profile(20_000, gpus=8, mem=80), RouteConfig(), **SHAPE)
+    one = plan_route(profile(20_000, mem=80), RouteConfig(), TRAIN)
+    eight = plan_route(profile(20_000, gpus=8, mem=80), RouteConfig(), TRAIN)
     assert (one.method, eight.method) == ("lora", "full")
     assert "on 8 GPUs" in next(r.reason for r in eight.rules if r.id == "S6-full")
 
 
 def test_thresholds_are_parameters():
     prof = profile(400, 0, 0, model=QWEN15)
-    assert plan_route(prof, RouteConfig(), **SHAPE).stages == ["sft"]
-    raised = plan_route(prof, RouteConfig(sft_min_examples=500, base_min_examples=500), **SHAPE)
+    assert plan_route(prof, RouteConfig(), TRAIN).stages == ["sft"]
+    raised = plan_route(prof, RouteConfig(sft_min_examples=500, base_min_examples=500), TRAIN)
     assert raised.stages == []
     assert "400 labelled examples < 500" in raised.rules[0].reason
 
 
 def test_peft_cpt_warns_and_full_cpt_does_not():
-    lora = plan_route(profile(0, 200_000_000, 0, mem=48), RouteConfig(), **SHAPE)
-    full = plan_route(profile(0, 200_000_000, 0, gpus=8), RouteConfig(), **SHAPE)
+    lora = plan_route(profile(0, 200_000_000, 0, mem=48), RouteConfig(), TRAIN)
+    full = plan_route(profile(0, 200_000_000, 0, gpus=8), RouteConfig(), TRAIN)
     assert any("parameter-efficient training limits" in w for w in lora.warnings)
     assert not any("parameter-efficient training limits" in w for w in full.warnings)
 
 
 def test_styled_without_pairs_recommends_collecting_them():
-    plan = plan_route(profile(5_000, 0, 0, gpus=2, goal="styled_assistant"), RouteConfig(), **SHAPE)
+    plan = plan_route(profile(5_000, 0, 0, gpus=2, goal="styled_assistant"), RouteConfig(), TRAIN)
     assert any("collect at least 100 preference pairs" in w for w in plan.warnings)
 
 
 def test_forced_route_records_what_the_rules_chose():
     demo = profile(400, 40_000, 200, gpus=0, model=dict(params_b=0.0003), chat=False)
-    plan = plan_route(demo, RouteConfig(force_stages=["cpt", "sft"], force_method="full"), **SHAPE)
+    plan = plan_route(demo, RouteConfig(force_stages=["cpt", "sft"], force_method="full"), TRAIN)
     assert plan.forced is True
     assert (plan.stages, plan.method, plan.start_from) == (["cpt", "sft"], "full", "base")
     forced = next(r for r in plan.rules if r.id == "forced")
@@ -210,24 +216,25 @@ def test_forced_route_records_what_the_rules_chose():
     assert any(r.id == "S6-cpu" for r in plan.rules)
 
 
-def test_forced_method_that_does_not_fit_warns():
-    plan = plan_route(profile(20_000, mem=24), RouteConfig(force_method="full"), **SHAPE)
-    assert plan.method == "full" and plan.forced
-    assert any("expect out-of-memory" in w for w in plan.warnings)
+def test_forced_method_that_does_not_fit_is_an_error():
+    from tunepath.params import ConfigError
+
+    with pytest.raises(ConfigError, match=r"route.force_method full: needs .* > 21.60 GB available .* it fits with route.force_method: lora"):
+        plan_route(profile(20_000, mem=24), RouteConfig(force_method="full"), TRAIN)
 
 
 def test_forced_empty_stages_and_stage_without_data():
-    plan = plan_route(profile(400, 0, 0, model=QWEN15), RouteConfig(force_stages=["sft", "dpo"]), **SHAPE)
+    plan = plan_route(profile(400, 0, 0, model=QWEN15), RouteConfig(force_stages=["sft", "dpo"]), TRAIN)
     assert plan.stages == ["sft", "dpo"]
     assert any("forced stage dpo has no data" in w for w in plan.warnings)
-    none = plan_route(profile(400, 0, 0, model=QWEN15), RouteConfig(force_stages=[]), **SHAPE)
+    none = plan_route(profile(400, 0, 0, model=QWEN15), RouteConfig(force_stages=[]), TRAIN)
     assert none.stages == [] and none.forced
 
 
 def test_plan_has_exactly_the_issue_fields():
-    plan = plan_route(profile(400, 0, 0, model=QWEN15), RouteConfig(), **SHAPE)
+    plan = plan_route(profile(400, 0, 0, model=QWEN15), RouteConfig(), TRAIN)
     data = plan.model_dump()
-    assert set(data) == {"stages", "method", "start_from", "retrieval", "rules", "warnings", "memory", "forced"}
+    assert set(data) == {"stages", "method", "start_from", "retrieval", "rules", "warnings", "memory", "forced", "train"}
     assert set(data["rules"][0]) == {"id", "scenario", "reason"}
     assert set(data["memory"]["per_gpu_gb"]) == {"full", "lora", "qlora"}
     assert {"available_gb", "gpus", "fits", "formula", "hours"} <= set(data["memory"])

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 from tunepath.route import RouteConfig, plan_tags, run_route
+from tunepath.route.knobs import TrainSettings
 from tunepath.sections import ModelConfig
 
 DEMO_STATS = {"labeled_examples": 400, "unlabeled_tokens": 40_000, "preference_pairs": 200}
-SHAPE = dict(max_length=256, batch_size=8, lora_rank=16)
+SHAPE = dict(train=TrainSettings(max_length=256, batch_size=8, lora_rank=16))
 
 
 @pytest.fixture(scope="module")
@@ -63,12 +64,19 @@ def test_params_and_chat_variant_flow_into_the_profile(tmp_path, tiny_model):
     assert prof["intent"]["goal"] == "styled_assistant" and prof["data"]["labeled_tokens"] == 150_000
 
 
-def test_gradient_checkpointing_argument_overrides_the_section(tmp_path, tiny_model):
+def test_the_train_sections_knobs_reach_the_plan(tmp_path, tiny_model):
+    from tunepath.route.stage import train_settings
+    from tunepath.train import TrainConfig
+
     tok = write_stats(tmp_path / "tokenize", DEMO_STATS)
     cfg, model = RouteConfig(gpus=0), ModelConfig(base=str(tiny_model))
-    off = run_route(cfg, model, tok, tmp_path / "a", **SHAPE)
-    on = run_route(cfg, model, tok, tmp_path / "b", **SHAPE, gradient_checkpointing=True)
-    assert on["memory"]["inputs"]["gradient_checkpointing"] is True
+    auto = train_settings(TrainConfig(), 256)
+    assert (auto.gradient_checkpointing, auto.micro_batch_tokens) == (None, None)  # auto: the route chooses
+    mine = train_settings(TrainConfig(gradient_checkpointing=True, micro_batch_tokens=512), 256)
+    off = run_route(cfg, model, tok, tmp_path / "a", auto)
+    on = run_route(cfg, model, tok, tmp_path / "b", mine)
+    assert on["train"]["gradient_checkpointing"] is True and on["train"]["set_by"]["gradient_checkpointing"] == "params"
+    assert on["train"]["micro_batch_rows"] == 2
     assert on["memory"]["per_gpu_gb"]["full"] < off["memory"]["per_gpu_gb"]["full"]
 
 

@@ -48,14 +48,11 @@ def run_stage(name: str, cfg, ws: Workspace, on_progress=None) -> dict:
         return run_tokenize(cfg.tokenize, resolve_model(cfg.model, ws), ws.out("validate"), ws.out("tokenize"))
     if name == "route":
         from tunepath.route import run_route
-        from tunepath.train.speed import micro_batches
+        from tunepath.route.stage import train_settings
 
-        t = cfg.train  # memory is set by the micro-batch the train stage will run, not the whole batch
-        rows = micro_batches(t.batch_size, t.grad_accum, cfg.tokenize.max_length, t.micro_batch_tokens)[0]
+        t = cfg.train
         return run_route(cfg.route, resolve_model(cfg.model, ws), ws.out("tokenize"), ws.out("route"),
-                         max_length=cfg.tokenize.max_length, batch_size=rows, lora_rank=cfg.train.lora_r,
-                         gradient_checkpointing=cfg.train.gradient_checkpointing, max_steps=t.max_steps,
-                         step_rows=t.batch_size * t.grad_accum)
+                         train_settings(t, cfg.tokenize.max_length), max_steps=t.max_steps, grad_accum=t.grad_accum)
     if name == "train":
         return train_stage(cfg, ws, on_progress)
     if name == "evaluate":

@@ -4,10 +4,13 @@ Usage:
     tunepath route --profile examples/profiles/limited_lora.yaml
     tunepath route --profile my.json --json
     tunepath route --profile my.yaml --max-length 4096 --set sft_min_examples=50 --set force_method=lora
+    tunepath route --profile my.yaml --no-gradient-checkpointing --micro-batch-tokens 4096   # train.* knobs kept as set
 
 The profile (YAML or JSON) has four parts: data, resources, model, intent (see docs/routing.md).
 Thresholds come from the route section's defaults; change them with --set KEY=VALUE (VALUE is read as YAML).
-Exit status 0 with the plan on stdout; 2 with one line on stderr naming the bad field.
+The route chooses train.gradient_checkpointing and train.micro_batch_tokens unless the flags set them.
+Exit status 0 with the plan on stdout; 2 with one line on stderr naming the bad field, or the forced setting
+that cannot fit the GPU (with the estimate and what would fit).
 """
 
 from __future__ import annotations
@@ -27,11 +30,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--profile", required=True, metavar="FILE", help="Profile file, YAML or JSON.")
     parser.add_argument("--json", action="store_true", help="Print the plan as JSON instead of the explanation.")
-    parser.add_argument("--max-length", type=int, default=2048, help="Tokens per training row for the memory estimate (default 2048).")
-    parser.add_argument("--batch-size", type=int, default=1, help="Rows per GPU per step for the memory estimate (default 1).")
+    parser.add_argument("--max-length", type=int, default=2048, help="Tokens per training row (tokenize.max_length, default 2048).")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="Rows per GPU per optimizer step (train.batch_size, default 8); the route splits them into micro-batches.")
     parser.add_argument("--lora-rank", type=int, default=16, help="LoRA rank for the memory estimate (default 16).")
-    parser.add_argument("--gradient-checkpointing", action="store_true",
-                        help="Training recomputes activations (train.gradient_checkpointing): the estimate keeps one layer's.")
+    gc = parser.add_mutually_exclusive_group()
+    gc.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_const", const=True, default=None,
+                    help="train.gradient_checkpointing true, kept as set (default: the route chooses).")
+    gc.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_const", const=False,
+                    help="train.gradient_checkpointing false, kept as set.")
+    parser.add_argument("--micro-batch-tokens", type=int, default=None, metavar="N",
+                        help="train.micro_batch_tokens, kept as set (default: the route chooses; 0 never splits).")
+    parser.add_argument("--backend", choices=("auto", "hf", "unsloth"), default="auto",
+                        help="train.backend (default auto: unsloth for QLoRA on one GPU when unsloth is installed here).")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="Training runs without compiled layers (train.compile false, or runs under 200 steps).")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Override a route threshold, e.g. sft_min_examples=50.")
     return parser
 
@@ -69,6 +82,9 @@ def route_main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             print(f"tunepath route: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
+    if args.micro_batch_tokens is not None and args.micro_batch_tokens < 0:
+        print("tunepath route: --micro-batch-tokens must be >= 0", file=sys.stderr)
+        return 2
     try:
         cfg = parse_overrides(args.set)
         profile = load_profile(args.profile)
@@ -76,11 +92,23 @@ def route_main(argv: list[str] | None = None) -> int:
         print(f"tunepath route: {e}", file=sys.stderr)
         return 2
 
+    import importlib.util
+
+    from tunepath.params import ConfigError
+    from tunepath.route.knobs import TrainSettings
     from tunepath.route.plan import plan_route
     from tunepath.route.render import render_markdown
 
-    plan = plan_route(profile, cfg, max_length=args.max_length, batch_size=args.batch_size, lora_rank=args.lora_rank,
-                      gradient_checkpointing=args.gradient_checkpointing)
+    settings = TrainSettings(
+        max_length=args.max_length, batch_size=args.batch_size, lora_rank=args.lora_rank,
+        gradient_checkpointing=args.gradient_checkpointing, micro_batch_tokens=args.micro_batch_tokens,
+        compile=args.compile, backend=args.backend, unsloth=importlib.util.find_spec("unsloth") is not None,
+    )
+    try:
+        plan = plan_route(profile, cfg, settings)
+    except ConfigError as e:
+        print(f"tunepath route: {e}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps({**plan.model_dump(mode="json"), "profile": profile.model_dump(mode="json")}, indent=2, ensure_ascii=False))
     else:

@@ -74,11 +74,15 @@ class RouteConfig(Strict):
         12.0, ge=0, description="Optimizer bytes per trained parameter (12: AdamW fp32 master copy + 2 moments; 4 if the moments stay in bf16 with no master copy)."
     )
     activation_factor: float | None = Field(
-        None, gt=0, description="Activation bytes stored per token, per layer, per hidden unit; None: 20 + 8 × intermediate/hidden (a SwiGLU decoder layer in bf16)."
+        None, gt=0, description="Activation bytes stored per token, per layer, per hidden unit with compiled layers; None: 20 + 5.7 × intermediate/hidden "
+        "(fitted to the GPU benchmark's peaks; other training paths scale it, see route/memory.py)."
     )
     overhead_gb: float = Field(1.0, ge=0, description="Fixed per-GPU memory for the CUDA context, kernels and workspaces.")
     headroom: float = Field(0.1, ge=0, lt=1, description="Share of each GPU's memory kept free for fragmentation and spikes.")
-    gpu_tflops: float = Field(400.0, gt=0, description="Sustained bf16 TFLOP/s per GPU for the time estimate (H100: 989 peak × ~40% utilisation).")
+    gpu_tflops: float = Field(
+        400.0, gt=0, description="Dense bf16 matmul TFLOP/s of one GPU (a large matmul; the benchmark measures about 790 on an "
+        "H200); the measured utilisation of each training path at the model's size turns it into tokens/s (route/speed.py).",
+    )
     epochs: float = Field(1.0, gt=0, description="Passes over the data assumed by the time estimate.")
 
     @model_validator(mode="after")

@@ -53,6 +53,8 @@ class ModelProfile(Strict):
     num_layers: int | None = Field(None, ge=1, description="Decoder layers; None: derived from params_b.")
     intermediate_size: int | None = Field(None, ge=1, description="MLP width; None: 8/3 × hidden_size.")
     vocab_size: int | None = Field(None, ge=1, description="Vocabulary size; None: 32,000.")
+    tied_embeddings: bool | None = Field(
+        None, description="The LM head is the input embedding (tie_word_embeddings); None: untied, two V×h matrices.")
 
 
 class IntentProfile(Strict):

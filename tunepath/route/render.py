@@ -36,10 +36,28 @@ def render_markdown(plan: RoutePlan, profile: Profile | None = None) -> str:
         lines.append(f"| {r.id} | {scenario} | {escape(r.reason)} |")
     if plan.warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in plan.warnings]
+    lines += render_train(plan)
     lines += render_memory(plan.memory)
     if profile is not None:
         lines += render_profile(profile)
     return "\n".join(lines) + "\n"
+
+
+def render_train(plan: RoutePlan) -> list[str]:
+    t = plan.train
+    if not t:
+        return []
+    who = {"params": "set in params, kept", "route": "chosen by the route", "default": "default (no GPU to fit)"}
+    lines = ["", "## Training knobs", "",
+             f"- **train.gradient_checkpointing:** {str(t['gradient_checkpointing']).lower()} ({who[t['set_by']['gradient_checkpointing']]})",
+             f"- **train.micro_batch_tokens:** {t['micro_batch_tokens']:,} ({t['micro_batch_rows']} row(s) per micro-batch; "
+             f"{who[t['set_by']['micro_batch_tokens']]})",
+             f"- **backend:** {t['backend']}"]
+    if t.get("tokens_per_second") is not None:
+        measured = "measured path" if t["speed_measured"] else "derived from the measured paths"
+        hours = f", {t['hours']:,.1f} h for the plan's stages" if t.get("hours") is not None else ""
+        lines.append(f"- **Expected speed:** ≈ {t['tokens_per_second']:,} tokens/s per GPU ({measured}){hours}")
+    return lines
 
 
 def render_memory(memory: dict) -> list[str]:
@@ -49,23 +67,27 @@ def render_memory(memory: dict) -> list[str]:
     where = f"{avail:,.2f} GB available per GPU on {gpus} GPU(s)" if avail is not None else "no GPU (CPU): nothing to fit"
     lines = [
         "",
-        "## Memory estimate per GPU (GB = 1e9 bytes)",
+        "## Memory estimate per GPU (GB = 1e9 bytes), each method with the knobs chosen for it",
         "",
         f"{where}. Model: {inputs['params'] / 1e9:g}B parameters, hidden {inputs['hidden_size']}, {inputs['num_layers']} layers, "
         f"MLP {inputs['intermediate_size']}, vocabulary {inputs['vocab_size']:,}"
         + (f" (derived: {', '.join(inputs['derived'])})" if inputs["derived"] else "")
-        + f"; max_length {inputs['max_length']}, batch {inputs['batch_size']}, LoRA rank {inputs['lora_rank']}, "
-        f"gradient checkpointing {'on' if inputs['gradient_checkpointing'] else 'off'}.",
+        + f"; max_length {inputs['max_length']}, LoRA rank {inputs['lora_rank']}.",
         "",
-        "| method | weights | gradients | optimizer | activations | overhead | total | fits | hours |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | checkpointing | micro-batch tokens | weights | gradients | optimizer | activations | overhead | total | fits | tokens/s | hours |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method, parts in memory["breakdown_gb"].items():
         fits = {True: "yes", False: "no", None: "-"}[memory["fits"][method]]
         h = memory.get("hours", {}).get(method)
-        cells = [f"{parts[k]:,.2f}" for k in ("weights", "gradients", "optimizer", "activations", "overhead")]
+        k = memory.get("knobs", {}).get(method, {})
+        speed = k.get("tokens_per_second")
+        knob_cells = [("on" if k.get("gradient_checkpointing") else "off") if k else "-",
+                      f"{k['micro_batch_rows'] * inputs['max_length']:,}" if k else "-"]
+        cells = [f"{parts[key]:,.2f}" for key in ("weights", "gradients", "optimizer", "activations", "overhead")]
         total = f"{memory['per_gpu_gb'][method]:,.2f}"
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {total} | {fits} | {'-' if h is None else f'{h:,.1f}'} |")
+        lines.append(f"| {method} | " + " | ".join(knob_cells + cells) + f" | {total} | {fits} | "
+                     f"{'-' if speed is None else f'{speed:,}'} | {'-' if h is None else f'{h:,.1f}'} |")
     lines += ["", f"Formula: {memory['formula']}"]
     steps = memory.get("max_steps")
     if steps:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tunepath.route.config import RouteConfig
-from tunepath.route.memory import estimate_hours, labeled_tokens
+from tunepath.route.memory import labeled_tokens
 from tunepath.route.profile import Profile
 
 GOAL_SCENARIO = {"new_model": 1, "domain_knowledge": 2, "task_skill": 3, "grounded_answers": 4, "styled_assistant": 5}
@@ -158,14 +158,16 @@ def derive_goal(profile: Profile, cfg: RouteConfig, f: Facts, draft: Draft, requ
 # --- scenario 1 -------------------------------------------------------------------------------------------
 
 
-def plan_new_model(profile: Profile, cfg: RouteConfig, f: Facts, memory: dict, draft: Draft) -> bool:
-    """Scenario 1: pretrain from scratch, large SFT, alignment. False (with the reason) when not feasible."""
+def plan_new_model(profile: Profile, cfg: RouteConfig, f: Facts, memory: dict, draft: Draft, pretrain_hours: float | None) -> bool:
+    """Scenario 1: pretrain from scratch, large SFT, alignment. False (with the reason) when not feasible.
+
+    pretrain_hours: pretraining with full fine-tuning and the knobs the planner chose for it (None on CPU)."""
     params_b = profile.model.params_b
     need = cfg.pretrain_tokens_per_param * params_b * 1e9
     gpus = profile.resources.gpus
     budget = profile.resources.time_budget_hours or cfg.pretrain_max_hours
     budget_name = "time_budget_hours" if profile.resources.time_budget_hours else "pretrain_max_hours"
-    h = estimate_hours(profile, cfg, ["pretrain"], "full", memory["inputs"]["gradient_checkpointing"])
+    h = pretrain_hours
     problems = []
     if f.unlabeled < need:
         problems.append(
@@ -181,7 +183,7 @@ def plan_new_model(profile: Profile, cfg: RouteConfig, f: Facts, memory: dict, d
         draft.fire("S1-not-feasible", 1, "goal new_model but " + "; ".join(problems) + ": planning from the data as for goal auto")
         draft.warn("pretraining from scratch is not feasible with these resources and data; the plan builds on the base model instead")
         return False
-    flops = h * gpus * cfg.gpu_tflops * 1e12 * 3600  # the same k·N·D as the hours (6 per parameter and token)
+    flops = 6 * params_b * 1e9 * f.unlabeled  # 6 FLOPs per parameter and token (Kaplan et al. 2020)
     draft.fire(
         "S1-new-model", 1,
         f"goal new_model with {num(f.unlabeled)} unlabelled tokens ≥ {num(need)} ({cfg.pretrain_tokens_per_param:g} tokens/param × "
@@ -312,10 +314,10 @@ def plan_feedback(f: Facts, cfg: RouteConfig, stages: list[str], has_chat: bool,
 # --- scenario 6 and the memory estimate: method -----------------------------------------------------------
 
 
-def choose_method(profile: Profile, cfg: RouteConfig, memory: dict, f: Facts, draft: Draft) -> dict:
-    """Full when it fits memory and time; else LoRA; else QLoRA (scenario 6). Returns hours per method."""
-    stages = draft.stages or ["sft"]
-    est = {m: estimate_hours(profile, cfg, stages, m, memory["inputs"]["gradient_checkpointing"]) for m in ("full", "lora", "qlora")}
+def choose_method(profile: Profile, cfg: RouteConfig, memory: dict, f: Facts, draft: Draft, hours_of: dict) -> dict:
+    """Full when it fits memory and time; else LoRA; else QLoRA (scenario 6), each with the knobs the planner
+    chose for it (`knobs.py`). Returns hours per method."""
+    est = hours_of
     per, avail = memory["per_gpu_gb"], memory["available_gb"]
     gpus = profile.resources.gpus
     if not draft.stages:
@@ -362,8 +364,8 @@ def choose_method(profile: Profile, cfg: RouteConfig, memory: dict, f: Facts, dr
             f"(the rules wanted {draft.stages})",
         )
         draft.warn(
-            f"nothing fits in {gb(avail)} per GPU: shorten max_length ({inputs['max_length']}), lower batch_size "
-            f"({inputs['batch_size']}), turn on gradient checkpointing, or use more or larger GPUs"
+            f"nothing fits in {gb(avail)} per GPU: shorten max_length ({inputs['max_length']}), lower train.batch_size, "
+            "or use more or larger GPUs"
         )
         draft.stages = []
         return est

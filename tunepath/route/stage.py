@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 from tunepath.route.config import RouteConfig
+from tunepath.route.knobs import TrainSettings
 from tunepath.route.plan import plan_route
 from tunepath.route.profile import Profile
 from tunepath.route.render import render_markdown
@@ -25,20 +26,17 @@ def run_route(
     model: ModelConfig,
     tokenize_dir: Path,
     out_dir: Path,
+    train: TrainSettings,
     *,
-    max_length: int,
-    batch_size: int,
-    lora_rank: int,
-    gradient_checkpointing: bool = False,
     max_steps: int = -1,
-    step_rows: int = 0,
+    grad_accum: int = 1,
 ) -> dict:
     """Plan the training route for this data, model and machine; returns the plan as written to plan.json.
 
-    max_length, batch_size (rows per micro-batch), lora_rank and gradient_checkpointing describe how the train
-    stage will run, so the memory estimate matches it (the pipeline passes the tokenize and train values).
-    max_steps (train.max_steps) and step_rows (rows per optimizer step per GPU: batch_size × grad_accum) add the
-    hours that the configured step count asks for, so a step count far beyond the data shows in the plan.
+    train describes how the train stage will run (tokenize.max_length and the train section, see
+    `train_settings`); the knobs it leaves None (train.* `auto`) are chosen by the planner. max_steps
+    (train.max_steps) adds the hours that the configured step count asks for, so a step count far beyond the
+    data shows in the plan.
     """
     stats = read_stats(Path(tokenize_dir) / "stats.json")
     shape = model_shape_from_config(model, cfg.params_b)
@@ -53,10 +51,10 @@ def run_route(
         "model": {**shape, "has_chat_variant": model.chat_variant is not None},
         "intent": {"goal": cfg.goal, "strict_grounding": cfg.strict_grounding, "style_required": cfg.style_required},
     })
-    plan = plan_route(profile, cfg, max_length=max_length, batch_size=batch_size, lora_rank=lora_rank,
-                      gradient_checkpointing=gradient_checkpointing)
-    if max_steps > 0 and step_rows > 0:
-        _add_step_hours(plan, profile, cfg, max_steps, step_rows * max_length * max(gpus, 1), gradient_checkpointing)
+    plan = plan_route(profile, cfg, train)
+    if max_steps > 0:
+        step_tokens = train.batch_size * grad_accum * train.max_length * max(gpus, 1)
+        _add_step_hours(plan, profile, cfg, train, max_steps, step_tokens)
     result = {**plan.model_dump(mode="json"), "profile": profile.model_dump(mode="json")}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -64,18 +62,45 @@ def run_route(
     (out_dir / "plan.md").write_text(render_markdown(plan, profile), encoding="utf-8")
     log.info("route: stages %s, method %s, start from %s, retrieval %s%s",
              plan.stages, plan.method, plan.start_from, plan.retrieval, " (forced)" if plan.forced else "")
+    log.info("route: train.gradient_checkpointing %s, train.micro_batch_tokens %s (%s)", plan.train["gradient_checkpointing"],
+             plan.train["micro_batch_tokens"], ", ".join(f"{k} by {v}" for k, v in plan.train["set_by"].items()))
     for warning in plan.warnings:
         log.warning("route: %s", warning)
     return result
 
 
-def _add_step_hours(plan, profile: Profile, cfg: RouteConfig, max_steps: int, tokens_per_step: int,
-                    gradient_checkpointing: bool) -> None:
-    from tunepath.route.memory import estimate_step_hours
-    from tunepath.route.rules import hours
+def train_settings(train, max_length: int) -> TrainSettings:
+    """TrainSettings from the train section (a TrainConfig): `auto` knobs become None, for the planner to choose."""
+    import importlib.util
 
-    est = {m: estimate_step_hours(profile, cfg, plan.stages, m, max_steps, tokens_per_step, gradient_checkpointing)
-           for m in ("full", "lora", "qlora")}
+    from tunepath.train.speed import long_enough
+
+    compile_on = train.compile is True or (train.compile == "auto" and long_enough(train))
+    processes = train.num_processes if isinstance(train.num_processes, int) else None
+    return TrainSettings(
+        max_length=max_length,
+        batch_size=train.batch_size,
+        lora_rank=train.lora_r,
+        gradient_checkpointing=None if train.gradient_checkpointing == "auto" else train.gradient_checkpointing,
+        micro_batch_tokens=None if train.micro_batch_tokens == "auto" else train.micro_batch_tokens,
+        compile=compile_on,
+        chunked_loss=train.chunked_loss,
+        backend=train.backend,
+        unsloth=importlib.util.find_spec("unsloth") is not None,
+        processes=processes,
+    )
+
+
+def _add_step_hours(plan, profile: Profile, cfg: RouteConfig, train: TrainSettings, max_steps: int, tokens_per_step: int) -> None:
+    """tokens_per_step: all GPUs together; each method at the knobs the planner chose for it."""
+    from tunepath.route.knobs import choose_knobs
+    from tunepath.route.rules import hours
+    from tunepath.route.speed import estimate_hours
+
+    options = choose_knobs(profile, cfg, train)
+    stages = plan.stages or ["sft"]
+    est = {m: estimate_hours(profile, cfg, stages, o.knobs, {s: max_steps * tokens_per_step for s in stages})
+           for m, o in options.items()}
     plan.memory["max_steps"] = {"max_steps": max_steps, "tokens_per_step": tokens_per_step,
                                 "hours": {m: (round(h, 3) if h is not None else None) for m, h in est.items()}}
     h, budget = est[plan.method], cfg.time_budget_hours
@@ -140,6 +165,7 @@ def model_shape_from_config(model: ModelConfig, params_b: float | None) -> dict:
         "num_layers": getattr(text, "num_hidden_layers", None),
         "intermediate_size": getattr(text, "intermediate_size", None),
         "vocab_size": getattr(text, "vocab_size", None),
+        "tied_embeddings": bool(getattr(config, "tie_word_embeddings", getattr(text, "tie_word_embeddings", False))),
     }
     log.info("route: %s has %s parameters", model.base, f"{params:,}")
     return {k: v for k, v in shape.items() if v is not None}

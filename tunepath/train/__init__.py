@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from tunepath.strict import Strict
 
+DEFAULT_MICRO_BATCH_TOKENS = 8192  # train.micro_batch_tokens auto without a route plan (measured in benchmarks/README.md)
 # a run of 10 million optimizer steps already takes weeks on one GPU; beyond it is a typo (1e23), not a plan
 MAX_STEPS_CEILING = 10_000_000
 
@@ -49,10 +50,14 @@ class TrainConfig(Strict):
         1.0, gt=0, description="KTO: loss weight of desirable answers; raise it when they are the rarer kind (trl: aim for weight × count about equal)."
     )
     kto_undesirable_weight: float = Field(1.0, gt=0, description="KTO: loss weight of undesirable answers.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, about 30% slower.")
-    micro_batch_tokens: int = Field(
-        8192, ge=0, description="Split each batch into micro-batches of at most this many tokens (rows x max_length) and "
-        "accumulate their gradients: the same optimizer steps in less memory. 0: never split.",
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="Recompute activations in backward: less memory, about 25% slower. auto: the route plan "
+        "decides (on when nothing fits without it); without a plan, off.",
+    )
+    micro_batch_tokens: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto", description="Split each batch into micro-batches of at most this many tokens (rows x max_length) and "
+        "accumulate their gradients: the same optimizer steps in less memory. 0: never split. auto: the route plan "
+        "decides (the fastest that fits the GPU); without a plan, 8192.",
     )
     attention: Literal["auto", "sdpa", "varlen"] = Field(
         "auto", description="auto: varlen (packed samples through torch's varlen flash kernel, no mask) on CUDA, else sdpa; hf backend.",
@@ -72,6 +77,16 @@ class TrainConfig(Strict):
     num_processes: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto", description="Processes (GPUs) for accelerate launch; auto: one per visible GPU; 1 trains in this process."
     )
+
+    def resolved(self, plan_train: dict | None = None) -> "TrainConfig":
+        """This config with the `auto` knobs set: from the route plan's `train` section, else the defaults."""
+        chosen = plan_train or {}
+        update = {}
+        if self.gradient_checkpointing == "auto":
+            update["gradient_checkpointing"] = bool(chosen.get("gradient_checkpointing", False))
+        if self.micro_batch_tokens == "auto":
+            update["micro_batch_tokens"] = int(chosen.get("micro_batch_tokens", DEFAULT_MICRO_BATCH_TOKENS))
+        return self.model_copy(update=update) if update else self
 
     @model_validator(mode="after")
     def _check_steps(self) -> "TrainConfig":

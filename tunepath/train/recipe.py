@@ -171,6 +171,7 @@ def build_args(cfg: TrainConfig, output_dir: Path, precision: str, row_tokens: i
 
     from tunepath.train.speed import micro_batches
 
+    cfg = cfg.resolved()  # callers outside the train stage (the benchmark) may pass `auto` knobs
     save = cfg.save_steps > 0
     rows, accum = micro_batches(cfg.batch_size, cfg.grad_accum, row_tokens, cfg.micro_batch_tokens)
     args = TrainingArguments(
@@ -207,6 +208,7 @@ def build_args(cfg: TrainConfig, output_dir: Path, precision: str, row_tokens: i
 
 
 def oom_message(stage: str, method: str, cfg: TrainConfig, max_length: int) -> str:
+    cfg = cfg.resolved()
     b, acc, tokens = cfg.batch_size, cfg.grad_accum, cfg.micro_batch_tokens
     knobs = []
     if max_length and (tokens == 0 or tokens > max_length):

@@ -92,6 +92,7 @@ def build_model(base: str, cfg: TrainConfig, method: str, precision: str, backen
     """The start model, ready to train: full weights, or wrapped with fresh LoRA adapters (lora, qlora)."""
     from tunepath.train import recipe
 
+    cfg = cfg.resolved()  # callers outside the train stage (the benchmark) may pass `auto` knobs
     if backend == "unsloth":
         unsloth_backend = _gpu_module("unsloth_backend", "train.backend unsloth")
         model = unsloth_backend.build_model(base, cfg, method, precision, max_length, trust_remote_code)
@@ -186,6 +187,10 @@ def run_train(cfg: TrainConfig, model: ModelConfig, plan_path: Path, tokenize_di
     plan = json.loads(Path(plan_path).read_text(encoding="utf-8"))
     stages, method, start_from = list(plan["stages"]), plan["method"], plan.get("start_from", "base")
     recipe.check_plan(stages, method, start_from)
+    cfg = cfg.resolved(plan.get("train"))  # train.* `auto` knobs take the route's choice
+    log.info("train.gradient_checkpointing %s, train.micro_batch_tokens %d (%s)", cfg.gradient_checkpointing,
+             cfg.micro_batch_tokens, ", ".join(f"{k} by {v}" for k, v in (plan.get("train") or {}).get("set_by", {}).items())
+             or "no route choice in the plan: defaults")
     dist = PartialState()
     backend, why = pick_backend(cfg.backend, method, dist.num_processes)
     if method == "qlora" and backend == "hf":
@@ -238,6 +243,7 @@ def run_train(cfg: TrainConfig, model: ModelConfig, plan_path: Path, tokenize_di
             if dist.is_main_process:
                 trainer.state.save_to_json(str(_mkdir(out_dir / "stages" / stage) / "trainer_state.json"))
             per_stage.append(result["metrics"])
+            compare_speed(plan.get("train") or {}, result["metrics"])
             steps += [{**s, "global_step": offset + s["step"]} for s in result["steps"]]
             offset += result["metrics"]["steps"]
     except BaseException:
@@ -274,6 +280,23 @@ def run_train(cfg: TrainConfig, model: ModelConfig, plan_path: Path, tokenize_di
         sink.finish()
     dist.wait_for_everyone()
     return summary
+
+
+SLOWER_THAN_PLANNED = 0.8
+
+
+def compare_speed(planned: dict, metrics: dict) -> None:
+    """Log the route plan's expected tokens/s beside the measured; a warning when measured is well below it."""
+    expected, got = planned.get("tokens_per_second"), metrics.get("tokens_per_second")
+    if not expected or not got:
+        return
+    gc = "on" if planned.get("gradient_checkpointing") else "off"
+    text = (f"{metrics['stage']}: {got:,.0f} tokens/s per process, the route plan expected {expected:,.0f} "
+            f"(checkpointing {gc}, micro-batches of {planned.get('micro_batch_tokens')} tokens; route.gpu_tflops sets the card's rate)")
+    if got < SLOWER_THAN_PLANNED * expected:
+        log.warning("%s: slower than planned", text)
+    else:
+        log.info("%s", text)
 
 
 def _has_mlflow(tracking_uri: str) -> bool:

@@ -1,0 +1,138 @@
+"""The route's memory and speed model against what the GPU benchmark measured.
+
+Every peak in benchmarks/results/train_<card>_*.json (torch's peak allocated memory, GiB) of a tunepath variant
+is compared with the estimate for the same shape and knobs, without route.overhead_gb (the CUDA context that
+torch's counter leaves out): within 15% of each. The 7B rows of the benchmark issue (2026-12-01, one H200,
+no result file yet) are below by hand; a result file with the same shape and variant replaces them. So are two
+full fine-tuning peaks measured before the speed paths (docs/routing.md's table: transformers' own loss, no
+compile), the only full-training measurements there are.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.train_gpu import QWEN2, SHAPES, TUNEPATH_VARIANTS
+from tunepath.route import RouteConfig, parse_profile
+from tunepath.route.memory import CHUNK_BYTES, GB, Knobs, breakdown
+from tunepath.route.speed import MEASURED, REFERENCE_TOKENS, path_of
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+TOLERANCE = 0.15
+GIB = 2**30
+
+QWEN7 = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, vocab_size=152064, tie_word_embeddings=False)
+ISSUE_ROWS = [  # (shape, variant, parameters, micro-batch rows, peak GiB): the benchmark issue's 7B tables
+    ("7b", "b_compile", 7_615_616_512, 4, 56.3),
+    ("7b", "b_gc", 7_615_616_512, 4, 19.7),
+    ("7b", "bq", 7_615_616_512, 4, 67.1),
+    ("7b", "cq", 7_615_616_512, 4, 36.0),
+]
+# (name, shape, parameters, knobs, peak GB): docs/routing.md, full fine-tuning in fp32 under bf16 autocast, batch 1
+FULL_ROWS = [
+    ("qwen2.5-1.5b-full", dict(SHAPES["1.5b"], tie_word_embeddings=True), 1_543_714_304, 32.39),
+    ("tinyllama-1.1b-full", dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, vocab_size=32000,
+                                 tie_word_embeddings=False), 1_100_048_384, 22.07),
+]
+KNOWN_KEYS = {"backend", "method", "compile", "micro_batch_tokens", "gradient_checkpointing", "chunked_loss", "attention"}
+
+
+def measured_points() -> list:
+    points, seen = [], set()
+    for path in sorted(RESULTS.glob("train_*.json")):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        for shape, runs in data.get("runs", {}).items():
+            for variant, run in runs.items():
+                if variant not in TUNEPATH_VARIANTS or "peak_gib" not in run or "error" in run:
+                    continue  # the hand-written baseline and the peers are not tunepath's to estimate
+                params = data["params"][shape]
+                points.append(pytest.param(shape, variant, params, run["micro_batch"][0], run["peak_gib"],
+                                           id=f"{path.stem}-{variant}"))
+                seen.add((shape, variant))
+    for shape, variant, params, rows, peak in ISSUE_ROWS:
+        if (shape, variant) not in seen:
+            points.append(pytest.param(shape, variant, params, rows, peak, id=f"issue-{shape}-{variant}"))
+    return points
+
+
+def shape_of(name: str) -> dict:
+    if name in SHAPES:
+        return {**SHAPES[name], "tie_word_embeddings": SHAPES[name].get("tie_word_embeddings", QWEN2["tie_word_embeddings"])}
+    if name == "7b":
+        return QWEN7
+    raise AssertionError(f"shape {name!r} of a result file is not in benchmarks/train_gpu.py's SHAPES")
+
+
+def profile_of(shape: dict, params: float):
+    return parse_profile({
+        "data": {"labeled_examples": 1000, "unlabeled_tokens": 0, "preference_pairs": 0},
+        "resources": {"gpus": 1, "gpu_memory_gb": 141},
+        "model": {"params_b": params / 1e9, "hidden_size": shape["hidden_size"], "num_layers": shape["num_hidden_layers"],
+                  "intermediate_size": shape["intermediate_size"], "vocab_size": shape["vocab_size"],
+                  "tied_embeddings": shape["tie_word_embeddings"]},
+    })
+
+
+def knobs_of(variant: str, rows: int) -> Knobs:
+    spec = TUNEPATH_VARIANTS[variant]
+    unknown = set(spec) - KNOWN_KEYS
+    assert not unknown, f"variant {variant} sets {unknown}: teach tunepath/route/memory.py what they do to memory"
+    return Knobs(method=spec.get("method", "lora"), gradient_checkpointing=spec.get("gradient_checkpointing", False),
+                 rows=rows, max_length=2048, backend=spec.get("backend", "hf"), compile=spec.get("compile", False),
+                 chunked_loss=spec.get("chunked_loss", True))
+
+
+def estimate_gb(profile, k: Knobs) -> float:
+    cfg = RouteConfig()
+    parts = breakdown(profile, cfg, k)
+    return sum(parts.values()) - cfg.overhead_gb
+
+
+@pytest.mark.parametrize("shape, variant, params, rows, peak_gib", measured_points())
+def test_estimate_within_15_percent_of_each_measured_peak(shape, variant, params, rows, peak_gib):
+    peak = peak_gib * GIB / GB
+    est = estimate_gb(profile_of(shape_of(shape), params), knobs_of(variant, rows))
+    assert abs(est - peak) <= TOLERANCE * peak, f"{shape} {variant}: estimate {est:.2f} GB, measured {peak:.2f} GB"
+
+
+@pytest.mark.parametrize("name, shape, params, peak", FULL_ROWS, ids=[r[0] for r in FULL_ROWS])
+def test_full_fine_tuning_within_15_percent(name, shape, params, peak):
+    k = Knobs(method="full", gradient_checkpointing=False, rows=1, max_length=2048, compile=False, chunked_loss=False)
+    est = estimate_gb(profile_of(shape, params), k)
+    assert abs(est - peak) <= TOLERANCE * peak, f"{name}: estimate {est:.2f} GB, measured {peak:.2f} GB"
+
+
+def test_the_files_cover_several_shapes_and_paths():
+    points = measured_points()
+    assert len({p.values[0] for p in points}) >= 3 and len({p.values[1] for p in points}) >= 6
+
+
+def test_speed_table_matches_the_result_files():
+    """route/speed.py's MEASURED holds the tokens/s of the files (within run-to-run noise, 5%)."""
+    checked = 0
+    for path in sorted(RESULTS.glob("train_*.json")):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        rate = data.get("matmul", {}).get("tflops")
+        for shape, runs in data.get("runs", {}).items():
+            for variant, run in runs.items():
+                if variant not in TUNEPATH_VARIANTS or run.get("device") != "cuda" or rate is None:
+                    continue
+                k = knobs_of(variant, run["micro_batch"][0])
+                if not k.chunked_loss or k.method == "full":
+                    continue  # b_plain (packing only) is not a train-stage path; full training has no speed entry yet
+                name, _ = path_of(k)
+                table = [n for p, t, n, _r in MEASURED[name] if p == data["params"][shape] and t == k.tokens]
+                assert table, f"{path.name} {shape} {variant}: no {name} entry at {k.tokens} tokens in route/speed.py"
+                assert table[0] == pytest.approx(run["real_tokens_per_s"], rel=0.05)
+                checked += 1
+    assert checked >= 8
+    assert all(any(t == REFERENCE_TOKENS for _p, t, _n, _r in rows) for rows in MEASURED.values())
+
+
+def test_the_loss_chunk_is_the_train_stage_s():
+    from tunepath.train.loss import CHUNK_BYTES as TRAIN_CHUNK
+
+    assert CHUNK_BYTES == TRAIN_CHUNK

@@ -1,0 +1,121 @@
+"""Expected tokens/s and hours for one way of training, from the GPU benchmark's measured speeds.
+
+The benchmark (benchmarks/train_gpu.py, one H200) measured real tokens/s per training path and model size.
+Each measurement becomes a utilisation, u = tokens/s · 4·P / R, with R the card's dense bf16 matmul rate
+measured in the same run; on the user's card
+
+    tokens/s = u(path, P, T) · route.gpu_tflops · 1e12 / (k·P)
+
+with k = 4 FLOPs per parameter and token for LoRA and QLoRA (forward, and backward to the activations), 6 for
+full training, +2 for DPO and KTO (the reference model's forward). u is interpolated in log P between the
+measured sizes and held at the ends; T, the tokens per micro-batch, scales it by (T / 8,192)^γ, γ from the
+compiled path measured at 8,192 and 16,384 tokens. A path measured without checkpointing uses the compiled
+path's checkpointing slowdown at that size. Full fine-tuning has no measurement with the speed paths yet: it
+uses the LoRA path's utilisation (over its 6 FLOPs). tests/test_route_calibration.py keeps MEASURED equal to
+the result files.
+
+Hours = epochs · tokens / (n · tokens/s) / 3600, n GPUs (data parallel, linear).
+"""
+
+from __future__ import annotations
+
+import math
+
+from tunepath.route.config import RouteConfig
+from tunepath.route.memory import Knobs
+from tunepath.route.profile import Profile
+
+# path -> [(parameters, tokens per micro-batch, real tokens/s, matmul TFLOP/s of the card in that run)]
+# benchmarks/results/train_NVIDIA-H200_2026-11-28_*.json; the 7B rows are from the benchmark issue's tables
+# (2026-12-01, same H200, no result file yet), at the matmul rate of the other runs.
+H200_RATE = 790.0
+MEASURED: dict[str, list[tuple[float, int, float, float]]] = {
+    "compiled": [(494_032_768, 8192, 45189.4, 804.8), (494_032_768, 16384, 83764.9, 804.8),
+                 (1_543_714_304, 8192, 41146.2, 786.2), (1_543_714_304, 16384, 51251.5, 786.2),
+                 (7_615_616_512, 8192, 16400.0, H200_RATE)],
+    "eager": [(494_032_768, 8192, 33453.5, 804.8), (1_543_714_304, 8192, 27430.4, 786.2)],
+    "compiled+checkpointing": [(1_543_714_304, 8192, 30735.5, 783.9), (7_615_616_512, 8192, 11400.0, H200_RATE)],
+    "hf-qlora": [(1_543_714_304, 8192, 25553.2, 791.2), (7_615_616_512, 8192, 15300.0, H200_RATE)],
+    "unsloth": [(494_032_768, 8192, 16178.0, 804.8), (1_543_714_304, 8192, 11681.7, 786.2)],
+    "unsloth-qlora": [(1_543_714_304, 8192, 7339.2, 791.2), (7_615_616_512, 8192, 10500.0, H200_RATE)],
+}
+REFERENCE_TOKENS = 8192
+
+
+def path_of(k: Knobs) -> tuple[str, bool]:
+    """The measured path that stands for these knobs, and whether its checkpointing was measured on it."""
+    if k.backend == "unsloth":
+        return ("unsloth-qlora" if k.method == "qlora" else "unsloth"), False
+    if k.method == "qlora":
+        return "hf-qlora", False
+    if not k.compile:
+        return "eager", False
+    return ("compiled+checkpointing", True) if k.gradient_checkpointing else ("compiled", False)
+
+
+def utilisation(path: str, params: float, tokens: int = REFERENCE_TOKENS) -> float:
+    """u at REFERENCE_TOKENS, interpolated in log P, then scaled to `tokens` per micro-batch."""
+    points = sorted((p, n * 4 * p / (rate * 1e12)) for p, t, n, rate in MEASURED[path] if t == REFERENCE_TOKENS)
+    return _interpolate(points, params) * (tokens / REFERENCE_TOKENS) ** tokens_exponent(params)
+
+
+def tokens_exponent(params: float) -> float:
+    """γ: how utilisation grows with the micro-batch, from the compiled path's two micro-batch sizes."""
+    by_size: dict[float, dict[int, float]] = {}
+    for p, t, n, _rate in MEASURED["compiled"]:
+        by_size.setdefault(p, {})[t] = n
+    points = sorted((p, math.log2(ts[16384] / ts[8192])) for p, ts in by_size.items() if {8192, 16384} <= set(ts))
+    return max(0.0, _interpolate(points, params))
+
+
+def checkpointing_factor(params: float) -> float:
+    """Speed with checkpointing over speed without it, on the compiled path at this size."""
+    return utilisation("compiled+checkpointing", params) / utilisation("compiled", params)
+
+
+def _interpolate(points: list[tuple[float, float]], x: float) -> float:
+    if x <= points[0][0]:
+        return points[0][1]
+    if x >= points[-1][0]:
+        return points[-1][1]
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            w = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return y0 + w * (y1 - y0)
+    return points[-1][1]
+
+
+def flops_per_token(method: str, stage: str) -> float:
+    """Training FLOPs per parameter and token: 6 full, 4 with frozen base weights; +2 for DPO/KTO's reference."""
+    return (6.0 if method == "full" else 4.0) + (2.0 if stage in ("dpo", "kto") else 0.0)
+
+
+def tokens_per_second(profile: Profile, cfg: RouteConfig, k: Knobs, stage: str = "sft") -> float:
+    """Expected real tokens/s of one GPU."""
+    p = profile.model.params_b * 1e9
+    path, measured_gc = path_of(k)
+    u = utilisation(path, p, k.tokens)
+    if k.gradient_checkpointing and not measured_gc:
+        u *= checkpointing_factor(p)
+    return u * cfg.gpu_tflops * 1e12 / (flops_per_token(k.method, stage) * p)
+
+
+def measured(k: Knobs) -> bool:
+    """Whether the benchmark measured this path at this micro-batch (else the speed is derived, see the module doc)."""
+    path, measured_gc = path_of(k)
+    at_size = any(t == k.tokens for _p, t, _n, _r in MEASURED[path])
+    return k.method != "full" and at_size and (measured_gc or not k.gradient_checkpointing)
+
+
+def estimate_hours(profile: Profile, cfg: RouteConfig, stages: list[str], k: Knobs, tokens: dict[str, float] | None = None) -> float | None:
+    """Wall-clock hours for `stages`, each over its training tokens (× route.epochs) or over `tokens[stage]`; None on CPU."""
+    from tunepath.route.memory import training_tokens
+
+    gpus = profile.resources.gpus
+    if gpus == 0:
+        return None
+    seconds = 0.0
+    for stage in stages:
+        n = tokens[stage] if tokens is not None else training_tokens(profile, cfg, stage) * cfg.epochs
+        seconds += n / (gpus * tokens_per_second(profile, cfg, k, stage))
+    return seconds / 3600
