@@ -236,7 +236,7 @@ def run_variant(args) -> dict:
         spec = TUNEPATH_VARIANTS[args.variant]
         backend, method = spec.get("backend", "hf"), spec.get("method", "lora")
         cfg = TrainConfig(backend=backend, max_steps=steps, learning_rate=2e-4, lora_r=LORA_R, lora_alpha=LORA_ALPHA,
-                          **{k: v for k, v in spec.items() if k not in ("backend", "method")})
+                          **{k: v for k, v in spec.items() if k not in ("backend", "method")}).resolved()  # `auto` knobs: defaults
         # the train stage's own loader, batching and speed paths, exactly as `run_train` calls them
         model = stage.build_model(model_dir, cfg, method, precision, backend, args.max_length)
         collator = stage.pick_collator(backend, pad_id)
