@@ -26,18 +26,19 @@ from tunepath.route.memory import Knobs
 from tunepath.route.profile import Profile
 
 # path -> [(parameters, tokens per micro-batch, real tokens/s, matmul TFLOP/s of the card in that run)]
-# benchmarks/results/train_NVIDIA-H200_2026-11-28_*.json; the 7B rows are from the benchmark issue's tables
-# (2026-12-01, same H200, no result file yet), at the matmul rate of the other runs.
+# benchmarks/results/train_*.json: the mean of every run of a path at a shape (runs on different days differ by up
+# to 20%: 1.5B checkpointing 30,736 on 2026-11-28, 24,572 on 2026-12-01). The 7B compiled and hf-QLoRA rows are from
+# the benchmark issue's tables (2026-12-01, same H200, no result file), at the matmul rate of the other runs.
 H200_RATE = 790.0
 MEASURED: dict[str, list[tuple[float, int, float, float]]] = {
     "compiled": [(494_032_768, 8192, 45189.4, 804.8), (494_032_768, 16384, 83764.9, 804.8),
-                 (1_543_714_304, 8192, 41146.2, 786.2), (1_543_714_304, 16384, 51251.5, 786.2),
+                 (1_543_714_304, 8192, 42662.3, 788.9), (1_543_714_304, 16384, 51251.5, 786.2),
                  (7_615_616_512, 8192, 16400.0, H200_RATE)],
     "eager": [(494_032_768, 8192, 33453.5, 804.8), (1_543_714_304, 8192, 27430.4, 786.2)],
-    "compiled+checkpointing": [(1_543_714_304, 8192, 30735.5, 783.9), (7_615_616_512, 8192, 11400.0, H200_RATE)],
+    "compiled+checkpointing": [(1_543_714_304, 8192, 27653.6, 790.2), (7_615_616_512, 8192, 11674.8, 796.3)],
     "hf-qlora": [(1_543_714_304, 8192, 25553.2, 791.2), (7_615_616_512, 8192, 15300.0, H200_RATE)],
     "unsloth": [(494_032_768, 8192, 16178.0, 804.8), (1_543_714_304, 8192, 11681.7, 786.2)],
-    "unsloth-qlora": [(1_543_714_304, 8192, 7339.2, 791.2), (7_615_616_512, 8192, 10500.0, H200_RATE)],
+    "unsloth-qlora": [(1_543_714_304, 8192, 7339.2, 791.2), (7_615_616_512, 8192, 8960.2, 796.3)],
 }
 REFERENCE_TOKENS = 8192
 
