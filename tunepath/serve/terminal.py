@@ -106,18 +106,19 @@ class Conversation:
     def ask(self, question: str, out: TextIO, stop: threading.Event | None = None, ids: list[int] | None = None) -> str:
         """Print the answer to `question` to `out` while it is generated; the finished turn joins the history."""
         ids = self.prompt_ids(question) if ids is None else ids
-        pieces = []
+        pieces, pending = [], ""
         for piece in self.chat.stream(ids, self.request, stop):
-            if not pieces:
-                piece = piece.lstrip()  # as `complete` strips the answer
-                if not piece:
-                    continue
-            pieces.append(piece)
-            out.write(piece)
-            out.flush()
+            # whitespace around the answer is held back, as `complete` strips it; inside it, it is printed
+            text = pending + piece if pieces else (pending + piece).lstrip()
+            shown = text.rstrip()
+            pending = text[len(shown):]
+            if shown:
+                pieces.append(shown)
+                out.write(shown)
+                out.flush()
         out.write("\n")
         out.flush()
-        answer = "".join(pieces).strip()
+        answer = "".join(pieces)
         if not (stop and stop.is_set()):  # a cut-off answer is not what the model would say next time
             self.messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
         return answer
