@@ -37,7 +37,8 @@ def finetune(recipe: str = "", config: Config = Config(), project_dir: str = "."
     logger = get_run_logger()
     root = Path(project_dir).resolve()
     if recipe.strip():
-        config = with_recipe(recipe.strip(), config, root)
+        config, edits = with_recipe(recipe.strip(), config, root)
+        logger.info("recipe %s, then the form's changes: %s", recipe.strip(), ", ".join(edits) or "none")
     changed = write_params(root / "params.yaml", config)
     if changed:
         logger.info("params.yaml updated with this run's values: %s", ", ".join(changed))
@@ -51,19 +52,18 @@ def finetune(recipe: str = "", config: Config = Config(), project_dir: str = "."
     return {"ran": [r["stage"] for r in results if not r["skipped"]], "skipped": skipped}
 
 
-def with_recipe(recipe: str, config: Config, root: Path) -> Config:
+def with_recipe(recipe: str, config: Config, root: Path) -> tuple[Config, list[str]]:
     """The recipe over the defaults, then the form's edits: the values of `config` that differ from the form's
-    defaults (the deployment's parameters, params.yaml when `tunepath up` registered it; Config's outside one)."""
+    defaults (the deployment's parameters, params.yaml's values when `tunepath up` registered it; outside a
+    deployment Config's defaults). Returns the config and the edited keys."""
     from prefect.runtime import deployment
 
     from tunepath.params import changed_values, find_recipe, leaf_keys, load_recipe
 
     path = find_recipe(recipe, root)
-    form_defaults = (deployment.parameters or {}).get("config") or Config().model_dump(mode="json")
-    edits = changed_values(config.model_dump(mode="json"), Config.model_validate(form_defaults).model_dump(mode="json"))
-    get_run_logger().info("recipe %s, then the form's changes: %s", path.relative_to(root) if path.is_relative_to(root) else path,
-                          ", ".join(leaf_keys(edits)) or "none")
-    return load_recipe(path, edits=edits)
+    form_defaults = Config.model_validate((deployment.parameters or {}).get("config") or {}).model_dump(mode="json")
+    edits = changed_values(config.model_dump(mode="json"), form_defaults)
+    return load_recipe(path, edits=edits), leaf_keys(edits)
 
 
 if __name__ == "__main__":
