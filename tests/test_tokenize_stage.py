@@ -178,12 +178,15 @@ def test_many_cut_samples_are_one_warning_line_and_a_count_in_the_report(chatml_
                                validate, tmp_path / "out")
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "cut at" in r.getMessage()]
     assert warnings == ["tokenize: 3 of 5 training samples (60%) were cut at tokenize.max_length=32: their ends, often the "
-                        "answers, are not learnt. Raise tokenize.max_length (the length table in artifacts/validate/report.md "
+                        "answers, are not learnt. Raise tokenize.max_length (the length table in artifacts/tokenize/report.md "
                         "shows what fits) or set tokenize.overlong=drop"]
     assert summary["truncated_samples"] == 3
     report = (tmp_path / "out" / "report.md").read_text()
     assert "- Cut at max_length (train, CPT aside): **3 of 5** samples (60%)" in report
     assert "> **Warning:** 3 of 5 training samples (60%) were cut" in report
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())["sft"]["train"]
+    assert stats["length_p50"] > 32 and stats["longest"] >= stats["length_p99"] >= stats["length_p95"] >= stats["length_p50"]
+    assert f"| sft/train | {stats['length_p50']} | {stats['length_p95']} | {stats['length_p99']} | {stats['longest']} | 3 of 5 |" in report
 
 
 def test_a_few_cut_samples_are_counted_without_a_warning(stage, caplog):

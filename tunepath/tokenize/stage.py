@@ -283,8 +283,11 @@ def _status_stats(table) -> tuple[dict, object]:
     status = table["status"].to_numpy()
     kept = np.flatnonzero(status <= TRUNCATED)
     counts = {name: int((status == code).sum()) for code, name in STATUS_NAMES.items()}
-    longest = int(table["length"].to_numpy().max()) if len(status) else 0
-    stats = {"samples_in": len(status), "samples_out": len(kept), "longest": longest, **counts}
+    lengths = table["length"].to_numpy()
+    longest = int(lengths.max()) if len(status) else 0
+    rendered = lengths[lengths > 0]  # before the cut: what max_length would have to hold
+    quantiles = {f"length_p{q}": int(np.percentile(rendered, q)) if len(rendered) else 0 for q in (50, 95, 99)}
+    stats = {"samples_in": len(status), "samples_out": len(kept), "longest": longest, **quantiles, **counts}
     if "record" in table.column_names:
         records = table["record"].to_numpy()
         stats["records_in"] = int(len(np.unique(records)))
