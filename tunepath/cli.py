@@ -220,6 +220,8 @@ def cmd_chat(args) -> int:
     if args.once is not None and args.message is not None:
         raise ValueError("tunepath chat: give the question either as an argument or with --once, not both")
     uri = tracking_uri(args.project) if args.model.startswith("models:/") else None
+    if question is None and sys.stdin.isatty():
+        print(f"loading {args.model} ...", file=sys.stderr, flush=True)  # torch and the weights take seconds
     conversation = Conversation(load_chat(resolve_model(args.model, uri)), args.system, args.max_tokens, args.temperature)
     if question is None:
         return converse(conversation, sys.stdin, sys.stdout, sys.stderr, args.show_prompt_ids)
