@@ -142,3 +142,11 @@ def test_a_folder_that_is_not_a_model_is_named(tmp_path, capsys):
 
     assert main(["--project", str(tmp_path), "chat", "--once", "Hi", "--model", str(tmp_path)]) == 2
     assert f"--model {tmp_path}: not a model folder (no config.json)" in capsys.readouterr().err
+
+
+def test_chat_help_imports_no_heavy_library():
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "tunepath.cli", "chat", "--help"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0 and "--once" in out.stdout and "/reset" in out.stdout
+    heavy = [m for m in ("torch", "transformers", "prefect", "mlflow", "sklearn") if f"| {m}\n" in out.stderr]
+    assert heavy == [], f"chat --help imported {heavy}"
