@@ -1,4 +1,8 @@
-"""Prefect tasks: each stage's core function, skipped when DVC says it is up to date, recorded after it runs."""
+"""Prefect tasks: each stage's core function, skipped when DVC says it is up to date, recorded after it runs.
+
+A skipped stage ends in a `Cached` state (type COMPLETED) whose message says why, so the run's page tells the
+stages that ran from those DVC found up to date; the flow reads the task's record with `.result()`.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
+from prefect.states import Completed
 
 from tunepath.ledger import Ledger
 from tunepath.stages import Workspace, run_stage
@@ -17,7 +22,7 @@ REPORTS = {"validate": "report.md", "tokenize": "report.md", "route": "plan.md",
 
 # DVC is the cache: Prefect's own result cache stays off so there is one source of truth about staleness.
 @task(name="stage", task_run_name="{name}", cache_policy=NO_CACHE)
-def run_stage_task(name: str, config, workspace: Workspace) -> dict:
+def run_stage_task(name: str, config, workspace: Workspace):
     logger = get_run_logger()
     ledger = Ledger(workspace.root)
     changes = ledger.changes(name)
@@ -30,7 +35,9 @@ def run_stage_task(name: str, config, workspace: Workspace) -> dict:
     if not changes:
         logger.info("%s: up to date in dvc.lock, skipped", name)
         republish(name, workspace)  # the run's page shows this stage's report as if it had run
-        return {"stage": name, "skipped": True}
+        # Prefect 3.9 has no `Cached()` helper; its own cache hits are COMPLETED states named "Cached" like this one
+        return Completed(name="Cached", message=f"{name}: up to date in dvc.lock (inputs, params and outputs unchanged)",
+                         data={"stage": name, "skipped": True})
     logger.info("%s: running (%s)", name, describe_changes(changes.get(name, [])))
     if name == "train":
         # one training per GPU slot across every worker of the server (`tunepath up` creates `gpu`, one per card);

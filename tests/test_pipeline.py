@@ -21,8 +21,8 @@ def finished(tmp_path_factory, demo_assets):
 
     root = make_project(tmp_path_factory.mktemp("e2e") / "project", demo_assets)
     cfg = load_config(root / "params.yaml", FAST_OVERRIDES)
-    result = finetune(config=cfg, project_dir=str(root), tracking_uri=default_tracking_uri(root))
-    return root, cfg, result
+    state = finetune(config=cfg, project_dir=str(root), tracking_uri=default_tracking_uri(root), return_state=True)
+    return root, cfg, {**state.result(), "flow_run_id": state.state_details.flow_run_id}
 
 
 def test_every_stage_runs_and_writes_its_folder(finished):
@@ -72,15 +72,31 @@ def test_registered_candidate_loads_from_mlflow_and_generates(finished):
 def test_second_run_skips_every_stage(finished):
     from flows.finetune import finetune
 
-    root, cfg, _ = finished
+    root, cfg, first = finished
     keys = [f"tunepath-{stage}" for stage in STAGES if stage != "merge"] + ["tunepath-evaluate-samples"]
     before = artifact_counts(keys)
-    result = finetune(config=cfg, project_dir=str(root))
+    state = finetune(config=cfg, project_dir=str(root), return_state=True)
+    result = state.result()
     assert result["ran"] == []
     assert result["skipped"] == list(STAGES)
+    # in the Prefect UI the first run's stages are Completed, the second's Cached with the reason
+    assert {name: s.name for name, s in task_states(first["flow_run_id"]).items()} == {stage: "Completed" for stage in STAGES}
+    second = task_states(state.state_details.flow_run_id)
+    assert {name: (s.type.value, s.name) for name, s in second.items()} == {stage: ("COMPLETED", "Cached") for stage in STAGES}
+    assert all(s.message == f"{name}: up to date in dvc.lock (inputs, params and outputs unchanged)" for name, s in second.items())
     # the skipped stages still show their reports on the new run's page
     after = artifact_counts(keys)
     assert {k: after[k] - before[k] for k in keys} == {k: 1 for k in keys}
+
+
+def task_states(flow_run_id) -> dict:
+    """Each task run's final state in one flow run, by task run name (the stage)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name: run.state for run in runs}
 
 
 def artifact_counts(keys: list[str]) -> dict[str, int]:

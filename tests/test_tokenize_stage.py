@@ -169,6 +169,33 @@ def test_length_policy(chatml_model, tmp_path, overlong):
     assert all(len(r) <= 32 for r in _load(tmp_path / "out" / "sft" / "train")["input_ids"])
 
 
+def test_many_cut_samples_are_one_warning_line_and_a_count_in_the_report(chatml_model, tmp_path, caplog):
+    long_answer = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hello world " * 40}]
+    rows = [long_answer] * 3 + [CONVERSATIONS[0]] * 2
+    validate = write_records(tmp_path / "v", [{"kind": "conversation", "split": "train", "messages": m} for m in rows])
+    with caplog.at_level("WARNING", logger="tunepath"):
+        summary = run_tokenize(TokenizeConfig(max_length=32, cache_dir=str(tmp_path / "cache")), ModelConfig(base=str(chatml_model)),
+                               validate, tmp_path / "out")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "cut at" in r.getMessage()]
+    assert warnings == ["tokenize: 3 of 5 training samples (60%) were cut at tokenize.max_length=32: their ends, often the "
+                        "answers, are not learnt. Raise tokenize.max_length (the length table in artifacts/tokenize/report.md "
+                        "shows what fits) or set tokenize.overlong=drop"]
+    assert summary["truncated_samples"] == 3
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "- Cut at max_length (train, CPT aside): **3 of 5** samples (60%)" in report
+    assert "> **Warning:** 3 of 5 training samples (60%) were cut" in report
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())["sft"]["train"]
+    assert stats["length_p50"] > 32 and stats["longest"] >= stats["length_p99"] >= stats["length_p95"] >= stats["length_p50"]
+    assert f"| sft/train | {stats['length_p50']} | {stats['length_p95']} | {stats['length_p99']} | {stats['longest']} | 3 of 5 |" in report
+
+
+def test_a_few_cut_samples_are_counted_without_a_warning(stage, caplog):
+    report = (stage["out"] / "report.md").read_text()
+    cut, total = stage["summary"]["truncated_samples"], json.loads((stage["out"] / "stats.json").read_text())["sft"]["train"]["samples_in"]
+    assert f"**{cut} of " in report and "**Warning:**" not in report
+    assert cut <= 0.1 * total
+
+
 def test_a_split_with_every_sample_dropped_writes_nothing(chatml_model, tmp_path):
     no_answer = [{"role": "user", "content": "Hello"}]
     validate = write_records(tmp_path / "v", [{"kind": "conversation", "split": "train", "messages": no_answer}] * 3)

@@ -5,7 +5,7 @@
     tunepath promote [--force | --rollback]   # candidate -> champion when better; or roll back
     tunepath stage NAME                # one stage, as `dvc repro` runs it
     tunepath up | down | status        # local Prefect + MLflow servers, a worker and the deployments
-    tunepath chat "Where is my order?" [--model models:/tunepath-demo@champion | FOLDER]   # one answer, prompted as in training
+    tunepath chat [--model models:/tunepath-demo@champion | FOLDER] [--system TEXT]   # multi-turn, streamed; --once "Q" for one answer
     tunepath params > params.yaml      # every knob with its default and a comment
     tunepath route --profile examples/profiles/sft_task.yaml [--json]   # explain a route for a profile
 
@@ -213,27 +213,22 @@ def _model_folder(source: str, project: Path) -> Path:
 
 
 def cmd_chat(args) -> int:
-    """One answer from a registered model (through its MLflow pyfunc) or a model folder, prompted as in training."""
-    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.message}]
-    request = {"messages": messages, "max_tokens": args.max_tokens}
-    if args.show_prompt_ids:
-        request["custom_inputs"] = {"return_prompt_ids": True}
-    if Path(args.model).is_dir():
-        from tunepath.serve.chat import ChatModel
+    """A conversation with a model folder or a registered model, prompted as in training; one answer with --once."""
+    from tunepath.serve.terminal import Conversation, converse, load_chat, resolve_model
 
-        answer = ChatModel(Path(args.model)).complete(request)
-    else:
-        import mlflow
-        from mlflow.exceptions import MlflowException
-
-        mlflow.set_tracking_uri(tracking_uri(args.project))
-        try:
-            answer = mlflow.pyfunc.load_model(args.model).predict(request)[0]
-        except MlflowException as e:
-            raise ValueError(f"--model {args.model}: {e.message}") from e
-    print(answer["choices"][0]["message"]["content"])
+    question = args.once if args.once is not None else args.message
+    if args.once is not None and args.message is not None:
+        raise ValueError("tunepath chat: give the question either as an argument or with --once, not both")
+    uri = tracking_uri(args.project) if args.model.startswith("models:/") else None
+    if question is None and sys.stdin.isatty():
+        print(f"loading {args.model} ...", file=sys.stderr, flush=True)  # torch and the weights take seconds
+    conversation = Conversation(load_chat(resolve_model(args.model, uri)), args.system, args.max_tokens, args.temperature)
+    if question is None:
+        return converse(conversation, sys.stdin, sys.stdout, sys.stderr, args.show_prompt_ids)
+    ids = conversation.prompt_ids(question)
     if args.show_prompt_ids:
-        print(f"prompt ids: {answer['custom_outputs']['prompt_ids']}", file=sys.stderr)
+        print(f"prompt ids: {ids}", file=sys.stderr)
+    conversation.ask(question, sys.stdout, ids=ids)
     return 0
 
 
@@ -281,12 +276,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, default=Path("artifacts/export"), help="output folder (default artifacts/export)")
     export.add_argument("--no-check", action="store_true", help="skip reading the GGUF back and comparing logits")
     export.set_defaults(func=cmd_export)
-    chat = sub.add_parser("chat", help="ask a registered model (or a model folder) one question, prompted as in training")
-    chat.add_argument("message", help="the user message")
-    chat.add_argument("--model", default="models:/tunepath-demo@champion", help="model URI or model folder (default models:/tunepath-demo@champion)")
-    chat.add_argument("--system", default=None, help="a system message before it")
+    chat = sub.add_parser("chat", help="talk to a tuned model in the terminal (multi-turn, streamed), prompted as in training",
+                          description="Multi-turn chat on stdin/stdout: /reset forgets the conversation, /exit or Ctrl-D ends it. "
+                          "With a question (argument or --once) it prints one answer and exits.")
+    chat.add_argument("message", nargs="?", default=None, help="one question: print its answer and exit (as --once)")
+    chat.add_argument("--once", metavar="QUESTION", default=None, help="one question: print its answer and exit (for scripts)")
+    chat.add_argument("--model", default="models:/tunepath-demo@champion",
+                      help="model folder (e.g. artifacts/merge/model) or registry reference (default models:/tunepath-demo@champion)")
+    chat.add_argument("--system", default=None, help="a system message that starts the conversation (kept by /reset)")
     chat.add_argument("--max-tokens", type=int, default=128, help="longest answer in tokens (default 128)")
-    chat.add_argument("--show-prompt-ids", action="store_true", help="also print the prompt's token ids (stderr)")
+    chat.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 answers greedily (default 0)")
+    chat.add_argument("--show-prompt-ids", action="store_true", help="also print each prompt's token ids (stderr)")
     chat.set_defaults(func=cmd_chat)
     params = sub.add_parser("params", help="print params.yaml with every default and what it does")
     params.set_defaults(func=cmd_params)

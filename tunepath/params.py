@@ -129,8 +129,9 @@ def _read_mapping(path: Path, expected: str) -> dict:
     return raw
 
 
-def load_recipe(path: Path, overrides: list[str] | None = None):
-    """A recipe: a partial config (any sections and keys of params.yaml) over the defaults, then the overrides.
+def load_recipe(path: Path, overrides: list[str] | None = None, edits: dict | None = None):
+    """A recipe: a partial config (any sections and keys of params.yaml) over the defaults, then `edits` (a partial
+    config, what a person changed in the Prefect form), then the overrides.
 
     The recipe alone says what the run is: params.yaml's earlier values do not leak into it (the run writes the
     effective values back to params.yaml, which is what `dvc repro` reads).
@@ -140,8 +141,37 @@ def load_recipe(path: Path, overrides: list[str] | None = None):
     if not path.exists():
         raise ConfigError(f"--config {path}: not found (recipes ship in examples/recipes/)")
     recipe = _read_mapping(path, "a recipe is a mapping of sections (data, model, train, ...)")
-    merged = _deep_merge(Config().model_dump(mode="json"), recipe)
+    merged = _deep_merge(_deep_merge(Config().model_dump(mode="json"), recipe), edits or {})
     return build_config(apply_overrides(merged, overrides or []), str(path))
+
+
+def find_recipe(name: str, root: Path) -> Path:
+    """A recipe by path (relative to the project) or by name (`lora_sft` is examples/recipes/lora_sft.yaml)."""
+    path = root / name
+    if not path.exists() and "/" not in name and not name.endswith((".yaml", ".yml")):
+        path = root / "examples" / "recipes" / f"{name}.yaml"
+    if not path.is_file():
+        shipped = sorted(p.stem for p in (root / "examples" / "recipes").glob("*.yaml"))
+        raise ConfigError(f"recipe {name!r}: no such file in {root}; the recipes in examples/recipes/ are: {', '.join(shipped) or 'none'}")
+    return path
+
+
+def changed_values(values: dict, baseline: dict) -> dict:
+    """The leaves of `values` that differ from `baseline`, as a partial config (nested like params.yaml)."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(baseline.get(key), dict):
+            inner = changed_values(value, baseline[key])
+            if inner:
+                out[key] = inner
+        elif key not in baseline or baseline[key] != value:
+            out[key] = value
+    return out
+
+
+def leaf_keys(values: dict, prefix: str = "") -> list[str]:
+    """`section.key` paths of a partial config."""
+    return [k for key, v in values.items() for k in (leaf_keys(v, f"{prefix}{key}.") if isinstance(v, dict) and v else [f"{prefix}{key}"])]
 
 
 def _deep_merge(base: dict, top: dict) -> dict:

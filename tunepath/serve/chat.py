@@ -7,7 +7,8 @@ OpenAI-style chat requests, its prompts encoded by `PromptEncoder`.
 
 The answer is a chat completion (`choices[0].message.content`, `finish_reason`, `usage`); a request with
 `custom_inputs: {"return_prompt_ids": true}` also gets the prompt's ids in `custom_outputs`, so a client can see
-exactly which control tokens reached the model.
+exactly which control tokens reached the model. `stream` yields the same answer's text while it is generated
+(what `tunepath chat` prints).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import datetime as dt
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from tunepath.serve.prompt import PromptEncoder, PromptError
@@ -69,7 +71,29 @@ class ChatModel:
             answer["custom_outputs"] = {"prompt_ids": ids}
         return answer
 
-    def generate(self, ids: list[int], request: dict) -> tuple[list[int], str]:
+    def stream(self, ids: list[int], request: dict, stop=None) -> Iterator[str]:
+        """The answer to prompt `ids` as text pieces while it is generated (greedy unless `temperature`); setting
+        the `threading.Event` `stop` ends it after the next token."""
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self.generate(ids, request, streamer=streamer, stop=stop)
+            except BaseException as e:  # noqa: BLE001  (re-raised in the caller's thread below)
+                failure.append(e)
+                streamer.end()  # the reader would otherwise wait for text forever
+
+        worker = threading.Thread(target=run, name="tunepath-generate", daemon=True)
+        worker.start()
+        yield from streamer
+        worker.join()
+        if failure:
+            raise failure[0]
+
+    def generate(self, ids: list[int], request: dict, streamer=None, stop=None) -> tuple[list[int], str]:
         import torch
 
         limit = int(request.get("max_tokens") or request.get("max_completion_tokens") or self.max_new_tokens)
@@ -85,7 +109,8 @@ class ChatModel:
             self.requests += 1
             out = self.model.generate(input_ids=torch.tensor([ids], device=self.device),
                                       attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=self.device),
-                                      max_new_tokens=limit, eos_token_id=self.stop_ids, pad_token_id=self.pad_id, **sampling)
+                                      max_new_tokens=limit, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
+                                      streamer=streamer, stopping_criteria=_stopped_by(stop), **sampling)
         new = out[0, len(ids):].tolist()
         end = next((k for k, t in enumerate(new) if t in self.stop_ids), None)
         return (new[: end + 1], "stop") if end is not None else (new, "length")
@@ -95,3 +120,17 @@ def _stops(value) -> list[str]:
     if not value:
         return []
     return [value] if isinstance(value, str) else [s for s in value if s]
+
+
+def _stopped_by(event):
+    """A stopping criterion that ends generation once `event` (a threading.Event) is set; none without one."""
+    if event is None:
+        return None
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Stopped(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([Stopped()])

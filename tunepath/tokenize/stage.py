@@ -23,7 +23,7 @@ from tunepath.errors import StageError
 from tunepath.tokenize.batches import STATUS_NAMES, TRUNCATED, EncodePlan, cpt_batch, encoder_for, sft_batch
 from tunepath.tokenize.masks import check_encoder
 from tunepath.tokenize.packing import best_fit_decreasing, build_rows, padding_share
-from tunepath.tokenize.report import write_report
+from tunepath.tokenize.report import cut_samples, cut_warning, write_report
 from tunepath.tokenize.render import pin_date
 from tunepath.tokenize.templates import select_template, template_hash
 
@@ -100,6 +100,7 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
         "preference_pairs": stats["dpo"]["train"]["samples_out"],
         "feedback_examples": stats["kto"]["train"]["samples_out"],
         "max_length": cfg.max_length,
+        "truncated_samples": cut_samples(stats)[0],  # training samples cut at max_length (CPT blocks aside)
         "template_hash": template_hash(template),
         "template_source": cfg.template,
         "fingerprint": fingerprint,
@@ -110,6 +111,9 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
     (out_dir / "stats.json").write_text(json.dumps({**summary, **stats}, indent=2) + "\n", encoding="utf-8")
     write_report(out_dir / "report.md", summary, stats)
     _check_drops(stats, cfg, model.base)
+    warning = cut_warning(stats, cfg.max_length)
+    if warning:
+        log.warning("tokenize: %s", warning)
     log.info(
         "tokenize: %d SFT conversations, %d CPT tokens, %d preference pairs (template %s %s, %.1f s%s)",
         summary["labeled_examples"], summary["unlabeled_tokens"], summary["preference_pairs"], cfg.template,
@@ -279,8 +283,11 @@ def _status_stats(table) -> tuple[dict, object]:
     status = table["status"].to_numpy()
     kept = np.flatnonzero(status <= TRUNCATED)
     counts = {name: int((status == code).sum()) for code, name in STATUS_NAMES.items()}
-    longest = int(table["length"].to_numpy().max()) if len(status) else 0
-    stats = {"samples_in": len(status), "samples_out": len(kept), "longest": longest, **counts}
+    lengths = table["length"].to_numpy()
+    longest = int(lengths.max()) if len(status) else 0
+    rendered = lengths[lengths > 0]  # before the cut: what max_length would have to hold
+    quantiles = {f"length_p{q}": int(np.percentile(rendered, q)) if len(rendered) else 0 for q in (50, 95, 99)}
+    stats = {"samples_in": len(status), "samples_out": len(kept), "longest": longest, **quantiles, **counts}
     if "record" in table.column_names:
         records = table["record"].to_numpy()
         stats["records_in"] = int(len(np.unique(records)))

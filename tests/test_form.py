@@ -1,0 +1,112 @@
+"""The Prefect run form of `finetune`, read from the JSON schema Prefect generates for the flow's parameters (what
+its UI draws): the fields a person changes first come first, the demo's last, and nothing a user may set is a
+`const` (drawn as "is a const and cannot be changed"). The recipe parameter merges like `tunepath run --config`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def schema() -> dict:
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.finetune import finetune
+
+    return parameter_schema(finetune).model_dump_for_openapi()
+
+
+def form_fields(schema: dict) -> list[str]:
+    """Every leaf field of the `config` parameter as the form lists them: each object's fields by `position`."""
+    defs = schema["definitions"]
+
+    def walk(props: dict, prefix: str) -> list[str]:
+        out = []
+        for name, prop in sorted(props.items(), key=lambda kv: kv[1]["position"]):
+            ref = prop.get("$ref") or next((b["$ref"] for b in prop.get("allOf", []) if "$ref" in b), None)
+            target = defs[ref.rsplit("/", 1)[1]] if ref else prop
+            out += walk(target["properties"], f"{prefix}{name}.") if "properties" in target else [f"{prefix}{name}"]
+        return out
+
+    return walk(defs["Config"]["properties"], "")
+
+
+def test_the_recipe_comes_first_then_the_config(schema):
+    positions = {name: prop["position"] for name, prop in schema["properties"].items()}
+    assert sorted(positions, key=positions.get)[:2] == ["recipe", "config"]
+    assert schema["properties"]["recipe"]["type"] == "string"  # a plain text box, no None toggle
+    assert "examples/recipes/" in schema["properties"]["recipe"]["description"]
+
+
+def test_the_fields_a_person_changes_first_lead_the_form(schema):
+    fields = form_fields(schema)
+    assert fields[:5] == ["data.raw_dir", "model.base", "model.chat_variant", "model.trust_remote_code", "train.max_steps"]
+    assert fields[5:8] == ["train.learning_rate", "train.lora_r", "train.batch_size"]
+    train = [f for f in fields if f.startswith("train.")]
+    assert fields.index("tokenize.max_length") == fields.index(train[-1]) + 1  # right after the train section
+    assert fields.index("route.force_method") == fields.index("tokenize.max_length") + 16  # the route section's first
+    assert all(f.startswith("demo.") for f in fields[-14:]) and not any(f.startswith("demo.") for f in fields[:-14])
+    # the same fields as params.yaml, which keeps its own order
+    from tunepath.config import Config
+
+    declared = [f"{s}.{k}" for s, field in Config.model_fields.items() for k in field.annotation.model_fields]
+    keys = list(dict.fromkeys(".".join(f.split(".")[:2]) for f in fields))  # evaluate.judge.* is one key of params.yaml
+    assert sorted(keys) == sorted(declared) and keys != declared
+
+
+def test_every_field_has_a_position_for_the_form_to_sort_by(schema):
+    # a server that stores the schema as JSONB reorders its keys: the position is what keeps the order
+    for name, definition in schema["definitions"].items():
+        positions = [p.get("position") for p in definition.get("properties", {}).values()]
+        assert None not in positions and sorted(positions) == list(range(len(positions))), name
+
+
+def test_no_field_is_a_const(schema):
+    text = json.dumps(schema)
+    assert '"const"' not in text
+    train = schema["definitions"]["TrainConfig"]["properties"]
+    assert train["compile"]["enum"] == ["auto", True, False] and "anyOf" not in train["compile"]
+    assert [b.get("type") for b in train["num_processes"]["anyOf"]] == ["integer", "string"]
+    assert train["num_processes"]["anyOf"][1] == {"enum": ["auto"], "title": "auto", "type": "string"}
+
+
+@pytest.mark.parametrize("train", [{"compile": True}, {"compile": False}, {"compile": "auto"}, {"num_processes": 2}, {"num_processes": "auto"}])
+def test_what_the_form_sends_passes_prefects_check_and_the_config(schema, train):
+    from prefect.utilities.schema_tools import validate
+
+    from tunepath.config import Config
+
+    config = Config.model_validate({"train": train}).model_dump(mode="json")
+    validate({"recipe": "", "config": config}, schema, raise_on_error=True)  # Prefect's server-side parameter check
+    assert {k: getattr(Config.model_validate(config).train, k) for k in train} == train
+
+
+def test_a_recipe_from_the_form_goes_under_the_fields_the_person_changed():
+    from flows.finetune import with_recipe
+    from tunepath.config import Config
+    from tunepath.params import load_recipe
+
+    recipe = load_recipe(REPO / "examples" / "recipes" / "lora_sft.yaml")
+    form = Config.model_validate({"train": {"max_steps": 7}, "model": {"base": "models/mine"}})
+    config, edits = with_recipe("lora_sft", form, REPO)  # outside a deployment the form's defaults are Config's
+    assert edits == ["model.base", "train.max_steps"]
+    assert (config.train.max_steps, config.model.base) == (7, "models/mine")
+    # everything else is the recipe's, not the form's defaults
+    assert config.train.learning_rate == recipe.train.learning_rate != Config().train.learning_rate
+    assert config.tokenize.max_length == recipe.tokenize.max_length
+    assert config.route.force_method == recipe.route.force_method == "lora"
+
+
+def test_an_unknown_recipe_names_the_ones_that_exist():
+    from flows.finetune import with_recipe
+    from tunepath.config import Config
+    from tunepath.params import ConfigError
+
+    with pytest.raises(ConfigError, match=r"recipe 'lora-sft': no such file .*the recipes in examples/recipes/ are: .*lora_sft"):
+        with_recipe("lora-sft", Config(), REPO)

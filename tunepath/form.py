@@ -1,0 +1,47 @@
+"""The order of the config in forms generated from its JSON schema (Prefect's Custom run form): what a person
+changes first at the top, the toy demo's settings last. params.yaml keeps the declaration order.
+
+Prefect's form sorts each object's fields by a `position` key (unordered: declaration order, which a server
+storing the schema as JSONB would lose), so every field gets one. A union with a literal (`bool | "auto"`,
+`int | "auto"`) becomes a choice or a plain branch: Prefect draws `const` as "is a const and cannot be changed".
+"""
+
+from __future__ import annotations
+
+FIRST = {
+    "Config": ("data", "model", "train", "tokenize", "route", "validate", "evaluate", "merge", "register", "promote", "demo"),
+    "TrainConfig": ("max_steps", "learning_rate", "lora_r", "batch_size", "epochs", "grad_accum", "lora_alpha", "lora_dropout",
+                    "target_modules", "lr_scheduler", "warmup_steps", "seed", "precision", "backend", "num_processes"),
+    "TokenizeConfig": ("max_length", "template", "pack", "overlong"),
+    "RouteConfig": ("force_method", "force_stages", "goal", "gpus", "gpu_memory_gb", "time_budget_hours"),
+}
+
+
+def form_schema(schema: dict, cls) -> None:
+    """pydantic's `json_schema_extra` hook: positions in form order, and no `const` a user could want to change."""
+    properties = schema.get("properties") or {}
+    first = [name for name in FIRST.get(cls.__name__, ()) if name in properties]
+    order = first + [name for name in properties if name not in first]
+    schema["properties"] = {name: properties[name] for name in order}
+    for position, name in enumerate(order):
+        prop = schema["properties"][name]
+        prop["position"] = position
+        _choices_not_consts(prop)
+
+
+def _choices_not_consts(prop: dict) -> None:
+    branches = prop.get("anyOf")
+    if not branches:
+        if "const" in prop:
+            prop["enum"] = [prop.pop("const")]
+        return
+    consts = [b["const"] for b in branches if "const" in b]
+    if consts and all("const" in b or b.get("type") == "boolean" for b in branches):
+        # `bool | Literal["auto"]`: one drop-down (auto, true, false) instead of a type toggle
+        del prop["anyOf"]
+        prop["enum"] = consts + [True, False] * any(b.get("type") == "boolean" for b in branches)
+        return
+    for b in branches:
+        if "const" in b:
+            b["enum"] = [b.pop("const")]
+            b.setdefault("title", str(b["enum"][0]))  # the toggle's label: `auto`, not `string`
