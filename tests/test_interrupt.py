@@ -56,7 +56,7 @@ def survivors(tree: list[psutil.Process], timeout: float) -> list[psutil.Process
     return alive
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), pytest.param(signal.SIGTERM, 143, marks=pytest.mark.slow)])
 def test_a_signal_stops_the_whole_tree_within_10_s_and_says_how_to_resume(tmp_path, sig, code):
     from tunepath.runlock import project_lock
 
@@ -75,6 +75,7 @@ def test_a_signal_stops_the_whole_tree_within_10_s_and_says_how_to_resume(tmp_pa
         pass
 
 
+@pytest.mark.slow  # each case waits out the 3 s grace of children that ignore SIGTERM
 def test_a_second_ctrl_c_does_not_leave_children_behind(tmp_path):
     proc, tree = start(tmp_path)
     proc.send_signal(signal.SIGINT)
@@ -84,6 +85,7 @@ def test_a_second_ctrl_c_does_not_leave_children_behind(tmp_path):
     assert not survivors(tree, timeout=2)
 
 
+@pytest.mark.slow
 def test_sigkill_of_the_run_leaves_no_process_behind(tmp_path):
     proc, tree = start(tmp_path)
     proc.kill()

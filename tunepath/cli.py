@@ -126,6 +126,13 @@ def cmd_stage(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from tunepath.runlock import project_lock
+
+    with project_lock(args.project):  # it rewrites the data a run reads and `dvc add`s it
+        return _demo(args)
+
+
+def _demo(args) -> int:
     from tunepath.demo import build_demo_model, generate_demo_data
     from tunepath.params import load_config
 
