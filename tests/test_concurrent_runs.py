@@ -87,7 +87,9 @@ def test_two_runs_at_once_never_mix_params_and_weights(tmp_path, demo_assets):
         assert version.tags["params_hash"] == params_hash(params)
         curve = [float(l.split(",")[3]) for l in (local / "train" / "loss.csv").read_text().splitlines()[1:] if l]
         assert 0.5 * float(lr) < max(curve) <= float(lr) * 1.0001, (lr, max(curve))  # trained at this run's rate
-        model = sorted(p.parent for p in local.rglob("config.json") if any(p.parent.glob("*.safetensors")))[0]
+        served = Path(mlflow.artifacts.download_artifacts(f"models:/tunepath-demo/{version.version}",
+                                                          dst_path=str(tmp_path / f"m{version.version}")))
+        model = sorted(p.parent for p in served.rglob("config.json") if any(p.parent.glob("*.safetensors")))[0]
         assert artifact_hash(model) == version.tags["artifact_hash"]  # the registered files are the hashed ones
         hashes.add(version.tags["artifact_hash"])
     assert len(hashes) == 2

@@ -24,14 +24,14 @@ HOLD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     from tunepath.runlock import project_lock
-    with project_lock(Path(sys.argv[1]), what="tunepath run --set train.learning_rate=0.1"):
+    with project_lock(Path(sys.argv[1]), what="tunepath run --set train.learning_rate=0.1", dvc=sys.argv[3] == "dvc"):
         print("held", flush=True)
         time.sleep(float(sys.argv[2]))
 """)
 
 
-def hold(root: Path, seconds: float = 60) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(root), str(seconds)], cwd=REPO, stdout=subprocess.PIPE, text=True,
+def hold(root: Path, seconds: float = 60, dvc: bool = False) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(root), str(seconds), "dvc" if dvc else "-"], cwd=REPO, stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.stdout.readline().strip() == "held"
     return proc
@@ -134,6 +134,31 @@ def test_a_run_stops_at_once_while_dvc_holds_its_lock(tmp_path):
         from tunepath.runlock import holds_dvc_lock
 
         assert holds_dvc_lock(tmp_path)
+
+
+def test_dvc_repro_beside_a_run_stops_before_it_touches_the_runs_outputs(project):
+    marker = project / "artifacts" / "validate" / "being-written"
+    marker.parent.mkdir(parents=True)
+    marker.write_text("a run's output")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = hold(project, dvc=True)  # what a `tunepath run` holds from start to end
+    try:
+        out = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=project, capture_output=True, text=True, timeout=120, env=env)
+    finally:
+        run.kill()
+        run.wait()
+    assert out.returncode != 0 and "Unable to acquire lock" in out.stdout + out.stderr, out.stdout + out.stderr
+    assert marker.exists()  # DVC removes a changed stage's outputs before its command: it never got that far
+    # a stage of `dvc repro` meeting another holder of the run lock (DVC lets go of its lock while a command runs)
+    stage = hold(project)
+    try:
+        out = subprocess.run([sys.executable, "-m", "dvc", "repro", "validate"], cwd=project, capture_output=True, text=True,
+                             timeout=120, env=env)
+    finally:
+        stage.kill()
+        stage.wait()
+    assert out.returncode != 0
+    assert f"another run works in this project folder: pid {stage.pid}" in out.stdout + out.stderr, out.stdout + out.stderr
 
 
 # --- lineage records: what register checks --------------------------------------------------------------------
