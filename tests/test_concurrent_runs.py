@@ -101,7 +101,7 @@ def test_two_runs_at_once_never_mix_params_and_weights(tmp_path, demo_assets):
     status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=root, capture_output=True, text=True, check=True)
     assert "up to date" in status.stdout, status.stdout
     record = json.loads((root / "artifacts" / "register" / "model.json").read_text())
-    assert record["version"] == versions[-1].version
+    assert record["version"] == str(versions[-1].version)
     assert record["tags"]["artifact_hash"] == artifact_hash(root / "artifacts" / "merge" / "model")
     lineage = json.loads((root / "artifacts" / "train" / "lineage.json").read_text())
     assert lineage["params"]["train"]["learning_rate"] == 0.003
