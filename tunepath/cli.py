@@ -72,7 +72,22 @@ def preflight(cfg, root: Path) -> None:
     resolve_model(cfg.model, Workspace(root, ""))
 
 
+RESUME = "run the same command again (finished stages are kept, training resumes from its last checkpoint)"
+
+
 def cmd_run(args) -> int:
+    from tunepath.guard import guard_children
+    from tunepath.interrupt import stop_on_signals
+    from tunepath.runlock import project_lock
+
+    # the lock before params.yaml is read and before the temporary Prefect server's 15-30 s start: a second run
+    # in this folder is refused (or, with --wait, queued) at once
+    with (stop_on_signals("tunepath run", tracking_uri(args.project), RESUME), guard_children(),
+          project_lock(args.project, wait=args.wait)):
+        return _run(args)
+
+
+def _run(args) -> int:
     from tunepath.params import load_config, load_recipe
 
     cfg = load_recipe(args.config, args.set) if args.config else load_config(args.project / "params.yaml", args.set)
@@ -96,15 +111,28 @@ def cmd_run(args) -> int:
 
 
 def cmd_stage(args) -> int:
+    from tunepath.interrupt import stop_on_signals
     from tunepath.params import load_config
+    from tunepath.runlock import project_lock
     from tunepath.stages import Workspace, run_stage
 
-    cfg = load_config(args.project / "params.yaml")
-    run_stage(args.name, cfg, Workspace(args.project, tracking_uri(args.project)))
+    # under `dvc repro` DVC releases its own lock while a stage's command runs; this one keeps a `tunepath run`
+    # from rewriting params.yaml or artifacts/ meanwhile (and refuses this stage while such a run works)
+    resume = f"`tunepath stage {args.name}` or `dvc repro` again"
+    with stop_on_signals(f"tunepath stage {args.name}", tracking_uri(args.project), resume), project_lock(args.project):
+        cfg = load_config(args.project / "params.yaml")
+        run_stage(args.name, cfg, Workspace(args.project, tracking_uri(args.project)))
     return 0
 
 
 def cmd_demo(args) -> int:
+    from tunepath.runlock import project_lock
+
+    with project_lock(args.project):  # it rewrites the data a run reads and `dvc add`s it
+        return _demo(args)
+
+
+def _demo(args) -> int:
     from tunepath.demo import build_demo_model, generate_demo_data
     from tunepath.params import load_config
 
@@ -246,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the finetune flow end to end")
     run.add_argument("--config", type=Path, metavar="RECIPE.yaml", help="a recipe (examples/recipes/): a partial config over the defaults, instead of params.yaml's values")
     run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a params.yaml value (repeatable); written back to params.yaml")
+    run.add_argument("--wait", action="store_true", help="when another run works in this project folder, wait for it instead of stopping")
     run.set_defaults(func=cmd_run)
     stage = sub.add_parser("stage", help="run one stage (what dvc.yaml calls)")
     stage.add_argument("name", choices=["validate", "tokenize", "route", "train", "evaluate", "merge", "register"])

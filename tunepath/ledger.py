@@ -35,14 +35,21 @@ class Ledger:
 
     def changes(self, stage: str) -> dict:
         """What DVC sees changed for this stage (deps, params, outs) against dvc.lock; empty when up to date."""
-        from dvc.repo import Repo
-
-        with _inside(self.root), Repo(str(self.root)) as repo:
+        with _inside(self.root), self._repo() as repo:
             return repo.status(targets=[stage])
 
     def record(self, stage: str) -> None:
         """Store the stage's outputs in the DVC cache and its deps/params/outs hashes in dvc.lock."""
+        with _inside(self.root), self._repo() as repo:
+            repo.commit(stage, force=True)
+
+    def _repo(self):
+        from dvc.lock import LockNoop
         from dvc.repo import Repo
 
-        with _inside(self.root), Repo(str(self.root)) as repo:
-            repo.commit(stage, force=True)
+        from tunepath.runlock import holds_dvc_lock
+
+        repo = Repo(str(self.root))
+        if holds_dvc_lock(self.root):
+            repo.lock = LockNoop()  # this run holds DVC's lock from start to end (tunepath.runlock); DVC would wait on it
+        return repo

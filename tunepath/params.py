@@ -6,6 +6,7 @@ always holds the values of the last run, which is what lets `dvc repro` reproduc
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -197,8 +198,11 @@ def write_params(path: Path, config) -> list[str]:
     changed: list[str] = []
     _merge(doc, config.model_dump(mode="json"), [], changed)
     if changed:
-        with open(path, "w", encoding="utf-8") as f:
+        # written beside and renamed over: a reader (dvc, a stage) never sees a half-written params.yaml
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
             yaml.dump(doc, f)
+        os.replace(tmp, path)
     return changed
 
 

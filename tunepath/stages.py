@@ -6,6 +6,7 @@ Every stage reads files under the project root and writes only `artifacts/<stage
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,27 @@ def default_tracking_uri(root: Path) -> str:
 
 
 def run_stage(name: str, cfg, ws: Workspace, on_progress=None) -> dict:
-    """Run one stage's core function with exactly the config sections and folders it depends on."""
+    """Run one stage's core function; record what its outputs were made from (tunepath.stamps), and before
+    register, check that the whole chain was made from the params it records."""
+    from tunepath import interrupt, stamps
+
+    interrupt.current["stage"] = name  # what an interrupted run's message names
+    specs = stamps.stage_specs(ws.root)
+    params = cfg.model_dump(mode="json")
+    record = None
+    if name in specs and name != "register":
+        record = stamps.inputs_of(name, params, ws.root / "artifacts", specs)
+        (ws.out(name) / stamps.RECORD).unlink(missing_ok=True)  # a stage that fails half-way keeps no old record
+    if name == "register" and "merge" in specs:
+        stamps.check_chain(params, ws.root / "artifacts", specs)
+    summary = _run_core(name, cfg, ws, on_progress)
+    if record is not None and ws.out(name).is_dir() and os.environ.get("RANK", "0") == "0":  # one writer per GPU job
+        stamps.write(ws.out(name), record)
+    return summary
+
+
+def _run_core(name: str, cfg, ws: Workspace, on_progress=None) -> dict:
+    """One stage's core function with exactly the config sections and folders it depends on."""
     if name == "validate":
         from tunepath.validate import run_validate
 

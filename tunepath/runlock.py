@@ -1,0 +1,215 @@
+"""One run at a time per project folder.
+
+A run rewrites params.yaml, writes artifacts/ and records dvc.lock; two at once mix one run's params with the
+other's weights. Every entry point that does any of that (`tunepath run`, the `finetune` flow of a deployment,
+`tunepath stage` as `dvc repro` calls it) holds this lock while it works:
+
+    with project_lock(root, wait=False):   # ProjectBusy names the holder: pid, command, since when
+        ...
+
+The lock is `flock` on .tunepath/run.lock, so the kernel drops it when its holder dies: a killed run leaves no
+stale lock to clean up. A child started by the holder (accelerate's per-GPU `tunepath stage train`) inherits
+TUNEPATH_RUN_LOCK and works under its parent's lock instead of waiting for it.
+
+A run also holds DVC's own repository lock (.dvc/tmp/lock) from before it writes params.yaml to its end, so a
+`dvc repro` (or `dvc exp run`) started meanwhile stops at once, before it removes any stage's outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from tunepath.errors import StageError
+
+LOCK_FILE = Path(".tunepath") / "run.lock"
+ENV = "TUNEPATH_RUN_LOCK"
+
+_held: dict[str, int] = {}  # lock path -> depth: the flow takes the lock again inside `tunepath run`
+_dvc_held: set[str] = set()  # project roots whose DVC lock this process holds (its own Repo objects skip it)
+
+
+class ProjectBusy(StageError):
+    """Another run works in this project folder; the message names it."""
+
+
+def holder(root: Path) -> dict | None:
+    """What the lock file says about its last holder (pid, command, started, host); None when unreadable."""
+    try:
+        return json.loads((Path(root) / LOCK_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def describe_holder(info: dict | None, path: Path) -> str:
+    if not info:
+        return f"a process that is starting up (lock file {path})"
+    when = time.strftime("%H:%M:%S", time.localtime(info.get("started", 0)))
+    age = int(time.time() - info.get("started", time.time()))
+    text = f"pid {info.get('pid')} `{info.get('command', '?')}` since {when} ({age // 60} min {age % 60} s)"
+    if info.get("pid") and not _alive(int(info["pid"])):
+        others = _fd_holders(path)
+        text += (f"; that process is gone, but {', '.join(map(str, others))} it started still hold the lock"
+                 if others else "; that process is gone")
+    return text
+
+
+@contextlib.contextmanager
+def project_lock(root: Path, wait: bool = False, what: str | None = None, dvc: bool = False) -> Iterator[None]:
+    """Hold the project's run lock (and, with dvc=True, DVC's repository lock) for the block.
+
+    wait=False: ProjectBusy at once when another run holds it; wait=True: say who holds it, then wait."""
+    path = (Path(root) / LOCK_FILE).resolve()
+    key = str(path)
+    if _held.get(key) or _inherited(path):
+        _held[key] = _held.get(key, 0) + 1
+        try:
+            with (dvc_lock(root) if dvc and not holds_dvc_lock(root) else contextlib.nullcontext()):
+                yield
+        finally:
+            _held[key] -= 1
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited across exec; forked children share it
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            busy = f"{Path(root)}: another run works in this project folder: {describe_holder(holder(root), path)}"
+            if not wait:
+                raise ProjectBusy(f"{busy}. Wait for it (or pass --wait), or stop it; two runs in one folder would mix "
+                                  "one run's params with the other's weights") from None
+            print(f"tunepath: {busy}; waiting for it to finish", file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        record = {"pid": os.getpid(), "command": what or _command(), "started": time.time(), "host": socket.gethostname()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        _held[key] = 1
+        previous = os.environ.get(ENV)
+        os.environ[ENV] = f"{key}:{os.getpid()}"
+        try:
+            with (dvc_lock(root) if dvc else contextlib.nullcontext()):
+                yield
+        finally:
+            _held.pop(key, None)
+            if previous is None:
+                os.environ.pop(ENV, None)
+            else:
+                os.environ[ENV] = previous
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # closing drops the flock
+
+
+def held(root: Path) -> bool:
+    """Whether this process works under the project's lock (its own or its parent's)."""
+    path = (Path(root) / LOCK_FILE).resolve()
+    return bool(_held.get(str(path))) or _inherited(path)
+
+
+def _inherited(path: Path) -> bool:
+    """The lock is held by an ancestor of this process that handed it down (accelerate's children of a run)."""
+    value = os.environ.get(ENV, "")
+    where, _, pid = value.rpartition(":")
+    if where != str(path) or not pid.isdigit():
+        return False
+    info = holder(path.parent.parent) or {}
+    return info.get("pid") == int(pid) and int(pid) in _ancestors()
+
+
+@contextlib.contextmanager
+def dvc_lock(root: Path) -> Iterator[None]:
+    """DVC's repository lock, taken as DVC takes it (zc.lockfile on .dvc/tmp/lock, 3 s of retries)."""
+    tmp = Path(root) / ".dvc" / "tmp"
+    if not tmp.parent.is_dir():
+        yield  # not a DVC repository: nothing to share
+        return
+    from dvc.lock import LockError, make_lock
+
+    tmp.mkdir(exist_ok=True)
+    lock = make_lock(str(tmp / "lock"), tmp_dir=str(tmp))
+    try:
+        lock.lock()
+    except LockError:
+        pid = _read_pid(tmp / "lock")
+        who = f"pid {pid} `{_cmdline(pid)}`" if pid else "another DVC process"
+        raise ProjectBusy(f"{Path(root)}: DVC is working in this project ({who} holds {tmp / 'lock'}); "
+                          "wait for it to finish, then run again") from None
+    _dvc_held.add(str(Path(root).resolve()))
+    try:
+        yield
+    finally:
+        _dvc_held.discard(str(Path(root).resolve()))
+        lock.unlock()
+
+
+def holds_dvc_lock(root: Path) -> bool:
+    return str(Path(root).resolve()) in _dvc_held
+
+
+def _command() -> str:
+    text = " ".join(["tunepath", *sys.argv[1:]])
+    text = text if len(text) <= 200 else text[:197] + "..."
+    parent = _cmdline(os.getppid()).split()
+    names = [Path(a).name for a in parent[:3]]
+    if "dvc" in names:  # `tunepath stage` as a stage of `dvc repro` / `dvc exp run`
+        text += f" (a stage of `dvc {' '.join(parent[names.index('dvc') + 1:])[:80]}`, pid {os.getppid()})"
+    return text
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()[:200]
+    except OSError:
+        return "?"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _ancestors() -> set[int]:
+    out, pid = set(), os.getppid()
+    while pid > 1 and pid not in out:
+        out.add(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+    return out
+
+
+def _fd_holders(path: Path) -> list[int]:
+    """Processes with the lock file open (a forked child of a killed run keeps the lock)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if any(os.readlink(fd) == str(path) for fd in (proc / "fd").iterdir()):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
