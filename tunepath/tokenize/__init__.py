@@ -70,7 +70,6 @@ class TokenizeConfig(Strict):
     cpt_isolate_documents: bool = Field(
         True, description="Position ids restart at each document inside a CPT block, so documents do not attend to each other."
     )
-    num_proc: int = Field(1, ge=1, le=256, description="Worker processes for datasets.map.")
     batch_size: int = Field(1000, ge=1, le=1_000_000, description="Records per datasets.map batch.")
     cache_dir: str | None = Field(
         None, description="Where tokenized records are cached by input fingerprint; null: the datasets cache folder."

@@ -2,7 +2,14 @@
 
 Each (kind, split) is tokenized by `datasets.map(batched=True, num_proc=...)` and the result is cached under
 a fingerprint of the records file, the tokenizer and template, the settings that change ids, and this
-package's code; packing, blocks and the writing of `out_dir` run every time (they are fast).
+package's code. The packed rows, CPT blocks and pairs are cached too, under that fingerprint and every
+tokenize setting, so a rerun that changes nothing links them into `out_dir` without repacking.
+
+Memory stays bounded by `data.memory_gb`, not by the data: records are read in blocks of bytes and written
+apart per kind and split (memory-mapped by the map), map outputs larger than a share of the budget are
+memory-mapped, SFT rows are packed best-fit over windows of PACK_WINDOW_TOKENS (the same rows as one global
+packing below that size; above it, a little more padding, reported in stats.json), CPT blocks are cut from
+chunks of documents, and every output is written shard by shard.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import shutil
 import time
 from pathlib import Path
 
-from tunepath.sections import ModelConfig
+from tunepath.sections import DataConfig, ModelConfig
 from tunepath.tokenize import TokenizeConfig
 from tunepath.errors import StageError
 from tunepath.tokenize.batches import STATUS_NAMES, TRUNCATED, EncodePlan, cpt_batch, encoder_for, sft_batch
@@ -25,6 +32,7 @@ from tunepath.tokenize.masks import check_encoder
 from tunepath.tokenize.packing import best_fit_decreasing, build_rows, padding_share
 from tunepath.tokenize.report import write_report
 from tunepath.tokenize.render import pin_date
+from tunepath.tokenize.shards import ShardWriter
 from tunepath.tokenize.templates import select_template, template_hash
 
 log = logging.getLogger(__name__)
@@ -35,12 +43,21 @@ DROP_NAMES = tuple(name for name in STATUS_NAMES.values() if name.startswith("dr
 # Settings that change the tokenized records (the rest act after the cache: packing, blocks, parallelism).
 CACHE_KEYS = ("max_length", "template", "custom_template", "overlong", "last_turn_only", "keep_history_reasoning",
               "template_kwargs", "render_date", "parity_checks")
+# SFT samples are packed best-fit within windows of this many tokens. Fixed (not from data.memory_gb), so the
+# rows do not depend on the machine; a window's arrays take about 40 bytes per token.
+PACK_WINDOW_TOKENS = 1 << 24
+BYTES_PER_CPT_TOKEN = 64  # the cut's arrays over a chunk's tokens, measured from cpt.BlockCutter's temporaries
 
 
-def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, out_dir: Path) -> dict:
-    """Tokenize `validate_dir/records.jsonl` into `out_dir` (cleared first); returns a small summary."""
+def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, out_dir: Path, data: DataConfig | None = None) -> dict:
+    """Tokenize `validate_dir/records.jsonl` into `out_dir` (cleared first); returns a small summary.
+
+    `data` gives the worker processes and the memory budget (`data.num_proc`, `data.memory_gb`); neither
+    changes the outputs."""
     from tunepath.tokenize.loading import load_tokenizer
 
+    data = data or DataConfig()
+    budget = int(data.memory_gb * (1 << 30))
     started = time.perf_counter()
     records_path = Path(validate_dir) / "records.jsonl"
     out_dir = Path(out_dir)
@@ -65,9 +82,9 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
     check_encoder(encoder_for(plan, tokenizer), cfg.template, model.base)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    fingerprint = _fingerprint(records_path, plan, cfg)
     cache_root = _cache_root(cfg)
-    records = _Records(records_path)
+    fingerprint = _fingerprint(records_path, plan, cfg, cache_root)
+    records = _Records(records_path, cache_root / "records" / fingerprint[:32], block_bytes=max(budget // 16, 1 << 20))
     run_key = hashlib.sha256((fingerprint + cfg.model_dump_json()).encode()).hexdigest()
     stats: dict = {}
     timings = {"setup": round(time.perf_counter() - started, 3)}  # seconds per part, in stats.json: where the time goes
@@ -76,22 +93,31 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
         stats[folder] = {}
         for split in SPLITS:
             key = hashlib.sha256(f"{fingerprint}/{kind}/{split}".encode()).hexdigest()[:32]
+            target = out_dir / folder / split
+            finished = cache_root / "finished" / hashlib.sha256(f"{run_key}/{folder}/{split}".encode()).hexdigest()[:32]
             clock = time.perf_counter()
-            mapped, hit = _tokenized(kind, split, records, plan, cfg, cache_root / key)
+            if _link_finished(finished, target):
+                stats[folder][split] = json.loads((finished / "stats.json").read_text(encoding="utf-8"))
+                cached.append(True)
+                timings[f"{folder}/{split}/cached"] = round(time.perf_counter() - clock, 3)
+                continue
+            mapped, hit = _tokenized(kind, split, records, plan, cfg, cache_root / key, data.workers(), budget)
             cached.append(hit)
             timings[f"{folder}/{split}/tokenize"] = round(time.perf_counter() - clock, 3)
             clock = time.perf_counter()
-            target = out_dir / folder / split
             if folder == "sft":
                 stats[folder][split] = _finish_sft(mapped, split, cfg, target, run_key)
                 stats[folder][split]["drop_examples"] = _drop_examples(mapped, records, kind, split)
             elif folder == "cpt":
-                stats[folder][split] = _finish_cpt(mapped, cfg, pad_id, target, run_key)
+                stats[folder][split] = _finish_cpt(mapped, cfg, pad_id, target, run_key, budget)
             elif folder == "kto":
                 stats[folder][split] = _finish_kto(mapped, cfg, target, run_key)
             else:
                 stats[folder][split] = _finish_dpo(mapped, cfg, target, run_key)
+            del mapped
+            _keep_finished(target, stats[folder][split], finished)
             timings[f"{folder}/{split}/pack_and_write"] = round(time.perf_counter() - clock, 3)
+    records.clear()  # the per-split record files: every split they feed is cached now
 
     summary = {
         "labeled_examples": stats["sft"]["train"]["samples_out"],
@@ -119,79 +145,142 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
 
 
 class _Records:
-    """records.jsonl as Arrow, read (by pyarrow's multithreaded JSON reader) only when some split is not cached."""
+    """records.jsonl split into one Arrow file per (kind, split), read only when some split is not cached.
+
+    The file is read in blocks of `block_bytes` cut at line ends (each block by pyarrow's multithreaded JSON
+    reader), so memory follows the block, not the file. A split's file keeps only the message fields some
+    record of it sets (see `_set_fields`); the map memory-maps it.
+    """
 
     COLUMNS = {"conversation": ("messages", "tools", "source"), "text": ("text",), "preference": ("prompt", "chosen", "rejected", "tools"),
                "feedback": ("messages", "label", "tools")}
+    MESSAGE_COLUMNS = ("messages", "prompt", "chosen", "rejected")
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._table = None
+    def __init__(self, path: Path, folder: Path, block_bytes: int) -> None:
+        self.path, self.folder, self.block_bytes = path, folder, block_bytes
 
-    def get(self, kind: str, split: str, columns: list[str] | None = None):
-        import pyarrow.compute as pc
+    def get(self, kind: str, split: str) -> Path | None:
+        """The Arrow file of one kind and split; None when it has no records."""
+        if not (self.folder / "done").exists():
+            self._split()
+        path = self.folder / f"{kind}-{split}.arrow"
+        return path if path.exists() else None
 
-        table = self._read()
-        mask = pc.and_(pc.equal(table["kind"], kind), pc.equal(table["split"], split))
-        rows = table.select(columns or list(self.COLUMNS[kind])).filter(mask)
-        for name in ("messages", "prompt", "chosen", "rejected"):
-            if name in rows.column_names:
-                rows = rows.set_column(rows.column_names.index(name), name, _used_fields(rows[name]))
-        return rows
-
-    def _read(self):
+    def source(self, kind: str, split: str, index: int) -> dict:
+        """The `source` (file, line) of the index-th record of one kind and split."""
         import pyarrow as pa
+
+        path = self.get(kind, split)
+        if path is None:
+            return {}
+        with pa.memory_map(str(path)) as f:
+            return pa.ipc.open_stream(f).read_all()["source"][index].as_py() or {}
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _split(self) -> None:
+        import pyarrow as pa
+        import pyarrow.compute as pc
         import pyarrow.json as pj
 
-        if self._table is None:
-            call = pa.struct([("id", pa.string()), ("name", pa.string()), ("arguments", pa.string())])
-            messages = pa.list_(pa.struct([
-                ("role", pa.string()), ("content", pa.string()), ("reasoning", pa.string()),
-                ("tool_calls", pa.list_(call)), ("tool_call_id", pa.string()), ("name", pa.string()),
-            ]))
-            source = pa.struct([("file", pa.string()), ("line", pa.int64()), ("chunk", pa.int64())])
-            schema = pa.schema(
-                [("id", pa.string()), ("kind", pa.string()), ("split", pa.string()), ("source", source),
-                 ("messages", messages), ("tools", pa.string()), ("text", pa.string()),
-                 ("prompt", messages), ("chosen", messages), ("rejected", messages), ("label", pa.bool_())]
-            )
-            options = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
-            try:
-                self._table = pj.read_json(self.path, parse_options=options)
-            except pa.ArrowInvalid as e:
-                raise ValueError(f"{self.path}: not canonical records ({e}); rerun the validate stage") from e
-        return self._table
+        schema = _records_schema()
+        options = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+        partial = self.folder.with_name(self.folder.name + f".partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        writers: dict = {}
+        used: dict = {}  # (kind, split, column) -> names of the message fields some record sets
+        offset = 0
+        with open(self.path, "rb") as f:
+            while block := f.read(self.block_bytes):
+                if not block.endswith(b"\n"):
+                    block += f.readline()
+                try:
+                    table = pj.read_json(pa.BufferReader(block), parse_options=options)
+                except pa.ArrowInvalid as e:
+                    raise ValueError(f"{self.path}: not canonical records in bytes {offset}-{offset + len(block)} ({e}); rerun the validate stage") from e
+                offset += len(block)
+                for kind, columns in self.COLUMNS.items():
+                    for split in SPLITS:
+                        rows = table.select(list(columns)).filter(pc.and_(pc.equal(table["kind"], kind), pc.equal(table["split"], split)))
+                        if not rows.num_rows:
+                            continue
+                        if (kind, split) not in writers:
+                            writers[kind, split] = pa.ipc.new_stream(str(partial / f"{kind}-{split}.arrow"), rows.schema)
+                        writers[kind, split].write_table(rows)
+                        for name in set(columns) & set(self.MESSAGE_COLUMNS):
+                            used.setdefault((kind, split, name), set()).update(_set_fields(rows[name]))
+                del table
+        for writer in writers.values():
+            writer.close()
+        for (kind, split) in writers:
+            fields = {name: used[kind, split, name] for name in self.COLUMNS[kind] if name in self.MESSAGE_COLUMNS}
+            _drop_unused_fields(partial / f"{kind}-{split}.arrow", fields)
+        (partial / "done").touch()
+        shutil.rmtree(self.folder, ignore_errors=True)
+        os.replace(partial, self.folder)
 
 
-def _used_fields(column):
-    """A list<struct> column of messages without the fields no message of it sets (tool calls, names, reasoning in
-    most data): each batch is turned into Python dicts, and a field that is null everywhere costs a key in each."""
+def _records_schema():
     import pyarrow as pa
+
+    call = pa.struct([("id", pa.string()), ("name", pa.string()), ("arguments", pa.string())])
+    messages = pa.list_(pa.struct([
+        ("role", pa.string()), ("content", pa.string()), ("reasoning", pa.string()),
+        ("tool_calls", pa.list_(call)), ("tool_call_id", pa.string()), ("name", pa.string()),
+    ]))
+    source = pa.struct([("file", pa.string()), ("line", pa.int64()), ("chunk", pa.int64())])
+    return pa.schema(
+        [("id", pa.string()), ("kind", pa.string()), ("split", pa.string()), ("source", source),
+         ("messages", messages), ("tools", pa.string()), ("text", pa.string()),
+         ("prompt", messages), ("chosen", messages), ("rejected", messages), ("label", pa.bool_())]
+    )
+
+
+def _set_fields(column) -> set[str]:
+    """The message fields that some message of `column` sets (role and content always count): each batch is
+    turned into Python dicts, and a field that is null everywhere costs a key in each."""
     import pyarrow.compute as pc
 
     messages = pc.list_flatten(column)
-    fields = [f for f in messages.type if f.name in ("role", "content") or pc.struct_field(messages, f.name).null_count < len(messages)]
-    if len(fields) == messages.type.num_fields:
-        return column
-    return column.cast(pa.list_(pa.struct(fields)))  # a cast, not arrays rebuilt from buffers: slices pickle small
+    return {f.name for f in messages.type if f.name in ("role", "content") or pc.struct_field(messages, f.name).null_count < len(messages)}
 
 
-def _tokenized(kind: str, split: str, records: _Records, plan: EncodePlan, cfg: TokenizeConfig, cache: Path):
+def _drop_unused_fields(path: Path, fields: dict[str, set[str]]) -> None:
+    """Rewrites the Arrow file at `path` batch by batch with each message column cast to its used fields."""
+    import pyarrow as pa
+
+    with pa.memory_map(str(path)) as f:
+        reader = pa.ipc.open_stream(f)
+        schema = reader.schema
+        types = {name: pa.list_(pa.struct([t for t in schema.field(name).type.value_type if t.name in keep]))
+                 for name, keep in fields.items() if len(keep) < schema.field(name).type.value_type.num_fields}
+        if not types:
+            return
+        target = pa.schema([pa.field(f.name, types.get(f.name, f.type)) for f in schema])
+        narrow = path.with_suffix(".narrow")
+        with pa.ipc.new_stream(str(narrow), target) as writer:
+            for batch in reader:
+                writer.write_batch(batch.cast(target))  # a cast, not arrays rebuilt from buffers: slices pickle small
+    os.replace(narrow, path)
+
+
+def _tokenized(kind: str, split: str, records: _Records, plan: EncodePlan, cfg: TokenizeConfig, cache: Path, num_proc: int, budget: int):
     """The map output for one (kind, split) and whether it came from the cache; None when there are no records.
 
     The map writes its Arrow files straight into the cache folder (an in-memory map output grows a buffer by
     copying it, which cost more than the tokenizer on 50k chats), and the folder's `files.json` lists them.
     """
     from datasets import Dataset
-    from datasets.table import InMemoryTable
 
     if (cache / "empty").exists():
         return None, True
     if (cache / MAP_FILES).exists():
-        return _load_mapped(cache), True
+        return _load_mapped(cache, budget), True
     rows = records.get(kind, split)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    if not rows.num_rows:
+    if rows is None:
         cache.mkdir(exist_ok=True)
         (cache / "empty").touch()
         return None, False
@@ -207,8 +296,9 @@ def _tokenized(kind: str, split: str, records: _Records, plan: EncodePlan, cfg: 
     partial = cache.with_name(cache.name + f".partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
-    source = Dataset(InMemoryTable(rows), fingerprint=cache.name + "-records")  # no hashing of the whole table
-    workers = min(cfg.num_proc, math.ceil(rows.num_rows / cfg.batch_size)) if cfg.num_proc > 1 else None
+    source = Dataset.from_file(str(rows))  # memory-mapped: workers get the file's path, not a pickled copy
+    workers = min(num_proc, math.ceil(source.num_rows / cfg.batch_size))
+    workers = workers if workers > 1 else None
     with _tokenizer_threads(1 if (workers or 0) > 1 else None):
         mapped = source.map(
             function,
@@ -228,7 +318,8 @@ def _tokenized(kind: str, split: str, records: _Records, plan: EncodePlan, cfg: 
     del mapped  # its memory maps point into `partial`, renamed next
     shutil.rmtree(cache, ignore_errors=True)
     os.replace(partial, cache)
-    return _load_mapped(cache), False
+    del source
+    return _load_mapped(cache, budget), False
 
 
 @contextlib.contextmanager
@@ -250,16 +341,16 @@ def _tokenizer_threads(count: int | None):
 
 
 MAP_FILES = "files.json"
-READ_WHOLE_BYTES = 2 << 30  # map outputs up to this size are read into memory; larger ones are memory-mapped
 
 
-def _load_mapped(cache: Path):
+def _load_mapped(cache: Path, budget: int):
     """The cached map output: its Arrow files, in order. Packing reads every row; reading a file whole was 5x
-    faster than faulting its pages in through a memory map (a 92 MB output: 0.07 s against 0.37 s)."""
+    faster than faulting its pages in through a memory map (a 92 MB output: 0.07 s against 0.37 s), so outputs
+    up to a quarter of the memory budget are read whole and larger ones memory-mapped."""
     from datasets import Dataset, concatenate_datasets
 
     paths = [cache / name for name in json.loads((cache / MAP_FILES).read_text(encoding="utf-8"))]
-    whole = sum(p.stat().st_size for p in paths) <= READ_WHOLE_BYTES
+    whole = sum(p.stat().st_size for p in paths) <= budget // 4
     parts = [Dataset.from_file(str(p), in_memory=whole) for p in paths]
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
@@ -305,7 +396,7 @@ def _drop_examples(mapped, records, kind: str, split: str) -> dict:
             continue
         row = int(np.flatnonzero(status == code)[0])
         index = int(table["record"][row].as_py())
-        source = records.get(kind, split, ["source"])["source"][index].as_py() or {}
+        source = records.source(kind, split, index)
         examples[name] = {"file": source.get("file"), "line": source.get("line"), "detail": table["detail"][row].as_py()}
     return examples
 
@@ -339,49 +430,73 @@ def _finish_sft(mapped, split: str, cfg: TokenizeConfig, target: Path, run_key: 
     stats, kept = _status_stats(table)
     extra = ("prompt_ids", "record") if split == "eval" else ()  # record: the row of records.jsonl (this kind and split)
     samples = table.select(["input_ids", "labels", *extra])
-    lengths = pc.list_value_length(samples["input_ids"]).to_numpy(zero_copy_only=False)[kept].astype(np.int64).tolist()
-    tokens = sum(lengths)
-    packed_bins = best_fit_decreasing(lengths, cfg.max_length)
+    lengths = pc.list_value_length(samples["input_ids"]).to_numpy(zero_copy_only=False)[kept].astype(np.int64)
     pack = cfg.pack and split == "train"
-    bins = packed_bins if pack else [[i] for i in range(len(lengths))]
+    writer = ShardWriter(target, _output_fingerprint(run_key, target))
+    packed_rows = windows = 0
+    for lo, hi in _windows(lengths, max(PACK_WINDOW_TOKENS, 16 * cfg.max_length)):
+        window = lengths[lo:hi].tolist()
+        packed_bins = best_fit_decreasing(window, cfg.max_length)
+        packed_rows += len(packed_bins)
+        windows += 1
+        bins = packed_bins if pack else [[i] for i in range(len(window))]
+        writer.write(build_rows(samples, bins, extra, rows=kept[lo:hi]))
+    rows = _close(writer, target, stats)
+    tokens = int(lengths.sum())
     stats.update(
         tokens=tokens,
         label_tokens=int(table["label_tokens"].to_numpy()[kept].sum()),
         padding_share_unpacked=padding_share(tokens, len(lengths), cfg.max_length),
-        padding_share_packed=padding_share(tokens, len(packed_bins), cfg.max_length),
-        rows=len(bins),
+        padding_share_packed=padding_share(tokens, packed_rows, cfg.max_length),
+        pack_windows=windows,
+        rows=rows,
         packed=pack,
     )
-    _save(build_rows(samples, bins, extra, rows=kept), target, stats, run_key)
     return {**_zero_stats(), **stats}
 
 
-def _finish_cpt(mapped, cfg: TokenizeConfig, pad_id: int, target: Path, run_key: str) -> dict:
+def _windows(lengths, tokens: int):
+    """(start, end) index ranges of `lengths`, each summing to about `tokens` (at least one sample each)."""
+    import numpy as np
+
+    ends = np.cumsum(lengths)
+    lo = 0
+    while lo < len(lengths):
+        before = ends[lo - 1] if lo else 0
+        hi = max(int(np.searchsorted(ends, before + tokens, side="right")), lo + 1)
+        yield lo, hi
+        lo = hi
+
+
+def _finish_cpt(mapped, cfg: TokenizeConfig, pad_id: int, target: Path, run_key: str, budget: int) -> dict:
     import numpy as np
     import pyarrow.compute as pc
 
-    from tunepath.tokenize.cpt import cut_blocks
+    from tunepath.tokenize.cpt import BlockCutter
 
     if mapped is None:
         return _zero_stats()
     docs = mapped.data.table["input_ids"]
     lengths = pc.list_value_length(docs).to_numpy(zero_copy_only=False).astype(np.int64)
-    blocks = cut_blocks(docs, cfg.max_length, cfg.cpt_remainder, cfg.cpt_isolate_documents, pad_id)
-    rows = blocks.table.num_rows
+    cutter = BlockCutter(cfg.max_length, cfg.cpt_remainder, cfg.cpt_isolate_documents, pad_id)
+    writer = ShardWriter(target, _output_fingerprint(run_key, target))
+    for lo, hi in _windows(lengths, max(budget // 8 // BYTES_PER_CPT_TOKEN, cfg.max_length)):
+        writer.write(cutter.add(docs.slice(lo, hi - lo)))
+    writer.write(cutter.finish())
+    rows = _close(writer, target, {})
     stats = {
         **_zero_stats(),
         "samples_in": len(lengths),
         "samples_out": len(lengths),
-        "tokens": blocks.tokens,
-        "label_tokens": blocks.tokens,
+        "tokens": cutter.tokens,
+        "label_tokens": cutter.tokens,
         "longest": int(lengths.max()) if len(lengths) else 0,
-        "dropped_tokens": blocks.dropped_tokens,
+        "dropped_tokens": cutter.dropped_tokens,
         "padding_share_unpacked": padding_share(int(lengths.sum()), int(np.ceil(lengths / cfg.max_length).sum()), cfg.max_length),
-        "padding_share_packed": padding_share(blocks.tokens, rows, cfg.max_length),
+        "padding_share_packed": padding_share(cutter.tokens, rows, cfg.max_length),
         "rows": rows,
         "packed": True,
     }
-    _save(blocks.table, target, stats, run_key)
     return stats
 
 
@@ -437,15 +552,52 @@ def _finish_kto(mapped, cfg: TokenizeConfig, target: Path, run_key: str) -> dict
 
 
 def _save(table, target: Path, stats: dict, run_key: str) -> None:
-    from datasets import Dataset
-    from datasets.table import InMemoryTable
+    writer = ShardWriter(target, _output_fingerprint(run_key, target))
+    writer.write(table)
+    _close(writer, target, stats)
 
-    if table.num_rows == 0:
+
+def _close(writer: ShardWriter, target: Path, stats: dict) -> int:
+    rows = writer.close()
+    if not rows:
         log.warning("%s: every record was dropped (%s); nothing written", target, {k: v for k, v in stats.items() if k.startswith("dropped")})
-        return
+    return rows
+
+
+def _output_fingerprint(run_key: str, target: Path) -> str:
     # Given, so that datasets does not hash every row: the run's inputs, settings and this output's place.
-    fingerprint = hashlib.sha256(f"{run_key}/{target.parent.name}/{target.name}".encode()).hexdigest()[:32]
-    Dataset(InMemoryTable(table), fingerprint=fingerprint).save_to_disk(str(target))
+    return hashlib.sha256(f"{run_key}/{target.parent.name}/{target.name}".encode()).hexdigest()[:32]
+
+
+def _keep_finished(target: Path, stats: dict, finished: Path) -> None:
+    """Hard-links one finished output (rows, blocks or pairs) and its stats into the cache, for `_link_finished`."""
+    partial = finished.with_name(finished.name + f".partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    if target.exists():
+        _link_tree(target, partial / "data")
+    (partial / "stats.json").write_text(json.dumps(stats) + "\n", encoding="utf-8")
+    shutil.rmtree(finished, ignore_errors=True)
+    os.replace(partial, finished)
+
+
+def _link_finished(finished: Path, target: Path) -> bool:
+    """Links a cached finished output into `target`; False when there is none."""
+    if not (finished / "stats.json").exists():
+        return False
+    if (finished / "data").exists():
+        _link_tree(finished / "data", target)
+    return True
+
+
+def _link_tree(source: Path, dest: Path) -> None:
+    """Hard links where the file system allows (no second copy on disk; readers never write these), else copies."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        try:
+            os.link(path, dest / path.name)
+        except OSError:
+            shutil.copy2(path, dest / path.name)
 
 
 def _hash_files(folder: Path) -> str:
@@ -456,15 +608,37 @@ def _hash_files(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def _fingerprint(records_path: Path, plan: EncodePlan, cfg: TokenizeConfig) -> str:
+def _fingerprint(records_path: Path, plan: EncodePlan, cfg: TokenizeConfig, cache_root: Path) -> str:
     digest = hashlib.sha256()
-    with open(records_path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+    digest.update(_file_digest(records_path, cache_root / "file-digests.json").encode())
     digest.update(plan.tokenizer_hash.encode())
     digest.update(json.dumps({k: getattr(cfg, k) for k in CACHE_KEYS}, sort_keys=True, default=str).encode())
     for path in sorted(Path(__file__).parent.glob("*.py")):
         digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _file_digest(path: Path, known: Path) -> str:
+    """sha256 of a file, remembered by path, size, modification time and inode (as DVC's file-state cache does):
+    a rerun over unchanged multi-GB records does not read them again to decide."""
+    stat = path.stat()
+    state = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+    try:
+        digests = json.loads(known.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        digests = {}
+    entry = digests.get(str(path.resolve()))
+    if entry and entry["state"] == state:
+        return entry["sha256"]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    digests[str(path.resolve())] = {"state": state, "sha256": digest.hexdigest()}
+    known.parent.mkdir(parents=True, exist_ok=True)
+    partial = known.with_name(known.name + f".partial-{os.getpid()}")
+    partial.write_text(json.dumps(digests) + "\n", encoding="utf-8")
+    os.replace(partial, known)
     return digest.hexdigest()
 
 
