@@ -162,3 +162,23 @@ def test_shards_load_as_one_dataset(tmp_path, rows):
     assert writer.close() == rows
     assert sorted(p.name for p in (tmp_path / "d").glob("*.arrow")) == [f"data-{i:05d}-of-{rows:05d}.arrow" for i in range(rows)]
     assert _load(tmp_path / "d")["input_ids"] == [[i, i + 1] for i in range(rows)]
+
+
+def test_progress_lines_give_rate_share_and_time_left(caplog):
+    import logging
+
+    from tunepath.progress import Progress
+
+    now = [0.0]
+    progress = Progress(logging.getLogger("t"), "validate: read", total_bytes=4_000_000, every_s=10, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="t"):
+        for _ in range(2048):
+            now[0] += 0.01  # 100 rows/s, 1,000 bytes a row
+            progress.step(1000)
+        progress.done()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [  # one line per 10 s at most, the clock read every 1,024 rows; one at the end
+        "validate: read: 1,024 rows, 100 rows/s, 1 of 4 MB (26%), about 30 s left",
+        "validate: read: 2,048 rows, 100 rows/s, 2 of 4 MB (51%), about 20 s left",
+        "validate: read: 2,048 rows, 100 rows/s, 2 of 4 MB (51%), 20.5 s",
+    ]

@@ -27,6 +27,7 @@ from pathlib import Path
 from tunepath.sections import DataConfig, ModelConfig
 from tunepath.tokenize import TokenizeConfig
 from tunepath.errors import StageError
+from tunepath.progress import Progress
 from tunepath.tokenize.batches import STATUS_NAMES, TRUNCATED, EncodePlan, cpt_batch, encoder_for, sft_batch
 from tunepath.tokenize.masks import check_encoder
 from tunepath.tokenize.packing import best_fit_decreasing, build_rows, padding_share
@@ -299,6 +300,7 @@ def _tokenized(kind: str, split: str, records: _Records, plan: EncodePlan, cfg: 
     source = Dataset.from_file(str(rows))  # memory-mapped: workers get the file's path, not a pickled copy
     workers = min(num_proc, math.ceil(source.num_rows / cfg.batch_size))
     workers = workers if workers > 1 else None
+    clock = time.perf_counter()
     with _tokenizer_threads(1 if (workers or 0) > 1 else None):
         mapped = source.map(
             function,
@@ -315,6 +317,9 @@ def _tokenized(kind: str, split: str, records: _Records, plan: EncodePlan, cfg: 
         )
     files = [Path(f["filename"]).name for f in mapped.cache_files]
     (partial / MAP_FILES).write_text(json.dumps(files) + "\n", encoding="utf-8")
+    seconds = time.perf_counter() - clock
+    log.info("tokenize %s/%s: %d records in %.1f s (%.0f records/s, %d worker(s))", FOLDERS[kind], split, source.num_rows,
+             seconds, source.num_rows / max(seconds, 1e-9), workers or 1)
     del mapped  # its memory maps point into `partial`, renamed next
     shutil.rmtree(cache, ignore_errors=True)
     os.replace(partial, cache)
@@ -434,7 +439,9 @@ def _finish_sft(mapped, split: str, cfg: TokenizeConfig, target: Path, run_key: 
     pack = cfg.pack and split == "train"
     writer = ShardWriter(target, _output_fingerprint(run_key, target))
     packed_rows = windows = 0
+    progress = Progress(log, f"tokenize sft/{split}: pack and write", 0)
     for lo, hi in _windows(lengths, max(PACK_WINDOW_TOKENS, 16 * cfg.max_length)):
+        progress.step(rows=hi - lo)
         window = lengths[lo:hi].tolist()
         packed_bins = best_fit_decreasing(window, cfg.max_length)
         packed_rows += len(packed_bins)
@@ -442,6 +449,8 @@ def _finish_sft(mapped, split: str, cfg: TokenizeConfig, target: Path, run_key: 
         bins = packed_bins if pack else [[i] for i in range(len(window))]
         writer.write(build_rows(samples, bins, extra, rows=kept[lo:hi]))
     rows = _close(writer, target, stats)
+    if windows > 1:
+        progress.done()
     tokens = int(lengths.sum())
     stats.update(
         tokens=tokens,
@@ -480,9 +489,15 @@ def _finish_cpt(mapped, cfg: TokenizeConfig, pad_id: int, target: Path, run_key:
     lengths = pc.list_value_length(docs).to_numpy(zero_copy_only=False).astype(np.int64)
     cutter = BlockCutter(cfg.max_length, cfg.cpt_remainder, cfg.cpt_isolate_documents, pad_id)
     writer = ShardWriter(target, _output_fingerprint(run_key, target))
+    progress = Progress(log, "tokenize cpt: cut and write blocks", 0)
+    chunks = 0
     for lo, hi in _windows(lengths, max(budget // 8 // BYTES_PER_CPT_TOKEN, cfg.max_length)):
         writer.write(cutter.add(docs.slice(lo, hi - lo)))
+        progress.step(rows=hi - lo)
+        chunks += 1
     writer.write(cutter.finish())
+    if chunks > 1:
+        progress.done()
     rows = _close(writer, target, {})
     stats = {
         **_zero_stats(),
