@@ -75,8 +75,9 @@ def test_records_read_in_small_blocks_match_one_read(tmp_path):
     blocks = stage_module._Records(path, tmp_path / "split", block_bytes=300)  # a few records per block
     whole = pj.read_json(path, parse_options=pj.ParseOptions(explicit_schema=stage_module._records_schema(), unexpected_field_behavior="ignore"))
     for kind, split in [("conversation", "train"), ("conversation", "eval"), ("text", "train")]:
-        with pa.memory_map(str(blocks.get(kind, split))) as f:
-            got = pa.ipc.open_stream(f).read_all()
+        shards = blocks.get(kind, split)
+        assert [s["offset"] for s in shards] == [sum(s["rows"] for s in shards[:i]) for i in range(len(shards))]
+        got = pa.concat_tables([pa.ipc.open_stream(pa.memory_map(str(s["path"]))).read_all() for s in shards])
         want = [r for r in whole.to_pylist() if r["kind"] == kind and r["split"] == split]
         assert got.num_rows == len(want)
         for name in got.column_names:
@@ -84,7 +85,7 @@ def test_records_read_in_small_blocks_match_one_read(tmp_path):
                 assert got[name].to_pylist() == [[{k: m[k] for k in ("role", "content")} for m in r[name]] for r in want]
             else:
                 assert got[name].to_pylist() == [r[name] for r in want]
-    assert blocks.get("preference", "train") is None
+    assert blocks.get("preference", "train") == []
     assert blocks.source("conversation", "eval", 1) == {"file": "t.jsonl", "line": 4, "chunk": None}
 
 
@@ -182,3 +183,34 @@ def test_progress_lines_give_rate_share_and_time_left(caplog):
         "validate: read: 2,048 rows, 100 rows/s, 2 of 4 MB (51%), about 20 s left",
         "validate: read: 2,048 rows, 100 rows/s, 2 of 4 MB (51%), 20.5 s",
     ]
+
+
+def test_appended_records_tokenize_only_the_new_shards(chatml_model, tmp_path, monkeypatch, caplog):
+    import logging
+
+    monkeypatch.setattr(stage_module, "READ_BLOCK_BYTES", 2000)  # a few records per block
+    monkeypatch.setattr(stage_module, "SHARD_BYTES", 1)  # a shard per block
+    records = _records(60)
+    validate = write_records(tmp_path / "v", records[:40])
+    cfg = TokenizeConfig(max_length=64, cache_dir=str(tmp_path / "cache"))
+    model = ModelConfig(base=str(chatml_model))
+    with caplog.at_level(logging.INFO, logger="tunepath.tokenize.stage"):
+        run_tokenize(cfg, model, validate, tmp_path / "out")
+        first = [r.getMessage() for r in caplog.records if "records from row" in r.getMessage()]
+        caplog.clear()
+        write_records(validate, records)  # the first 40 lines as they were, 60 more after them
+        summary = run_tokenize(cfg, model, validate, tmp_path / "out")
+        second = [r.getMessage() for r in caplog.records if "records from row" in r.getMessage()]
+    assert not summary["cached"]
+    sft_first = [m for m in first if m.startswith("tokenize sft/train")]
+    sft_second = [m for m in second if m.startswith("tokenize sft/train")]
+    assert len(sft_first) > 3
+    # Only the new shards are tokenized, and at most the last old one (when its block now reads on).
+    old_rows = [int(m.split("from row ")[1].split()[0]) for m in sft_first]
+    new_rows = [int(m.split("from row ")[1].split()[0]) for m in sft_second]
+    assert min(new_rows) >= max(old_rows) and len(new_rows) < len(sft_first)
+    fresh = run_tokenize(cfg.model_copy(update={"cache_dir": str(tmp_path / "fresh")}), model, validate, tmp_path / "fresh-out")
+    assert not fresh["cached"]
+    for part in ("sft/train", "sft/eval", "cpt/train"):
+        if (tmp_path / "fresh-out" / part).exists():
+            assert _load(tmp_path / "out" / part).to_dict() == _load(tmp_path / "fresh-out" / part).to_dict()

@@ -44,6 +44,8 @@ DROP_NAMES = tuple(name for name in STATUS_NAMES.values() if name.startswith("dr
 # Settings that change the tokenized records (the rest act after the cache: packing, blocks, parallelism).
 CACHE_KEYS = ("max_length", "template", "custom_template", "overlong", "last_turn_only", "keep_history_reasoning",
               "template_kwargs", "render_date", "parity_checks")
+READ_BLOCK_BYTES = 64 << 20  # records.jsonl is read this much at a time (less under a small data.memory_gb)
+SHARD_BYTES = 128 << 20  # a kind and split's records are tokenized and cached in shards of about this size
 # SFT samples are packed best-fit within windows of this many tokens. Fixed (not from data.memory_gb), so the
 # rows do not depend on the machine; a window's arrays take about 40 bytes per token.
 PACK_WINDOW_TOKENS = 1 << 24
@@ -84,8 +86,9 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     cache_root = _cache_root(cfg)
-    fingerprint = _fingerprint(records_path, plan, cfg, cache_root)
-    records = _Records(records_path, cache_root / "records" / fingerprint[:32], block_bytes=max(budget // 16, 1 << 20))
+    settings = _settings_digest(plan, cfg)
+    fingerprint = hashlib.sha256((settings + _file_digest(records_path, cache_root / "file-digests.json")).encode()).hexdigest()
+    records = _Records(records_path, cache_root / "records" / fingerprint[:32], block_bytes=min(READ_BLOCK_BYTES, max(budget // 16, 1 << 20)))
     run_key = hashlib.sha256((fingerprint + cfg.model_dump_json()).encode()).hexdigest()
     stats: dict = {}
     timings = {"setup": round(time.perf_counter() - started, 3)}  # seconds per part, in stats.json: where the time goes
@@ -93,7 +96,6 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
     for kind, folder in FOLDERS.items():
         stats[folder] = {}
         for split in SPLITS:
-            key = hashlib.sha256(f"{fingerprint}/{kind}/{split}".encode()).hexdigest()[:32]
             target = out_dir / folder / split
             finished = cache_root / "finished" / hashlib.sha256(f"{run_key}/{folder}/{split}".encode()).hexdigest()[:32]
             clock = time.perf_counter()
@@ -102,7 +104,7 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
                 cached.append(True)
                 timings[f"{folder}/{split}/cached"] = round(time.perf_counter() - clock, 3)
                 continue
-            mapped, hit = _tokenized(kind, split, records, plan, cfg, cache_root / key, data.workers(), budget)
+            mapped, hit = _tokenized(kind, split, records, plan, cfg, cache_root, settings, fingerprint, data.workers(), budget)
             cached.append(hit)
             timings[f"{folder}/{split}/tokenize"] = round(time.perf_counter() - clock, 3)
             clock = time.perf_counter()
@@ -146,11 +148,13 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
 
 
 class _Records:
-    """records.jsonl split into one Arrow file per (kind, split), read only when some split is not cached.
+    """records.jsonl split into Arrow shards per (kind, split), read only when some split is not cached.
 
     The file is read in blocks of `block_bytes` cut at line ends (each block by pyarrow's multithreaded JSON
-    reader), so memory follows the block, not the file. A split's file keeps only the message fields some
-    record of it sets (see `_set_fields`); the map memory-maps it.
+    reader), so memory follows the block, not the file. A kind and split's rows go to shards of about
+    SHARD_BYTES, each cut at a block's edge: appending rows to the records leaves every earlier shard's bytes
+    as they were, so only the new shards are tokenized (the map cache is keyed by a shard's digest). Shards
+    keep only the message fields some record of their split sets (see `_set_fields`); the map memory-maps them.
     """
 
     COLUMNS = {"conversation": ("messages", "tools", "source"), "text": ("text",), "preference": ("prompt", "chosen", "rejected", "tools"),
@@ -160,22 +164,22 @@ class _Records:
     def __init__(self, path: Path, folder: Path, block_bytes: int) -> None:
         self.path, self.folder, self.block_bytes = path, folder, block_bytes
 
-    def get(self, kind: str, split: str) -> Path | None:
-        """The Arrow file of one kind and split; None when it has no records."""
-        if not (self.folder / "done").exists():
+    def get(self, kind: str, split: str) -> list[dict]:
+        """The shards of one kind and split, in order: path, offset (rows before it), rows, sha256."""
+        if not (self.folder / "shards.json").exists():
             self._split()
-        path = self.folder / f"{kind}-{split}.arrow"
-        return path if path.exists() else None
+        shards = json.loads((self.folder / "shards.json").read_text(encoding="utf-8")).get(f"{kind}-{split}", [])
+        return [{**s, "path": self.folder / s["name"]} for s in shards]
 
     def source(self, kind: str, split: str, index: int) -> dict:
         """The `source` (file, line) of the index-th record of one kind and split."""
         import pyarrow as pa
 
-        path = self.get(kind, split)
-        if path is None:
-            return {}
-        with pa.memory_map(str(path)) as f:
-            return pa.ipc.open_stream(f).read_all()["source"][index].as_py() or {}
+        for shard in self.get(kind, split):
+            if shard["offset"] <= index < shard["offset"] + shard["rows"]:
+                with pa.memory_map(str(shard["path"])) as f:
+                    return pa.ipc.open_stream(f).read_all()["source"][index - shard["offset"]].as_py() or {}
+        return {}
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -185,12 +189,12 @@ class _Records:
         import pyarrow.compute as pc
         import pyarrow.json as pj
 
-        schema = _records_schema()
-        options = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+        options = pj.ParseOptions(explicit_schema=_records_schema(), unexpected_field_behavior="ignore")
         partial = self.folder.with_name(self.folder.name + f".partial-{os.getpid()}")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        writers: dict = {}
+        shards: dict[str, list[dict]] = {}
+        open_shards: dict = {}  # "kind-split" -> (writer, its entry in shards)
         used: dict = {}  # (kind, split, column) -> names of the message fields some record sets
         offset = 0
         with open(self.path, "rb") as f:
@@ -207,20 +211,42 @@ class _Records:
                         rows = table.select(list(columns)).filter(pc.and_(pc.equal(table["kind"], kind), pc.equal(table["split"], split)))
                         if not rows.num_rows:
                             continue
-                        if (kind, split) not in writers:
-                            writers[kind, split] = pa.ipc.new_stream(str(partial / f"{kind}-{split}.arrow"), rows.schema)
-                        writers[kind, split].write_table(rows)
+                        key = f"{kind}-{split}"
+                        writer, entry = open_shards.get(key, (None, None))
+                        if writer is not None and entry["bytes"] >= SHARD_BYTES:
+                            writer.close()
+                            writer = None
+                        if writer is None:
+                            done = shards.setdefault(key, [])
+                            entry = {"name": f"{key}-{len(done):05d}.arrow", "offset": sum(s["rows"] for s in done), "rows": 0, "bytes": 0}
+                            done.append(entry)
+                            writer = pa.ipc.new_stream(str(partial / entry["name"]), rows.schema)
+                            open_shards[key] = (writer, entry)
+                        writer.write_table(rows)
+                        entry["rows"] += rows.num_rows
+                        entry["bytes"] += rows.nbytes
                         for name in set(columns) & set(self.MESSAGE_COLUMNS):
                             used.setdefault((kind, split, name), set()).update(_set_fields(rows[name]))
                 del table
-        for writer in writers.values():
+        for writer, _ in open_shards.values():
             writer.close()
-        for (kind, split) in writers:
+        for key, entries in shards.items():
+            kind, split = key.rsplit("-", 1)
             fields = {name: used[kind, split, name] for name in self.COLUMNS[kind] if name in self.MESSAGE_COLUMNS}
-            _drop_unused_fields(partial / f"{kind}-{split}.arrow", fields)
-        (partial / "done").touch()
+            for entry in entries:
+                _drop_unused_fields(partial / entry["name"], fields)
+                entry["sha256"] = _sha256(partial / entry["name"])
+        (partial / "shards.json").write_text(json.dumps(shards) + "\n", encoding="utf-8")
         shutil.rmtree(self.folder, ignore_errors=True)
         os.replace(partial, self.folder)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _records_schema():
@@ -267,37 +293,49 @@ def _drop_unused_fields(path: Path, fields: dict[str, set[str]]) -> None:
     os.replace(narrow, path)
 
 
-def _tokenized(kind: str, split: str, records: _Records, plan: EncodePlan, cfg: TokenizeConfig, cache: Path, num_proc: int, budget: int):
-    """The map output for one (kind, split) and whether it came from the cache; None when there are no records.
+def _tokenized(kind: str, split: str, records: _Records, plan: EncodePlan, cfg: TokenizeConfig, cache_root: Path, settings: str,
+               fingerprint: str, num_proc: int, budget: int):
+    """The map output for one (kind, split) and whether it all came from the cache; None when there are no records.
 
-    The map writes its Arrow files straight into the cache folder (an in-memory map output grows a buffer by
-    copying it, which cost more than the tokenizer on 50k chats), and the folder's `files.json` lists them.
+    Each shard of the split is mapped on its own and cached under its digest and the settings, so appended
+    rows map only the new shards. An index per records fingerprint lists the split's shard keys: a rerun on
+    the same records finds its map outputs without reading the records again.
     """
+    index = cache_root / "splits" / f"{fingerprint[:32]}-{kind}-{split}.json"
+    keys = json.loads(index.read_text(encoding="utf-8")) if index.exists() else None
+    if keys is not None and all((cache_root / key / MAP_FILES).exists() for key in keys):
+        return (_load_split(cache_root, keys, budget) if keys else None), True
+    keys, hit = [], True
+    for shard in records.get(kind, split):
+        key = hashlib.sha256(f"{settings}/{kind}/{split}/{shard['offset']}/{shard['sha256']}".encode()).hexdigest()[:32]
+        if not (cache_root / key / MAP_FILES).exists():
+            _map_shard(kind, split, shard, plan, cfg, cache_root / key, num_proc)
+            hit = False
+        keys.append(key)
+    index.parent.mkdir(parents=True, exist_ok=True)
+    index.write_text(json.dumps(keys) + "\n", encoding="utf-8")
+    return (_load_split(cache_root, keys, budget) if keys else None), hit
+
+
+def _map_shard(kind: str, split: str, shard: dict, plan: EncodePlan, cfg: TokenizeConfig, cache: Path, num_proc: int) -> None:
+    """Tokenizes one shard into `cache`. The map writes its Arrow files straight into the cache folder (an
+    in-memory map output grows a buffer by copying it, which cost more than the tokenizer on 50k chats), and
+    the folder's `files.json` lists them."""
     from datasets import Dataset
 
-    if (cache / "empty").exists():
-        return None, True
-    if (cache / MAP_FILES).exists():
-        return _load_mapped(cache, budget), True
-    rows = records.get(kind, split)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    if rows is None:
-        cache.mkdir(exist_ok=True)
-        (cache / "empty").touch()
-        return None, False
     from tunepath.tokenize.dpo import dpo_batch
     from tunepath.tokenize.kto import kto_batch
 
     function, kwargs = {
-        "conversation": (sft_batch, {"plan": plan, "with_prompt": split == "eval"}),
+        "conversation": (sft_batch, {"plan": plan, "with_prompt": split == "eval", "offset": shard["offset"]}),
         "text": (cpt_batch, {"plan": plan}),
         "preference": (dpo_batch, {"plan": plan}),
         "feedback": (kto_batch, {"plan": plan}),
     }[kind]
     partial = cache.with_name(cache.name + f".partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    source = Dataset.from_file(str(rows))  # memory-mapped: workers get the file's path, not a pickled copy
+    partial.mkdir(parents=True)
+    source = Dataset.from_file(str(shard["path"]))  # memory-mapped: workers get the file's path, not a pickled copy
     workers = min(num_proc, math.ceil(source.num_rows / cfg.batch_size))
     workers = workers if workers > 1 else None
     clock = time.perf_counter()
@@ -318,13 +356,11 @@ def _tokenized(kind: str, split: str, records: _Records, plan: EncodePlan, cfg: 
     files = [Path(f["filename"]).name for f in mapped.cache_files]
     (partial / MAP_FILES).write_text(json.dumps(files) + "\n", encoding="utf-8")
     seconds = time.perf_counter() - clock
-    log.info("tokenize %s/%s: %d records in %.1f s (%.0f records/s, %d worker(s))", FOLDERS[kind], split, source.num_rows,
-             seconds, source.num_rows / max(seconds, 1e-9), workers or 1)
-    del mapped  # its memory maps point into `partial`, renamed next
+    log.info("tokenize %s/%s: %d records from row %d in %.1f s (%.0f records/s, %d worker(s))", FOLDERS[kind], split, source.num_rows,
+             shard["offset"], seconds, source.num_rows / max(seconds, 1e-9), workers or 1)
+    del mapped, source  # the map output's memory maps point into `partial`, renamed next
     shutil.rmtree(cache, ignore_errors=True)
     os.replace(partial, cache)
-    del source
-    return _load_mapped(cache, budget), False
 
 
 @contextlib.contextmanager
@@ -348,13 +384,13 @@ def _tokenizer_threads(count: int | None):
 MAP_FILES = "files.json"
 
 
-def _load_mapped(cache: Path, budget: int):
-    """The cached map output: its Arrow files, in order. Packing reads every row; reading a file whole was 5x
-    faster than faulting its pages in through a memory map (a 92 MB output: 0.07 s against 0.37 s), so outputs
-    up to a quarter of the memory budget are read whole and larger ones memory-mapped."""
+def _load_split(cache_root: Path, keys: list[str], budget: int):
+    """The cached map outputs of a split's shards, in order, as one Dataset. Packing reads every row; reading a
+    file whole was 5x faster than faulting its pages in through a memory map (a 92 MB output: 0.07 s against
+    0.37 s), so outputs up to a quarter of the memory budget are read whole and larger ones memory-mapped."""
     from datasets import Dataset, concatenate_datasets
 
-    paths = [cache / name for name in json.loads((cache / MAP_FILES).read_text(encoding="utf-8"))]
+    paths = [cache_root / key / name for key in keys for name in json.loads((cache_root / key / MAP_FILES).read_text(encoding="utf-8"))]
     whole = sum(p.stat().st_size for p in paths) <= budget // 4
     parts = [Dataset.from_file(str(p), in_memory=whole) for p in paths]
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
@@ -623,9 +659,9 @@ def _hash_files(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def _fingerprint(records_path: Path, plan: EncodePlan, cfg: TokenizeConfig, cache_root: Path) -> str:
+def _settings_digest(plan: EncodePlan, cfg: TokenizeConfig) -> str:
+    """What changes the token ids besides the records: tokenizer and template, the id-changing settings, this code."""
     digest = hashlib.sha256()
-    digest.update(_file_digest(records_path, cache_root / "file-digests.json").encode())
     digest.update(plan.tokenizer_hash.encode())
     digest.update(json.dumps({k: getattr(cfg, k) for k in CACHE_KEYS}, sort_keys=True, default=str).encode())
     for path in sorted(Path(__file__).parent.glob("*.py")):
