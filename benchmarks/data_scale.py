@@ -184,8 +184,11 @@ def run_size(args, label: str, make) -> list[dict]:
     generated = time.perf_counter() - clock
     size = (work / "raw" / "data.jsonl").stat().st_size
     print(f"{label}: {rows:,} rows, {size / 1e6:,.0f} MB generated in {generated:.0f} s", file=sys.stderr, flush=True)
+    if "validate" not in args.stages:
+        _records_from_raw(work / "raw" / "data.jsonl", work / "validate")
     results = []
-    for stage in ("validate", "tokenize", "tokenize", "raw"):
+    wanted = [s for s in ("validate", "tokenize", "rerun", "raw") if s in args.stages]
+    for stage in (s.replace("rerun", "tokenize") for s in wanted):
         result = run_child(args, stage)
         result.update(data=label, rows=rows, bytes=size)
         if stage == "tokenize" and any(r["stage"] == "tokenize" for r in results):
@@ -204,6 +207,18 @@ def run_size(args, label: str, make) -> list[dict]:
         results[0]["tokenize_stats"] = {k: {s: {n: v[s].get(n) for n in ("samples_out", "tokens", "rows", "padding_share_packed", "pack_windows")} for s in ("train", "eval")}
                                         for k, v in stats.items() if k in ("sft", "cpt")}
     return results
+
+
+def _records_from_raw(raw: Path, out: Path) -> None:
+    """Canonical records straight from the generated rows, for runs that leave validate out (every 50th to eval)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(raw, encoding="utf-8") as src, open(out / "records.jsonl", "w", encoding="utf-8") as dst:
+        for i, line in enumerate(src):
+            row = json.loads(line)
+            kind = "conversation" if "messages" in row else "text"
+            record = {"id": f"{i:016x}", "kind": kind, "split": "eval" if i % 50 == 0 else "train",
+                      "source": {"file": "data.jsonl", "line": i + 1}, **row}
+            dst.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def table(results: list[dict], cores: int) -> str:
@@ -229,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chats", default="10k,100k,1M", help="conversation counts, comma-separated ('' for none)")
     parser.add_argument("--text", default="100MB,1GB", help="text sizes, comma-separated ('' for none)")
     parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--stages", default="validate,tokenize,rerun,raw",
+                        help="which to run; without validate, records are written straight from the generated rows")
     parser.add_argument("--model", help="a model folder whose tokenizer to use (default: one trained here)")
     parser.add_argument("--workdir", help="folder for data, outputs and caches (default: a temporary one; needs ~25x the largest input)")
     parser.add_argument("--out", help="JSON path (default: benchmarks/results/data_scale_cpu<cores>_<date>.json)")

@@ -9,7 +9,8 @@ Usage (Python):
     run_tokenize(TokenizeConfig(), ModelConfig(base="models/demo"), Path("artifacts/validate"), Path("artifacts/tokenize"))
 
 Outputs (all under `out_dir`): `tokenizer/` (saved with the chat template used), `sft/{train,eval}`,
-`cpt/{train,eval}`, `dpo/{train,eval}` (datasets `save_to_disk`), `stats.json` and `report.md`.
+`cpt/{train,eval}`, `dpo/{train,eval}` (the layout `datasets.load_from_disk` reads, written shard by shard),
+`stats.json` and `report.md`.
 """
 
 from __future__ import annotations
