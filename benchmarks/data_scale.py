@@ -209,6 +209,40 @@ def run_size(args, label: str, make) -> list[dict]:
     return results
 
 
+def packing_waste(model: str, sample: int, sizes: list[int], max_length: int) -> list[dict]:
+    """Padding share of SFT rows packed best-fit per window (the stage now) and in one global packing (the stage
+    before windows), on chat lengths drawn from `sample` generated chats tokenized by `model` (resampled to
+    each size: packing needs the lengths only)."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from tunepath.tokenize import stage
+    from tunepath.tokenize.packing import best_fit_decreasing, padding_share
+
+    path = Path(tempfile.mkdtemp(prefix="tunepath-bench-pack-")) / "chats.jsonl"
+    write_chats(path, sample, seed=1)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    with open(path, encoding="utf-8") as f:
+        texts = [tokenizer.apply_chat_template(json.loads(line)["messages"], tokenize=False) for line in f]
+    measured = np.array([len(e.ids) for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]).clip(max=max_length)
+    out = []
+    for size in sizes:
+        lengths = np.random.default_rng(size).choice(measured, size=size)
+        tokens = int(lengths.sum())
+        started = time.perf_counter()
+        whole = len(best_fit_decreasing(lengths.tolist(), max_length))
+        whole_s = time.perf_counter() - started
+        started = time.perf_counter()
+        windows = [len(best_fit_decreasing(lengths[lo:hi].tolist(), max_length))
+                   for lo, hi in stage._windows(lengths, max(stage.PACK_WINDOW_TOKENS, 16 * max_length))]
+        windows_s = time.perf_counter() - started
+        out.append({"samples": size, "tokens": tokens, "windows": len(windows),
+                    "global": {"rows": whole, "padding_share": padding_share(tokens, whole, max_length), "seconds": round(whole_s, 2)},
+                    "windowed": {"rows": sum(windows), "padding_share": padding_share(tokens, sum(windows), max_length), "seconds": round(windows_s, 2)}})
+        print(f"packing {size:,} samples: global {out[-1]['global']}, windowed {out[-1]['windowed']} ({len(windows)} windows)", file=sys.stderr, flush=True)
+    return out
+
+
 def _records_from_raw(raw: Path, out: Path) -> None:
     """Canonical records straight from the generated rows, for runs that leave validate out (every 50th to eval)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -249,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="a model folder whose tokenizer to use (default: one trained here)")
     parser.add_argument("--workdir", help="folder for data, outputs and caches (default: a temporary one; needs ~25x the largest input)")
     parser.add_argument("--out", help="JSON path (default: benchmarks/results/data_scale_cpu<cores>_<date>.json)")
+    parser.add_argument("--packing", default="", help="also compare windowed and global packing at these sample counts (e.g. 100k,1M)")
     parser.add_argument("--child", choices=["validate", "tokenize", "raw"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -264,9 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"data_scale_cpu{cores}_{time.strftime('%Y-%m-%d')}.json"
     results: list[dict] = []
+    packing: list[dict] = []
 
     def save() -> dict:  # after each size, so that a long run killed part-way keeps what it measured
-        figures = {"date": time.strftime("%Y-%m-%d"), "cpu_cores": cores, "load_average": round(os.getloadavg()[0], 2),
+        figures = {"packing": packing, "date": time.strftime("%Y-%m-%d"), "cpu_cores": cores, "load_average": round(os.getloadavg()[0], 2),
                    "memory_gb": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / (1 << 30), 1), "max_length": args.max_length,
                    "command": "python -m benchmarks.data_scale " + " ".join(argv if argv is not None else sys.argv[1:]), "results": results}
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -279,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     for size in filter(None, args.text.split(",")):
         results += run_size(args, f"{size} text", lambda p, size=size: write_text(p, _size(size)))
         figures = save()
+    if args.packing:
+        packing += packing_waste(args.model, 20_000, [_size(n) for n in args.packing.split(",")], args.max_length)
     figures = save()
     print(table(results, cores))
     print(f"\n{cores} cores, {figures['memory_gb']} GB, load average {figures['load_average']}; figures in {out}")

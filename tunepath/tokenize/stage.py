@@ -313,7 +313,9 @@ def _tokenized(kind: str, split: str, records: _Records, plan: EncodePlan, cfg: 
             hit = False
         keys.append(key)
     index.parent.mkdir(parents=True, exist_ok=True)
-    index.write_text(json.dumps(keys) + "\n", encoding="utf-8")
+    partial = index.with_name(index.name + f".partial-{os.getpid()}")
+    partial.write_text(json.dumps(keys) + "\n", encoding="utf-8")
+    os.replace(partial, index)  # whole or absent for a run beside this one
     return (_load_split(cache_root, keys, budget) if keys else None), hit
 
 
