@@ -273,6 +273,20 @@ def table(results: list[dict], cores: int) -> str:
     return "\n".join(lines)
 
 
+def _command(argv: list[str]) -> str:
+    """The command line without its folders (they name this machine's paths)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith(("--workdir=", "--out=", "--model=")):
+            skip = False
+            continue
+        if arg in ("--workdir", "--out", "--model"):
+            skip = True
+            continue
+        kept.append(arg)
+    return " ".join(["python -m benchmarks.data_scale", *kept])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chats", default="10k,100k,1M", help="conversation counts, comma-separated ('' for none)")
@@ -304,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> dict:  # after each size, so that a long run killed part-way keeps what it measured
         figures = {"packing": packing, "date": time.strftime("%Y-%m-%d"), "cpu_cores": cores, "load_average": round(os.getloadavg()[0], 2),
                    "memory_gb": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / (1 << 30), 1), "max_length": args.max_length,
-                   "command": "python -m benchmarks.data_scale " + " ".join(argv if argv is not None else sys.argv[1:]), "results": results}
+                   "command": _command(argv if argv is not None else sys.argv[1:]), "results": results}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
         return figures
