@@ -1,4 +1,7 @@
-"""The environment every tunepath process runs with: offline, no telemetry from any of the tools."""
+"""The environment every tunepath process runs with: offline, no telemetry from any of the tools.
+
+Tokenizer threads are left on: the tokenize stage turns them off itself, for its forked map workers only.
+"""
 
 OFFLINE_ENV = {
     "DO_NOT_TRACK": "1",
@@ -9,6 +12,5 @@ OFFLINE_ENV = {
     "TRANSFORMERS_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
-    "TOKENIZERS_PARALLELISM": "false",
     "GIT_PYTHON_REFRESH": "quiet",
 }

@@ -11,6 +11,24 @@ class DataConfig(Strict):
     """Where the user's data lives."""
 
     raw_dir: str = Field("data/raw", description="Folder of input files (jsonl, json, parquet, csv, txt), read recursively.")
+    num_proc: int | None = Field(
+        None, ge=1, le=256,
+        description="Worker processes of the data stages (tokenize); null: every core this process may run on. Each worker "
+        "tokenizes on one thread, so workers x tokenizer threads never exceed the cores.",
+    )
+    memory_gb: float = Field(
+        4.0, ge=0.25, le=4096,
+        description="Memory the data stages aim to stay under: sets how much is read, tokenized and cut into blocks at a "
+        "time. Does not change the outputs.",
+    )
+
+    def workers(self) -> int:
+        """`num_proc`, or the cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
+        import os
+
+        if self.num_proc:
+            return self.num_proc
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class ModelConfig(Strict):

@@ -66,7 +66,7 @@ def _run_core(name: str, cfg, ws: Workspace, on_progress=None) -> dict:
     if name == "tokenize":
         from tunepath.tokenize import run_tokenize
 
-        return run_tokenize(cfg.tokenize, resolve_model(cfg.model, ws), ws.out("validate"), ws.out("tokenize"))
+        return run_tokenize(cfg.tokenize, resolve_model(cfg.model, ws), ws.out("validate"), ws.out("tokenize"), data=cfg.data)
     if name == "route":
         from tunepath.route import run_route
         from tunepath.route.stage import train_settings

@@ -9,7 +9,8 @@ Usage (Python):
     run_tokenize(TokenizeConfig(), ModelConfig(base="models/demo"), Path("artifacts/validate"), Path("artifacts/tokenize"))
 
 Outputs (all under `out_dir`): `tokenizer/` (saved with the chat template used), `sft/{train,eval}`,
-`cpt/{train,eval}`, `dpo/{train,eval}` (datasets `save_to_disk`), `stats.json` and `report.md`.
+`cpt/{train,eval}`, `dpo/{train,eval}` (the layout `datasets.load_from_disk` reads, written shard by shard),
+`stats.json` and `report.md`.
 """
 
 from __future__ import annotations
@@ -70,7 +71,6 @@ class TokenizeConfig(Strict):
     cpt_isolate_documents: bool = Field(
         True, description="Position ids restart at each document inside a CPT block, so documents do not attend to each other."
     )
-    num_proc: int = Field(1, ge=1, le=256, description="Worker processes for datasets.map.")
     batch_size: int = Field(1000, ge=1, le=1_000_000, description="Records per datasets.map batch.")
     cache_dir: str | None = Field(
         None, description="Where tokenized records are cached by input fingerprint; null: the datasets cache folder."

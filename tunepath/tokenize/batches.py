@@ -121,7 +121,8 @@ def _where(batch: dict, row: int) -> str:
     return f"{source.get('file', '?')}, line {source.get('line', '?')}"
 
 
-def sft_batch(batch: dict, indices: list[int], plan: EncodePlan, with_prompt: bool):
+def sft_batch(batch: dict, indices: list[int], plan: EncodePlan, with_prompt: bool, offset: int = 0):
+    """`offset`: the row of the batch's shard in its kind and split, so `record` counts over the whole split."""
     import numpy as np
     import pyarrow as pa
 
@@ -133,7 +134,7 @@ def sft_batch(batch: dict, indices: list[int], plan: EncodePlan, with_prompt: bo
         "status": pa.array(fitted["status"], type=pa.int32()),
         "length": pa.array(fitted["length"], type=pa.int32()),
         "label_tokens": pa.array(fitted["label_tokens"], type=pa.int32()),
-        "record": pa.array(np.asarray(indices, dtype=np.int64)[encoded.owner], type=pa.int64()),
+        "record": pa.array(np.asarray(indices, dtype=np.int64)[encoded.owner] + offset, type=pa.int64()),
         "restored": pa.array(encoded.restored),
         "control_text": pa.array(encoded.control_text),
         "detail": pa.array(encoded.details, type=pa.string()),

@@ -2,7 +2,14 @@
 
 Each (kind, split) is tokenized by `datasets.map(batched=True, num_proc=...)` and the result is cached under
 a fingerprint of the records file, the tokenizer and template, the settings that change ids, and this
-package's code; packing, blocks and the writing of `out_dir` run every time (they are fast).
+package's code. The packed rows, CPT blocks and pairs are cached too, under that fingerprint and every
+tokenize setting, so a rerun that changes nothing links them into `out_dir` without repacking.
+
+Memory stays bounded by `data.memory_gb`, not by the data: records are read in blocks of bytes and written
+apart per kind and split (memory-mapped by the map), map outputs larger than a share of the budget are
+memory-mapped, SFT rows are packed best-fit over windows of PACK_WINDOW_TOKENS (the same rows as one global
+packing below that size; above it, a little more padding, reported in stats.json), CPT blocks are cut from
+chunks of documents, and every output is written shard by shard.
 """
 
 from __future__ import annotations
@@ -17,14 +24,16 @@ import shutil
 import time
 from pathlib import Path
 
-from tunepath.sections import ModelConfig
+from tunepath.sections import DataConfig, ModelConfig
 from tunepath.tokenize import TokenizeConfig
 from tunepath.errors import StageError
+from tunepath.progress import Progress
 from tunepath.tokenize.batches import STATUS_NAMES, TRUNCATED, EncodePlan, cpt_batch, encoder_for, sft_batch
 from tunepath.tokenize.masks import check_encoder
 from tunepath.tokenize.packing import best_fit_decreasing, build_rows, padding_share
 from tunepath.tokenize.report import cut_samples, cut_warning, write_report
 from tunepath.tokenize.render import pin_date
+from tunepath.tokenize.shards import ShardWriter
 from tunepath.tokenize.templates import select_template, template_hash
 
 log = logging.getLogger(__name__)
@@ -35,12 +44,23 @@ DROP_NAMES = tuple(name for name in STATUS_NAMES.values() if name.startswith("dr
 # Settings that change the tokenized records (the rest act after the cache: packing, blocks, parallelism).
 CACHE_KEYS = ("max_length", "template", "custom_template", "overlong", "last_turn_only", "keep_history_reasoning",
               "template_kwargs", "render_date", "parity_checks")
+READ_BLOCK_BYTES = 64 << 20  # records.jsonl is read this much at a time (less under a small data.memory_gb)
+SHARD_BYTES = 128 << 20  # a kind and split's records are tokenized and cached in shards of about this size
+# SFT samples are packed best-fit within windows of this many tokens. Fixed (not from data.memory_gb), so the
+# rows do not depend on the machine; a window's arrays take about 40 bytes per token.
+PACK_WINDOW_TOKENS = 1 << 24
+BYTES_PER_CPT_TOKEN = 64  # the cut's arrays over a chunk's tokens, measured from cpt.BlockCutter's temporaries
 
 
-def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, out_dir: Path) -> dict:
-    """Tokenize `validate_dir/records.jsonl` into `out_dir` (cleared first); returns a small summary."""
+def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, out_dir: Path, data: DataConfig | None = None) -> dict:
+    """Tokenize `validate_dir/records.jsonl` into `out_dir` (cleared first); returns a small summary.
+
+    `data` gives the worker processes and the memory budget (`data.num_proc`, `data.memory_gb`); neither
+    changes the outputs."""
     from tunepath.tokenize.loading import load_tokenizer
 
+    data = data or DataConfig()
+    budget = int(data.memory_gb * (1 << 30))
     started = time.perf_counter()
     records_path = Path(validate_dir) / "records.jsonl"
     out_dir = Path(out_dir)
@@ -65,9 +85,10 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
     check_encoder(encoder_for(plan, tokenizer), cfg.template, model.base)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    fingerprint = _fingerprint(records_path, plan, cfg)
     cache_root = _cache_root(cfg)
-    records = _Records(records_path)
+    settings = _settings_digest(plan, cfg)
+    fingerprint = hashlib.sha256((settings + _file_digest(records_path, cache_root / "file-digests.json")).encode()).hexdigest()
+    records = _Records(records_path, cache_root / "records" / fingerprint[:32], block_bytes=min(READ_BLOCK_BYTES, max(budget // 16, 1 << 20)))
     run_key = hashlib.sha256((fingerprint + cfg.model_dump_json()).encode()).hexdigest()
     stats: dict = {}
     timings = {"setup": round(time.perf_counter() - started, 3)}  # seconds per part, in stats.json: where the time goes
@@ -75,23 +96,31 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
     for kind, folder in FOLDERS.items():
         stats[folder] = {}
         for split in SPLITS:
-            key = hashlib.sha256(f"{fingerprint}/{kind}/{split}".encode()).hexdigest()[:32]
+            target = out_dir / folder / split
+            finished = cache_root / "finished" / hashlib.sha256(f"{run_key}/{folder}/{split}".encode()).hexdigest()[:32]
             clock = time.perf_counter()
-            mapped, hit = _tokenized(kind, split, records, plan, cfg, cache_root / key)
+            if _link_finished(finished, target):
+                stats[folder][split] = json.loads((finished / "stats.json").read_text(encoding="utf-8"))
+                cached.append(True)
+                timings[f"{folder}/{split}/cached"] = round(time.perf_counter() - clock, 3)
+                continue
+            mapped, hit = _tokenized(kind, split, records, plan, cfg, cache_root, settings, fingerprint, data.workers(), budget)
             cached.append(hit)
             timings[f"{folder}/{split}/tokenize"] = round(time.perf_counter() - clock, 3)
             clock = time.perf_counter()
-            target = out_dir / folder / split
             if folder == "sft":
                 stats[folder][split] = _finish_sft(mapped, split, cfg, target, run_key)
                 stats[folder][split]["drop_examples"] = _drop_examples(mapped, records, kind, split)
             elif folder == "cpt":
-                stats[folder][split] = _finish_cpt(mapped, cfg, pad_id, target, run_key)
+                stats[folder][split] = _finish_cpt(mapped, cfg, pad_id, target, run_key, budget)
             elif folder == "kto":
                 stats[folder][split] = _finish_kto(mapped, cfg, target, run_key)
             else:
                 stats[folder][split] = _finish_dpo(mapped, cfg, target, run_key)
+            del mapped
+            _keep_finished(target, stats[folder][split], finished)
             timings[f"{folder}/{split}/pack_and_write"] = round(time.perf_counter() - clock, 3)
+    records.clear()  # the per-split record files: every split they feed is cached now
 
     summary = {
         "labeled_examples": stats["sft"]["train"]["samples_out"],
@@ -123,96 +152,199 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
 
 
 class _Records:
-    """records.jsonl as Arrow, read (by pyarrow's multithreaded JSON reader) only when some split is not cached."""
+    """records.jsonl split into Arrow shards per (kind, split), read only when some split is not cached.
+
+    The file is read in blocks of `block_bytes` cut at line ends (each block by pyarrow's multithreaded JSON
+    reader), so memory follows the block, not the file. A kind and split's rows go to shards of about
+    SHARD_BYTES, each cut at a block's edge: appending rows to the records leaves every earlier shard's bytes
+    as they were, so only the new shards are tokenized (the map cache is keyed by a shard's digest). Shards
+    keep only the message fields some record of their split sets (see `_set_fields`); the map memory-maps them.
+    """
 
     COLUMNS = {"conversation": ("messages", "tools", "source"), "text": ("text",), "preference": ("prompt", "chosen", "rejected", "tools"),
                "feedback": ("messages", "label", "tools")}
+    MESSAGE_COLUMNS = ("messages", "prompt", "chosen", "rejected")
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._table = None
+    def __init__(self, path: Path, folder: Path, block_bytes: int) -> None:
+        self.path, self.folder, self.block_bytes = path, folder, block_bytes
 
-    def get(self, kind: str, split: str, columns: list[str] | None = None):
-        import pyarrow.compute as pc
+    def get(self, kind: str, split: str) -> list[dict]:
+        """The shards of one kind and split, in order: path, offset (rows before it), rows, sha256."""
+        if not (self.folder / "shards.json").exists():
+            self._split()
+        shards = json.loads((self.folder / "shards.json").read_text(encoding="utf-8")).get(f"{kind}-{split}", [])
+        return [{**s, "path": self.folder / s["name"]} for s in shards]
 
-        table = self._read()
-        mask = pc.and_(pc.equal(table["kind"], kind), pc.equal(table["split"], split))
-        rows = table.select(columns or list(self.COLUMNS[kind])).filter(mask)
-        for name in ("messages", "prompt", "chosen", "rejected"):
-            if name in rows.column_names:
-                rows = rows.set_column(rows.column_names.index(name), name, _used_fields(rows[name]))
-        return rows
-
-    def _read(self):
+    def source(self, kind: str, split: str, index: int) -> dict:
+        """The `source` (file, line) of the index-th record of one kind and split."""
         import pyarrow as pa
+
+        for shard in self.get(kind, split):
+            if shard["offset"] <= index < shard["offset"] + shard["rows"]:
+                with pa.memory_map(str(shard["path"])) as f:
+                    return pa.ipc.open_stream(f).read_all()["source"][index - shard["offset"]].as_py() or {}
+        return {}
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _split(self) -> None:
+        import pyarrow as pa
+        import pyarrow.compute as pc
         import pyarrow.json as pj
 
-        if self._table is None:
-            call = pa.struct([("id", pa.string()), ("name", pa.string()), ("arguments", pa.string())])
-            messages = pa.list_(pa.struct([
-                ("role", pa.string()), ("content", pa.string()), ("reasoning", pa.string()),
-                ("tool_calls", pa.list_(call)), ("tool_call_id", pa.string()), ("name", pa.string()),
-            ]))
-            source = pa.struct([("file", pa.string()), ("line", pa.int64()), ("chunk", pa.int64())])
-            schema = pa.schema(
-                [("id", pa.string()), ("kind", pa.string()), ("split", pa.string()), ("source", source),
-                 ("messages", messages), ("tools", pa.string()), ("text", pa.string()),
-                 ("prompt", messages), ("chosen", messages), ("rejected", messages), ("label", pa.bool_())]
-            )
-            options = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
-            try:
-                self._table = pj.read_json(self.path, parse_options=options)
-            except pa.ArrowInvalid as e:
-                raise ValueError(f"{self.path}: not canonical records ({e}); rerun the validate stage") from e
-        return self._table
+        options = pj.ParseOptions(explicit_schema=_records_schema(), unexpected_field_behavior="ignore")
+        partial = self.folder.with_name(self.folder.name + f".partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        shards: dict[str, list[dict]] = {}
+        open_shards: dict = {}  # "kind-split" -> (writer, its entry in shards)
+        used: dict = {}  # (kind, split, column) -> names of the message fields some record sets
+        offset = 0
+        with open(self.path, "rb") as f:
+            while block := f.read(self.block_bytes):
+                if not block.endswith(b"\n"):
+                    block += f.readline()
+                try:
+                    table = pj.read_json(pa.BufferReader(block), parse_options=options)
+                except pa.ArrowInvalid as e:
+                    raise ValueError(f"{self.path}: not canonical records in bytes {offset}-{offset + len(block)} ({e}); rerun the validate stage") from e
+                offset += len(block)
+                for kind, columns in self.COLUMNS.items():
+                    for split in SPLITS:
+                        rows = table.select(list(columns)).filter(pc.and_(pc.equal(table["kind"], kind), pc.equal(table["split"], split)))
+                        if not rows.num_rows:
+                            continue
+                        key = f"{kind}-{split}"
+                        writer, entry = open_shards.get(key, (None, None))
+                        if writer is not None and entry["bytes"] >= SHARD_BYTES:
+                            writer.close()
+                            writer = None
+                        if writer is None:
+                            done = shards.setdefault(key, [])
+                            entry = {"name": f"{key}-{len(done):05d}.arrow", "offset": sum(s["rows"] for s in done), "rows": 0, "bytes": 0}
+                            done.append(entry)
+                            writer = pa.ipc.new_stream(str(partial / entry["name"]), rows.schema)
+                            open_shards[key] = (writer, entry)
+                        writer.write_table(rows)
+                        entry["rows"] += rows.num_rows
+                        entry["bytes"] += rows.nbytes
+                        for name in set(columns) & set(self.MESSAGE_COLUMNS):
+                            used.setdefault((kind, split, name), set()).update(_set_fields(rows[name]))
+                del table
+        for writer, _ in open_shards.values():
+            writer.close()
+        for key, entries in shards.items():
+            kind, split = key.rsplit("-", 1)
+            fields = {name: used[kind, split, name] for name in self.COLUMNS[kind] if name in self.MESSAGE_COLUMNS}
+            for entry in entries:
+                _drop_unused_fields(partial / entry["name"], fields)
+                entry["sha256"] = _sha256(partial / entry["name"])
+        (partial / "shards.json").write_text(json.dumps(shards) + "\n", encoding="utf-8")
+        shutil.rmtree(self.folder, ignore_errors=True)
+        os.replace(partial, self.folder)
 
 
-def _used_fields(column):
-    """A list<struct> column of messages without the fields no message of it sets (tool calls, names, reasoning in
-    most data): each batch is turned into Python dicts, and a field that is null everywhere costs a key in each."""
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _records_schema():
     import pyarrow as pa
+
+    call = pa.struct([("id", pa.string()), ("name", pa.string()), ("arguments", pa.string())])
+    messages = pa.list_(pa.struct([
+        ("role", pa.string()), ("content", pa.string()), ("reasoning", pa.string()),
+        ("tool_calls", pa.list_(call)), ("tool_call_id", pa.string()), ("name", pa.string()),
+    ]))
+    source = pa.struct([("file", pa.string()), ("line", pa.int64()), ("chunk", pa.int64())])
+    return pa.schema(
+        [("id", pa.string()), ("kind", pa.string()), ("split", pa.string()), ("source", source),
+         ("messages", messages), ("tools", pa.string()), ("text", pa.string()),
+         ("prompt", messages), ("chosen", messages), ("rejected", messages), ("label", pa.bool_())]
+    )
+
+
+def _set_fields(column) -> set[str]:
+    """The message fields that some message of `column` sets (role and content always count): each batch is
+    turned into Python dicts, and a field that is null everywhere costs a key in each."""
     import pyarrow.compute as pc
 
     messages = pc.list_flatten(column)
-    fields = [f for f in messages.type if f.name in ("role", "content") or pc.struct_field(messages, f.name).null_count < len(messages)]
-    if len(fields) == messages.type.num_fields:
-        return column
-    return column.cast(pa.list_(pa.struct(fields)))  # a cast, not arrays rebuilt from buffers: slices pickle small
+    return {f.name for f in messages.type if f.name in ("role", "content") or pc.struct_field(messages, f.name).null_count < len(messages)}
 
 
-def _tokenized(kind: str, split: str, records: _Records, plan: EncodePlan, cfg: TokenizeConfig, cache: Path):
-    """The map output for one (kind, split) and whether it came from the cache; None when there are no records.
+def _drop_unused_fields(path: Path, fields: dict[str, set[str]]) -> None:
+    """Rewrites the Arrow file at `path` batch by batch with each message column cast to its used fields."""
+    import pyarrow as pa
 
-    The map writes its Arrow files straight into the cache folder (an in-memory map output grows a buffer by
-    copying it, which cost more than the tokenizer on 50k chats), and the folder's `files.json` lists them.
+    with pa.memory_map(str(path)) as f:
+        reader = pa.ipc.open_stream(f)
+        schema = reader.schema
+        types = {name: pa.list_(pa.struct([t for t in schema.field(name).type.value_type if t.name in keep]))
+                 for name, keep in fields.items() if len(keep) < schema.field(name).type.value_type.num_fields}
+        if not types:
+            return
+        target = pa.schema([pa.field(f.name, types.get(f.name, f.type)) for f in schema])
+        narrow = path.with_suffix(".narrow")
+        with pa.ipc.new_stream(str(narrow), target) as writer:
+            for batch in reader:
+                writer.write_batch(batch.cast(target))  # a cast, not arrays rebuilt from buffers: slices pickle small
+    os.replace(narrow, path)
+
+
+def _tokenized(kind: str, split: str, records: _Records, plan: EncodePlan, cfg: TokenizeConfig, cache_root: Path, settings: str,
+               fingerprint: str, num_proc: int, budget: int):
+    """The map output for one (kind, split) and whether it all came from the cache; None when there are no records.
+
+    Each shard of the split is mapped on its own and cached under its digest and the settings, so appended
+    rows map only the new shards. An index per records fingerprint lists the split's shard keys: a rerun on
+    the same records finds its map outputs without reading the records again.
     """
-    from datasets import Dataset
-    from datasets.table import InMemoryTable
+    index = cache_root / "splits" / f"{fingerprint[:32]}-{kind}-{split}.json"
+    keys = json.loads(index.read_text(encoding="utf-8")) if index.exists() else None
+    if keys is not None and all((cache_root / key / MAP_FILES).exists() for key in keys):
+        return (_load_split(cache_root, keys, budget) if keys else None), True
+    keys, hit = [], True
+    for shard in records.get(kind, split):
+        key = hashlib.sha256(f"{settings}/{kind}/{split}/{shard['offset']}/{shard['sha256']}".encode()).hexdigest()[:32]
+        if not (cache_root / key / MAP_FILES).exists():
+            _map_shard(kind, split, shard, plan, cfg, cache_root / key, num_proc)
+            hit = False
+        keys.append(key)
+    index.parent.mkdir(parents=True, exist_ok=True)
+    partial = index.with_name(index.name + f".partial-{os.getpid()}")
+    partial.write_text(json.dumps(keys) + "\n", encoding="utf-8")
+    os.replace(partial, index)  # whole or absent for a run beside this one
+    return (_load_split(cache_root, keys, budget) if keys else None), hit
 
-    if (cache / "empty").exists():
-        return None, True
-    if (cache / MAP_FILES).exists():
-        return _load_mapped(cache), True
-    rows = records.get(kind, split)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    if not rows.num_rows:
-        cache.mkdir(exist_ok=True)
-        (cache / "empty").touch()
-        return None, False
+
+def _map_shard(kind: str, split: str, shard: dict, plan: EncodePlan, cfg: TokenizeConfig, cache: Path, num_proc: int) -> None:
+    """Tokenizes one shard into `cache`. The map writes its Arrow files straight into the cache folder (an
+    in-memory map output grows a buffer by copying it, which cost more than the tokenizer on 50k chats), and
+    the folder's `files.json` lists them."""
+    from datasets import Dataset
+
     from tunepath.tokenize.dpo import dpo_batch
     from tunepath.tokenize.kto import kto_batch
 
     function, kwargs = {
-        "conversation": (sft_batch, {"plan": plan, "with_prompt": split == "eval"}),
+        "conversation": (sft_batch, {"plan": plan, "with_prompt": split == "eval", "offset": shard["offset"]}),
         "text": (cpt_batch, {"plan": plan}),
         "preference": (dpo_batch, {"plan": plan}),
         "feedback": (kto_batch, {"plan": plan}),
     }[kind]
     partial = cache.with_name(cache.name + f".partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    source = Dataset(InMemoryTable(rows), fingerprint=cache.name + "-records")  # no hashing of the whole table
-    workers = min(cfg.num_proc, math.ceil(rows.num_rows / cfg.batch_size)) if cfg.num_proc > 1 else None
+    partial.mkdir(parents=True)
+    source = Dataset.from_file(str(shard["path"]))  # memory-mapped: workers get the file's path, not a pickled copy
+    workers = min(num_proc, math.ceil(source.num_rows / cfg.batch_size))
+    workers = workers if workers > 1 else None
+    clock = time.perf_counter()
     with _tokenizer_threads(1 if (workers or 0) > 1 else None):
         mapped = source.map(
             function,
@@ -229,10 +361,12 @@ def _tokenized(kind: str, split: str, records: _Records, plan: EncodePlan, cfg: 
         )
     files = [Path(f["filename"]).name for f in mapped.cache_files]
     (partial / MAP_FILES).write_text(json.dumps(files) + "\n", encoding="utf-8")
-    del mapped  # its memory maps point into `partial`, renamed next
+    seconds = time.perf_counter() - clock
+    log.info("tokenize %s/%s: %d records from row %d in %.1f s (%.0f records/s, %d worker(s))", FOLDERS[kind], split, source.num_rows,
+             shard["offset"], seconds, source.num_rows / max(seconds, 1e-9), workers or 1)
+    del mapped, source  # the map output's memory maps point into `partial`, renamed next
     shutil.rmtree(cache, ignore_errors=True)
     os.replace(partial, cache)
-    return _load_mapped(cache), False
 
 
 @contextlib.contextmanager
@@ -254,16 +388,16 @@ def _tokenizer_threads(count: int | None):
 
 
 MAP_FILES = "files.json"
-READ_WHOLE_BYTES = 2 << 30  # map outputs up to this size are read into memory; larger ones are memory-mapped
 
 
-def _load_mapped(cache: Path):
-    """The cached map output: its Arrow files, in order. Packing reads every row; reading a file whole was 5x
-    faster than faulting its pages in through a memory map (a 92 MB output: 0.07 s against 0.37 s)."""
+def _load_split(cache_root: Path, keys: list[str], budget: int):
+    """The cached map outputs of a split's shards, in order, as one Dataset. Packing reads every row; reading a
+    file whole was 5x faster than faulting its pages in through a memory map (a 92 MB output: 0.07 s against
+    0.37 s), so outputs up to a quarter of the memory budget are read whole and larger ones memory-mapped."""
     from datasets import Dataset, concatenate_datasets
 
-    paths = [cache / name for name in json.loads((cache / MAP_FILES).read_text(encoding="utf-8"))]
-    whole = sum(p.stat().st_size for p in paths) <= READ_WHOLE_BYTES
+    paths = [cache_root / key / name for key in keys for name in json.loads((cache_root / key / MAP_FILES).read_text(encoding="utf-8"))]
+    whole = sum(p.stat().st_size for p in paths) <= budget // 4
     parts = [Dataset.from_file(str(p), in_memory=whole) for p in paths]
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
@@ -312,7 +446,7 @@ def _drop_examples(mapped, records, kind: str, split: str) -> dict:
             continue
         row = int(np.flatnonzero(status == code)[0])
         index = int(table["record"][row].as_py())
-        source = records.get(kind, split, ["source"])["source"][index].as_py() or {}
+        source = records.source(kind, split, index)
         examples[name] = {"file": source.get("file"), "line": source.get("line"), "detail": table["detail"][row].as_py()}
     return examples
 
@@ -346,49 +480,83 @@ def _finish_sft(mapped, split: str, cfg: TokenizeConfig, target: Path, run_key: 
     stats, kept = _status_stats(table)
     extra = ("prompt_ids", "record") if split == "eval" else ()  # record: the row of records.jsonl (this kind and split)
     samples = table.select(["input_ids", "labels", *extra])
-    lengths = pc.list_value_length(samples["input_ids"]).to_numpy(zero_copy_only=False)[kept].astype(np.int64).tolist()
-    tokens = sum(lengths)
-    packed_bins = best_fit_decreasing(lengths, cfg.max_length)
+    lengths = pc.list_value_length(samples["input_ids"]).to_numpy(zero_copy_only=False)[kept].astype(np.int64)
     pack = cfg.pack and split == "train"
-    bins = packed_bins if pack else [[i] for i in range(len(lengths))]
+    writer = ShardWriter(target, _output_fingerprint(run_key, target))
+    packed_rows = windows = 0
+    progress = Progress(log, f"tokenize sft/{split}: pack and write", 0)
+    for lo, hi in _windows(lengths, max(PACK_WINDOW_TOKENS, 16 * cfg.max_length)):
+        progress.step(rows=hi - lo)
+        window = lengths[lo:hi].tolist()
+        packed_bins = best_fit_decreasing(window, cfg.max_length)
+        packed_rows += len(packed_bins)
+        windows += 1
+        bins = packed_bins if pack else [[i] for i in range(len(window))]
+        writer.write(build_rows(samples, bins, extra, rows=kept[lo:hi]))
+    rows = _close(writer, target, stats)
+    if windows > 1:
+        progress.done()
+    tokens = int(lengths.sum())
     stats.update(
         tokens=tokens,
         label_tokens=int(table["label_tokens"].to_numpy()[kept].sum()),
         padding_share_unpacked=padding_share(tokens, len(lengths), cfg.max_length),
-        padding_share_packed=padding_share(tokens, len(packed_bins), cfg.max_length),
-        rows=len(bins),
+        padding_share_packed=padding_share(tokens, packed_rows, cfg.max_length),
+        pack_windows=windows,
+        rows=rows,
         packed=pack,
     )
-    _save(build_rows(samples, bins, extra, rows=kept), target, stats, run_key)
     return {**_zero_stats(), **stats}
 
 
-def _finish_cpt(mapped, cfg: TokenizeConfig, pad_id: int, target: Path, run_key: str) -> dict:
+def _windows(lengths, tokens: int):
+    """(start, end) index ranges of `lengths`, each summing to about `tokens` (at least one sample each)."""
+    import numpy as np
+
+    ends = np.cumsum(lengths)
+    lo = 0
+    while lo < len(lengths):
+        before = ends[lo - 1] if lo else 0
+        hi = max(int(np.searchsorted(ends, before + tokens, side="right")), lo + 1)
+        yield lo, hi
+        lo = hi
+
+
+def _finish_cpt(mapped, cfg: TokenizeConfig, pad_id: int, target: Path, run_key: str, budget: int) -> dict:
     import numpy as np
     import pyarrow.compute as pc
 
-    from tunepath.tokenize.cpt import cut_blocks
+    from tunepath.tokenize.cpt import BlockCutter
 
     if mapped is None:
         return _zero_stats()
     docs = mapped.data.table["input_ids"]
     lengths = pc.list_value_length(docs).to_numpy(zero_copy_only=False).astype(np.int64)
-    blocks = cut_blocks(docs, cfg.max_length, cfg.cpt_remainder, cfg.cpt_isolate_documents, pad_id)
-    rows = blocks.table.num_rows
+    cutter = BlockCutter(cfg.max_length, cfg.cpt_remainder, cfg.cpt_isolate_documents, pad_id)
+    writer = ShardWriter(target, _output_fingerprint(run_key, target))
+    progress = Progress(log, "tokenize cpt: cut and write blocks", 0)
+    chunks = 0
+    for lo, hi in _windows(lengths, max(budget // 8 // BYTES_PER_CPT_TOKEN, cfg.max_length)):
+        writer.write(cutter.add(docs.slice(lo, hi - lo)))
+        progress.step(rows=hi - lo)
+        chunks += 1
+    writer.write(cutter.finish())
+    if chunks > 1:
+        progress.done()
+    rows = _close(writer, target, {})
     stats = {
         **_zero_stats(),
         "samples_in": len(lengths),
         "samples_out": len(lengths),
-        "tokens": blocks.tokens,
-        "label_tokens": blocks.tokens,
+        "tokens": cutter.tokens,
+        "label_tokens": cutter.tokens,
         "longest": int(lengths.max()) if len(lengths) else 0,
-        "dropped_tokens": blocks.dropped_tokens,
+        "dropped_tokens": cutter.dropped_tokens,
         "padding_share_unpacked": padding_share(int(lengths.sum()), int(np.ceil(lengths / cfg.max_length).sum()), cfg.max_length),
-        "padding_share_packed": padding_share(blocks.tokens, rows, cfg.max_length),
+        "padding_share_packed": padding_share(cutter.tokens, rows, cfg.max_length),
         "rows": rows,
         "packed": True,
     }
-    _save(blocks.table, target, stats, run_key)
     return stats
 
 
@@ -444,15 +612,52 @@ def _finish_kto(mapped, cfg: TokenizeConfig, target: Path, run_key: str) -> dict
 
 
 def _save(table, target: Path, stats: dict, run_key: str) -> None:
-    from datasets import Dataset
-    from datasets.table import InMemoryTable
+    writer = ShardWriter(target, _output_fingerprint(run_key, target))
+    writer.write(table)
+    _close(writer, target, stats)
 
-    if table.num_rows == 0:
+
+def _close(writer: ShardWriter, target: Path, stats: dict) -> int:
+    rows = writer.close()
+    if not rows:
         log.warning("%s: every record was dropped (%s); nothing written", target, {k: v for k, v in stats.items() if k.startswith("dropped")})
-        return
+    return rows
+
+
+def _output_fingerprint(run_key: str, target: Path) -> str:
     # Given, so that datasets does not hash every row: the run's inputs, settings and this output's place.
-    fingerprint = hashlib.sha256(f"{run_key}/{target.parent.name}/{target.name}".encode()).hexdigest()[:32]
-    Dataset(InMemoryTable(table), fingerprint=fingerprint).save_to_disk(str(target))
+    return hashlib.sha256(f"{run_key}/{target.parent.name}/{target.name}".encode()).hexdigest()[:32]
+
+
+def _keep_finished(target: Path, stats: dict, finished: Path) -> None:
+    """Hard-links one finished output (rows, blocks or pairs) and its stats into the cache, for `_link_finished`."""
+    partial = finished.with_name(finished.name + f".partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    if target.exists():
+        _link_tree(target, partial / "data")
+    (partial / "stats.json").write_text(json.dumps(stats) + "\n", encoding="utf-8")
+    shutil.rmtree(finished, ignore_errors=True)
+    os.replace(partial, finished)
+
+
+def _link_finished(finished: Path, target: Path) -> bool:
+    """Links a cached finished output into `target`; False when there is none."""
+    if not (finished / "stats.json").exists():
+        return False
+    if (finished / "data").exists():
+        _link_tree(finished / "data", target)
+    return True
+
+
+def _link_tree(source: Path, dest: Path) -> None:
+    """Hard links where the file system allows (no second copy on disk; readers never write these), else copies."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        try:
+            os.link(path, dest / path.name)
+        except OSError:
+            shutil.copy2(path, dest / path.name)
 
 
 def _hash_files(folder: Path) -> str:
@@ -463,15 +668,37 @@ def _hash_files(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def _fingerprint(records_path: Path, plan: EncodePlan, cfg: TokenizeConfig) -> str:
+def _settings_digest(plan: EncodePlan, cfg: TokenizeConfig) -> str:
+    """What changes the token ids besides the records: tokenizer and template, the id-changing settings, this code."""
     digest = hashlib.sha256()
-    with open(records_path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
     digest.update(plan.tokenizer_hash.encode())
     digest.update(json.dumps({k: getattr(cfg, k) for k in CACHE_KEYS}, sort_keys=True, default=str).encode())
     for path in sorted(Path(__file__).parent.glob("*.py")):
         digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _file_digest(path: Path, known: Path) -> str:
+    """sha256 of a file, remembered by path, size, modification time and inode (as DVC's file-state cache does):
+    a rerun over unchanged multi-GB records does not read them again to decide."""
+    stat = path.stat()
+    state = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+    try:
+        digests = json.loads(known.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        digests = {}
+    entry = digests.get(str(path.resolve()))
+    if entry and entry["state"] == state:
+        return entry["sha256"]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    digests[str(path.resolve())] = {"state": state, "sha256": digest.hexdigest()}
+    known.parent.mkdir(parents=True, exist_ok=True)
+    partial = known.with_name(known.name + f".partial-{os.getpid()}")
+    partial.write_text(json.dumps(digests) + "\n", encoding="utf-8")
+    os.replace(partial, known)
     return digest.hexdigest()
 
 

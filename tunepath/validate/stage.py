@@ -194,8 +194,11 @@ def _read_all(cfg: ValidateConfig, raw_dir: Path, files: list[Path]):
     from tunepath.validate.formats import Normaliser
     from tunepath.validate.placeholders import fill_placeholders
 
+    from tunepath.progress import Progress
+
     normaliser = Normaliser(cfg)
     specs, warnings = read_dataset_info(raw_dir) if cfg.read_dataset_info else ({}, [])
+    progress = Progress(log, "validate: read", sum(_size(p) for p in files))
     items: list[Item] = []
     unreadable: list[str] = []
     tallies: dict[str, FileTally] = {}
@@ -221,6 +224,7 @@ def _read_all(cfg: ValidateConfig, raw_dir: Path, files: list[Path]):
                 unreadable.append(row.reasons[0].split(": ", 1)[1])
                 continue
             tally.read += 1
+            progress.step(len(row.raw) + 1 if isinstance(row.raw, str) else 0)  # characters: about the bytes read
             item = Item(row, reasons=row.reasons)
             items.append(item)
             if row.reasons:
@@ -251,6 +255,7 @@ def _read_all(cfg: ValidateConfig, raw_dir: Path, files: list[Path]):
                 item.duplicate_of = first
         if tally.read == 0 and len(unreadable) == faults_before:
             warnings.append(f"{display} holds no rows (empty file)")
+    progress.done()
     if unreadable:
         listed = "; ".join(unreadable[:5]) + (f"; and {len(unreadable) - 5} more" if len(unreadable) > 5 else "")
         raise DataValidationError(
@@ -260,6 +265,13 @@ def _read_all(cfg: ValidateConfig, raw_dir: Path, files: list[Path]):
         raise DataValidationError(
             f"no rows could be read from {len(files)} data file(s) under '{raw_dir}': every file is empty")
     return items, tallies, warnings
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:  # unreadable files are reported by the reader, with their reason
+        return 0
 
 
 def _check(cfg: ValidateConfig, items: list[Item], clock: PhaseClock):
