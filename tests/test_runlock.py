@@ -140,7 +140,8 @@ def test_dvc_repro_beside_a_run_stops_before_it_touches_the_runs_outputs(project
     marker = project / "artifacts" / "validate" / "being-written"
     marker.parent.mkdir(parents=True)
     marker.write_text("a run's output")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # dvc.yaml's commands call `tunepath`: the interpreter's own bin folder first (CI calls .venv/bin/python directly)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     run = hold(project, dvc=True)  # what a `tunepath run` holds from start to end
     try:
         out = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=project, capture_output=True, text=True, timeout=120, env=env)
