@@ -37,12 +37,20 @@ class Ledger:
         """What DVC sees changed for this stage (deps, params, outs) against dvc.lock; empty when up to date."""
         from dvc.repo import Repo
 
+        from tunepath.logs import adopt_dvc_loggers
+
+        adopt_dvc_loggers()  # DVC's own console handlers would print each of its messages a second time
+
         with _inside(self.root), Repo(str(self.root)) as repo:
             return repo.status(targets=[stage])
 
     def record(self, stage: str) -> None:
         """Store the stage's outputs in the DVC cache and its deps/params/outs hashes in dvc.lock."""
         from dvc.repo import Repo
+
+        from tunepath.logs import adopt_dvc_loggers
+
+        adopt_dvc_loggers()
 
         with _inside(self.root), Repo(str(self.root)) as repo:
             repo.commit(stage, force=True)
