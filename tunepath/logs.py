@@ -103,10 +103,8 @@ def setup(debug: bool = False, cli_reports_errors: bool = True) -> None:
     if not interactive():
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     root = logging.getLogger()
-    if not root.handlers:
+    if not root.handlers:  # else Prefect's (a worker) or the caller's handler is the one, as it is
         logging.basicConfig(level=logging.INFO, format=FORMAT, stream=sys.stderr)
-    else:
-        root.setLevel(logging.INFO)
     for handler in root.handlers:
         if not any(isinstance(f, Terminal) for f in handler.filters):
             handler.addFilter(Terminal(cli_reports_errors))
