@@ -54,9 +54,10 @@ WARNINGS = (
 PREFECT_FAILURES = ("Task run failed with exception", "Encountered exception during execution",
                     "Finished in state Failed(", "Task run failed with state", "Flow run failed")
 
-# Bars of libraries: transformers' "Loading weights" (one second, every load) off everywhere; datasets' bars
-# (its "Saving the dataset" bars, and blank lines where its map bars were) off where no person watches
-QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+# Bars of libraries: transformers' "Loading weights" (a second, every load), datasets' ("Saving the dataset" per
+# split, "Generating test split" per benchmark file, map bars whose blank lines stay behind). tunepath's own bars
+# (tunepath.progress) say what the long steps do.
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
 
 
 def is_user_error(e: BaseException | None) -> bool:
@@ -98,10 +99,6 @@ def setup(debug: bool = False, cli_reports_errors: bool = True) -> None:
     """Configure this process's logging once (an entry point calls it before the libraries are imported)."""
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
-    from tunepath.progress import interactive
-
-    if not interactive():
-        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     root = logging.getLogger()
     if not root.handlers:  # else Prefect's (a worker) or the caller's handler is the one, as it is
         logging.basicConfig(level=logging.INFO, format=FORMAT, stream=sys.stderr)
@@ -129,3 +126,6 @@ def adopt_dvc_loggers() -> None:
         logger = logging.getLogger(name)
         logger.handlers = [h for h in logger.handlers if not isinstance(h, dvc.logger.LoggerHandler)]
         logger.setLevel(LEVELS[name])
+    # DVC's bars ("Committing artifacts/train to cache", one per stage, and its temporary files') show below
+    # ERROR only: their leftovers stay on the terminal between tunepath's lines
+    logging.getLogger("dvc.progress").setLevel(logging.CRITICAL)

@@ -13,9 +13,11 @@ shows goes above it (tqdm's logging redirect), so the bar is never torn.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
+from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,8 @@ class Progress:
     """A bar (terminal) or periodic log lines (anywhere else) for `total` units of work."""
 
     def __init__(self, total: int, what: str, unit: str = "step", *, initial: int = 0, lines: int = 20,
-                 bar: bool | None = None, logger: logging.Logger | None = None) -> None:
+                 bar: bool | None = None, logger: logging.Logger | None = None, on_bar: tuple[str, ...] | None = None) -> None:
+        """on_bar: the fields the bar shows beside tokens/s (default all; the lines always have all of them)."""
         self.total, self.what, self.unit = max(int(total), 0), what, unit
         # `initial`: units done before this process started (a resumed training); the ETA counts only this run's pace
         self.initial = self.done = self.reported = int(initial)
@@ -50,6 +53,7 @@ class Progress:
         self.every = max(1, self.total // max(lines, 1))
         self.first = True
         self.log = logger or log
+        self.on_bar = on_bar
         self._bar = self._redirect = None
         if interactive() if bar is None else bar:
             from tqdm import tqdm
@@ -79,9 +83,9 @@ class Progress:
         self.tokens += tokens
         self.fields = {**fields, "tokens/s": tokens_per_second if tokens_per_second is not None else self.rate()}
         if self._bar is not None:
-            self._bar.set_postfix_str(self._postfix(), refresh=False)
+            self._bar.set_postfix_str(self._postfix(self.on_bar), refresh=False)
             self._bar.update(n)
-        if self.first or self.done >= self.total or self.done // self.every != self.reported // self.every:
+        if self.first or (self.done != self.reported and (self.done >= self.total or self.done // self.every != self.reported // self.every)):
             self._report()
 
     def _report(self) -> None:
@@ -98,10 +102,10 @@ class Progress:
         return (f"{self.what}: {self.done}/{self.total} {self.unit}s ({share:.0%}), {clock(elapsed)} elapsed{eta}"
                 + (f", {postfix}" if postfix else ""))
 
-    def _postfix(self) -> str:
+    def _postfix(self, keys: tuple[str, ...] | None = None) -> str:
         parts = []
         for key, value in self.fields.items():
-            if value is None:
+            if value is None or (keys is not None and key not in keys and key != "tokens/s"):
                 continue
             if key == "tokens/s":
                 parts.append(f"{value:,.0f} tokens/s")
@@ -120,3 +124,17 @@ class Progress:
         if self._redirect is not None:
             self._redirect.__exit__(None, None, None)
             self._redirect = None
+
+
+@contextlib.contextmanager
+def datasets_bars_off() -> Iterator[None]:
+    """No bars from `datasets` inside (its "Saving the dataset" bar per split says nothing the stage's line does not)."""
+    from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_off = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_off:
+            enable_progress_bars()

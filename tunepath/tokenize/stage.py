@@ -39,6 +39,7 @@ CACHE_KEYS = ("max_length", "template", "custom_template", "overlong", "last_tur
 
 def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, out_dir: Path) -> dict:
     """Tokenize `validate_dir/records.jsonl` into `out_dir` (cleared first); returns a small summary."""
+    from tunepath.progress import Progress
     from tunepath.tokenize.loading import load_tokenizer
 
     started = time.perf_counter()
@@ -72,26 +73,31 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
     stats: dict = {}
     timings = {"setup": round(time.perf_counter() - started, 3)}  # seconds per part, in stats.json: where the time goes
     cached = []
-    for kind, folder in FOLDERS.items():
-        stats[folder] = {}
-        for split in SPLITS:
-            key = hashlib.sha256(f"{fingerprint}/{kind}/{split}".encode()).hexdigest()[:32]
-            clock = time.perf_counter()
-            mapped, hit = _tokenized(kind, split, records, plan, cfg, cache_root / key)
-            cached.append(hit)
-            timings[f"{folder}/{split}/tokenize"] = round(time.perf_counter() - clock, 3)
-            clock = time.perf_counter()
-            target = out_dir / folder / split
-            if folder == "sft":
-                stats[folder][split] = _finish_sft(mapped, split, cfg, target, run_key)
-                stats[folder][split]["drop_examples"] = _drop_examples(mapped, records, kind, split)
-            elif folder == "cpt":
-                stats[folder][split] = _finish_cpt(mapped, cfg, pad_id, target, run_key)
-            elif folder == "kto":
-                stats[folder][split] = _finish_kto(mapped, cfg, target, run_key)
-            else:
-                stats[folder][split] = _finish_dpo(mapped, cfg, target, run_key)
-            timings[f"{folder}/{split}/pack_and_write"] = round(time.perf_counter() - clock, 3)
+    # records in, tokens out, across every (kind, split): a bar on a terminal, a few lines elsewhere
+    with Progress(_count_lines(records_path), "tokenize", unit="record", lines=5, logger=log) as progress:
+        for kind, folder in FOLDERS.items():
+            stats[folder] = {}
+            for split in SPLITS:
+                key = hashlib.sha256(f"{fingerprint}/{kind}/{split}".encode()).hexdigest()[:32]
+                clock = time.perf_counter()
+                mapped, hit = _tokenized(kind, split, records, plan, cfg, cache_root / key)
+                progress.update(len(mapped) if mapped is not None else 0)
+                cached.append(hit)
+                timings[f"{folder}/{split}/tokenize"] = round(time.perf_counter() - clock, 3)
+                clock = time.perf_counter()
+                target = out_dir / folder / split
+                if folder == "sft":
+                    stats[folder][split] = _finish_sft(mapped, split, cfg, target, run_key)
+                    stats[folder][split]["drop_examples"] = _drop_examples(mapped, records, kind, split)
+                elif folder == "cpt":
+                    stats[folder][split] = _finish_cpt(mapped, cfg, pad_id, target, run_key)
+                elif folder == "kto":
+                    stats[folder][split] = _finish_kto(mapped, cfg, target, run_key)
+                else:
+                    stats[folder][split] = _finish_dpo(mapped, cfg, target, run_key)
+                timings[f"{folder}/{split}/pack_and_write"] = round(time.perf_counter() - clock, 3)
+                progress.update(0, tokens=int(stats[folder][split].get("tokens", 0)))
+        progress.update(max(progress.total - progress.done, 0))  # records a kind fans out or folds in: end at 100%
 
     summary = {
         "labeled_examples": stats["sft"]["train"]["samples_out"],
@@ -116,6 +122,11 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
         summary["template_hash"][:12], summary["seconds"], ", cached" if summary["cached"] else "",
     )
     return {**summary, "out_dir": str(out_dir)}
+
+
+def _count_lines(path: Path) -> int:
+    with open(path, "rb") as f:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
 
 
 class _Records:
@@ -440,12 +451,15 @@ def _save(table, target: Path, stats: dict, run_key: str) -> None:
     from datasets import Dataset
     from datasets.table import InMemoryTable
 
+    from tunepath.progress import datasets_bars_off
+
     if table.num_rows == 0:
         log.warning("%s: every record was dropped (%s); nothing written", target, {k: v for k, v in stats.items() if k.startswith("dropped")})
         return
     # Given, so that datasets does not hash every row: the run's inputs, settings and this output's place.
     fingerprint = hashlib.sha256(f"{run_key}/{target.parent.name}/{target.name}".encode()).hexdigest()[:32]
-    Dataset(InMemoryTable(table), fingerprint=fingerprint).save_to_disk(str(target))
+    with datasets_bars_off():
+        Dataset(InMemoryTable(table), fingerprint=fingerprint).save_to_disk(str(target))
 
 
 def _hash_files(folder: Path) -> str:

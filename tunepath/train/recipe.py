@@ -305,7 +305,9 @@ def train_stage(model, stage: str, position: tuple[int, int], tokenize_dir: Path
         "micro_batch_rows": args.per_device_train_batch_size,
         "grad_accum_steps": args.gradient_accumulation_steps,
     }
-    log.info("%s: %d steps, final loss %s, %.1f s", stage, state.global_step, metrics["final_loss"], seconds)
+    final = f"{metrics['final_loss']:.4f}" if metrics["final_loss"] is not None else "none"
+    log.info("%s: %d steps in %.1f s, final loss %s, %s tokens/s", stage, state.global_step, seconds, final,
+             f"{metrics['tokens_per_second']:,.0f}" if metrics["tokens_per_second"] else "?")
     return {"metrics": metrics, "steps": steps, "trainer": trainer}
 
 

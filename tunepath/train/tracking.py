@@ -114,7 +114,7 @@ def step_callback(stage: str, index: int, count: int, step_offset: int, sink: Ml
             self.last_step = state.global_step  # a resumed run starts at its checkpoint's step
             if state.is_world_process_zero:
                 self.progress = Progress(state.max_steps, f"train {stage} ({index + 1}/{count})", unit="step",
-                                         initial=state.global_step, logger=log)
+                                         initial=state.global_step, logger=log, on_bar=("loss",))
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "loss" not in logs or not state.is_world_process_zero:
