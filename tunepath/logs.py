@@ -57,7 +57,9 @@ PREFECT_FAILURES = ("Task run failed with exception", "Encountered exception dur
 # Bars of libraries: transformers' "Loading weights" (a second, every load), datasets' ("Saving the dataset" per
 # split, "Generating test split" per benchmark file, map bars whose blank lines stay behind). tunepath's own bars
 # (tunepath.progress) say what the long steps do.
-QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+# MLflow's "Downloading artifacts" bar when the register stage reads the logged model back.
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 
 
 def is_user_error(e: BaseException | None) -> bool:

@@ -19,7 +19,8 @@ def _count(n) -> str:
 
 def model_card(name: str, version: str, alias: str, *, base_model: str, plan: dict, train: dict, evaluation: dict,
                validate: dict, tokenize: dict, tags: dict, run: dict) -> str:
-    """Markdown for `name` version `version`. `run`: {"run_id", "url", "flow_run", "flow_run_url"} where known."""
+    """Markdown for `name` version `version`. `run`: {"run_id", "url", "flow_run", "flow_run_url"} where known.
+    Differences are tuned - base, except perplexity's: its relative drop, as the evaluate stage reports it."""
     lines = [f"# {name} version {version}", ""]
     stages = " then ".join(s.upper() for s in plan.get("stages", [])) or "no training"
     lines += [f"Fine-tuned from **`{base_model}`** with {plan.get('method', '?')} {stages} "
@@ -53,12 +54,14 @@ def model_card(name: str, version: str, alias: str, *, base_model: str, plan: di
     primary = evaluation.get("primary_metric")
     lines += [f"## Evaluation ({evaluation.get('split_kind', '?')} held-out set, {_count(evaluation.get('eval_rows', '?'))} rows; "
               "95% bootstrap intervals)", "",
-              "| metric | base | tuned | tuned - base |", "|---|---|---|---|"]
+              "| metric | base | tuned | difference |", "|---|---|---|---|"]
     for metric in SHOWN:
         c = comparison.get(metric)
         if not c or not all(k in c for k in ("base", "tuned", "diff")):
             continue
         label = f"**{metric}** (primary)" if metric == primary else metric
+        if metric == "perplexity":
+            label += " (difference: relative drop)"  # as compare() defines it: (base - tuned) / base
         lines.append(f"| {label} | {_interval(c['base'])} | {_interval(c['tuned'])} | {_interval(c['diff'])} |")
     gates = evaluation.get("gates") or {}
     if gates:
