@@ -105,6 +105,11 @@ def test_the_terminal_leaves_out_progress_lines_expected_warnings_and_prefect_fa
     failed = record("prefect.task_runs", "Task run failed with exception: StageError('gate')")
     assert not cli.filter(failed) and worker.filter(failed)  # a worker has no CLI to say it: Prefect's line stays
     assert cli.filter(record("prefect.flow_runs", "Beginning flow run 'steel-bobcat' for flow 'finetune'"))
+    hint = record("py.warnings", "/x/mlflow/pyfunc/utils/data_validation.py:187: UserWarning: \x1b[33mAdd type hints to "
+                                 "the `predict` method to enable data validation")
+    assert not cli.filter(hint) and cli.filter(record("py.warnings", "/x/y.py:1: UserWarning: something else"))
+    server = record("prefect", "Starting temporary server on http://127.0.0.1:8041\nSee https://www.prefect.io/docs/v3/concepts/server")
+    assert cli.filter(server) and server.getMessage() == "Starting temporary server on http://127.0.0.1:8041"
 
 
 def test_progress_lines_say_count_eta_and_tokens_per_second(caplog):

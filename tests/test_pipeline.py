@@ -98,6 +98,35 @@ def test_one_mlflow_run_named_after_the_flow_run_holds_the_training_and_the_mode
         assert part in card, part
 
 
+def test_without_the_flow_register_logs_into_the_run_training_opened(finished, tmp_path):
+    """`dvc repro` runs each stage in its own process and no flow opens a run: training's own run (its id in
+    artifacts/train/metrics.json) gets the model, so that pipeline run is one MLflow run too."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from tunepath.register.stage import run_register
+    from tunepath.train.tracking import MlflowSink
+
+    root, cfg, _ = finished
+    copy = tmp_path / "project"
+    shutil.copytree(root / "artifacts", copy / "artifacts", ignore=shutil.ignore_patterns("register", "checkpoints"))
+    (copy / "data").mkdir()
+    shutil.copy(root / "data" / "raw.dvc", copy / "data" / "raw.dvc")
+    uri = f"sqlite:///{tmp_path / 'alone.db'}"
+    sink = MlflowSink(uri, cfg.register.experiment, copy / "mlartifacts", None, {})  # as `tunepath stage train` opens it
+    sink.log({"loss": 1.0}, 1)
+    sink.finish()
+    metrics = copy / "artifacts" / "train" / "metrics.json"
+    metrics.write_text(json.dumps({**json.loads(metrics.read_text()), "mlflow_run_id": sink.run_id}))
+    record = run_register(cfg.register, cfg.model_dump(mode="json"), copy, uri, copy / "artifacts", copy / "artifacts" / "register")
+    client = MlflowClient(uri)
+    assert record["run_id"] == sink.run_id
+    assert client.get_model_version(record["name"], record["version"]).run_id == sink.run_id
+    assert len(client.search_runs([client.get_run(sink.run_id).info.experiment_id])) == 1
+    assert client.get_run(sink.run_id).info.status == "FINISHED"
+
+
 def test_the_loss_png_renders_in_dvc_plots_offline(finished, tmp_path):
     root, _, _ = finished
     png = root / "artifacts" / "train" / "loss.png"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import warnings
 
@@ -37,7 +38,6 @@ LEVELS = {
 # (logger prefix, message start): expected warnings that ask nothing of the user
 DROPPED = (
     ("prefect", "Concurrency limits ['gpu'] do not exist"),  # a temporary server has no limits; training goes on
-    ("prefect", "See https://www.prefect.io/docs/v3/concepts/server"),
     ("prefect.task_runs", "Finished in state Completed("),  # the next stage's line says as much
     ("dvc.output", "'artifacts/checkpoints/train' is empty"),  # checkpoints are cleared after a finished training
     # tunepath's pyfunc is a class of its own package: its pickle holds no user code to be careful about
@@ -77,6 +77,14 @@ class UserErrorsInOneLine(logging.Filter):
         return True
 
 
+class Expected(logging.Filter):
+    """Drops the DROPPED records of a logger that prints through a handler of its own (MLflow's)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(record.name.startswith(prefix) and message.startswith(start) for prefix, start in DROPPED)
+
+
 class Terminal(logging.Filter):
     """What the terminal leaves out: progress lines while a bar shows them, expected warnings, and (under the
     CLI, which reports the error itself) Prefect's failure records."""
@@ -89,10 +97,17 @@ class Terminal(logging.Filter):
         if getattr(record, "progress_bar", False):
             return False
         message = record.getMessage()
+        if record.name.startswith("prefect") and "\nSee https://www.prefect.io/docs" in message:
+            # "Starting temporary server on ...": its second line is advice for production, not for this run
+            record.msg, record.args = message.split("\nSee https://www.prefect.io/docs")[0], ()
         for prefix, start in DROPPED:
             if record.name.startswith(prefix) and message.lstrip().startswith(start):
                 return False
         if self.cli_reports_errors and record.name.startswith("prefect") and message.startswith(PREFECT_FAILURES):
+            return False
+        # MLflow wraps some of its warnings in its own `simplefilter("once")`, past any warnings filter: they are
+        # dropped here, as records (setup routes warnings through logging)
+        if record.name == "py.warnings" and any(re.search(pattern, message) for pattern in WARNINGS):
             return False
         return True
 
@@ -109,6 +124,9 @@ def setup(debug: bool = False, cli_reports_errors: bool = True) -> None:
             handler.addFilter(Terminal(cli_reports_errors))
     for name, level in LEVELS.items():
         logging.getLogger(name).setLevel(level)
+    mlflow_pyfunc = logging.getLogger("mlflow.pyfunc")  # MLflow's loggers print through MLflow's handler, not the root's
+    if not any(isinstance(f, Expected) for f in mlflow_pyfunc.filters):
+        mlflow_pyfunc.addFilter(Expected())
     if not debug:
         for name in ("prefect.task_runs", "prefect.flow_runs", "tunepath"):
             logger = logging.getLogger(name)
@@ -116,6 +134,7 @@ def setup(debug: bool = False, cli_reports_errors: bool = True) -> None:
                 logger.addFilter(UserErrorsInOneLine())
     for pattern in WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+    logging.captureWarnings(True)
     if "dvc" in sys.modules:
         adopt_dvc_loggers()
 
