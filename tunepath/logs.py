@@ -30,7 +30,8 @@ LEVELS = {
     "urllib3": logging.WARNING,
     # DVC's INFO lines ("Updating lock file 'dvc.lock'", "To track the changes with git") repeat tunepath's own
     **dict.fromkeys(DVC_LOGGERS, logging.WARNING),
-    "great_expectations": logging.WARNING,  # "Created temporary directory ... for ephemeral docs site" per run
+    "great_expectations": logging.WARNING,
+    "mlflow.store.db.utils": logging.WARNING,  # "Creating initial MLflow database tables..." on a new mlflow.db
     "lm_eval": logging.ERROR,  # INFO per task, and warnings about the in-memory model tunepath hands it on purpose
     "matplotlib": logging.WARNING,  # "generated new fontManager" on the first plot
 }
@@ -40,6 +41,8 @@ DROPPED = (
     ("prefect", "Concurrency limits ['gpu'] do not exist"),  # a temporary server has no limits; training goes on
     ("prefect.task_runs", "Finished in state Completed("),  # the next stage's line says as much
     ("dvc.output", "'artifacts/checkpoints/train' is empty"),  # checkpoints are cleared after a finished training
+    # GX lowers its own logger to INFO when imported: its ephemeral context's folder, on every validate
+    ("great_expectations", "Created temporary directory"),
     # tunepath's pyfunc is a class of its own package: its pickle holds no user code to be careful about
     ("mlflow.pyfunc", "Passing a Python object as `python_model`"),
 )
