@@ -95,8 +95,14 @@ class MlflowSink:
         import mlflow
 
         mlflow.flush_async_logging()
-        if self.owned:  # a pipeline run is ended by whoever opened it
+        if self.owned:  # a pipeline run is ended by whoever opened it (ending a run also flushes its queue)
             self.client.set_terminated(self.run_id, status=status)
+            return
+        # the client's own store holds the queue when its URI is not the process's tracking URI: flush that one
+        # too, or the register stage may read the run before the last steps are in it
+        store = getattr(getattr(self.client, "_tracking_client", None), "store", None)
+        if store is not None:
+            store.flush_async_logging()
 
 
 def step_callback(stage: str, index: int, count: int, step_offset: int, sink: MlflowSink | None,
