@@ -111,8 +111,7 @@ def test_without_the_flow_register_logs_into_the_run_training_opened(finished, t
     root, cfg, _ = finished
     copy = tmp_path / "project"
     shutil.copytree(root / "artifacts", copy / "artifacts", ignore=shutil.ignore_patterns("register", "checkpoints"))
-    (copy / "data").mkdir()
-    shutil.copy(root / "data" / "raw.dvc", copy / "data" / "raw.dvc")
+    shutil.copytree(root / "data", copy / "data")  # the data version the card and tags name
     uri = f"sqlite:///{tmp_path / 'alone.db'}"
     sink = MlflowSink(uri, cfg.register.experiment, copy / "mlartifacts", None, {})  # as `tunepath stage train` opens it
     sink.log({"loss": 1.0}, 1)
