@@ -14,7 +14,9 @@ from prefect import flow, get_run_logger
 
 from tasks.stages import run_stage_task
 from tunepath.config import STAGES, Config
+from tunepath.errors import describe
 from tunepath.params import write_params
+from tunepath.registry import RUN_ENV, end_pipeline_run, open_pipeline_run, run_url
 from tunepath.runlock import project_lock
 from tunepath.stages import Workspace, default_tracking_uri
 from tunepath.validate.readers import refuse_special_files
@@ -27,6 +29,7 @@ def finetune(recipe: str = "", config: Config = Config(), project_dir: str = "."
     The effective config is written into params.yaml first (as `dvc exp run --set-param` does), and every stage is
     recorded in dvc.lock, so `dvc repro` reproduces this run and `dvc status` is clean after it. One run at a
     time per project folder: another one (CLI, deployment, `dvc repro`) is refused with its pid and start time.
+    The whole run is one MLflow run named after this flow run (tunepath.registry): linked from here, linking back.
 
     Args:
         recipe: A recipe from examples/recipes/ (a name like `lora_sft`, or a path in the project). Its values go over
@@ -38,6 +41,9 @@ def finetune(recipe: str = "", config: Config = Config(), project_dir: str = "."
     """
     from prefect.runtime import flow_run
 
+    from tunepath import logs
+
+    logs.setup(debug=bool(os.environ.get("TUNEPATH_DEBUG")), cli_reports_errors=False)  # a worker runs no CLI
     logger = get_run_logger()
     root = Path(project_dir).resolve()
     # one run per project folder: params.yaml, artifacts/ and dvc.lock are shared (`tunepath run` took it already)
@@ -49,13 +55,68 @@ def finetune(recipe: str = "", config: Config = Config(), project_dir: str = "."
         if changed:
             logger.info("params.yaml updated with this run's values: %s", ", ".join(changed))
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
-        workspace = Workspace(root=root, tracking_uri=uri)
         refuse_special_files(root / config.data.raw_dir)  # before DVC hashes the folder: a FIFO would block it forever
-        # the state, not the value: a skipped stage returns a `Cached` state, which `.result()` reads for both
-        results = [run_stage_task(name, config, workspace, return_state=True).result() for name in STAGES]
+        run_id = open_run(uri, config.register.experiment, root)
+        workspace = Workspace(root=root, tracking_uri=uri, mlflow_run_id=run_id)
+        results, current = [], None
+        previous = os.environ.get(RUN_ENV)
+        os.environ[RUN_ENV] = run_id  # for the processes a stage starts (accelerate launch runs `tunepath stage train`)
+        try:
+            for current in STAGES:
+                # the state, not the value: a skipped stage returns a `Cached` state, which `.result()` reads for both
+                results.append(run_stage_task(current, config, workspace, return_state=True).result())
+        except BaseException as e:
+            end_run(uri, run_id, failed=True, note=f"{current}: {describe(e)}")
+            raise
+        finally:
+            if previous is None:
+                os.environ.pop(RUN_ENV, None)
+            else:
+                os.environ[RUN_ENV] = previous
     skipped = [r["stage"] for r in results if r["skipped"]]
+    end_run(uri, run_id, failed=False, note=f"{len(STAGES) - len(skipped)} stages ran; up to date: {', '.join(skipped) or 'none'}")
     logger.info("done: %d stages ran, %d up to date (%s)", len(STAGES) - len(skipped), len(skipped), ", ".join(skipped) or "none")
-    return {"ran": [r["stage"] for r in results if not r["skipped"]], "skipped": skipped}
+    return {"ran": [r["stage"] for r in results if not r["skipped"]], "skipped": skipped, "mlflow_run_id": run_id,
+            "mlflow_run_url": run_url(uri, run_id)}
+
+
+def open_run(uri: str, experiment: str, root: Path) -> str:
+    """This flow run's MLflow run, named and tagged after it; its address goes on the flow run's page."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact
+    from prefect.runtime import flow_run
+
+    name, flow_run_id = flow_run.get_name(), flow_run.get_id()
+    tags = {"prefect.flow_run_id": str(flow_run_id or ""), "prefect.flow_run_name": name or "", "prefect.flow": "finetune"}
+    if os.environ.get("PREFECT_API_URL") and flow_run_id:  # a temporary server's page is gone when the run ends
+        tags["prefect.flow_run_url"] = flow_run.get_flow_run_ui_url() or ""
+    run_id = open_pipeline_run(uri, experiment, root / "mlartifacts", name, {k: v for k, v in tags.items() if v})
+    link = run_url(uri, run_id)
+    logger = get_run_logger()
+    if link:
+        logger.info("MLflow run %s: %s", name, link)
+        create_link_artifact(link, link_text=f"MLflow run {name}", key="tunepath-mlflow-run",
+                             description="this flow run's MLflow run: per-step metrics, reports, the model")
+    else:
+        logger.info("MLflow run %s (id %s) in %s", name, run_id, uri)
+        create_markdown_artifact(
+            f"# MLflow run `{name}`\n\nRun id `{run_id}` in `{uri}`.\n\nOpen it with `make mlflow-ui`, then "
+            f"http://127.0.0.1:5000/#/experiments/{experiment_id_of(uri, run_id)}/runs/{run_id}\n",
+            key="tunepath-mlflow-run", description="this flow run's MLflow run")
+    return run_id
+
+
+def end_run(uri: str, run_id: str, failed: bool, note: str) -> None:
+    """End the MLflow run; a tracking fault here is reported, and never hides the stage's own error."""
+    try:
+        end_pipeline_run(uri, run_id, failed, note)
+    except Exception as e:  # noqa: BLE001
+        get_run_logger().warning("MLflow run %s could not be ended (%s)", run_id, describe(e))
+
+
+def experiment_id_of(uri: str, run_id: str) -> str:
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri).get_run(run_id).info.experiment_id
 
 
 def with_recipe(recipe: str, config: Config, root: Path) -> tuple[Config, list[str]]:

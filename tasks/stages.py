@@ -115,17 +115,30 @@ def publish(name: str, workspace: Workspace, summary: dict) -> None:
     if name in REPORTS and (out / REPORTS[name]).exists():
         create_markdown_artifact((out / REPORTS[name]).read_text(encoding="utf-8"), key=key, description=f"{name} report")
     elif name == "train":
-        create_markdown_artifact(loss_table(out / "loss.csv"), key=key, description="training loss curve")
+        picture = loss_picture(out / "loss.png")
+        create_markdown_artifact(picture + loss_table(out / "loss.csv"), key=key, description="training loss curve")
     elif name == "register":
         link = model_version_url(summary)
         if link:
             create_link_artifact(link, link_text=f"{summary['name']} version {summary['version']} in MLflow",
                                  key="tunepath-mlflow", description="the registered model version in the MLflow UI")
+        run = f"[{summary['run_id']}]({summary['run_url']})" if summary.get("run_url") else f"`{summary['run_id']}`"
         create_markdown_artifact(
             f"# Registered\n\n`{summary['uri']}` is version **{summary['version']}** of `{summary['name']}` "
-            f"(MLflow run `{summary['run_id']}`, tracking `{summary['tracking_uri']}`).\n",
+            f"(MLflow run {run}, tracking `{summary['tracking_uri']}`).\n\n"
+            f"Chat with it: `tunepath chat {summary['uri']}`\n",
             key=key, description="MLflow model version",
         )
+
+
+def loss_picture(path: Path) -> str:
+    """The loss PNG inlined as a data URI: the run page shows it with no file server (empty without the file)."""
+    import base64
+
+    if not path.exists():
+        return ""
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f"![loss and learning rate](data:image/png;base64,{data})\n\n"
 
 
 def loss_table(path: Path, rows: int = 20) -> str:

@@ -37,9 +37,13 @@ def test_make_run_and_tunepath_stage_exit_non_zero_when_a_gate_fails(tmp_path, d
     run = subprocess.run(["make", "run", f"ARGS={FAIL_GATE}"], cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode != 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "evaluation gate failed (primary:" in run.stderr and "pipeline:" in run.stdout
+    # one line: no traceback from Prefect's task or flow records, and the error said once
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert run.stderr.count("evaluation gate failed (primary:") == 1, run.stderr[-3000:]
     assert not (root / "artifacts" / "register" / "model.json").exists()
 
     # the stage alone, as `dvc repro` runs it, fails the same way (params.yaml now holds the failing value)
     stage = subprocess.run([sys.executable, "-m", "tunepath.cli", "--project", str(root), "stage", "evaluate"],
                            cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert stage.returncode == 2 and "evaluation gate failed (primary:" in stage.stderr, stage.stderr[-2000:]
+    assert "Traceback" not in stage.stderr

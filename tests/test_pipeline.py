@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -67,6 +68,75 @@ def test_registered_candidate_loads_from_mlflow_and_generates(finished):
     out = model.predict({"messages": [{"role": "user", "content": "Where is my order?"}], "max_tokens": 12})
     text = out[0]["choices"][0]["message"]["content"]
     assert isinstance(text, str) and text.strip()
+
+
+def test_one_mlflow_run_named_after_the_flow_run_holds_the_training_and_the_model(finished):
+    from mlflow import MlflowClient
+
+    from tunepath.stages import default_tracking_uri
+
+    root, _, result = finished
+    client = MlflowClient(default_tracking_uri(root))
+    record = json.loads((root / "artifacts" / "register" / "model.json").read_text())
+    version = client.get_model_version(record["name"], record["version"])
+    assert version.run_id == record["run_id"] == result["mlflow_run_id"]
+    run = client.get_run(version.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == run.data.tags["prefect.flow_run_name"] and run.data.tags["prefect.flow_run_id"]
+    assert [r.info.run_id for r in client.search_runs([run.info.experiment_id])] == [run.info.run_id]  # the only one
+    steps = (root / "artifacts" / "train" / "loss.csv").read_text().splitlines()[1:]
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == len(steps) > 0  # training's curve, live
+    assert "tuned_perplexity" in run.data.metrics  # and the evaluation, logged by register
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "train")}
+    assert {"train/loss.png", "train/loss.csv", "train/metrics.json"} <= logged
+    assert any(a.path == "model" for a in client.list_artifacts(run.info.run_id)) or client.get_logged_model(
+        client.search_logged_models([run.info.experiment_id])[0].model_id).source_run_id == run.info.run_id
+    card = version.description
+    assert card.startswith(f"# {record['name']} version {record['version']}")
+    for part in ("## Route and why", "## Data", "## Evaluation", "(primary)", "tunepath chat models:/tunepath-demo@candidate",
+                 run.data.tags["prefect.flow_run_name"], record["tags"]["data_hash"]):
+        assert part in card, part
+
+
+def test_without_the_flow_register_logs_into_the_run_training_opened(finished, tmp_path):
+    """`dvc repro` runs each stage in its own process and no flow opens a run: training's own run (its id in
+    artifacts/train/metrics.json) gets the model, so that pipeline run is one MLflow run too."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from tunepath.register.stage import run_register
+    from tunepath.train.tracking import MlflowSink
+
+    root, cfg, _ = finished
+    copy = tmp_path / "project"
+    shutil.copytree(root / "artifacts", copy / "artifacts", ignore=shutil.ignore_patterns("register", "checkpoints"))
+    shutil.copytree(root / "data", copy / "data")  # the data version the card and tags name
+    uri = f"sqlite:///{tmp_path / 'alone.db'}"
+    sink = MlflowSink(uri, cfg.register.experiment, copy / "mlartifacts", None, {})  # as `tunepath stage train` opens it
+    sink.log({"loss": 1.0}, 1)
+    sink.finish()
+    metrics = copy / "artifacts" / "train" / "metrics.json"
+    metrics.write_text(json.dumps({**json.loads(metrics.read_text()), "mlflow_run_id": sink.run_id}))
+    record = run_register(cfg.register, cfg.model_dump(mode="json"), copy, uri, copy / "artifacts", copy / "artifacts" / "register")
+    client = MlflowClient(uri)
+    assert record["run_id"] == sink.run_id
+    assert client.get_model_version(record["name"], record["version"]).run_id == sink.run_id
+    assert len(client.search_runs([client.get_run(sink.run_id).info.experiment_id])) == 1
+    assert client.get_run(sink.run_id).info.status == "FINISHED"
+
+
+def test_the_loss_png_renders_in_dvc_plots_offline(finished, tmp_path):
+    root, _, _ = finished
+    png = root / "artifacts" / "train" / "loss.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "-o", str(tmp_path / "plots")], cwd=root,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    html = (tmp_path / "plots" / "index.html").read_text()
+    assert "<script" not in html  # nothing to fetch from a CDN: the page is whole offline
+    sources = re.findall(r'<img src="([^"]+)"', html)
+    assert sources and all((tmp_path / "plots" / s).read_bytes() == png.read_bytes() for s in sources)
 
 
 def test_second_run_skips_every_stage(finished):

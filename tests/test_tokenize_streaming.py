@@ -168,10 +168,10 @@ def test_shards_load_as_one_dataset(tmp_path, rows):
 def test_progress_lines_give_rate_share_and_time_left(caplog):
     import logging
 
-    from tunepath.progress import Progress
+    from tunepath.progress import DataPass
 
     now = [0.0]
-    progress = Progress(logging.getLogger("t"), "validate: read", total_bytes=4_000_000, every_s=10, clock=lambda: now[0])
+    progress = DataPass(logging.getLogger("t"), "validate: read", total_bytes=4_000_000, every_s=10, clock=lambda: now[0])
     with caplog.at_level(logging.INFO, logger="t"):
         for _ in range(2048):
             now[0] += 0.01  # 100 rows/s, 1,000 bytes a row

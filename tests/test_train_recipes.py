@@ -177,6 +177,9 @@ def test_steps_are_tracked_in_mlflow_while_training(project, tmp_path):
     assert [r["step"] for r in seen] == [1, 2, 3] and all(r["tokens_per_second"] > 0 for r in seen)
     header = (tmp_path / "train" / "loss.csv").read_text().splitlines()[0]
     assert header == "step,stage,loss,learning_rate,grad_norm,tokens_per_second"
+    # the picture of the curve, beside it and on the run
+    assert (tmp_path / "train" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {"train/loss.png", "train/loss.csv"} <= {a.path for a in client.list_artifacts(run.info.run_id, "train")}
 
 
 def test_micro_batches_give_the_whole_batch_curve(project, tmp_path):

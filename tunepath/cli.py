@@ -15,7 +15,6 @@ Every command works in the project folder (the one holding params.yaml), or the 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
@@ -106,7 +105,8 @@ def _run(args) -> int:
         print(f"registered: {record['name']} version {record['version']} @{record['alias']} "
               f"(git {tags.get('git_commit', '?')[:12]}, data {tags.get('data_hash', '?')[:12]}, "
               f"perplexity {tags.get('eval.perplexity', '?')})")
-    print(f"registry: MLflow at {tracking_uri(args.project)}  (open it: make mlflow-ui)")
+    where = result.get("mlflow_run_url") or f"{tracking_uri(args.project)}, open it with `make mlflow-ui`"
+    print(f"MLflow run: {result.get('mlflow_run_id')} ({where})")
     return 0
 
 
@@ -116,12 +116,15 @@ def cmd_stage(args) -> int:
     from tunepath.runlock import project_lock
     from tunepath.stages import Workspace, run_stage
 
+    from tunepath.registry import RUN_ENV
+
     # under `dvc repro` DVC releases its own lock while a stage's command runs; this one keeps a `tunepath run`
     # from rewriting params.yaml or artifacts/ meanwhile (and refuses this stage while such a run works)
     resume = f"`tunepath stage {args.name}` or `dvc repro` again"
     with stop_on_signals(f"tunepath stage {args.name}", tracking_uri(args.project), resume), project_lock(args.project):
         cfg = load_config(args.project / "params.yaml")
-        run_stage(args.name, cfg, Workspace(args.project, tracking_uri(args.project)))
+        # the run id: set by the flow for the processes it starts, or by a person who wants `dvc repro` in a run of their own
+        run_stage(args.name, cfg, Workspace(args.project, tracking_uri(args.project), os.environ.get(RUN_ENV) or None))
     return 0
 
 
@@ -154,10 +157,15 @@ def track_data(root: Path, raw_dir: str) -> None:
     """`dvc add` the data folder (a no-op when unchanged) and push it to the project's DVC remote."""
     from dvc.repo import Repo
 
+    from tunepath.logs import adopt_dvc_loggers
+
+    adopt_dvc_loggers()
+    target = f"{raw_dir}.dvc"
     with Repo(str(root)) as repo:
-        if repo.status(targets=[f"{raw_dir}.dvc"]) if (root / f"{raw_dir}.dvc").exists() else True:
+        if repo.status(targets=[target]) if (root / target).exists() else True:
             repo.add(raw_dir)
-        repo.push()
+        # the data only: dvc.lock names pipeline outputs that a fresh clone has nowhere (its first run makes them)
+        repo.push(targets=[target])
 
 
 def cmd_up(args) -> int:
@@ -333,9 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.project = args.project.resolve()
     prepare_env(args.project)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("httpx", "httpcore", "alembic", "dvc"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from tunepath import logs
+
+    logs.setup(debug=bool(os.environ.get("TUNEPATH_DEBUG")))
     from tunepath.errors import USER_ERRORS, describe, explain_fault
 
     try:

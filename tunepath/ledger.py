@@ -47,8 +47,10 @@ class Ledger:
         from dvc.lock import LockNoop
         from dvc.repo import Repo
 
+        from tunepath.logs import adopt_dvc_loggers
         from tunepath.runlock import holds_dvc_lock
 
+        adopt_dvc_loggers()  # DVC's own console handlers would print each of its messages a second time
         repo = Repo(str(self.root))
         if holds_dvc_lock(self.root):
             repo.lock = LockNoop()  # this run holds DVC's lock from start to end (tunepath.runlock); DVC would wait on it

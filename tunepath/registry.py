@@ -1,5 +1,13 @@
-"""Where MLflow keeps a new experiment's artifacts, and which runs a killed process left RUNNING; for the train
-stage's tracking and the register stage."""
+"""Where MLflow keeps a new experiment's artifacts, which runs a killed process left RUNNING, and the one MLflow
+run of a pipeline run; for the flow, the train stage's tracking and the register stage.
+
+One pipeline run is one MLflow run. The `finetune` flow opens it (`open_pipeline_run`, named after the Prefect
+flow run, tagged with its id and page) and hands its id to every stage: in the Workspace for stages in its own
+process, and in the environment (`RUN_ENV`) for processes it starts (`accelerate launch`). The train stage logs
+its per-step metrics into it; the register stage logs the reports and the model into it and registers the
+version from it. Under plain `dvc repro` (no flow, no `RUN_ENV`) the train stage opens the run and records its id
+in artifacts/train/metrics.json, where register finds it.
+"""
 
 from __future__ import annotations
 
@@ -76,3 +84,56 @@ def fail_orphaned_runs(client) -> list[str]:
                     run.info.run_id, run.info.run_name, pid)
         failed.append(run.info.run_id)
     return failed
+
+
+RUN_ENV = "TUNEPATH_MLFLOW_RUN_ID"  # read by entry points only (the CLI's `tunepath stage`)
+PIPELINE_TAG = "tunepath.pipeline_run"
+
+
+def experiment_id(client, name: str, artifact_root: Path) -> str:
+    """The experiment's id; a new one keeps its artifacts where `artifact_location` says."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri, artifact_root))
+
+
+def open_pipeline_run(tracking_uri: str, experiment: str, artifact_root: Path, name: str | None, tags: dict[str, str]) -> str:
+    """A new RUNNING run for one pipeline run (tagged with this process, which ends it); returns its id."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    fail_orphaned_runs(client)
+    run = client.create_run(experiment_id(client, experiment, artifact_root), run_name=name,
+                            tags={PIPELINE_TAG: "true", **tags, **process_tags()})
+    return run.info.run_id
+
+
+def end_pipeline_run(tracking_uri: str, run_id: str, failed: bool, note: str | None = None) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    if note:
+        client.set_tag(run_id, "tunepath.outcome", note[:5000])
+    client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+
+
+def run_url(tracking_uri: str, run_id: str, experiment: str | None = None) -> str | None:
+    """The run's page in the MLflow UI when the tracking URI is a server; None for a SQLite file (no UI address)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    from mlflow import MlflowClient
+
+    exp = experiment or MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}"
+
+
+def existing_run(client, run_id: str | None) -> str | None:
+    """`run_id` when that run is in this tracking store (and not deleted), else None."""
+    if not run_id:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except Exception:  # noqa: BLE001  (MlflowException for an unknown id; the database may have been replaced)
+        return None
+    return run_id if run.info.lifecycle_stage == "active" else None

@@ -17,10 +17,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Workspace:
-    """The project folder a run works in, and where MLflow records it."""
+    """The project folder a run works in, where MLflow records it, and the MLflow run of this pipeline run
+    (tunepath.registry; None: train opens one and register logs into it)."""
 
     root: Path
     tracking_uri: str
+    mlflow_run_id: str | None = None
 
     def out(self, stage: str) -> Path:
         return self.root / "artifacts" / stage
@@ -88,7 +90,8 @@ def _run_core(name: str, cfg, ws: Workspace, on_progress=None) -> dict:
     if name == "register":
         from tunepath.register.stage import run_register
 
-        return run_register(cfg.register, cfg.model_dump(mode="json"), ws.root, ws.tracking_uri, ws.root / "artifacts", ws.out("register"))
+        return run_register(cfg.register, cfg.model_dump(mode="json"), ws.root, ws.tracking_uri, ws.root / "artifacts", ws.out("register"),
+                            run_id=ws.mlflow_run_id)
     raise ValueError(f"unknown stage {name!r}; stages are validate, tokenize, route, train, evaluate, merge, register")
 
 
@@ -106,7 +109,8 @@ def train_stage(cfg, ws: Workspace, on_progress=None) -> dict:
             raise StageError(f"distributed training failed (exit code {code}); see the log above")
         return json.loads((ws.out("train") / "metrics.json").read_text(encoding="utf-8"))
     return run_train(cfg.train, resolve_model(cfg.model, ws), ws.out("route") / "plan.json", ws.out("tokenize"), ws.out("train"),
-                     tracking_uri=ws.tracking_uri or None, experiment=cfg.register.experiment, on_progress=on_progress)
+                     tracking_uri=ws.tracking_uri or None, experiment=cfg.register.experiment, on_progress=on_progress,
+                     pipeline_run_id=ws.mlflow_run_id)
 
 
 def resolve_model(model, ws: Workspace):

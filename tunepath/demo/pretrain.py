@@ -56,14 +56,18 @@ def pretrain_demo(model, tokenizer, corpus_files: list[Path], *, steps: int, lr:
 def _steps(model, data, rows: int, batch: int, steps: int, generator, optimizer, schedule) -> list[float]:
     import torch
 
+    from tunepath.progress import Progress
+
     losses = []
-    for _ in range(steps):
-        x = data[torch.randint(0, rows, (batch,), generator=generator)]
-        loss = model(input_ids=x, labels=x, use_cache=False).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    with Progress(steps, "demo pretraining", unit="step", lines=10, logger=log) as progress:
+        for _ in range(steps):
+            x = data[torch.randint(0, rows, (batch,), generator=generator)]
+            loss = model(input_ids=x, labels=x, use_cache=False).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            progress.update(1, tokens=x.numel(), loss=losses[-1])
     return losses

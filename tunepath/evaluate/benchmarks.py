@@ -88,22 +88,31 @@ def check_folders(folders: list[str], root: Path) -> list[tuple[Path, dict[str, 
     return out
 
 
-def run_tasks(model, tokenizer, tasks: list[tuple[Path, dict[str, str | None]]], batch_size: int, limit: int | None) -> dict[str, dict]:
+def run_tasks(model, tokenizer, tasks: list[tuple[Path, dict[str, str | None]]], batch_size: int, limit: int | None,
+              label: str = "model") -> dict[str, dict]:
     """{task: {"metric", "value", "stderr", "higher_is_better", "n"}} for one model (in memory)."""
+    import io
+
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    from tunepath.progress import Progress
+
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     out = {}
+    progress = Progress(len(tasks), f"evaluate: {label} benchmarks", unit="folder", logger=log)
     for folder, names in tasks:
         manager = TaskManager(include_path=str(folder), include_defaults=False, verbosity="ERROR")
-        with _inside(folder):
+        # lm-eval draws three bars of its own per task (it passes disable_tqdm=False itself): one of tunepath's instead
+        with _inside(folder), contextlib.redirect_stderr(io.StringIO()):
             try:
                 result = simple_evaluate(model=lm, tasks=list(names), task_manager=manager, limit=limit, log_samples=False,
                                          bootstrap_iters=200, verbosity="ERROR")
             except Exception as e:  # noqa: BLE001  (lm-eval and datasets raise many types for a broken task)
+                progress.close(failed=True)
                 raise BenchmarkError(f"evaluate.benchmarks: {folder}: lm-eval failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+        progress.update(1)
         for name, main in names.items():
             scores = result["results"][name]
             higher = result.get("higher_is_better", {}).get(name, {})
@@ -112,6 +121,7 @@ def run_tasks(model, tokenizer, tasks: list[tuple[Path, dict[str, str | None]]],
             out[name] = {"metric": metric, "value": float(scores[f"{metric},none"]),
                          "stderr": _float(scores.get(f"{metric}_stderr,none")), "higher_is_better": bool(higher.get(metric, True)),
                          "n": int(result.get("n-samples", {}).get(name, {}).get("effective", 0)), "folder": str(folder)}
+    progress.close()
     return out
 
 

@@ -23,7 +23,7 @@ def prepare_prompts(heldout: Heldout, tokenizer, cfg: EvaluateConfig) -> tuple[l
 
 
 def measure(model, tokenizer, heldout: Heldout, cfg: EvaluateConfig, runtime: Runtime, prompts: list[Prompt],
-            eot_ids: list[int], untemplated: int = 0) -> dict:
+            eot_ids: list[int], untemplated: int = 0, label: str = "model") -> dict:
     """Loss and perplexity on every held-out split, preference log-probs, prompt dependence (SFT rows, when the
     relevance gate is on), and an answer to every prompt."""
     import time
@@ -42,7 +42,7 @@ def measure(model, tokenizer, heldout: Heldout, cfg: EvaluateConfig, runtime: Ru
     sft = heldout.splits.get("sft") if cfg.check_relevance else None
     dependence = prompt_dependence(model, sft, pad, cfg.batch_size, runtime.device) if sft else []
     scored = time.perf_counter()
-    answers = answer_prompts(model, tokenizer, prompts, cfg, eot_ids, runtime.device, untemplated)
+    answers = answer_prompts(model, tokenizer, prompts, cfg, eot_ids, runtime.device, untemplated, label)
     seconds = {"scoring": scored - started, "generation": time.perf_counter() - scored}
     primary = splits[heldout.kind]
     return {"loss": primary["loss"], "perplexity": primary["perplexity"], "tokens": primary["tokens"], "splits": splits,

@@ -137,13 +137,15 @@ def text_prompts(rows, tokenizer, limit: int, head: int = 32) -> list[Prompt]:
 
 def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int], pad_id: int,
                    device: str = "cpu", batch_size: int = 8, do_sample: bool = False, temperature: float = 1.0,
-                   seed: int = 0) -> list[tuple[list[int], bool]]:
+                   seed: int = 0, what: str = "generate") -> list[tuple[list[int], bool]]:
     """Continuations of many prompts, `batch_size` at a time, left-padded so every prompt ends where generation starts.
 
     Returns per prompt the new ids (up to and including the stop token) and whether it ended on one of `stop_ids`.
-    Greedy unless `do_sample`.
+    Greedy unless `do_sample`. Progress (prompts, ETA, new tokens/s) is shown as `what`.
     """
     import torch
+
+    from tunepath.progress import Progress
 
     out: list[tuple[list[int], bool]] = []
     sampling = {"do_sample": True, "temperature": temperature} if do_sample else {"do_sample": False}
@@ -152,7 +154,7 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, stop_id
     # longest first: rows of a batch have similar lengths, so little padding is computed
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: dict[int, tuple[list[int], bool]] = {}
-    with torch.no_grad():
+    with torch.no_grad(), Progress(len(prompts), what, unit="prompt", lines=4, logger=log) as progress:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             width = max(len(prompts[i]) for i in chunk)
@@ -167,23 +169,25 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, stop_id
                 new = generated[row, width:].tolist()
                 end = next((k for k, t in enumerate(new) if t in stop_ids), None)
                 results[i] = (new[: end + 1], True) if end is not None else (new, False)
+            progress.update(len(chunk), tokens=sum(len(results[i][0]) for i in chunk))
     out = [results[i] for i in range(len(prompts))]
     return out
 
 
 def answer_prompts(model, tokenizer, prompts: list[Prompt], cfg, eot_ids: list[int], device: str = "cpu",
-                   untemplated: int = 0) -> list[dict]:
+                   untemplated: int = 0, label: str = "model") -> list[dict]:
     """One answer per prompt: text, whether it stopped at the end-of-turn token, whether it is degenerate; the first
-    `untemplated` prompts are also answered from the plain user text (no template)."""
+    `untemplated` prompts are also answered from the plain user text (no template). `label` names the model in
+    the progress lines ('evaluate: tuned answers')."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot_ids[0]
-    run = lambda ids: generate_batch(model, ids, cfg.max_new_tokens, eot_ids, pad, device, cfg.generation_batch_size,  # noqa: E731
-                                     cfg.do_sample, cfg.temperature, cfg.bootstrap_seed)
+    run = lambda ids, what: generate_batch(model, ids, cfg.max_new_tokens, eot_ids, pad, device, cfg.generation_batch_size,  # noqa: E731
+                                           cfg.do_sample, cfg.temperature, cfg.bootstrap_seed, what=what)
     answers = []
-    for p, (ids, stopped) in zip(prompts, run([p.templated_ids for p in prompts])):
+    for p, (ids, stopped) in zip(prompts, run([p.templated_ids for p in prompts], f"evaluate: {label} answers")):
         text = tokenizer.decode(ids, skip_special_tokens=True).strip()
         answers.append({"text": text, "stopped_at_eot": stopped, "degenerate": is_degenerate(text, cfg.repeat_ngram)})
     raw = [(k, p.raw_ids) for k, p in enumerate(prompts[:untemplated]) if p.raw_ids]
-    for (k, _), (ids, _) in zip(raw, run([r for _, r in raw]) if raw else []):
+    for (k, _), (ids, _) in zip(raw, run([r for _, r in raw], f"evaluate: {label} answers without the template") if raw else []):
         answers[k]["untemplated"] = tokenizer.decode(ids, skip_special_tokens=True).strip()
     return answers
 

@@ -54,17 +54,17 @@ def run_evaluate(cfg: EvaluateConfig, model: ModelConfig, validate_dir: Path, to
 
     started = time.perf_counter()
     base_model = load_folder(train["start_model"], runtime, model.trust_remote_code)
-    base = measure(base_model, tokenizer, heldout, cfg, runtime, prompts, eot, untemplated=0)
+    base = measure(base_model, tokenizer, heldout, cfg, runtime, prompts, eot, untemplated=0, label="base")
     limit = cfg.benchmark_limit or None
     bench_started = time.perf_counter()
-    base_bench = run_tasks(base_model, tokenizer, tasks, cfg.batch_size, limit) if tasks else {}
+    base_bench = run_tasks(base_model, tokenizer, tasks, cfg.batch_size, limit, label="base") if tasks else {}
     bench_s = time.perf_counter() - bench_started
     tuned_model = load_tuned(train, train_dir, runtime, base=base_model, trust_remote_code=model.trust_remote_code)
-    tuned = measure(tuned_model, tokenizer, heldout, cfg, runtime, prompts, eot, untemplated=cfg.report_samples)
+    tuned = measure(tuned_model, tokenizer, heldout, cfg, runtime, prompts, eot, untemplated=cfg.report_samples, label="tuned")
     # lm-eval takes a transformers model; a PeftModel's inner model carries the adapter layers in place
     inner = getattr(getattr(tuned_model, "base_model", None), "model", tuned_model) if hasattr(tuned_model, "peft_config") else tuned_model
     bench_started = time.perf_counter()
-    tuned_bench = run_tasks(inner, tokenizer, tasks, cfg.batch_size, limit) if tasks else {}
+    tuned_bench = run_tasks(inner, tokenizer, tasks, cfg.batch_size, limit, label="tuned") if tasks else {}
     bench_s += time.perf_counter() - bench_started
     del base_model, tuned_model, inner
     seconds = time.perf_counter() - started

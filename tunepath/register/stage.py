@@ -1,5 +1,9 @@
-"""run_register: an MLflow run with params, metrics, reports, held-out data, lineage and the merged model; a registry
-version with lineage and evaluation tags, and the alias `candidate`.
+"""run_register: the pipeline run's MLflow run gets params, metrics, reports, held-out data, lineage and the merged
+model; a registry version from that run, with lineage and evaluation tags, a model card as its description
+(`card.py`), and the alias `candidate`.
+
+The run is the pipeline's (tunepath.registry): the flow's, else the one the train stage opened (its id in
+artifacts/train/metrics.json), else, when training logged nowhere, a new one.
 
     tunepath stage register        # what dvc repro runs; reads artifacts/{validate,tokenize,route,train,evaluate,merge}
 """
@@ -17,15 +21,16 @@ from tunepath import lineage
 from tunepath.errors import StageError
 from tunepath.evaluate.heldout import Heldout, write_heldout
 from tunepath.register import RegisterConfig
+from tunepath.register.card import model_card
 from tunepath.register.datasets import log_lineage
 from tunepath.register.hub import HubReference, hub_references
-from tunepath.registry import fail_orphaned_runs, process_tags
+from tunepath.registry import existing_run, fail_orphaned_runs, process_tags, run_url
 
 log = logging.getLogger(__name__)
 
 PIP_REQUIREMENTS = ["torch", "transformers", "safetensors", "tokenizers", "accelerate"]
 REPORTS = {"validate": ["report.json", "report.md"], "tokenize": ["stats.json", "report.md"], "route": ["plan.json", "plan.md"],
-           "train": ["metrics.json", "loss.csv"], "evaluate": ["metrics.json", "samples.jsonl", "row_scores.json", "report.md"], "merge": ["parity.json"]}
+           "train": ["metrics.json", "loss.csv", "loss.png"], "evaluate": ["metrics.json", "samples.jsonl", "row_scores.json", "report.md"], "merge": ["parity.json"]}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
@@ -135,7 +140,9 @@ def log_sample_table(samples_path: Path) -> None:
     mlflow.log_table(table, artifact_file="evaluate/samples_table.json")
 
 
-def run_register(cfg: RegisterConfig, params: dict, root: Path, tracking_uri: str, artifacts: Path, out_dir: Path) -> dict:
+def run_register(cfg: RegisterConfig, params: dict, root: Path, tracking_uri: str, artifacts: Path, out_dir: Path,
+                 run_id: str | None = None) -> dict:
+    """run_id: the pipeline run's MLflow run (None: the train stage's, from its metrics.json)."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -175,14 +182,19 @@ def run_register(cfg: RegisterConfig, params: dict, root: Path, tracking_uri: st
         **evaluation_tags(evaluation, parity),
     }
 
+    target = existing_run(client, run_id) or existing_run(client, train.get("mlflow_run_id"))
     existing = find_version(client, cfg.model_name, digest)
     if existing is not None:
         log.info("%s version %s already holds these weights; not registering again", cfg.model_name, existing.version)
-        version, run_id = existing.version, existing.run_id
+        version, version_run = existing.version, existing.run_id
+        if target and target != version_run:
+            client.set_tag(target, "tunepath.registered_version", f"{cfg.model_name} version {version} (registered by run {version_run})")
     else:
-        version, run_id = _log_and_register(cfg, params, root, model_dir, stage_dirs, plan, evaluation, parity, tags, client)
+        version, version_run = _log_and_register(cfg, params, root, model_dir, stage_dirs, plan, evaluation, parity, tags, client,
+                                                 target, train)
     client.set_registered_model_alias(cfg.model_name, cfg.alias, version)
-    record = {"name": cfg.model_name, "version": str(version), "alias": cfg.alias, "run_id": run_id,
+    record = {"name": cfg.model_name, "version": str(version), "alias": cfg.alias, "run_id": version_run,
+              "run_url": run_url(tracking_uri, version_run) if version_run else None,
               "uri": f"models:/{cfg.model_name}@{cfg.alias}", "tracking_uri": tracking_uri, "tags": tags,
               "reused": existing is not None}
     if existing is not None:
@@ -195,21 +207,31 @@ def run_register(cfg: RegisterConfig, params: dict, root: Path, tracking_uri: st
     return record
 
 
-def _log_and_register(cfg, params, root, model_dir, stage_dirs, plan, evaluation, parity, tags, client) -> tuple[str, str]:
+def _log_and_register(cfg, params, root, model_dir, stage_dirs, plan, evaluation, parity, tags, client, run_id, train) -> tuple[str, str]:
     import mlflow
 
     from tunepath.serve.pyfunc import log_chat_model  # subclasses an MLflow class: imports mlflow
 
-    experiment_id = open_experiment(mlflow, cfg.experiment, root / "mlartifacts")
-    with mlflow.start_run(experiment_id=experiment_id) as run:
+    if run_id is None:
+        experiment_id = open_experiment(mlflow, cfg.experiment, root / "mlartifacts")
+        opened = mlflow.start_run(experiment_id=experiment_id, run_name="register",
+                                  tags={"tunepath.pipeline_run": "true"})
+    else:
+        opened = mlflow.start_run(run_id=run_id)
+    with opened as run:
+        logged = client.get_run(run.info.run_id).data
         mlflow.set_tags({**tags, **process_tags()})
-        mlflow.log_params(flatten(params))
+        # the train stage logged its own train.* params into the same run: log only what is not there yet
+        fresh = {k: v for k, v in flatten(params).items() if k not in logged.params}
+        if fresh:
+            mlflow.log_params(fresh)
         mlflow.log_dict(params, "params.json")
         numbers = {k: float(v) for k, v in evaluation.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         numbers.update({f"merge_{k}": float(parity[k]) for k in ("relative_gap", "evaluated_gap") if isinstance(parity.get(k), (int, float))})
         mlflow.log_metrics(numbers)
-        for step in _loss_rows(stage_dirs["train"] / "loss.csv"):
-            mlflow.log_metric("train_loss", step["loss"], step=step["step"])
+        if "loss" not in logged.metrics:  # training logged elsewhere (or nowhere): its curve from loss.csv
+            for step in _loss_rows(stage_dirs["train"] / "loss.csv"):
+                mlflow.log_metric("train_loss", step["loss"], step=step["step"])
         for stage, files in REPORTS.items():
             for name in files:
                 if (stage_dirs[stage] / name).exists():
@@ -230,8 +252,30 @@ def _log_and_register(cfg, params, root, model_dir, stage_dirs, plan, evaluation
         info = log_chat_model(model_dir, "model", cfg.max_new_tokens, tokenize.get("template_kwargs") or {},
                               str(tokenize.get("render_date") or ""), PIP_REQUIREMENTS)
         run_id = run.info.run_id
-    version = mlflow.register_model(info.model_uri, cfg.model_name, tags=tags)
+    version = _new_version(client, cfg.model_name, info, run_id, tags)
+    card = model_card(cfg.model_name, version.version, cfg.alias, base_model=params["model"]["base"], plan=plan, train=train,
+                      evaluation=evaluation, validate=_read_json(stage_dirs["validate"] / "report.json"),
+                      tokenize=_read_json(stage_dirs["tokenize"] / "stats.json"), tags=tags,
+                      run={"run_id": run_id, "url": run_url(client.tracking_uri, run_id), **_flow_run_of(client, run_id)})
+    client.update_model_version(cfg.model_name, version.version, description=card)
+    client.set_tag(run_id, "tunepath.registered_version", f"{cfg.model_name} version {version.version}")
     return str(version.version), run_id
+
+
+def _new_version(client, name: str, info, run_id: str, tags: dict):
+    """A version from the logged model, linked to its run (through the client: no prints on stderr)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name)
+    return client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id)
+
+
+def _flow_run_of(client, run_id: str) -> dict:
+    t = client.get_run(run_id).data.tags
+    return {"flow_run": t.get("prefect.flow_run_name"), "flow_run_url": t.get("prefect.flow_run_url")}
 
 
 def _read_json(path: Path) -> dict:

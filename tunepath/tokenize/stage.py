@@ -27,7 +27,7 @@ from pathlib import Path
 from tunepath.sections import DataConfig, ModelConfig
 from tunepath.tokenize import TokenizeConfig
 from tunepath.errors import StageError
-from tunepath.progress import Progress
+from tunepath.progress import DataPass, datasets_bars_off
 from tunepath.tokenize.batches import STATUS_NAMES, TRUNCATED, EncodePlan, cpt_batch, encoder_for, sft_batch
 from tunepath.tokenize.masks import check_encoder
 from tunepath.tokenize.packing import best_fit_decreasing, build_rows, padding_share
@@ -93,33 +93,35 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
     stats: dict = {}
     timings = {"setup": round(time.perf_counter() - started, 3)}  # seconds per part, in stats.json: where the time goes
     cached = []
-    for kind, folder in FOLDERS.items():
-        stats[folder] = {}
-        for split in SPLITS:
-            target = out_dir / folder / split
-            finished = cache_root / "finished" / hashlib.sha256(f"{run_key}/{folder}/{split}".encode()).hexdigest()[:32]
-            clock = time.perf_counter()
-            if _link_finished(finished, target):
-                stats[folder][split] = json.loads((finished / "stats.json").read_text(encoding="utf-8"))
-                cached.append(True)
-                timings[f"{folder}/{split}/cached"] = round(time.perf_counter() - clock, 3)
-                continue
-            mapped, hit = _tokenized(kind, split, records, plan, cfg, cache_root, settings, fingerprint, data.workers(), budget)
-            cached.append(hit)
-            timings[f"{folder}/{split}/tokenize"] = round(time.perf_counter() - clock, 3)
-            clock = time.perf_counter()
-            if folder == "sft":
-                stats[folder][split] = _finish_sft(mapped, split, cfg, target, run_key)
-                stats[folder][split]["drop_examples"] = _drop_examples(mapped, records, kind, split)
-            elif folder == "cpt":
-                stats[folder][split] = _finish_cpt(mapped, cfg, pad_id, target, run_key, budget)
-            elif folder == "kto":
-                stats[folder][split] = _finish_kto(mapped, cfg, target, run_key)
-            else:
-                stats[folder][split] = _finish_dpo(mapped, cfg, target, run_key)
-            del mapped
-            _keep_finished(target, stats[folder][split], finished)
-            timings[f"{folder}/{split}/pack_and_write"] = round(time.perf_counter() - clock, 3)
+    # datasets' own bars say nothing the per-shard lines do not (and a bar per shard and split floods a terminal)
+    with datasets_bars_off():
+        for kind, folder in FOLDERS.items():
+            stats[folder] = {}
+            for split in SPLITS:
+                target = out_dir / folder / split
+                finished = cache_root / "finished" / hashlib.sha256(f"{run_key}/{folder}/{split}".encode()).hexdigest()[:32]
+                clock = time.perf_counter()
+                if _link_finished(finished, target):
+                    stats[folder][split] = json.loads((finished / "stats.json").read_text(encoding="utf-8"))
+                    cached.append(True)
+                    timings[f"{folder}/{split}/cached"] = round(time.perf_counter() - clock, 3)
+                    continue
+                mapped, hit = _tokenized(kind, split, records, plan, cfg, cache_root, settings, fingerprint, data.workers(), budget)
+                cached.append(hit)
+                timings[f"{folder}/{split}/tokenize"] = round(time.perf_counter() - clock, 3)
+                clock = time.perf_counter()
+                if folder == "sft":
+                    stats[folder][split] = _finish_sft(mapped, split, cfg, target, run_key)
+                    stats[folder][split]["drop_examples"] = _drop_examples(mapped, records, kind, split)
+                elif folder == "cpt":
+                    stats[folder][split] = _finish_cpt(mapped, cfg, pad_id, target, run_key, budget)
+                elif folder == "kto":
+                    stats[folder][split] = _finish_kto(mapped, cfg, target, run_key)
+                else:
+                    stats[folder][split] = _finish_dpo(mapped, cfg, target, run_key)
+                del mapped
+                _keep_finished(target, stats[folder][split], finished)
+                timings[f"{folder}/{split}/pack_and_write"] = round(time.perf_counter() - clock, 3)
     records.clear()  # the per-split record files: every split they feed is cached now
 
     summary = {
@@ -484,7 +486,7 @@ def _finish_sft(mapped, split: str, cfg: TokenizeConfig, target: Path, run_key: 
     pack = cfg.pack and split == "train"
     writer = ShardWriter(target, _output_fingerprint(run_key, target))
     packed_rows = windows = 0
-    progress = Progress(log, f"tokenize sft/{split}: pack and write", 0)
+    progress = DataPass(log, f"tokenize sft/{split}: pack and write", 0)
     for lo, hi in _windows(lengths, max(PACK_WINDOW_TOKENS, 16 * cfg.max_length)):
         progress.step(rows=hi - lo)
         window = lengths[lo:hi].tolist()
@@ -534,7 +536,7 @@ def _finish_cpt(mapped, cfg: TokenizeConfig, pad_id: int, target: Path, run_key:
     lengths = pc.list_value_length(docs).to_numpy(zero_copy_only=False).astype(np.int64)
     cutter = BlockCutter(cfg.max_length, cfg.cpt_remainder, cfg.cpt_isolate_documents, pad_id)
     writer = ShardWriter(target, _output_fingerprint(run_key, target))
-    progress = Progress(log, "tokenize cpt: cut and write blocks", 0)
+    progress = DataPass(log, "tokenize cpt: cut and write blocks", 0)
     chunks = 0
     for lo, hi in _windows(lengths, max(budget // 8 // BYTES_PER_CPT_TOKEN, cfg.max_length)):
         writer.write(cutter.add(docs.slice(lo, hi - lo)))

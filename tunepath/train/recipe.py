@@ -10,7 +10,6 @@ with DPO's loss (`tunepath.train.dpo`, which says why trl's DPOTrainer is not us
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -196,8 +195,8 @@ def build_args(cfg: TrainConfig, output_dir: Path, precision: str, row_tokens: i
         remove_unused_columns=False,
         dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",
-        # a bar on a terminal; under DVC or a Prefect worker the `tunepath.train` progress log lines say the same
-        disable_tqdm=not sys.stderr.isatty(),
+        # tunepath's own bar (tracking.step_callback) shows ETA and tokens/s; the Trainer's would print every log dict
+        disable_tqdm=True,
     )
     if args.n_gpu > 1:
         # one process seeing several GPUs: transformers would wrap the model in nn.DataParallel (slow, and it
@@ -274,10 +273,9 @@ def train_stage(model, stage: str, position: tuple[int, int], tokenize_dir: Path
                           processing_class=tokenizer, callbacks=callbacks)
     saved = _saved_state(resume) if resume is not None else {}
     finished = bool(saved) and saved.get("global_step", 0) >= saved.get("max_steps", float("inf"))
-    if args.disable_tqdm:
-        from transformers import PrinterCallback
+    from transformers import PrinterCallback
 
-        trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout; our logger reports progress
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout; the step callback reports progress
     if resume is not None:
         log.info("%s: %s %s (step %d)", stage, "finished earlier, loading" if finished else "resuming from", resume, saved.get("global_step", -1))
     started = time.perf_counter()
@@ -309,7 +307,9 @@ def train_stage(model, stage: str, position: tuple[int, int], tokenize_dir: Path
         "micro_batch_rows": args.per_device_train_batch_size,
         "grad_accum_steps": args.gradient_accumulation_steps,
     }
-    log.info("%s: %d steps, final loss %s, %.1f s", stage, state.global_step, metrics["final_loss"], seconds)
+    final = f"{metrics['final_loss']:.4f}" if metrics["final_loss"] is not None else "none"
+    log.info("%s: %d steps in %.1f s, final loss %s, %s tokens/s", stage, state.global_step, seconds, final,
+             f"{metrics['tokens_per_second']:,.0f}" if metrics["tokens_per_second"] else "?")
     return {"metrics": metrics, "steps": steps, "trainer": trainer}
 
 

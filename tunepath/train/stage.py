@@ -22,7 +22,8 @@ Outputs (`artifacts/train/`, rewritten on every run; the same for both backends)
     adapter/            PEFT adapter (lora, qlora), relative to start_model, with the tokenizer; or
     model/              full weights (safetensors) with the tokenizer (full)
     tokenizer/          tokenizer with the training chat template
-    loss.csv            step,stage,loss,learning_rate,grad_norm,tokens_per_second (dvc plots)
+    loss.csv            step,stage,loss,learning_rate,grad_norm,tokens_per_second
+    loss.png            the loss curve and learning rate (`dvc plots show`, the Prefect run page, the MLflow run)
     stages/<stage>/trainer_state.json
     init/               the seeded random init (start_from scratch only; it is start_model then)
 
@@ -170,18 +171,19 @@ def fingerprint(cfg: TrainConfig, plan: dict, start: str, backend: str, precisio
 
 def run_train(cfg: TrainConfig, model: ModelConfig, plan_path: Path, tokenize_dir: Path, out_dir: Path, *,
               tracking_uri: str | None = None, on_progress: Callable[[dict], None] | None = None,
-              checkpoint_dir: Path | None = None, experiment: str = "tunepath") -> dict:
+              checkpoint_dir: Path | None = None, experiment: str = "tunepath", pipeline_run_id: str | None = None) -> dict:
     """Train what the plan says; returns (and writes) metrics.json's content.
 
     tracking_uri: log per-step metrics to MLflow while training (None: no MLflow).
     on_progress: called with each logged step's metrics (stage, step, max_steps, loss, ...), e.g. to update a
     progress bar in a UI. checkpoint_dir: default `artifacts/checkpoints/train` beside `out_dir`.
+    pipeline_run_id: the MLflow run of this pipeline run (tunepath.registry); None: a run of its own.
     Under `accelerate launch` every process runs this; only the main one writes files and talks to MLflow.
     """
     from accelerate import PartialState
     from transformers import AutoTokenizer, set_seed
 
-    from tunepath.train import checkpoints, recipe, speed, tracking
+    from tunepath.train import checkpoints, plot, recipe, speed, tracking
 
     out_dir, tokenize_dir = Path(out_dir), Path(tokenize_dir)
     plan = json.loads(Path(plan_path).read_text(encoding="utf-8"))
@@ -229,7 +231,8 @@ def run_train(cfg: TrainConfig, model: ModelConfig, plan_path: Path, tokenize_di
         tracking_uri = None
     if tracking_uri and dist.is_main_process:
         sink = tracking.MlflowSink(tracking_uri, experiment, out_dir.resolve().parents[1] / "mlartifacts", run.get("mlflow_run_id"),
-                                   {"route.stages": ",".join(stages), "route.method": method, "backend": backend})
+                                   {"route.stages": ",".join(stages), "route.method": method, "backend": backend},
+                                   pipeline_run_id=pipeline_run_id)
         sink.log_params({f"train.{k}": v for k, v in cfg.model_dump(mode="json").items()})
         if cfg.save_steps > 0:
             checkpoints.write_run(ckpt_root, {**run, "mlflow_run_id": sink.run_id})
@@ -272,11 +275,15 @@ def run_train(cfg: TrainConfig, model: ModelConfig, plan_path: Path, tokenize_di
         summary["quantization"] = quantization_of(net)
     if dist.is_main_process:
         tracking.write_loss_curve(steps, out_dir / "loss.csv")
+        plot.write_loss_plot(steps, out_dir / "loss.png", title=f"{method} {' then '.join(stages)}")
         (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         if not cfg.keep_checkpoints:
             checkpoints.clear(ckpt_root)
     if sink is not None:
         sink.log({"final_loss": summary["final_loss"]}, offset)
+        for name in ("loss.csv", "loss.png"):
+            if (out_dir / name).exists():
+                sink.log_artifact(out_dir / name, "train")
         sink.finish()
     dist.wait_for_everyone()
     return summary

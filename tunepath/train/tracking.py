@@ -4,9 +4,11 @@
   time since then) added to the Trainer's `log_history`, so it is saved in checkpoints and survives a resume.
 - With a tracking URI, the same metrics go to one MLflow run (experiment `tunepath`, tag `stage=train`) while
   training runs, at the global step across plan stages; a resumed training continues the same run.
-- Progress lines go to the `tunepath.train` logger (about 20 per plan stage): the Prefect task's logger shows
-  them (PREFECT_LOGGING_EXTRA_LOGGERS=tunepath). An optional `on_progress(dict)` callback gets every logged
-  step, for a progress bar in a UI. On a terminal the Trainer's own tqdm bar shows progress.
+- Progress: a `tunepath.progress.Progress` per plan stage: on a terminal a bar with ETA, loss and tokens/s; its
+  lines (about 20 per plan stage, with ETA, loss, learning rate, grad norm, tokens/s) go to this module's logger,
+  which the Prefect task's logger shows (PREFECT_LOGGING_EXTRA_LOGGERS=tunepath) and a log file keeps. The
+  Trainer's own bar and its printed log dicts are off (`recipe.build_args`, `recipe.train_stage`). An optional
+  `on_progress(dict)` callback gets every logged step, for a progress bar in a UI.
 """
 
 from __future__ import annotations
@@ -26,32 +28,43 @@ TRACKED = ("loss", "learning_rate", "grad_norm", "tokens_per_second")
 
 
 class MlflowSink:
-    """Per-step metrics to one MLflow run, logged asynchronously so training does not wait on the database."""
+    """Per-step metrics to one MLflow run, logged asynchronously so training does not wait on the database.
 
-    def __init__(self, tracking_uri: str, experiment: str, artifact_root: Path, run_id: str | None, tags: dict[str, str]) -> None:
+    `pipeline_run_id`: the pipeline's run (the flow opened it and ends it): metrics go there and this sink leaves
+    its status alone. Otherwise `run_id` (a resumed training's run) continues, or a new run is opened, named
+    `pipeline-<UTC time>`, which the register stage later logs the model into (`dvc repro` without the flow).
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str, artifact_root: Path, run_id: str | None, tags: dict[str, str],
+                 pipeline_run_id: str | None = None) -> None:
         from mlflow import MlflowClient
 
-        from tunepath.registry import artifact_location
+        from tunepath.registry import PIPELINE_TAG, existing_run, experiment_id
 
         self.client = MlflowClient(tracking_uri)
         self.logged: dict[str, int] = {}  # metric -> last step already in the run (a resumed run has some)
+        self.owned = True
         fail_orphaned_runs(self.client)
-        if run_id is not None:
-            try:
-                self.client.get_run(run_id)
-            except Exception:  # the run was deleted or the database replaced: start a new one
-                log.warning("MLflow run %s of the interrupted training is gone; starting a new run", run_id)
-                run_id = None
+        if pipeline_run_id is not None:
+            if existing_run(self.client, pipeline_run_id):
+                run_id, self.owned = pipeline_run_id, False
+            else:
+                log.warning("MLflow run %s (%s) is not in %s; training logs to a run of its own", pipeline_run_id,
+                            "TUNEPATH_MLFLOW_RUN_ID or the flow", tracking_uri)
+        if self.owned and run_id is not None and not existing_run(self.client, run_id):
+            log.warning("MLflow run %s of the interrupted training is gone; starting a new run", run_id)
+            run_id = None
         if run_id is None:
-            exp = self.client.get_experiment_by_name(experiment)
-            exp_id = exp.experiment_id if exp else self.client.create_experiment(
-                experiment, artifact_location=artifact_location(tracking_uri, Path(artifact_root))
-            )
-            run_id = self.client.create_run(exp_id, tags={"stage": "train", **tags, **process_tags()},
-                                            run_name="train").info.run_id
+            import datetime
+
+            stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
+            run_id = self.client.create_run(experiment_id(self.client, experiment, Path(artifact_root)),
+                                            tags={"stage": "train", PIPELINE_TAG: "true", **tags, **process_tags()},
+                                            run_name=f"pipeline-{stamp}").info.run_id
         else:
-            self.client.update_run(run_id, status="RUNNING")
-            for key, value in process_tags().items():
+            if self.owned:
+                self.client.update_run(run_id, status="RUNNING")
+            for key, value in {**tags, **(process_tags() if self.owned else {})}.items():
                 self.client.set_tag(run_id, key, value)
             # steps between the last checkpoint and the kill were logged before it and are trained again now
             for key in self.client.get_run(run_id).data.metrics:
@@ -75,11 +88,21 @@ class MlflowSink:
         if batch:
             self.client.log_batch(self.run_id, metrics=batch, synchronous=False)
 
+    def log_artifact(self, path: Path, folder: str) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path=folder)
+
     def finish(self, status: str = "FINISHED") -> None:
         import mlflow
 
         mlflow.flush_async_logging()
-        self.client.set_terminated(self.run_id, status=status)
+        if self.owned:  # a pipeline run is ended by whoever opened it (ending a run also flushes its queue)
+            self.client.set_terminated(self.run_id, status=status)
+            return
+        # the client's own store holds the queue when its URI is not the process's tracking URI: flush that one
+        # too, or the register stage may read the run before the last steps are in it
+        store = getattr(getattr(self.client, "_tracking_client", None), "store", None)
+        if store is not None:
+            store.flush_async_logging()
 
 
 def step_callback(stage: str, index: int, count: int, step_offset: int, sink: MlflowSink | None,
@@ -89,10 +112,15 @@ def step_callback(stage: str, index: int, count: int, step_offset: int, sink: Ml
 
     class StepTracker(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
+            from tunepath.progress import Progress
+
             self.last_time = time.perf_counter()
             self.last_tokens = state.num_input_tokens_seen
-            self.every = max(1, state.max_steps // 20)
-            self.last_reported = -1
+            self.progress = None
+            self.last_step = state.global_step  # a resumed run starts at its checkpoint's step
+            if state.is_world_process_zero:
+                self.progress = Progress(state.max_steps, f"train {stage} ({index + 1}/{count})", unit="step",
+                                         initial=state.global_step, logger=log, on_bar=("loss",))
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "loss" not in logs or not state.is_world_process_zero:
@@ -115,12 +143,15 @@ def step_callback(stage: str, index: int, count: int, step_offset: int, sink: Ml
                     on_progress(row)
                 except Exception as e:  # a UI hiccup must not end a training run (KeyboardInterrupt still does)
                     log.warning("progress callback failed at step %d: %s", state.global_step, e)
-            final = state.global_step >= state.max_steps
-            if final or state.global_step // self.every != self.last_reported // self.every:
-                self.last_reported = state.global_step
-                log.info("train %s (%d/%d): step %d/%d loss %.4f lr %.3g grad norm %.3g %s tokens/s",
-                         stage, index + 1, count, state.global_step, state.max_steps, row["loss"],
-                         row.get("learning_rate", 0.0), row.get("grad_norm", float("nan")), tps)
+            if self.progress is not None:
+                self.progress.update(state.global_step - self.last_step, tokens_per_second=tps, loss=row["loss"],
+                                     lr=row.get("learning_rate"), **{"grad norm": row.get("grad_norm")})
+            self.last_step = state.global_step
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.progress is not None:
+                self.progress.close()
+                self.progress = None
 
     return StepTracker()
 

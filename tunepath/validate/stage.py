@@ -194,11 +194,11 @@ def _read_all(cfg: ValidateConfig, raw_dir: Path, files: list[Path]):
     from tunepath.validate.formats import Normaliser
     from tunepath.validate.placeholders import fill_placeholders
 
-    from tunepath.progress import Progress
+    from tunepath.progress import DataPass
 
     normaliser = Normaliser(cfg)
     specs, warnings = read_dataset_info(raw_dir) if cfg.read_dataset_info else ({}, [])
-    progress = Progress(log, "validate: read", sum(_size(p) for p in files))
+    progress = DataPass(log, "validate: read", sum(_size(p) for p in files))
     items: list[Item] = []
     unreadable: list[str] = []
     tallies: dict[str, FileTally] = {}
