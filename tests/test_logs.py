@@ -130,10 +130,18 @@ def test_progress_lines_say_count_eta_and_tokens_per_second(caplog):
 def test_a_bar_on_a_terminal_keeps_its_lines_for_the_log_only(caplog, capsys):
     from tunepath.progress import Progress
 
-    with caplog.at_level(logging.INFO, logger="tunepath.progress"):
-        with Progress(5, "train sft (1/1)", bar=True) as progress:
-            for _ in range(5):
-                progress.update(1, tokens_per_second=1234.0)
+    logger = logging.getLogger("tunepath.progress")
+    # a library's dictConfig earlier in this test process (disable_existing_loggers) may have switched it off
+    was_disabled, logger.disabled = logger.disabled, False
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="tunepath.progress"):
+            with Progress(5, "train sft (1/1)", bar=True) as progress:
+                for _ in range(5):
+                    progress.update(1, tokens_per_second=1234.0)
+    finally:
+        logger.removeHandler(caplog.handler)
+        logger.disabled = was_disabled
     err = capsys.readouterr().err
     assert "train sft (1/1)" in err and "5/5" in err and "1,234 tokens/s" in err  # tqdm's bar, with the rate
     records = [r for r in caplog.records if r.name == "tunepath.progress"]

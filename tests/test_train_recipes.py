@@ -84,7 +84,7 @@ def test_cpt_then_sft_runs_in_order_on_one_adapter(project, tmp_path):
     assert [int(r[0]) for r in rows] == list(range(1, 13))  # one step axis across plan stages
     assert [r[1] for r in rows] == ["cpt"] * 6 + ["sft"] * 6
     assert sorted(p.name for p in (tmp_path / "chain" / "train").iterdir()) == [
-        "adapter", "loss.csv", "metrics.json", "stages", "tokenizer"]
+        "adapter", "loss.csv", "loss.png", "metrics.json", "stages", "tokenizer"]
     # SFT started from the CPT weights, not from the base: its first loss differs from an SFT-only run's
     alone = train(project, tmp_path / "alone", ["sft"], "lora")
     assert _losses(tmp_path / "chain")[6] != _losses(tmp_path / "alone")[0]
