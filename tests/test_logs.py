@@ -127,22 +127,27 @@ def test_progress_lines_say_count_eta_and_tokens_per_second(caplog):
     assert not any(getattr(r, "progress_bar", True) for r in caplog.records if r.name == "tunepath.progress")
 
 
-def test_a_bar_on_a_terminal_keeps_its_lines_for_the_log_only(caplog, capsys):
-    from tunepath.progress import Progress
+def test_a_bar_on_a_terminal_keeps_its_lines_for_the_log_only():
+    # in a fresh interpreter: what earlier tests of this process did to logging must not decide the outcome
+    import json
 
-    logger = logging.getLogger("tunepath.progress")
-    # a library's dictConfig earlier in this test process (disable_existing_loggers) may have switched it off
-    was_disabled, logger.disabled = logger.disabled, False
-    logger.addHandler(caplog.handler)
-    try:
-        with caplog.at_level(logging.INFO, logger="tunepath.progress"):
-            with Progress(5, "train sft (1/1)", bar=True) as progress:
-                for _ in range(5):
-                    progress.update(1, tokens_per_second=1234.0)
-    finally:
-        logger.removeHandler(caplog.handler)
-        logger.disabled = was_disabled
-    err = capsys.readouterr().err
-    assert "train sft (1/1)" in err and "5/5" in err and "1,234 tokens/s" in err  # tqdm's bar, with the rate
-    records = [r for r in caplog.records if r.name == "tunepath.progress"]
-    assert records and all(r.progress_bar for r in records)  # the Terminal filter keeps these off the screen
+    script = textwrap.dedent("""
+        import json, logging
+        records = []
+        class Keep(logging.Handler):
+            def emit(self, record):
+                records.append(bool(getattr(record, "progress_bar", False)))
+        logging.getLogger().addHandler(Keep())
+        logging.getLogger().setLevel(logging.INFO)
+        from tunepath.progress import Progress
+        with Progress(5, "train sft (1/1)", bar=True) as progress:
+            for _ in range(5):
+                progress.update(1, tokens_per_second=1234.0)
+        print(json.dumps(records))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr
+    assert "train sft (1/1)" in out.stderr and "5/5" in out.stderr and "1,234 tokens/s" in out.stderr  # tqdm's bar, with the rate
+    records = json.loads(out.stdout.strip().splitlines()[-1])
+    assert records and all(records)  # every line is marked for the log only: the Terminal filter keeps it off the screen
