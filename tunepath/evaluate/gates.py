@@ -99,25 +99,28 @@ def apply_gates(cfg: EvaluateConfig, comparison: dict, primary: str, kind: str, 
                                               f"[{s['low']:.0%}, {s['high']:.0%}], needs >= {cfg.min_stop_share:.0%}"}
     a = comparison.get("preference_accuracy")
     if a:
-        floor = -cfg.max_preference_drop
-        ok = a["tuned"]["value"] >= CHANCE - 1e-12 and (primary == "preference_accuracy" or a["diff"]["high"] >= floor)
-        gates["preference"] = {
-            "metric": "preference_accuracy", "rule": f"{new} accuracy >= chance ({CHANCE:.0%}); upper end of ({new} - {ref}) >= {floor}",
-            "passed": ok,
-            "detail": f"chosen above rejected (per token) in {_ci(a['tuned'], True)} of {a['pairs']} pairs ({ref} {_ci(a['base'], True)}); "
-                      f"difference {_ci(a['diff'], True)}; needs >= {CHANCE:.0%} and a difference reaching {floor:.0%}",
-        }
+        gates["preference"] = chance_gate(cfg, "preference_accuracy", a, primary, f"{new} accuracy", labels,
+                                          f"chosen above rejected (per token) in {_ci(a['tuned'], True)} of {a['pairs']} pairs "
+                                          f"({ref} {_ci(a['base'], True)}); difference {_ci(a['diff'], True)}")
     f = comparison.get("feedback_auc")
     if f:
-        floor = -cfg.max_preference_drop
-        ok = f["tuned"]["value"] >= CHANCE - 1e-12 and (primary == "feedback_auc" or f["diff"]["high"] >= floor)
-        gates["feedback"] = {
-            "metric": "feedback_auc", "rule": f"{new} feedback AUC >= chance ({CHANCE:.0%}); upper end of ({new} - {ref}) >= {floor}",
-            "passed": ok,
-            "detail": f"a desirable answer above an undesirable one (per token) with chance {_ci(f['tuned'])} over {f['examples']} "
-                      f"held-out examples ({f['desirable']} desirable; {ref} {_ci(f['base'])}); difference {_ci(f['diff'])}",
-        }
+        gates["feedback"] = chance_gate(cfg, "feedback_auc", f, primary, f"{new} feedback AUC", labels,
+                                        f"a desirable answer above an undesirable one (per token) with chance {_ci(f['tuned'])} over "
+                                        f"{f['examples']} held-out examples ({f['desirable']} desirable; {ref} {_ci(f['base'])}); "
+                                        f"difference {_ci(f['diff'])}")
     return gates
+
+
+def chance_gate(cfg: EvaluateConfig, metric: str, c: dict, primary: str, what: str, labels: tuple[str, str], detail: str) -> dict:
+    """A ranking metric (preference accuracy, feedback AUC): at least chance, and, when it is not the primary metric
+    (whose own gate is stricter), not surely lower than the reference's by more than `max_preference_drop`."""
+    ref, new = labels
+    floor = -cfg.max_preference_drop
+    return {
+        "metric": metric, "rule": f"{what} >= chance ({CHANCE:.0%}); upper end of ({new} - {ref}) >= {floor}",
+        "passed": c["tuned"]["value"] >= CHANCE - 1e-12 and (primary == metric or c["diff"]["high"] >= floor),
+        "detail": f"{detail}; needs >= {CHANCE:.0%} and a difference reaching {floor:.0%}",
+    }
 
 
 def supported_gate(text_gate: dict, text: dict, ppl: dict, floor: float, new: str = "tuned", ref: str = "base") -> dict:
