@@ -32,6 +32,19 @@ os.environ.update({
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("PREFECT_API_URL", None)
 
+
+@pytest.fixture(autouse=True)
+def _no_tracking_uri_leaks():
+    """`mlflow.set_tracking_uri` in one test writes MLFLOW_TRACKING_URI into os.environ, which every later
+    subprocess would inherit (a later run would then log into another test's registry)."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 # Small and fast for tests; the pipeline code path is the same as `make run`.
 FAST_OVERRIDES = ["evaluate.benchmark_limit=20"]
 

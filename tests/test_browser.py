@@ -83,8 +83,9 @@ def test_custom_run_from_the_prefect_ui_then_model_in_the_mlflow_ui(browser, liv
     field = wait.until(EC.presence_of_element_located((By.XPATH, form_input("Train", "Max Steps"))))
     # the form in the order a person works: the recipe, data, model, then the training basics; no consts
     labels = [e.text.strip() for e in browser.find_elements(By.CSS_SELECTOR, ".schema-form-property__label") if e.text.strip()]
-    assert labels.index("Max Steps (Optional)") < 12, labels[:20]
-    assert labels[:1] == ["recipe (Optional)"] and labels.index("Learning Rate (Optional)") < 12, labels[:20]
+    at = labels.index("Max Steps (Optional)")
+    assert labels[:1] == ["recipe (Optional)"] and at < 16, labels[:20]  # above the fold, after data and model
+    assert labels[at + 1:at + 3] == ["Learning Rate (Optional)", "Lora R (Optional)"], labels[:20]
     assert "is a const and cannot be changed" not in browser.page_source
     browser.save_screenshot(str(shots / "prefect-custom-run-form-top.png"))
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", field)
