@@ -26,29 +26,35 @@ from tunepath.route.memory import Knobs
 from tunepath.route.profile import Profile
 
 # path -> [(parameters, tokens per micro-batch, real tokens/s, matmul TFLOP/s of the card in that run)]
-# benchmarks/results/train_*.json: the mean of every run of a path at a shape (runs on different days differ by up
-# to 20%: 1.5B checkpointing 30,736 on 2026-11-28, 24,572 on 2026-12-01). The 7B compiled and hf-QLoRA rows are from
-# the benchmark issue's tables (2026-12-01, same H200, no result file), at the matmul rate of the other runs.
+# benchmarks/results/train_*.json: the mean over every run of a path at a shape of its steady rate, real tokens per
+# step over the median step time (a recompile inside a short timed window, as in the 7B hf-QLoRA checkpointing run
+# of 2026-12-01, would otherwise count: 2,616 tokens/s over 3 steps against 10,136 steady; compile time is the
+# plan's time to first step, not its rate). Runs on different days differ by up to 20%: 1.5B checkpointing 33,097
+# on 2026-11-28, 26,480 on 2026-12-01. The 7B compiled and hf-QLoRA rows are from the benchmark issue's tables
+# (2026-12-01, same H200, no result file), at the matmul rate of the other runs.
 H200_RATE = 790.0
 MEASURED: dict[str, list[tuple[float, int, float, float]]] = {
-    "compiled": [(494_032_768, 8192, 45189.4, 804.8), (494_032_768, 16384, 83764.9, 804.8),
-                 (1_543_714_304, 8192, 42662.3, 788.9), (1_543_714_304, 16384, 51251.5, 786.2),
+    "compiled": [(494_032_768, 8192, 44652.8, 804.8), (494_032_768, 16384, 81930.4, 804.8),
+                 (1_543_714_304, 8192, 42761.2, 788.9), (1_543_714_304, 16384, 50727.3, 786.2),
                  (7_615_616_512, 8192, 16400.0, H200_RATE)],
-    "eager": [(494_032_768, 8192, 33453.5, 804.8), (1_543_714_304, 8192, 27430.4, 786.2)],
-    "compiled+checkpointing": [(1_543_714_304, 8192, 27653.6, 790.2), (7_615_616_512, 8192, 11674.8, 796.3)],
-    "hf-qlora": [(1_543_714_304, 8192, 25553.2, 791.2), (7_615_616_512, 8192, 15300.0, H200_RATE)],
-    "unsloth": [(494_032_768, 8192, 16178.0, 804.8), (1_543_714_304, 8192, 11681.7, 786.2)],
-    "unsloth-qlora": [(1_543_714_304, 8192, 7339.2, 791.2), (7_615_616_512, 8192, 8960.2, 796.3)],
+    "eager": [(494_032_768, 8192, 32376.8, 804.8), (1_543_714_304, 8192, 27319.3, 786.2)],
+    "compiled+checkpointing": [(1_543_714_304, 8192, 29788.5, 790.2), (7_615_616_512, 8192, 11679.6, 796.3)],
+    "hf-qlora": [(1_543_714_304, 8192, 25935.3, 791.2), (7_615_616_512, 8192, 15300.0, H200_RATE)],
+    "hf-qlora+checkpointing": [(7_615_616_512, 8192, 10135.9, 789.1)],
+    "unsloth": [(494_032_768, 8192, 16452.0, 804.8), (1_543_714_304, 8192, 11394.8, 786.2)],
+    "unsloth-qlora": [(1_543_714_304, 8192, 9219.7, 791.2), (7_615_616_512, 8192, 8468.5, 796.3)],
+    "unsloth-qlora+checkpointing": [(7_615_616_512, 8192, 3495.7, 789.1)],
 }
 REFERENCE_TOKENS = 8192
 
 
 def path_of(k: Knobs) -> tuple[str, bool]:
     """The measured path that stands for these knobs, and whether its checkpointing was measured on it."""
-    if k.backend == "unsloth":
-        return ("unsloth-qlora" if k.method == "qlora" else "unsloth"), False
     if k.method == "qlora":
-        return "hf-qlora", False
+        path = "unsloth-qlora" if k.backend == "unsloth" else "hf-qlora"
+        return (f"{path}+checkpointing", True) if k.gradient_checkpointing else (path, False)
+    if k.backend == "unsloth":
+        return "unsloth", False
     if not k.compile:
         return "eager", False
     return ("compiled+checkpointing", True) if k.gradient_checkpointing else ("compiled", False)
