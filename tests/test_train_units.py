@@ -240,3 +240,18 @@ def test_the_loss_curve_counts_steps_across_plan_stages(tmp_path):
         "1,cpt,3.000000,0.001,1.5,100.0",
         "2,sft,2.500000,0.001,1,",
     ]
+
+
+@pytest.mark.parametrize("stages, dpo_lr, expected", [
+    (["sft", "dpo"], "auto", 2e-4),   # after SFT: a tenth of the SFT rate
+    (["dpo"], "auto", 2e-3),          # DPO alone, from the base model: the run's rate
+    (["sft", "dpo"], 5e-5, 5e-5),     # set by the user: as set
+])
+def test_dpo_trains_at_its_own_rate_and_the_other_stages_at_the_runs(stages, dpo_lr, expected):
+    from tunepath.train import TrainConfig
+
+    cfg = TrainConfig(learning_rate=2e-3, dpo_learning_rate=dpo_lr)
+    assert cfg.for_stage("dpo", stages).learning_rate == pytest.approx(expected)
+    assert cfg.for_stage("sft", stages).learning_rate == 2e-3
+    with pytest.raises(ValueError, match="dpo_learning_rate"):
+        TrainConfig(dpo_learning_rate=float("inf"))

@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from tunepath.strict import Strict
 
 DEFAULT_MICRO_BATCH_TOKENS = 8192  # train.micro_batch_tokens auto without a route plan (measured in benchmarks/README.md)
+DPO_AFTER_SFT_LR_DIVISOR = 10  # train.dpo_learning_rate auto after an SFT stage (why: its description)
 # a run of 10 million optimizer steps already takes weeks on one GPU; beyond it is a typo (1e23), not a plan
 MAX_STEPS_CEILING = 10_000_000
 
@@ -44,6 +45,11 @@ class TrainConfig(Strict):
         description="LoRA/QLoRA: also train the input embeddings and the LM head in full (for continued pretraining on "
         "new vocabulary or style); the adapter then holds copies of both, which costs memory and disk.",
     )
+    dpo_learning_rate: Annotated[float, Field(gt=0, allow_inf_nan=False)] | Literal["auto"] = Field(
+        "auto", description="DPO's peak learning rate. auto: train.learning_rate / 10 when DPO follows SFT in the same "
+        "plan (preference tuning should nudge the SFT model, not retrain it: TRL's and published DPO recipes run 10-100x "
+        "below SFT's rate), else train.learning_rate.",
+    )
     dpo_beta: float = Field(0.1, gt=0, description="DPO: how strongly the policy is held to the reference (the model before DPO); lower lets it drift further.")
     kto_beta: float = Field(0.1, gt=0, description="KTO: how strongly the policy is held to the reference (the model before KTO); lower lets it drift further.")
     kto_desirable_weight: float = Field(
@@ -77,6 +83,15 @@ class TrainConfig(Strict):
     num_processes: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto", description="Processes (GPUs) for accelerate launch; auto: one per visible GPU; 1 trains in this process."
     )
+
+    def for_stage(self, stage: str, stages: list[str]) -> "TrainConfig":
+        """This config as one plan stage trains with it: DPO's own learning rate (see dpo_learning_rate)."""
+        if stage != "dpo":
+            return self
+        lr = self.dpo_learning_rate
+        if lr == "auto":
+            lr = self.learning_rate / DPO_AFTER_SFT_LR_DIVISOR if "sft" in stages[:stages.index(stage)] else self.learning_rate
+        return self.model_copy(update={"learning_rate": lr})
 
     def resolved(self, plan_train: dict | None = None) -> "TrainConfig":
         """This config with the `auto` knobs set: from the route plan's `train` section, else the defaults."""

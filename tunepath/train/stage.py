@@ -240,8 +240,11 @@ def run_train(cfg: TrainConfig, model: ModelConfig, plan_path: Path, tokenize_di
     per_stage, steps, offset, trainer = [], [], 0, None
     try:
         for i, stage in enumerate(stages):
-            result = recipe.train_stage(net, stage, (i, len(stages)), tokenize_dir, tokenizer, collator, cfg, ckpt_root,
-                                        precision, method, max_length, offset, sink, on_progress)
+            stage_cfg = cfg.for_stage(stage, stages)
+            if stage_cfg.learning_rate != cfg.learning_rate:
+                log.info("%s: learning rate %g (train.dpo_learning_rate %s)", stage, stage_cfg.learning_rate, cfg.dpo_learning_rate)
+            result = recipe.train_stage(net, stage, (i, len(stages)), tokenize_dir, tokenizer, collator, stage_cfg,
+                                        ckpt_root, precision, method, max_length, offset, sink, on_progress)
             trainer = result["trainer"]
             if dist.is_main_process:
                 trainer.state.save_to_json(str(_mkdir(out_dir / "stages" / stage) / "trainer_state.json"))
