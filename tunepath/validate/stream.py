@@ -315,7 +315,12 @@ def run_chunks(chunks, cfg, displays: list[str], work: Path, workers: int):
     from collections import deque
     from concurrent.futures import ProcessPoolExecutor
 
-    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    fork = "fork" in multiprocessing.get_all_start_methods()
+    if fork:  # imported once here, the workers share it: each would take seconds to import it again
+        from tunepath.validate.contracts import import_gx
+
+        import_gx()
+    context = multiprocessing.get_context("fork" if fork else "spawn")
     condition, turn = context.Condition(), context.Value("q", 0, lock=False)
     pending: deque = deque()
     with ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker,
@@ -482,10 +487,11 @@ def move_records(part: Path, split: str, line: int, lines: int) -> None:
     os.replace(partial, part)
 
 
-def assemble(parts: list[Path], folder: Path, stem: str, suffix: str = ".jsonl", shard_bytes: int = SHARD_BYTES) -> list[Path]:
-    """Concatenate the parts, in order, into shards `stem-00000.jsonl`, ... of about `shard_bytes` (empty parts skipped)."""
+def assemble(parts: list[Path], folder: Path, stem: str, suffix: str = ".jsonl") -> list[Path]:
+    """Concatenate the parts, in order, into shards `stem-00000.jsonl`, ... of about SHARD_BYTES (empty parts skipped)."""
     import shutil
 
+    shard_bytes = SHARD_BYTES
     folder.mkdir(parents=True, exist_ok=True)
     shards: list[Path] = []
     size = 0
