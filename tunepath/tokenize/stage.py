@@ -44,7 +44,7 @@ DROP_NAMES = tuple(name for name in STATUS_NAMES.values() if name.startswith("dr
 # Settings that change the tokenized records (the rest act after the cache: packing, blocks, parallelism).
 CACHE_KEYS = ("max_length", "template", "custom_template", "overlong", "last_turn_only", "keep_history_reasoning",
               "template_kwargs", "render_date", "parity_checks")
-READ_BLOCK_BYTES = 64 << 20  # records.jsonl is read this much at a time (less under a small data.memory_gb)
+READ_BLOCK_BYTES = 64 << 20  # the records shards are read this much at a time (less under a small data.memory_gb)
 SHARD_BYTES = 128 << 20  # a kind and split's records are tokenized and cached in shards of about this size
 # SFT samples are packed best-fit within windows of this many tokens. Fixed (not from data.memory_gb), so the
 # rows do not depend on the machine; a window's arrays take about 40 bytes per token.
@@ -158,9 +158,9 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
 
 
 class _Records:
-    """records.jsonl split into Arrow shards per (kind, split), read only when some split is not cached.
+    """The records shards split into Arrow shards per (kind, split), read only when some split is not cached.
 
-    The file is read in blocks of `block_bytes` cut at line ends (each block by pyarrow's multithreaded JSON
+    Each file is read in blocks of `block_bytes` cut at line ends (each block by pyarrow's multithreaded JSON
     reader), so memory follows the block, not the file. A kind and split's rows go to shards of about
     SHARD_BYTES, each cut at a block's edge: appending rows to the records leaves every earlier shard's bytes
     as they were, so only the new shards are tokenized (the map cache is keyed by a shard's digest). Shards
@@ -493,7 +493,7 @@ def _finish_sft(mapped, split: str, cfg: TokenizeConfig, target: Path, run_key: 
         return _zero_stats()
     table = mapped.data.table
     stats, kept = _status_stats(table)
-    extra = ("prompt_ids", "record") if split == "eval" else ()  # record: the row of records.jsonl (this kind and split)
+    extra = ("prompt_ids", "record") if split == "eval" else ()  # record: the canonical record (this kind and split)
     samples = table.select(["input_ids", "labels", *extra])
     lengths = pc.list_value_length(samples["input_ids"]).to_numpy(zero_copy_only=False)[kept].astype(np.int64)
     pack = cfg.pack and split == "train"

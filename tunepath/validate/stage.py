@@ -132,7 +132,8 @@ def run_validate(cfg: ValidateConfig, raw_dir: Path, out_dir: Path, model_dir: s
         skipped=[p.as_posix() for p in paths.skipped], max_reject_share=cfg.max_reject_share, timings=clock.wall)
     report["placeholders"] = placeholders
     report["chunked"] = chunked
-    report["cpu_s"] = {**clock.cpu, "workers": round(run.worker_cpu, 3)}
+    # a pool's workers are other processes: their CPU seconds join the parent's, so the figure is the stage's
+    report["cpu_s"] = {**clock.cpu, "read_check": round(clock.cpu["read_check"] + (run.worker_cpu if run.workers > 1 else 0), 3)}
     report["streaming"] = {"chunks": run.chunks, "workers": run.workers, "records_shards": [p.name for p in shards],
                            "moved_for_split": moved}
     report["config"] = cfg.model_dump()
