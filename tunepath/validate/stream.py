@@ -144,6 +144,10 @@ def init_worker(cfg, displays: list[str], work: str, condition=None, turn=None) 
     import logging
 
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    if condition is not None:  # one of a pool: one thread each, so the pool never runs more threads than cores
+        import pyarrow
+
+        pyarrow.set_cpu_count(1)
     _STATE.clear()
     _STATE.update(cfg=cfg, displays=displays, work=Path(work), turns=_Turns(condition, turn), normalisers={}, db=None)
 
