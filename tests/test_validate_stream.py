@@ -47,6 +47,8 @@ def raw(tmp_path_factory):
     pq.write_table(pa.Table.from_pylist(texts + texts[:3]), root / "d_docs.parquet", row_group_size=6)
     (root / "e.csv").write_text("instruction,output\nsay hi,hello there friend\nsay bye,goodbye for now\n", encoding="utf-8")
     (root / "f_empty.jsonl").write_text("", encoding="utf-8")
+    notes = "\n\n".join(f"Note number {i} about the data set{'.' * (i % 7)}" for i in range(500))
+    (root / "g_notes.txt").write_text(notes + "\n\n" + notes[:2000] + "\n", encoding="utf-8")  # 20 KB, some repeated
     return root
 
 
@@ -90,7 +92,7 @@ def test_counts_add_up_and_duplicates_point_at_the_first_row(both):
     whole, _, summary, report, out = both
     totals = report["totals"]
     assert totals["read"] == totals["accepted"] + totals["rejected"] == sum(f["read"] for f in report["files"].values())
-    assert totals["read"] == 400 + 3 + 5 + 31 + 3 + 64 + 2
+    assert totals["read"] == 400 + 3 + 5 + 31 + 3 + 64 + 2 + 500 + 54
     rejects = [json.loads(line) for line in whole["rejects"].splitlines()]
     assert len(rejects) == totals["rejected"]
     duplicates = {(r["source"]["file"].rsplit("/", 1)[-1], r["source"]["line"]): r["reasons"] for r in rejects
@@ -126,3 +128,21 @@ def test_record_files_name_the_missing_records(tmp_path):
     with pytest.raises(FileNotFoundError, match="older version"):
         record_files(tmp_path)
     assert record_files(tmp_path / "records.jsonl") == [tmp_path / "records.jsonl"]
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 7, 50, 1000])
+def test_text_cut_at_blank_lines_reads_as_one_pass(tmp_path, chunk_bytes):
+    from tunepath.validate.readers import read_rows, read_text_range
+
+    rng = random.Random(chunk_bytes)
+    parts = ["\ufeffFirst block\nstill first"]
+    for i in range(60):
+        parts.append(rng.choice(["\n\n", "\n \t\n", "\r\n\r\n", "\n\n\n   ", "\n\u2028\n\n", "\n  \n\t\n  "]))
+        parts.append(rng.choice([f"block {i}", f"block {i}\nline two", f"  indented {i}", f"crlf {i}\r\nnext", f"\u00e9t\u00e9 {i}"]))
+    path = tmp_path / "notes.txt"
+    path.write_bytes("".join(parts).encode("utf-8") + b"\xff tail")  # an invalid byte in the last block
+    whole = [(r.line, r.raw, r.reasons) for r in read_rows(path, "notes.txt")]
+    cut = []
+    for start, end, line in stream.plan_text(path, chunk_bytes):
+        cut += [(r.line, r.raw, r.reasons) for r in read_text_range(path, "notes.txt", start, end, line, "blank_line")]
+    assert len(whole) > 40 and cut == whole

@@ -6,7 +6,6 @@ commit in the tags brings it back) and the record splits with their row counts a
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any

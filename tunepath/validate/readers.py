@@ -421,14 +421,27 @@ def _parquet_groups(parquet, display: str, groups: range, first_row: int) -> Ite
             yield RawRow(display, number, json.dumps(value, ensure_ascii=False, default=str), value, origin="parquet")
 
 
-def _read_text(text: str, display: str, text_split: str) -> Iterator[RawRow]:
+def read_text_range(path: Path, display: str, start: int, end: int, first_line: int, text_split: str) -> Iterator[RawRow]:
+    """The blocks of bytes [start, end) of a UTF-8 text file cut where a block ends (see `stream.plan_text`)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            data = f.read(end - start)
+    except OSError as e:
+        yield _unreadable(display, f"cannot read {display}: {e.strerror or e}")
+        return
+    text = data.decode("utf-8", errors="surrogateescape")
+    yield from _read_text(text.removeprefix(BOM) if start == 0 else text, display, text_split, first_line)
+
+
+def _read_text(text: str, display: str, text_split: str, first: int = 1) -> Iterator[RawRow]:
     text = text.replace("\r\n", "\n")
     if text_split == "file":
         blocks = [(1, text)] if text.strip() else []
     elif text_split == "line":
-        blocks = list(enumerate(text.split("\n"), 1))
+        blocks = list(enumerate(text.split("\n"), first))
     else:
-        blocks, line, pos = [], 1, 0
+        blocks, line, pos = [], first, 0
         for m in _BLANK_LINE.finditer(text):
             blocks.append((line, text[pos:m.start()]))
             line += text.count("\n", pos, m.end())

@@ -233,7 +233,7 @@ def _check_all(cfg: ValidateConfig, data: DataConfig, raw_dir: Path, files: list
 def _plan(cfg: ValidateConfig, raw_dir: Path, files: list[Path], displays: list[str], specs: dict, tallies: dict):
     """The chunks of every file, in order; fills `tallies` with each file's (empty) tally as it goes."""
     from tunepath.validate.readers import JSONL_SUFFIXES, bom_codec, looks_binary
-    from tunepath.validate.stream import Chunk, plan_jsonl, plan_parquet
+    from tunepath.validate.stream import Chunk, plan_jsonl, plan_parquet, plan_text
 
     index = 0
     for number, (path, display) in enumerate(zip(files, displays)):
@@ -258,8 +258,12 @@ def _plan(cfg: ValidateConfig, raw_dir: Path, files: list[Path], displays: list[
         try:
             with open(path, "rb") as f:
                 head = f.read(8192)
-            if suffix in JSONL_SUFFIXES and bom_codec(head) is None and not looks_binary(head):
+            plain = bom_codec(head) is None and not looks_binary(head)
+            if suffix in JSONL_SUFFIXES and plain:
                 pieces = [dict(how="jsonl", start=s, end=e, first=line, nbytes=e - s) for s, e, line in plan_jsonl(path)]
+            elif suffix == ".txt" and plain and text_split != "file":
+                cuts = plan_jsonl(path) if text_split == "line" else plan_text(path)
+                pieces = [dict(how="text", start=s, end=e, first=line, nbytes=e - s) for s, e, line in cuts]
             elif suffix == ".parquet":
                 planned = plan_parquet(path)
                 if planned is not None:

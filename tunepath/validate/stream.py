@@ -1,7 +1,7 @@
 """Validate in chunks, so memory follows the chunk and not the data: plan, check each chunk, merge the tallies.
 
-The parent process cuts every file into chunks (JSONL at line ends, Parquet at row groups; other files are
-one chunk each) and a pool of `data.num_proc` workers checks them: read, normalise, dedup, contracts (GX on
+The parent process cuts every file into chunks (JSONL and text at line ends or blank lines, Parquet at row
+groups; JSON, CSV, UTF-16/32 text and text read whole (`text_split: file`) are one chunk each) and a pool of `data.num_proc` workers checks them: read, normalise, dedup, contracts (GX on
 the chunk's frames), split, then the chunk's records and rejects are written to part files of its own.
 
 Dedup keeps its meaning over the whole input: a row is a duplicate of the first row with the same id in file
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import time
 from collections import Counter
@@ -43,7 +44,7 @@ class Chunk:
     display: str
     fmt: str
     text_split: str
-    how: str  # "jsonl" (bytes start-end, first line), "parquet" (row groups start-end, first row) or "whole"
+    how: str  # "jsonl" or "text" (bytes start-end, first line), "parquet" (row groups start-end, first row) or "whole"
     start: int = 0
     end: int = 0
     first: int = 1
@@ -84,6 +85,31 @@ def plan_jsonl(path: Path, chunk_bytes: int = CHUNK_BYTES):
         while block := f.read(chunk_bytes):
             if not block.endswith(b"\n"):
                 block += f.readline()
+            yield start, start + len(block), line
+            start += len(block)
+            line += block.count(b"\n")
+
+
+_BLANK_LINE = re.compile(rb"[ \t\f\v]*\r?\n")  # a line the text reader's blank-line separator spans
+
+
+def plan_text(path: Path, chunk_bytes: int = CHUNK_BYTES):
+    """(start, end, first line) of each chunk of a UTF-8 text file split at blank lines, each cut right after a
+    blank line: the reader's separator (a blank line and the whitespace after it) then ends a chunk or starts the
+    next one, and either way it gives the blocks and lines of one pass over the file."""
+    start, line = 0, 1
+    with open(path, "rb") as f:
+        while block := f.read(chunk_bytes):
+            if not block.endswith(b"\n"):
+                block += f.readline()
+            while True:
+                last = block[block.rfind(b"\n", 0, len(block) - 1) + 1:]
+                if _BLANK_LINE.fullmatch(last) and (len(last) < len(block) or start > 0):
+                    break
+                more = f.readline()
+                if not more:
+                    break
+                block += more
             yield start, start + len(block), line
             start += len(block)
             line += block.count(b"\n")
@@ -192,11 +218,13 @@ def _register(chunk: Chunk, items: list) -> None:
 
 
 def _rows(chunk: Chunk):
-    from tunepath.validate.readers import read_jsonl_range, read_parquet_groups, read_rows
+    from tunepath.validate.readers import read_jsonl_range, read_parquet_groups, read_rows, read_text_range
 
     path = Path(chunk.path)
     if chunk.how == "jsonl":
         return read_jsonl_range(path, chunk.display, chunk.start, chunk.end, chunk.first)
+    if chunk.how == "text":
+        return read_text_range(path, chunk.display, chunk.start, chunk.end, chunk.first, chunk.text_split)
     if chunk.how == "parquet":
         return read_parquet_groups(path, chunk.display, range(chunk.start, chunk.end), chunk.first - 1)
     return read_rows(path, chunk.display, chunk.text_split)
