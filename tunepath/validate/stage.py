@@ -81,6 +81,7 @@ def run_validate(cfg: ValidateConfig, raw_dir: Path, out_dir: Path, model_dir: s
     Records go to `records/records-00000.jsonl`, ... (shards of about 128 MB, in input order; read them with
     `tunepath.records.read_records`). The input is checked in chunks by `data.num_proc` worker processes, so
     memory follows the chunk, not the data (see `tunepath.validate.stream`); the outputs do not depend on either.
+    JSON arrays and CSV files are still read whole, one chunk each (a warning names a large one).
     `model_dir` (the base model's folder) gives the control text to look for: its tokenizer's added tokens,
     unless `cfg.control_tokens` lists them. Raises DataValidationError when raw_dir has no data, no row is
     usable, or the rejected share exceeds `cfg.max_reject_share` (the outputs are written first, so
@@ -191,7 +192,7 @@ def _check_all(cfg: ValidateConfig, data: DataConfig, raw_dir: Path, files: list
                chunked={"documents": 0, "pieces": 0, "rule": RULE.format(max=cfg.text_chars.max)})
     progress = DataPass(log, "validate: read", total_bytes)
     unreadable: dict[str, list[str]] = {}
-    for result in run_chunks(_plan(cfg, raw_dir, files, displays, specs, tallies), cfg, displays, work, workers):
+    for result in run_chunks(_plan(cfg, raw_dir, files, displays, specs, tallies, warnings), cfg, displays, work, workers):
         run.chunks += 1
         run.worker_cpu += result.cpu_s
         tally = tallies[result.file]
@@ -230,10 +231,11 @@ def _check_all(cfg: ValidateConfig, data: DataConfig, raw_dir: Path, files: list
     return run
 
 
-def _plan(cfg: ValidateConfig, raw_dir: Path, files: list[Path], displays: list[str], specs: dict, tallies: dict):
+def _plan(cfg: ValidateConfig, raw_dir: Path, files: list[Path], displays: list[str], specs: dict, tallies: dict,
+          warnings: list[str]):
     """The chunks of every file, in order; fills `tallies` with each file's (empty) tally as it goes."""
     from tunepath.validate.readers import JSONL_SUFFIXES, bom_codec, looks_binary
-    from tunepath.validate.stream import Chunk, plan_jsonl, plan_parquet, plan_text
+    from tunepath.validate.stream import CHUNK_BYTES, Chunk, plan_jsonl, plan_parquet, plan_text
 
     index = 0
     for number, (path, display) in enumerate(zip(files, displays)):
@@ -274,6 +276,9 @@ def _plan(cfg: ValidateConfig, raw_dir: Path, files: list[Path], displays: list[
                             p["nbytes"] = int(_size(path) * p["nbytes"] / total)
         except OSError:
             pieces = None  # the reader names the fault
+        if pieces is None and _size(path) > 4 * CHUNK_BYTES:
+            warnings.append(f"{display} ({_size(path) / 1e6:,.0f} MB) is read whole, not in chunks ({suffix} files are): "
+                            "its rows are held in memory at once; JSONL, Parquet and text files are read in chunks")
         for piece in pieces if pieces is not None else [dict(how="whole", nbytes=_size(path))]:
             yield Chunk(index=index, **base, **piece)
             index += 1
