@@ -16,7 +16,7 @@ import pytest
 from tunepath.records import read_records, record_files
 from tunepath.sections import DataConfig
 from tunepath.validate import LengthBounds, ValidateConfig, run_validate
-from tunepath.validate import stream
+from tunepath.validate import parts, stream
 
 
 def _chat(rng: random.Random, i: int) -> dict:
@@ -70,7 +70,7 @@ def both(raw, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(stream, "CHUNK_BYTES", 16_000)
         mp.setattr(stream, "PARQUET_GROUP_BYTES", 20_000)
-        mp.setattr(stream, "SHARD_BYTES", 20_000)
+        mp.setattr(parts, "SHARD_BYTES", 20_000)
         mp.setattr(stream, "WORKER_BASE", 1)  # the memory rule would otherwise allow one worker for these chunks
         mp.setattr(stream, "WORKER_EXPANSION", 1)
         summary = run_validate(cfg, raw, chunked, data=DataConfig(num_proc=2))

@@ -178,7 +178,9 @@ def _check_all(cfg: ValidateConfig, data: DataConfig, raw_dir: Path, files: list
     from tunepath.progress import DataPass
     from tunepath.validate.chunks import RULE
     from tunepath.validate.profile import ProfileTally
-    from tunepath.validate.stream import CHUNK_BYTES, GXTotals, Splits, merge_examples, run_chunks, workers_for
+    from tunepath.validate.gx_totals import GXTotals
+    from tunepath.validate.parts import Splits, merge_examples
+    from tunepath.validate.stream import CHUNK_BYTES, run_chunks, workers_for
 
     specs, warnings = read_dataset_info(raw_dir) if cfg.read_dataset_info else ({}, [])
     tallies: dict[str, FileTally] = {}
@@ -286,7 +288,7 @@ def _plan(cfg: ValidateConfig, raw_dir: Path, files: list[Path], displays: list[
 
 def _move_forced(run: _Run, work: Path, eval_share: float) -> list[dict]:
     """Give each kind of two or more records one in each split (split.py's rule), in the parts already written."""
-    from tunepath.validate.stream import move_records
+    from tunepath.validate.parts import move_records
 
     moved = []
     for kind, split, chunk, line, lines in run.splits.moves(eval_share):
@@ -301,7 +303,7 @@ def _move_forced(run: _Run, work: Path, eval_share: float) -> list[dict]:
 
 
 def _assemble(run: _Run, work: Path, out_dir: Path) -> list[Path]:
-    from tunepath.validate.stream import assemble, concatenate
+    from tunepath.validate.parts import assemble, concatenate
 
     shards = assemble(run.records_parts, out_dir / RECORDS_DIR, "records")
     concatenate(run.rejects_parts, out_dir / "rejects.jsonl")

@@ -1,14 +1,15 @@
 """Validate in chunks, so memory follows the chunk and not the data: plan, check each chunk, merge the tallies.
 
 The parent process cuts every file into chunks (JSONL and text at line ends or blank lines, Parquet at row
-groups; JSON, CSV, UTF-16/32 text and text read whole (`text_split: file`) are one chunk each) and a pool of `data.num_proc` workers checks them: read, normalise, dedup, contracts (GX on
-the chunk's frames), split, then the chunk's records and rejects are written to part files of its own.
+groups; JSON, CSV, UTF-16/32 text and text read whole (`text_split: file`) are one chunk each) and a pool of
+`data.num_proc` workers checks them: read, normalise, dedup, contracts (GX on the chunk's frames), split,
+then the chunk's records and rejects are written to part files of its own (joined by `parts`).
 
 Dedup keeps its meaning over the whole input: a row is a duplicate of the first row with the same id in file
 and line order. Each worker registers its chunk's ids in a SQLite table on disk (id -> first file and line)
 in chunk order, one chunk at a time (a turn counter shared by the pool), and only that step waits; reading
 and the contracts run in parallel. The split is the same hash of the id as before, and the rule that gives
-each kind of two or more records one record in each split is applied after the last chunk (see `Splits`).
+each kind of two or more records one record in each split is applied after the last chunk (`parts.Splits`).
 """
 
 from __future__ import annotations
@@ -22,15 +23,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunepath.records import KINDS
-from tunepath.validate.report import FileTally, by_count
+from tunepath.validate.report import FileTally
 
 CHUNK_BYTES = 32 << 20  # input per chunk: fixed, so the parts (and the shards) do not depend on the machine
 # A worker's peak over its chunk's input bytes (rows, canonical fields, the GX frames), measured on chats with
 # benchmarks/data_scale.py, plus the interpreter with pandas and GX imported.
 WORKER_EXPANSION = 12
 WORKER_BASE = 400 << 20
-SHARD_BYTES = 128 << 20  # records shards are about this size (parts are concatenated up to it)
 PARQUET_GROUP_BYTES = CHUNK_BYTES  # Parquet row groups are gathered into chunks of about this much data
 
 
@@ -374,191 +373,3 @@ def _close() -> None:
     if _STATE.get("db") is not None:
         _STATE["db"].close()
     _STATE.clear()
-
-
-class GXTotals:
-    """The GX summaries and results of every chunk as one run over the whole data would give them.
-
-    Counts add up, percentages are recomputed, and the indexes of unexpected rows are offset by the rows of the
-    chunks before, so they index the whole data's frame (in row order) as before.
-    """
-
-    PARTIAL = 20  # GX's partial lists hold the first 20 unexpected values
-
-    def __init__(self) -> None:
-        self.summaries: dict[str, dict] = {}
-        self.results: dict[str, dict] = {}
-
-    def ordered(self) -> None:
-        """Suites in the order one run over all the data gives them: kinds, then frames, as `check_contracts` runs them."""
-        kinds = ("conversation", "preference", "feedback", "text")
-        frames = ("messages", "records", "calls")
-
-        def rank(suite: str):
-            kind, _, frame = suite.partition("_")
-            return kinds.index(kind), frames.index(frame) if frame else 0
-
-        self.summaries = {k: self.summaries[k] for k in sorted(self.summaries, key=rank)}
-        self.results = {k: self.results[k] for k in sorted(self.results, key=rank)}
-
-    def add(self, summaries: dict, results: dict) -> None:
-        for suite, summary in summaries.items():
-            offset = self.summaries[suite]["rows"] if suite in self.summaries else 0
-            if suite not in self.summaries:
-                self.summaries[suite], self.results[suite] = summary, results[suite]
-                continue
-            self._summary(self.summaries[suite], summary)
-            self._result(self.results[suite], results[suite], offset)
-
-    @staticmethod
-    def _statistics(successes: list[bool]) -> dict:
-        n, ok = len(successes), sum(successes)
-        return {"evaluated_expectations": n, "successful_expectations": ok, "unsuccessful_expectations": n - ok,
-                "success_percent": ok / n * 100 if n else None}
-
-    def _summary(self, total: dict, more: dict) -> None:
-        total["success"] = total["success"] and more["success"]
-        total["rows"] += more["rows"]
-        by_rule = {(e["code"], e["column"]): e for e in more["expectations"]}
-        for e in total["expectations"]:
-            other = by_rule[(e["code"], e["column"])]
-            e["success"] = e["success"] and other["success"]
-            e["unexpected_count"] += other["unexpected_count"]
-        total["statistics"] = self._statistics([e["success"] for e in total["expectations"]])
-
-    def _result(self, total: dict, more: dict, offset: int) -> None:
-        total["success"] = total["success"] and more["success"]
-        key = lambda res: (res["expectation_config"]["meta"]["code"], res["expectation_config"]["kwargs"]["column"])  # noqa: E731
-        by_rule = {key(res): res for res in more["results"]}
-        for res in total["results"]:
-            other = by_rule[key(res)]
-            res["success"] = res["success"] and other["success"]
-            a, b = res["result"], other["result"]
-            for name in ("element_count", "unexpected_count", "missing_count"):
-                if name in a:
-                    a[name] += b.get(name, 0)
-            elements, unexpected, missing = a.get("element_count", 0), a.get("unexpected_count", 0), a.get("missing_count", 0)
-            present = elements - missing
-            if "unexpected_percent" in a:
-                a["unexpected_percent"] = unexpected / present * 100 if present else None
-            if "missing_percent" in a:
-                a["missing_percent"] = missing / elements * 100 if elements else None
-            if "unexpected_percent_total" in a:
-                a["unexpected_percent_total"] = unexpected / elements * 100 if elements else None
-            if "unexpected_percent_nonmissing" in a:
-                a["unexpected_percent_nonmissing"] = unexpected / present * 100 if present else None
-            if "partial_unexpected_list" in a:
-                a["partial_unexpected_list"] = (a["partial_unexpected_list"] + b.get("partial_unexpected_list", []))[:self.PARTIAL]
-            for name in ("partial_unexpected_index_list", "unexpected_index_list"):
-                if name in a:
-                    merged = a[name] + [i + offset for i in b.get(name, [])]
-                    a[name] = merged[:self.PARTIAL] if name.startswith("partial") else merged
-            if "partial_unexpected_counts" in a:
-                counts: dict = {}
-                for entry in a["partial_unexpected_counts"] + b.get("partial_unexpected_counts", []):
-                    k = json.dumps(entry["value"], sort_keys=True, default=str)
-                    counts.setdefault(k, {"value": entry["value"], "count": 0})["count"] += entry["count"]
-                a["partial_unexpected_counts"] = sorted(counts.values(), key=lambda e: (-e["count"], str(e["value"])))[:self.PARTIAL]
-        total["statistics"] = self._statistics([res["success"] for res in total["results"]])
-
-
-def merge_examples(total: dict, more: dict, by: str, limit: int = 20) -> None:
-    """Add a chunk's control-text or placeholder summary into the run's (counts add, the first examples stay)."""
-    total["rows"] += more["rows"]
-    counts = Counter(total[by])
-    counts.update(more[by])
-    total[by] = by_count(counts)
-    total["examples"] = (total["examples"] + more["examples"])[:limit]
-
-
-@dataclass
-class Splits:
-    """Items per kind and split, and the records that move when a kind would miss a split (see `split.py`)."""
-
-    counts: dict = field(default_factory=lambda: {kind: {"train": 0, "eval": 0} for kind in KINDS})
-    lowest_train: dict = field(default_factory=dict)  # kind -> (fraction, chunk, first line, lines)
-    highest_eval: dict = field(default_factory=dict)
-
-    def add(self, result: ChunkResult) -> None:
-        for kind, counts in result.splits.items():
-            for split, n in counts.items():
-                self.counts[kind][split] += n
-        for kind, (fraction, line, lines) in result.lowest_train.items():
-            if kind not in self.lowest_train or fraction < self.lowest_train[kind][0]:
-                self.lowest_train[kind] = (fraction, result.index, line, lines)
-        for kind, (fraction, line, lines) in result.highest_eval.items():
-            if kind not in self.highest_eval or fraction > self.highest_eval[kind][0]:
-                self.highest_eval[kind] = (fraction, result.index, line, lines)
-
-    def moves(self, eval_share: float) -> list[tuple[str, str, int, int, int]]:
-        """(kind, new split, chunk, first line, lines) of each record to move: none when eval_share is 0."""
-        if eval_share <= 0:
-            return []
-        out = []
-        for kind, c in self.counts.items():
-            if c["train"] + c["eval"] < 2:
-                continue
-            if c["eval"] == 0:
-                _, chunk, line, lines = self.lowest_train[kind]
-                out.append((kind, "eval", chunk, line, lines))
-            elif c["train"] == 0:
-                _, chunk, line, lines = self.highest_eval[kind]
-                out.append((kind, "train", chunk, line, lines))
-        return out
-
-
-def move_records(part: Path, split: str, line: int, lines: int) -> None:
-    """Rewrite `lines` records of a part from `line` on with `split` (one part, so bounded by a chunk)."""
-    rows = part.read_text(encoding="utf-8").split("\n")
-    for i in range(line, line + lines):
-        record = json.loads(rows[i])
-        record["split"] = split
-        rows[i] = json.dumps(record, ensure_ascii=False)
-    partial = part.with_name(part.name + ".moved")
-    partial.write_text("\n".join(rows), encoding="utf-8")
-    os.replace(partial, part)
-
-
-def assemble(parts: list[Path], folder: Path, stem: str, suffix: str = ".jsonl") -> list[Path]:
-    """Concatenate the parts, in order, into shards `stem-00000.jsonl`, ... of about SHARD_BYTES (empty parts skipped)."""
-    import shutil
-
-    shard_bytes = SHARD_BYTES
-    folder.mkdir(parents=True, exist_ok=True)
-    shards: list[Path] = []
-    size = 0
-    out = None
-    try:
-        for part in parts:
-            n = part.stat().st_size
-            if not n:
-                part.unlink()
-                continue
-            if not shards or size + n > shard_bytes:
-                if out is not None:
-                    out.close()
-                    out = None
-                shards.append(folder / f"{stem}-{len(shards):05d}{suffix}")
-                os.replace(part, shards[-1])  # a part that starts a shard moves, not copies
-                size = n
-                continue
-            if out is None:
-                out = open(shards[-1], "ab")
-            with open(part, "rb") as src:
-                shutil.copyfileobj(src, out, 1 << 20)
-            part.unlink()
-            size += n
-    finally:
-        if out is not None:
-            out.close()
-    return shards
-
-
-def concatenate(parts: list[Path], path: Path) -> None:
-    import shutil
-
-    with open(path, "wb") as out:
-        for part in parts:
-            with open(part, "rb") as src:
-                shutil.copyfileobj(src, out, 1 << 20)
-            part.unlink()
