@@ -15,7 +15,8 @@ the same rendered chats or texts, 10,000 at a time. The tokenizer is a ChatML BP
 benchmarks/tokenize.py). Wall and CPU time are the stage call's
 own (after the imports; CPU counts every thread and worker process); the process wall time includes the
 interpreter and imports; peak RSS comes from `wait4` on the child and is the largest single process of its
-tree (map workers share pages with their parent, so summing them would count those twice). The raw row's
+tree (map workers share pages with their parent, so summing them would count those twice); the tree's peak
+(`peak_tree_rss_gb`, sampled every 0.2 s) sums every process of it, an upper bound of a worker pool's memory. The raw row's
 wall and CPU time count the `encode_batch` calls only (rendering and reading excluded): the tokenizer's
 own speed.
 
@@ -87,12 +88,13 @@ def _child(args) -> dict:
     disable_progress_bars()
     work = Path(args.workdir)
     if args.child == "validate":
+        from tunepath.sections import DataConfig
         from tunepath.validate import ValidateConfig, run_validate
 
         started, used = time.perf_counter(), _cpu()
-        summary = run_validate(ValidateConfig(), work / "raw", work / "validate")
+        summary = run_validate(ValidateConfig(), work / "raw", work / "validate", data=DataConfig(num_proc=args.num_proc))
         return {"seconds": time.perf_counter() - started, "cpu": _cpu() - used, "read": summary.get("read"), "accepted": summary.get("accepted"),
-                "rejected": summary.get("rejected")}
+                "rejected": summary.get("rejected"), "cpu_s": summary.get("cpu_s"), "num_proc": args.num_proc}
     if args.child == "tokenize":
         from tunepath.sections import DataConfig, ModelConfig
         from tunepath.tokenize import TokenizeConfig, run_tokenize
@@ -102,7 +104,7 @@ def _child(args) -> dict:
 
         cfg = TokenizeConfig(max_length=args.max_length, cache_dir=str(work / "cache"))
         started, used = time.perf_counter(), _cpu()
-        summary = run_tokenize(cfg, ModelConfig(base=args.model), work / "validate", work / "tokenize", data=DataConfig())
+        summary = run_tokenize(cfg, ModelConfig(base=args.model), work / "validate", work / "tokenize", data=DataConfig(num_proc=args.num_proc))
         return {"seconds": time.perf_counter() - started, "cpu": _cpu() - used, "cached": summary["cached"], "timings": summary["timings"]}
     return _raw(args, work)
 
@@ -126,7 +128,9 @@ def _raw(args, work: Path) -> dict:
         texts_done += len(texts)
 
     batch: list[str] = []
-    for path in sorted((work / "validate").glob("records*.jsonl")):
+    from tunepath.records import record_files
+
+    for path in record_files(work / "validate"):
         with open(path, encoding="utf-8") as f:
             for line in f:
                 record = json.loads(line)
@@ -156,12 +160,14 @@ def run_child(args, stage: str) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     env.pop("TOKENIZERS_PARALLELISM", None)  # what a user's shell has: the tokenizer's thread pool on
     command = [sys.executable, "-m", "benchmarks.data_scale", "--child", stage, "--workdir", str(args.workdir),
-               "--model", args.model, "--max-length", str(args.max_length)]
+               "--model", args.model, "--max-length", str(args.max_length)] + (["--num-proc", str(args.num_proc)] if args.num_proc else [])
     out_path = Path(args.workdir) / f"child-{stage}.json"
     started = time.perf_counter()
     with open(out_path, "w") as out, open(Path(args.workdir) / f"child-{stage}.log", "w") as err:
         child = subprocess.Popen(command, stdout=out, stderr=err, env=env, cwd=root)
+        tree = _TreeMemory(child.pid)
         _, status, usage = os.wait4(child.pid, 0)
+        tree.stop()
     wall = time.perf_counter() - started
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode:
@@ -169,7 +175,43 @@ def run_child(args, stage: str) -> dict:
         return {"stage": stage, "failed": child.returncode, "wall": round(wall, 2), "peak_rss_gb": round(usage.ru_maxrss / (1 << 20), 3), "error": tail}
     figures = json.loads(out_path.read_text().strip().splitlines()[-1])
     return {"stage": stage, "process_wall": round(wall, 2), "process_cpu": round(usage.ru_utime + usage.ru_stime, 2),
-            "peak_rss_gb": round(usage.ru_maxrss / (1 << 20), 3), **figures}
+            "peak_rss_gb": round(usage.ru_maxrss / (1 << 20), 3), "peak_tree_rss_gb": round(tree.peak / (1 << 30), 3),
+            "load_average": round(os.getloadavg()[0], 2), **figures}
+
+
+class _TreeMemory:
+    """The largest sum of RSS over a process and its descendants, sampled every 0.2 s: a worker pool's memory is
+    the sum of its processes (an upper bound: pages forked workers share with their parent count twice)."""
+
+    def __init__(self, pid: int) -> None:
+        import threading
+
+        import psutil
+
+        self.peak, self._stop = 0, threading.Event()
+        self._root = psutil.Process(pid)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.wait(0.2):
+            try:
+                procs = [self._root, *self._root.children(recursive=True)]
+            except psutil.Error:
+                return
+            total = 0
+            for proc in procs:
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def run_size(args, label: str, make) -> list[dict]:
@@ -245,8 +287,8 @@ def packing_waste(model: str, sample: int, sizes: list[int], max_length: int) ->
 
 def _records_from_raw(raw: Path, out: Path) -> None:
     """Canonical records straight from the generated rows, for runs that leave validate out (every 50th to eval)."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(raw, encoding="utf-8") as src, open(out / "records.jsonl", "w", encoding="utf-8") as dst:
+    (out / "records").mkdir(parents=True, exist_ok=True)
+    with open(raw, encoding="utf-8") as src, open(out / "records" / "records-00000.jsonl", "w", encoding="utf-8") as dst:
         for i, line in enumerate(src):
             row = json.loads(line)
             kind = "conversation" if "messages" in row else "text"
@@ -256,20 +298,20 @@ def _records_from_raw(raw: Path, out: Path) -> None:
 
 
 def table(results: list[dict], cores: int) -> str:
-    lines = ["| data | stage | wall s | CPU s | process wall s | peak RSS GB | tokens/s | per core | vs raw, wall | vs raw, CPU |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| data | stage | wall s | CPU s | process wall s | peak RSS GB | tree RSS GB | tokens/s | per core | vs raw, wall | vs raw, CPU |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for data in dict.fromkeys(r["data"] for r in results):
         group = [r for r in results if r["data"] == data]
         raw = next((r for r in group if r["stage"] == "raw" and not r.get("failed")), None)
         for r in group:
             if r.get("failed"):
-                lines.append(f"| {data} | {r['stage']} | | | {r['wall']} | {r['peak_rss_gb']:.2f} | failed (exit {r['failed']}) | | | |")
+                lines.append(f"| {data} | {r['stage']} | | | {r['wall']} | {r['peak_rss_gb']:.2f} | | failed (exit {r['failed']}) | | | |")
                 continue
             tokens = r.get("tokens") if r["stage"] == "raw" else r.get("stage_tokens")
             timed = tokens and r["stage"] in ("raw", "tokenize")
             speed = f"{tokens / r['seconds']:,.0f} | {tokens / r['seconds'] / cores:,.0f}" if timed else " | "
             ratio = f"{raw['seconds'] / r['seconds']:.2f} | {raw['cpu'] / r['cpu']:.2f}" if raw and r["stage"] == "tokenize" else " | "
-            lines.append(f"| {data} | {r['stage']} | {r['seconds']:.1f} | {r['cpu']:.1f} | {r['process_wall']:.1f} | {r['peak_rss_gb']:.2f} | {speed} | {ratio} |")
+            lines.append(f"| {data} | {r['stage']} | {r['seconds']:.1f} | {r['cpu']:.1f} | {r['process_wall']:.1f} | {r['peak_rss_gb']:.2f} | {r.get('peak_tree_rss_gb', 0):.2f} | {speed} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -298,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", help="folder for data, outputs and caches (default: a temporary one; needs ~25x the largest input)")
     parser.add_argument("--out", help="JSON path (default: benchmarks/results/data_scale_cpu<cores>_<date>.json)")
     parser.add_argument("--packing", default="", help="also compare windowed and global packing at these sample counts (e.g. 100k,1M)")
+    parser.add_argument("--num-proc", type=int, help="data.num_proc for the stages (default: every core), e.g. 1 to measure the speed-up")
     parser.add_argument("--child", choices=["validate", "tokenize", "raw"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:

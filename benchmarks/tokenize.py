@@ -109,7 +109,7 @@ def _measure(args) -> dict:
     work = Path(args.workdir)
     if args.child == "raw":
         tokenizer = AutoTokenizer.from_pretrained(args.model)
-        with open(work / "validate" / "records.jsonl", encoding="utf-8") as f:
+        with open(work / "validate" / "records" / "records-00000.jsonl", encoding="utf-8") as f:
             texts = [tokenizer.apply_chat_template(json.loads(line)["messages"], tokenize=False) for line in f]
         fast = tokenizer.backend_tokenizer
         started, cpu = time.perf_counter(), _cpu_seconds()
@@ -165,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     label = args.corpus or (Path(args.model).name if args.model else "a ChatML BPE trained here")
     if not args.model:
         args.model = str(build_tokenizer(args.workdir / "tokenizer", [m["content"] for c in chats[:5000] for m in c]))
-    (args.workdir / "validate").mkdir(exist_ok=True)
-    with open(args.workdir / "validate" / "records.jsonl", "w", encoding="utf-8") as f:
+    (args.workdir / "validate" / "records").mkdir(parents=True, exist_ok=True)
+    with open(args.workdir / "validate" / "records" / "records-00000.jsonl", "w", encoding="utf-8") as f:
         for i, messages in enumerate(chats):
             record = {"id": f"{i:016x}", "kind": "conversation", "split": "train" if i % 50 else "eval",
                       "source": {"file": "bench.jsonl", "line": i + 1}, "messages": messages}

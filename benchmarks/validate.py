@@ -155,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         wall -= s["layouts_wall_s"]
         cpu -= sum(c for _, c in s["layouts"].values())
         w, c = s["timings_s"], s["cpu_s"]
-        phases = [("read_normalise", "read + parse + normalise"), ("gx_import", "GX import"),
-                  ("contracts", "GX contracts (frames + suites)"), ("split_profile", "split + profile"),
-                  ("write", "write outputs")]
+        # the chunks are read, normalised, checked and written by the worker pool at once: one phase
+        phases = [("read_check", "read + normalise + GX contracts + split (chunks, worker pool)"),
+                  ("write", "shards, rejects, report")]
         rows = [
             ("rows read", f"{s['read']:,} ({size / 2**20:.0f} MiB JSONL)", ""),
             ("accepted / rejected", f"{s['accepted']:,} / {s['rejected']:,}", ""),

@@ -71,7 +71,7 @@ def test_samples_are_prompted_with_the_tokenize_stage_ids_and_injection_stays_te
 
     tok_dir = workspace / "artifacts" / "tokenize"
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir / "tokenizer"))
-    heldout = Heldout.load(tok_dir, workspace / "artifacts" / "validate" / "records.jsonl")
+    heldout = Heldout.load(tok_dir, workspace / "artifacts" / "validate")
     prompts = conversation_prompts(heldout.rows, heldout.records("conversation"), tokenizer, 8)
     rows = list(load_from_disk(str(tok_dir / "sft" / "eval")))
     assert [p.templated_ids for p in prompts] == [list(r["prompt_ids"]) for r in rows[: len(prompts)]]
@@ -151,7 +151,7 @@ def test_prompt_dependence_scores_the_same_answer_tokens_after_other_prompts(wor
     from tunepath.evaluate.scoring import prompt_dependence, prompt_swapped_rows, row_logprobs
 
     art = workspace / "artifacts"
-    rows = [r for r in Heldout.load(art / "tokenize", art / "validate" / "records.jsonl", ["sft"]).splits["sft"] if r.get("prompt_ids")]
+    rows = [r for r in Heldout.load(art / "tokenize", art / "validate", ["sft"]).splits["sft"] if r.get("prompt_ids")]
     own, other = prompt_swapped_rows(rows, 0), prompt_swapped_rows(rows, 1)
     assert other[0]["input_ids"][: len(rows[1]["prompt_ids"])] == list(rows[1]["prompt_ids"])
     model = load_folder(demo_assets / "models" / "demo", pick_runtime("fp32"))

@@ -86,7 +86,7 @@ def run_setting(root: Path, overrides: list[str]) -> dict:
     ws = Workspace(root, "")
     for stage in ("validate", "tokenize", "route", "train", "evaluate"):
         if stage == "tokenize" and shuffled:
-            shuffle_answers(ws.out("validate") / "records.jsonl")
+            shuffle_answers(next((ws.out("validate") / "records").glob("records-*.jsonl")))
         if stage == "train" and ws.out("checkpoints").exists():
             shutil.rmtree(ws.out("checkpoints"))
         try:

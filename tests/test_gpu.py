@@ -63,8 +63,8 @@ def gpu_project(tmp_path_factory) -> Path:
     model_dir = build_demo_model(root / "models" / "small", demo, sorted((root / "raw").iterdir()))
 
     validate_dir = root / "artifacts" / "validate"
-    validate_dir.mkdir(parents=True)
-    (validate_dir / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _chats(160)), encoding="utf-8")
+    (validate_dir / "records").mkdir(parents=True)
+    (validate_dir / "records" / "records-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _chats(160)), encoding="utf-8")
     run_tokenize(TokenizeConfig(max_length=512), ModelConfig(base=str(model_dir)), validate_dir, root / "artifacts" / "tokenize")
     for method in ("lora", "qlora"):
         plan = {"stages": ["sft"], "method": method, "start_from": "base", "rules": []}

@@ -52,11 +52,11 @@ def build_workspace(root: Path, demo_model: Path) -> Path:
 
     art = root / "artifacts"
     (root / "data" / "raw").mkdir(parents=True)
-    (art / "validate").mkdir(parents=True)
+    (art / "validate" / "records").mkdir(parents=True)
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records())
     (root / "data" / "raw" / "records.jsonl").write_text(lines, encoding="utf-8")
     (root / "data" / "raw.dvc").write_text(f"outs:\n- md5: {DVC_MD5}\n  path: raw\n", encoding="utf-8")
-    (art / "validate" / "records.jsonl").write_text(lines, encoding="utf-8")
+    (art / "validate" / "records" / "records-00000.jsonl").write_text(lines, encoding="utf-8")
     (art / "validate" / "report.json").write_text(json.dumps({"accepted": len(records()), "rejected": 0}) + "\n", encoding="utf-8")
     (art / "validate" / "report.md").write_text("# Validation\n\nall rows accepted\n", encoding="utf-8")
     run_tokenize(TokenizeConfig(cache_dir=str(root / ".cache")), ModelConfig(base=str(demo_model)), art / "validate", art / "tokenize")

@@ -73,5 +73,6 @@ def test_merged_model_prompts_as_training_did_and_is_registered(r1_run):
 
 
 def _eval_records(root):
-    lines = (root / "artifacts" / "validate" / "records.jsonl").read_text(encoding="utf-8").splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == "conversation" and r["split"] == "eval"]
+    from tunepath.records import read_records
+
+    return list(read_records(root / "artifacts" / "validate", kind="conversation", split="eval"))

@@ -118,10 +118,10 @@ def llama_tokenizer(tmp_path_factory) -> Path:
 
 
 def write_records(folder: Path, records: list[dict]) -> Path:
-    """A validate-stage folder holding records.jsonl (ids made up, kind and split as given)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """A validate-stage folder holding its records shard (ids made up, kind and split as given)."""
+    (folder / "records").mkdir(parents=True, exist_ok=True)
     lines = [json.dumps({"id": f"{i:016x}", "source": {"file": "t.jsonl", "line": i + 1}, **r}, ensure_ascii=False) for i, r in enumerate(records)]
-    (folder / "records.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (folder / "records" / "records-00000.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return folder
 
 

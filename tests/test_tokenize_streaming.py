@@ -71,8 +71,8 @@ def test_records_read_in_small_blocks_match_one_read(tmp_path):
     records = [{"kind": "conversation", "split": "eval" if i % 3 == 0 else "train", "messages": m} for i, m in enumerate(CONVERSATIONS * 4)]
     records += [{"kind": "text", "split": "train", "text": f"document {i} " * (i + 1)} for i in range(9)]
     write_records(tmp_path / "v", records)
-    path = tmp_path / "v" / "records.jsonl"
-    blocks = stage_module._Records(path, tmp_path / "split", block_bytes=300)  # a few records per block
+    path = tmp_path / "v" / "records" / "records-00000.jsonl"
+    blocks = stage_module._Records([path], tmp_path / "split", block_bytes=300)  # a few records per block
     whole = pj.read_json(path, parse_options=pj.ParseOptions(explicit_schema=stage_module._records_schema(), unexpected_field_behavior="ignore"))
     for kind, split in [("conversation", "train"), ("conversation", "eval"), ("text", "train")]:
         shards = blocks.get(kind, split)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tunepath.records import record_files
 from tunepath.validate import DataValidationError, ValidateConfig, run_validate
 from tunepath.validate.formats import Normaliser
 from tunepath.validate.readers import read_rows
@@ -169,7 +170,7 @@ def test_every_read_row_is_accepted_or_rejected(bad_run):
     assert summary["rejected"] == len(rejects) == 11
     for name, f in report["files"].items():
         assert f["read"] == f["accepted"] + f["rejected"], name
-    records = (tmp / "out" / "records.jsonl").read_text(encoding="utf-8").splitlines()
+    records = [line for path in record_files(tmp / "out") for line in path.read_text(encoding="utf-8").splitlines()]
     # the 10 MB document is one accepted row and ten records of 1,000,000 characters (validate.text_chars.max)
     assert report["chunked"]["documents"] == 1 and report["chunked"]["pieces"] == 10
     assert len(records) == summary["accepted"] - 1 + 10

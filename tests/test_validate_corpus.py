@@ -40,7 +40,7 @@ def _validate_alone(tmp_path: Path, name: str, with_info: bool):
         shutil.copy(LLAMAFACTORY / "dataset_info.json", raw)
     summary = run_validate(ValidateConfig(max_reject_share=1.0), raw, tmp_path / "out")
     report = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))
-    return summary, report, list(read_records(tmp_path / "out" / "records.jsonl"))
+    return summary, report, list(read_records(tmp_path / "out"))
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLES))
@@ -113,7 +113,7 @@ def test_identity_placeholders_are_filled_from_params(tmp_path):
     raw.mkdir()
     shutil.copy(LLAMAFACTORY / "identity.json", raw)
     run_validate(ValidateConfig(placeholders={"name": "Tuna", "author": "the tunepath team"}), raw, tmp_path / "out")
-    answers = [r["messages"][-1]["content"] for r in read_records(tmp_path / "out" / "records.jsonl")]
+    answers = [r["messages"][-1]["content"] for r in read_records(tmp_path / "out")]
     assert "Hello! I am Tuna, an AI assistant developed by the tunepath team. How can I assist you today?" in answers
     assert not any("{{" in a for a in answers)
     with pytest.raises(Exception, match="rejected"):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tunepath.records import read_records
 from tunepath.validate import DataValidationError, ValidateConfig, run_validate
 from tunepath.validate.readers import list_data_files, read_rows, refuse_special_files
 
@@ -87,7 +88,7 @@ def test_utf16_and_utf32_files_with_a_byte_order_mark_are_read_row_by_row(tmp_pa
     (raw / "sub" / "c.csv").write_bytes("instruction,output\nsay hi,hi\nsay bye,bye\n".encode("utf-32"))
     summary = run_validate(ValidateConfig(), raw, tmp_path / "out")
     assert summary["read"] == summary["accepted"] == 62
-    records = [json.loads(line) for line in (tmp_path / "out" / "records.jsonl").read_text(encoding="utf-8").splitlines()]
+    records = list(read_records(tmp_path / "out"))
     users = {r["messages"][0]["content"] for r in records if "messages" in r}
     assert {"ünïcode 0", "ünïcode 29", "big endian 0"} <= users
 

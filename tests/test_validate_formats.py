@@ -121,7 +121,7 @@ def test_all_file_types_round_trip_through_the_stage(tmp_path):
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     assert [(r["source"]["line"], r["reasons"]) for r in rejects] == [(2, [f"duplicate: same content as {raw}/a.jsonl:1"])]
     assert summary["read"] == 13 and summary["accepted"] == 12
-    records = list(read_records(out / "records.jsonl"))
+    records = list(read_records(out))
     by_place = {(Path(r["source"]["file"]).name, r["source"]["line"]): r for r in records}
     assert by_place[("a.jsonl", 1)]["messages"] == CONVERSATION
     assert by_place[("a.jsonl", 3)]["text"] == DOC

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tunepath.records import read_records
 from tunepath.validate import DataValidationError, ValidateConfig, run_validate
 from tunepath.validate.formats import Normaliser
 from tunepath.validate.readers import looks_binary, read_rows
@@ -162,7 +163,7 @@ def test_whole_stage_on_thousands_of_mutated_lines(tmp_path_factory, seed):
         summary = json.loads((tmp / "out" / "report.json").read_text())["totals"]
     assert summary["read"] == summary["accepted"] + summary["rejected"]
     assert summary["read"] == sum(_non_blank_lines(b"\n".join(part)) for part in (lines[:half], lines[half:]))
-    written = sum(1 for _ in open(tmp / "out" / "records.jsonl", encoding="utf-8"))
+    written = sum(1 for _ in read_records(tmp / "out"))
     quarantined = sum(1 for _ in open(tmp / "out" / "rejects.jsonl", encoding="utf-8"))
     assert (written, quarantined) == (summary["accepted"], summary["rejected"])
     assert 0 < summary["rejected"] < summary["read"]

@@ -46,7 +46,7 @@ def test_stale_outputs_are_removed_and_the_input_folder_is_protected(tmp_path):
     summary = run_validate(ValidateConfig(), raw, out)
     assert summary["accepted"] == 2 and not (out / "stale.json").exists()
     assert sorted(p.name for p in out.iterdir()) == [
-        "gx_results.json", "profile.json", "records.jsonl", "rejects.jsonl", "report.json", "report.md"]
+        "gx_results.json", "profile.json", "records", "rejects.jsonl", "report.json", "report.md"]
     assert json.loads((out / "report.json").read_text())["splits"] == {"train": 1, "eval": 1}  # min one eval per kind
     with pytest.raises(DataValidationError, match="contains the input data"):
         run_validate(ValidateConfig(), raw, tmp_path)

@@ -153,7 +153,7 @@ def _run(tmp_path: Path, rows: list[dict], **cfg):
     except DataValidationError:
         pass
     rejects = {r["source"]["line"]: r["reasons"] for r in map(json.loads, (out / "rejects.jsonl").read_text().splitlines())}
-    return rejects, list(read_records(out / "records.jsonl")), json.loads((out / "report.json").read_text())
+    return rejects, list(read_records(out)), json.loads((out / "report.json").read_text())
 
 
 def _with(messages, **extra):
@@ -239,7 +239,7 @@ def test_parquet_tool_calls_with_the_null_keys_of_a_shared_schema(tmp_path):
     raw.mkdir()
     pq.write_table(pa.Table.from_pylist([tools, plain]), raw / "a.parquet")
     run_validate(ValidateConfig(eval_share=0.0), raw, tmp_path / "out")
-    records = list(read_records(tmp_path / "out" / "records.jsonl"))
+    records = list(read_records(tmp_path / "out"))
     assert [r["messages"] for r in records] == [CANONICAL, plain["messages"]]
     assert "tools" in records[0] and "tools" not in records[1]
 
@@ -255,7 +255,7 @@ def test_dataset_info_maps_columns_and_tags_and_names_its_own_errors(tmp_path):
             "hub_only": {"hf_hub_url": "someone/data"}}
     (raw / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
     run_validate(ValidateConfig(eval_share=0.0), raw, tmp_path / "out")
-    (record,) = read_records(tmp_path / "out" / "records.jsonl")
+    (record,) = read_records(tmp_path / "out")
     assert record["kind"] == "feedback" and record["label"] is False
     assert record["messages"] == [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "Sunny."}]
     with pytest.raises(DataValidationError, match="no usable rows"):  # without it the file means nothing

@@ -1,6 +1,7 @@
 """Canonical records: what the validate stage writes and every later stage reads.
 
-`artifacts/validate/records.jsonl` holds one JSON object per accepted input row (a long text document may
+`artifacts/validate/records/records-00000.jsonl`, `records-00001.jsonl`, ... (shards of about 128 MB, in
+input order; `read_records` reads them) hold one JSON object per accepted input row (a long text document may
 give several, see `tunepath.validate.chunks`):
 
     {"id": "<sha256 of the normalised content, 16 hex>",
@@ -61,13 +62,34 @@ Kind = Literal["conversation", "text", "preference", "feedback"]
 Split = Literal["train", "eval"]
 
 
+RECORDS_DIR = "records"  # the validate stage's records folder
+
+
+def record_files(path: Path) -> list[Path]:
+    """The records files, in order, of a validate folder, its records folder, or one JSONL file of records.
+
+    Raises FileNotFoundError naming what is missing (an old validate folder holds records.jsonl: rerun validate)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    folder = path / RECORDS_DIR if (path / RECORDS_DIR).is_dir() else path
+    files = sorted(folder.glob("records-*.jsonl")) if folder.is_dir() else []
+    if not files and folder.name != RECORDS_DIR:
+        old = " (records.jsonl is the layout of an older version)" if (path / "records.jsonl").exists() else ""
+        raise FileNotFoundError(f"{path}: no canonical records ({RECORDS_DIR}/records-*.jsonl){old}; run the validate stage first")
+    return files
+
+
 def read_records(path: Path, kind: str | None = None, split: str | None = None) -> Iterator[dict]:
-    """Yield canonical records from a records.jsonl file, optionally only one kind and/or split."""
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            record = json.loads(line)
-            if kind is not None and record["kind"] != kind:
-                continue
-            if split is not None and record["split"] != split:
-                continue
-            yield record
+    """Yield canonical records (see `record_files` for `path`), optionally only one kind and/or split."""
+    for name in record_files(path):
+        with open(name, encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                if kind is not None and record["kind"] != kind:
+                    continue
+                if split is not None and record["split"] != split:
+                    continue
+                yield record

@@ -64,7 +64,7 @@ def _run_core(name: str, cfg, ws: Workspace, on_progress=None) -> dict:
 
         raw = ws.path(cfg.data.raw_dir)
         model = ws.path(cfg.model.base)  # its tokenizer's added tokens are the control text to look for
-        return run_validate(cfg.validate, raw, ws.out("validate"), model if model.is_dir() else None)
+        return run_validate(cfg.validate, raw, ws.out("validate"), model if model.is_dir() else None, data=cfg.data)
     if name == "tokenize":
         from tunepath.tokenize import run_tokenize
 

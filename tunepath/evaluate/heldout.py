@@ -4,7 +4,8 @@ Layout (the tokenize stage's, and the `heldout/` folder the register stage logs 
 promotion can re-evaluate any two versions on the same data):
 
     <root>/sft/eval   <root>/cpt/eval   <root>/dpo/eval   <root>/kto/eval     datasets on disk, any may be missing
-    <records>                                                records.jsonl lines whose split is "eval"
+    <records>                                                the eval records: the validate stage's folder (its
+                                                             records/ shards) or a records.jsonl of them
 
 Feedback held out for KTO (kto/eval: prompt, completion, desirable or not) is scored as it is (feedback AUC); when
 it is all there is, its desirable answers also stand in for the SFT split: good answers to real prompts are what
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +38,7 @@ class Heldout:
     pairs: list[dict] = field(default_factory=list)
     feedback: list[dict] = field(default_factory=list)
     records_kind: str = "conversation"
+    _eval_records: list[dict] | None = field(default=None, repr=False)
 
     @classmethod
     def load(cls, root: Path, records_path: Path, trained: list[str] | None = None) -> "Heldout":
@@ -63,11 +66,10 @@ class Heldout:
         return self.splits[self.kind]
 
     def records(self, kind: str | None = None) -> list[dict]:
-        if not self.records_path.exists():
-            return []
-        with open(self.records_path, encoding="utf-8") as f:
-            recs = [json.loads(line) for line in f if line.strip()]
-        recs = [r for r in recs if r.get("split", "eval") == "eval" and (kind is None or r["kind"] == kind)]
+        """The eval records (of one kind), in order; read once, keeping only the eval split (never the train rows)."""
+        if self._eval_records is None:
+            self._eval_records = list(_eval_records(self.records_path)) if self.records_path.exists() else []
+        recs = [r for r in self._eval_records if kind is None or r["kind"] == kind]
         if kind == "feedback" and self.records_kind == "feedback":
             recs = [r for r in recs if r.get("label")]  # the desirable ones, in the order of the stand-in SFT rows
         return recs
@@ -97,11 +99,28 @@ def write_heldout(tokenize_dir: Path, records_path: Path, dest: Path) -> Path:
         src = tokenize_dir / kind / "eval"
         if src.exists():
             shutil.copytree(src, dest / kind / "eval", dirs_exist_ok=True)
-    with open(records_path, encoding="utf-8") as src, open(dest / "records.jsonl", "w", encoding="utf-8") as out:
-        for line in src:
-            if line.strip() and json.loads(line).get("split") == "eval":
-                out.write(line)
+    with open(dest / "records.jsonl", "w", encoding="utf-8") as out:
+        for record in _eval_records(records_path):
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
     return dest
+
+
+_CANONICAL_HEAD = re.compile(r'\{"id": "[0-9a-f]+", "kind": "[a-z]+", "split": "([a-z]+)"')
+
+
+def _eval_records(records_path: Path):
+    """The eval records of a validate folder, its records folder or a records.jsonl (whose records lack no split)."""
+    from tunepath.records import record_files
+
+    for path in record_files(records_path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                head = _CANONICAL_HEAD.match(line)  # the validate stage writes the split before the content
+                if head is not None and head.group(1) != "eval" or not line.strip():
+                    continue  # a train record, skipped without parsing it
+                record = json.loads(line)
+                if record.get("split", "eval") == "eval":
+                    yield record
 
 
 def fingerprint(heldout_digest: str, settings: dict) -> str:

@@ -48,7 +48,7 @@ def run_evaluate(cfg: EvaluateConfig, model: ModelConfig, validate_dir: Path, to
     train = json.loads((train_dir / "metrics.json").read_text(encoding="utf-8"))
     tokenizer = AutoTokenizer.from_pretrained(str(tokenize_dir / "tokenizer"))
     trained = trained_stages(train)
-    heldout = Heldout.load(tokenize_dir, validate_dir / "records.jsonl", trained)
+    heldout = Heldout.load(tokenize_dir, validate_dir, trained)
     runtime = pick_runtime(cfg.precision)
     prompts, eot = prepare_prompts(heldout, tokenizer, cfg)
 

@@ -6,7 +6,6 @@ commit in the tags brings it back) and the record splits with their row counts a
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -51,13 +50,12 @@ def record_frame(records_path: Path, split: str):
     """One row per canonical record of a split: id, kind, source file and line (the content stays in DVC)."""
     import pandas as pd
 
+    from tunepath.records import read_records
+
     rows = []
-    with open(records_path, encoding="utf-8") as f:
-        for line in f:
-            r = json.loads(line)
-            if r["split"] == split:
-                src = r.get("source") or {}
-                rows.append({"id": r["id"], "kind": r["kind"], "file": str(src.get("file", "")), "line": int(src.get("line") or 0)})
+    for r in read_records(records_path, split=split):
+        src = r.get("source") or {}
+        rows.append({"id": r["id"], "kind": r["kind"], "file": str(src.get("file", "")), "line": int(src.get("line") or 0)})
     return pd.DataFrame(rows, columns=["id", "kind", "file", "line"])
 
 

@@ -237,7 +237,7 @@ def _log_and_register(cfg, params, root, model_dir, stage_dirs, plan, evaluation
                 if (stage_dirs[stage] / name).exists():
                     mlflow.log_artifact(str(stage_dirs[stage] / name), artifact_path=stage)
         log_sample_table(stage_dirs["evaluate"] / "samples.jsonl")
-        records = stage_dirs["validate"] / "records.jsonl"
+        records = stage_dirs["validate"]  # its records/ shards
         with tempfile.TemporaryDirectory(prefix="tunepath-heldout-") as tmp:
             heldout = write_heldout(stage_dirs["tokenize"], records, Path(tmp) / "heldout")
             mlflow.log_artifacts(str(heldout), artifact_path="heldout")

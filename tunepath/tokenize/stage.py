@@ -44,7 +44,7 @@ DROP_NAMES = tuple(name for name in STATUS_NAMES.values() if name.startswith("dr
 # Settings that change the tokenized records (the rest act after the cache: packing, blocks, parallelism).
 CACHE_KEYS = ("max_length", "template", "custom_template", "overlong", "last_turn_only", "keep_history_reasoning",
               "template_kwargs", "render_date", "parity_checks")
-READ_BLOCK_BYTES = 64 << 20  # records.jsonl is read this much at a time (less under a small data.memory_gb)
+READ_BLOCK_BYTES = 64 << 20  # the records shards are read this much at a time (less under a small data.memory_gb)
 SHARD_BYTES = 128 << 20  # a kind and split's records are tokenized and cached in shards of about this size
 # SFT samples are packed best-fit within windows of this many tokens. Fixed (not from data.memory_gb), so the
 # rows do not depend on the machine; a window's arrays take about 40 bytes per token.
@@ -53,7 +53,8 @@ BYTES_PER_CPT_TOKEN = 64  # the cut's arrays over a chunk's tokens, measured fro
 
 
 def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, out_dir: Path, data: DataConfig | None = None) -> dict:
-    """Tokenize `validate_dir/records.jsonl` into `out_dir` (cleared first); returns a small summary.
+    """Tokenize the validate stage's records (`validate_dir/records/`, its shards in order) into `out_dir`
+    (cleared first); returns a small summary.
 
     `data` gives the worker processes and the memory budget (`data.num_proc`, `data.memory_gb`); neither
     changes the outputs."""
@@ -62,10 +63,10 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
     data = data or DataConfig()
     budget = int(data.memory_gb * (1 << 30))
     started = time.perf_counter()
-    records_path = Path(validate_dir) / "records.jsonl"
+    from tunepath.records import record_files
+
+    records_paths = record_files(Path(validate_dir))
     out_dir = Path(out_dir)
-    if not records_path.exists():
-        raise FileNotFoundError(f"{records_path}: no canonical records; run the validate stage first")
     tokenizer = load_tokenizer(model.base, model.trust_remote_code)
     if not tokenizer.is_fast:
         raise ValueError(f"model.base {model.base!r}: tokenize needs a fast tokenizer (a tokenizer.json); this one is {type(tokenizer).__name__}")
@@ -87,8 +88,11 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     cache_root = _cache_root(cfg)
     settings = _settings_digest(plan, cfg)
-    fingerprint = hashlib.sha256((settings + _file_digest(records_path, cache_root / "file-digests.json")).encode()).hexdigest()
-    records = _Records(records_path, cache_root / "records" / fingerprint[:32], block_bytes=min(READ_BLOCK_BYTES, max(budget // 16, 1 << 20)))
+    known = cache_root / "file-digests.json"
+    # the shards' digests in order: the same records cut into other shards tokenize to the same rows, but rarely
+    # come so (the validate stage cuts its input at fixed sizes), so they are simply tokenized again
+    fingerprint = hashlib.sha256((settings + "".join(_file_digest(p, known) for p in records_paths)).encode()).hexdigest()
+    records = _Records(records_paths, cache_root / "records" / fingerprint[:32], block_bytes=min(READ_BLOCK_BYTES, max(budget // 16, 1 << 20)))
     run_key = hashlib.sha256((fingerprint + cfg.model_dump_json()).encode()).hexdigest()
     stats: dict = {}
     timings = {"setup": round(time.perf_counter() - started, 3)}  # seconds per part, in stats.json: where the time goes
@@ -154,9 +158,9 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
 
 
 class _Records:
-    """records.jsonl split into Arrow shards per (kind, split), read only when some split is not cached.
+    """The records shards split into Arrow shards per (kind, split), read only when some split is not cached.
 
-    The file is read in blocks of `block_bytes` cut at line ends (each block by pyarrow's multithreaded JSON
+    Each file is read in blocks of `block_bytes` cut at line ends (each block by pyarrow's multithreaded JSON
     reader), so memory follows the block, not the file. A kind and split's rows go to shards of about
     SHARD_BYTES, each cut at a block's edge: appending rows to the records leaves every earlier shard's bytes
     as they were, so only the new shards are tokenized (the map cache is keyed by a shard's digest). Shards
@@ -167,8 +171,8 @@ class _Records:
                "feedback": ("messages", "label", "tools")}
     MESSAGE_COLUMNS = ("messages", "prompt", "chosen", "rejected")
 
-    def __init__(self, path: Path, folder: Path, block_bytes: int) -> None:
-        self.path, self.folder, self.block_bytes = path, folder, block_bytes
+    def __init__(self, paths: list[Path], folder: Path, block_bytes: int) -> None:
+        self.paths, self.folder, self.block_bytes = paths, folder, block_bytes
 
     def get(self, kind: str, split: str) -> list[dict]:
         """The shards of one kind and split, in order: path, offset (rows before it), rows, sha256."""
@@ -190,6 +194,24 @@ class _Records:
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
+    def _blocks(self, pa, pj, options):
+        """Tables of at most about `block_bytes` of records each, in order, over every records file."""
+        for path in self.paths:
+            offset = 0
+            with open(path, "rb") as f:
+                while block := f.read(self.block_bytes):
+                    if not block.endswith(b"\n"):
+                        block += f.readline()
+                    if not block.strip():
+                        offset += len(block)
+                        continue
+                    try:
+                        table = pj.read_json(pa.BufferReader(block), parse_options=options)
+                    except pa.ArrowInvalid as e:
+                        raise ValueError(f"{path}: not canonical records in bytes {offset}-{offset + len(block)} ({e}); rerun the validate stage") from e
+                    offset += len(block)
+                    yield table
+
     def _split(self) -> None:
         import pyarrow as pa
         import pyarrow.compute as pc
@@ -202,38 +224,29 @@ class _Records:
         shards: dict[str, list[dict]] = {}
         open_shards: dict = {}  # "kind-split" -> (writer, its entry in shards)
         used: dict = {}  # (kind, split, column) -> names of the message fields some record sets
-        offset = 0
-        with open(self.path, "rb") as f:
-            while block := f.read(self.block_bytes):
-                if not block.endswith(b"\n"):
-                    block += f.readline()
-                try:
-                    table = pj.read_json(pa.BufferReader(block), parse_options=options)
-                except pa.ArrowInvalid as e:
-                    raise ValueError(f"{self.path}: not canonical records in bytes {offset}-{offset + len(block)} ({e}); rerun the validate stage") from e
-                offset += len(block)
-                for kind, columns in self.COLUMNS.items():
-                    for split in SPLITS:
-                        rows = table.select(list(columns)).filter(pc.and_(pc.equal(table["kind"], kind), pc.equal(table["split"], split)))
-                        if not rows.num_rows:
-                            continue
-                        key = f"{kind}-{split}"
-                        writer, entry = open_shards.get(key, (None, None))
-                        if writer is not None and entry["bytes"] >= SHARD_BYTES:
-                            writer.close()
-                            writer = None
-                        if writer is None:
-                            done = shards.setdefault(key, [])
-                            entry = {"name": f"{key}-{len(done):05d}.arrow", "offset": sum(s["rows"] for s in done), "rows": 0, "bytes": 0}
-                            done.append(entry)
-                            writer = pa.ipc.new_stream(str(partial / entry["name"]), rows.schema)
-                            open_shards[key] = (writer, entry)
-                        writer.write_table(rows)
-                        entry["rows"] += rows.num_rows
-                        entry["bytes"] += rows.nbytes
-                        for name in set(columns) & set(self.MESSAGE_COLUMNS):
-                            used.setdefault((kind, split, name), set()).update(_set_fields(rows[name]))
-                del table
+        for table in self._blocks(pa, pj, options):
+            for kind, columns in self.COLUMNS.items():
+                for split in SPLITS:
+                    rows = table.select(list(columns)).filter(pc.and_(pc.equal(table["kind"], kind), pc.equal(table["split"], split)))
+                    if not rows.num_rows:
+                        continue
+                    key = f"{kind}-{split}"
+                    writer, entry = open_shards.get(key, (None, None))
+                    if writer is not None and entry["bytes"] >= SHARD_BYTES:
+                        writer.close()
+                        writer = None
+                    if writer is None:
+                        done = shards.setdefault(key, [])
+                        entry = {"name": f"{key}-{len(done):05d}.arrow", "offset": sum(s["rows"] for s in done), "rows": 0, "bytes": 0}
+                        done.append(entry)
+                        writer = pa.ipc.new_stream(str(partial / entry["name"]), rows.schema)
+                        open_shards[key] = (writer, entry)
+                    writer.write_table(rows)
+                    entry["rows"] += rows.num_rows
+                    entry["bytes"] += rows.nbytes
+                    for name in set(columns) & set(self.MESSAGE_COLUMNS):
+                        used.setdefault((kind, split, name), set()).update(_set_fields(rows[name]))
+            del table
         for writer, _ in open_shards.values():
             writer.close()
         for key, entries in shards.items():
@@ -480,7 +493,7 @@ def _finish_sft(mapped, split: str, cfg: TokenizeConfig, target: Path, run_key: 
         return _zero_stats()
     table = mapped.data.table
     stats, kept = _status_stats(table)
-    extra = ("prompt_ids", "record") if split == "eval" else ()  # record: the row of records.jsonl (this kind and split)
+    extra = ("prompt_ids", "record") if split == "eval" else ()  # record: the canonical record (this kind and split)
     samples = table.select(["input_ids", "labels", *extra])
     lengths = pc.list_value_length(samples["input_ids"]).to_numpy(zero_copy_only=False)[kept].astype(np.int64)
     pack = cfg.pack and split == "train"

@@ -93,9 +93,6 @@ def check_contracts(items: list[ContractInput], cfg: ValidateConfig) -> Contract
     """Run the suites of every kind present on `items`; reasons are keyed by position in `items`."""
     gx = import_gx()
     outcome = ContractOutcome()
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = {"globally": False}
-    source = context.data_sources.add_pandas("tunepath")
     for kind in ("conversation", "preference", "feedback", "text"):
         positions = [i for i, item in enumerate(items) if item.kind == kind]
         if not positions:
@@ -112,7 +109,7 @@ def check_contracts(items: list[ContractInput], cfg: ValidateConfig) -> Contract
         for frame_name, (frame, owner, first) in frames.items():
             rules = [rule for rule in _rules(kind, cfg) if rule.frame == frame_name]
             suite = kind if kind == "text" else f"{kind}_{frame_name}"
-            result = _run_suite(gx, context, source, suite, frame, rules)
+            result = _run_suite(gx, suite, frame, rules)
             outcome.results[suite] = _slim(result.to_json_dict())
             summary = outcome.summaries[suite] = {"success": result.success, "rows": len(frame),
                                                   "statistics": dict(result.statistics), "expectations": []}
@@ -152,16 +149,32 @@ def _short(value: object, limit: int = 200) -> object:
     return value[:limit] + "..." if isinstance(value, str) and len(value) > limit else value
 
 
-def _run_suite(gx, context, source, name: str, frame, rules: list[Rule]):
+# One ephemeral context per process and one validation definition per suite and rules: the stage runs the suites
+# once per chunk, and building a context and its suites costs more than checking a small chunk.
+_GX: dict = {}
+
+
+def _run_suite(gx, name: str, frame, rules: list[Rule]):
     import great_expectations.expectations as gxe
 
-    batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name)
-    suite = context.suites.add(gx.ExpectationSuite(name=f"tunepath_{name}"))
-    for rule in rules:
-        cls = getattr(gxe, rule.expectation)
-        suite.add_expectation(cls(column=rule.column, meta={"code": rule.code, "severity": rule.severity},
-                                  **dict(rule.kwargs)))
-    definition = context.validation_definitions.add(gx.ValidationDefinition(name=f"tunepath_{name}", data=batch, suite=suite))
+    if "context" not in _GX:
+        context = gx.get_context(mode="ephemeral")
+        context.variables.progress_bars = {"globally": False}
+        _GX.update(context=context, source=context.data_sources.add_pandas("tunepath"), definitions={})
+    context, definitions = _GX["context"], _GX["definitions"]
+    key = (name, repr(rules))
+    definition = definitions.get(key)
+    if definition is None:
+        same = sum(1 for known, _ in definitions if known == name)
+        asset = f"{name}_{same}" if same else name  # another config's rules under the same name need their own asset
+        batch = _GX["source"].add_dataframe_asset(asset).add_batch_definition_whole_dataframe(asset)
+        suite = context.suites.add(gx.ExpectationSuite(name=f"tunepath_{asset}"))
+        for rule in rules:
+            cls = getattr(gxe, rule.expectation)
+            suite.add_expectation(cls(column=rule.column, meta={"code": rule.code, "severity": rule.severity},
+                                      **dict(rule.kwargs)))
+        definition = definitions[key] = context.validation_definitions.add(
+            gx.ValidationDefinition(name=f"tunepath_{asset}", data=batch, suite=suite))
     return definition.run(batch_parameters={"dataframe": frame}, result_format={"result_format": "COMPLETE"})
 
 

@@ -162,6 +162,20 @@ def read_rows(path: Path, display: str, text_split: str = "blank_line") -> Itera
         yield from _read_text(text, display, text_split)
 
 
+def read_jsonl_range(path: Path, display: str, start: int, end: int, first_line: int) -> Iterator[RawRow]:
+    """The rows of bytes [start, end) of a UTF-8 JSONL file, cut at line ends; `first_line`: the line at `start`.
+
+    Decoded at once with surrogateescape: no character spans a line end, so each line reads as in `read_rows`."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            data = f.read(end - start)
+    except OSError as e:
+        yield _unreadable(display, f"cannot read {display}: {e.strerror or e}")
+        return
+    yield from _read_jsonl(data.decode("utf-8", errors="surrogateescape").split("\n"), display, first_line)
+
+
 def _unreadable(display: str, message: str, code: str = "unreadable_file", raw: str = "") -> RawRow:
     return RawRow(display, 0, raw, reasons=[f"{code}: {message}"], whole_file=True)
 
@@ -242,9 +256,9 @@ def _parse_json(display: str, line: int, raw: str, origin: str = "json") -> RawR
     return RawRow(display, line, raw, value, origin=origin)
 
 
-def _read_jsonl(lines: Iterable[str], display: str) -> Iterator[RawRow]:
+def _read_jsonl(lines: Iterable[str], display: str, first: int = 1) -> Iterator[RawRow]:
     # lines split on \n only: str.splitlines would also split on separators that are legal inside JSON strings
-    for number, line in enumerate(lines, 1):
+    for number, line in enumerate(lines, first):
         line = line.rstrip("\r\n")
         if not line or line.isspace():
             continue
@@ -378,8 +392,20 @@ def _read_parquet(data: bytes, display: str) -> Iterator[RawRow]:
         yield _unreadable(display, f"{display} is not a readable Parquet file (truncated or corrupt?): {e}",
                           raw=_replace(data[:1000]))
         return
-    number = 0  # line = row number for Parquet
-    for group in range(parquet.num_row_groups):
+    yield from _parquet_groups(parquet, display, range(parquet.num_row_groups), 0)
+
+
+def read_parquet_groups(path: Path, display: str, groups: range, first_row: int) -> Iterator[RawRow]:
+    """The rows of some row groups of a Parquet file whose footer reads; `first_row`: rows before the first group."""
+    import pyarrow.parquet as pq
+
+    with pq.ParquetFile(path) as parquet:
+        yield from _parquet_groups(parquet, display, groups, first_row)
+
+
+def _parquet_groups(parquet, display: str, groups: range, first_row: int) -> Iterator[RawRow]:
+    number = first_row  # line = row number for Parquet
+    for group in groups:
         size = parquet.metadata.row_group(group).num_rows
         try:
             rows = parquet.read_row_group(group).to_pylist()
@@ -395,14 +421,27 @@ def _read_parquet(data: bytes, display: str) -> Iterator[RawRow]:
             yield RawRow(display, number, json.dumps(value, ensure_ascii=False, default=str), value, origin="parquet")
 
 
-def _read_text(text: str, display: str, text_split: str) -> Iterator[RawRow]:
+def read_text_range(path: Path, display: str, start: int, end: int, first_line: int, text_split: str) -> Iterator[RawRow]:
+    """The blocks of bytes [start, end) of a UTF-8 text file cut where a block ends (see `stream.plan_text`)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            data = f.read(end - start)
+    except OSError as e:
+        yield _unreadable(display, f"cannot read {display}: {e.strerror or e}")
+        return
+    text = data.decode("utf-8", errors="surrogateescape")
+    yield from _read_text(text.removeprefix(BOM) if start == 0 else text, display, text_split, first_line)
+
+
+def _read_text(text: str, display: str, text_split: str, first: int = 1) -> Iterator[RawRow]:
     text = text.replace("\r\n", "\n")
     if text_split == "file":
         blocks = [(1, text)] if text.strip() else []
     elif text_split == "line":
-        blocks = list(enumerate(text.split("\n"), 1))
+        blocks = list(enumerate(text.split("\n"), first))
     else:
-        blocks, line, pos = [], 1, 0
+        blocks, line, pos = [], first, 0
         for m in _BLANK_LINE.finditer(text):
             blocks.append((line, text[pos:m.start()]))
             line += text.count("\n", pos, m.end())

@@ -19,7 +19,12 @@ class FileTally:
         return {"read": self.read, "accepted": self.accepted, "rejected": self.rejected,
                 "accepted_share": round(self.accepted / self.read, 4) if self.read else 0.0,
                 "detection": self.detection,
-                "reasons": dict(self.reasons.most_common()), "formats": dict(self.formats.most_common())}
+                "reasons": by_count(self.reasons), "formats": by_count(self.formats)}
+
+
+def by_count(counts: Counter) -> dict:
+    """Most common first; ties by name, so the order does not depend on which row came first to a worker."""
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def reason_code(reason: str) -> str:
@@ -38,7 +43,7 @@ def build_report(*, files: dict[str, FileTally], kinds: dict, splits: dict, cont
         "totals": {"read": read, "accepted": accepted, "rejected": rejected,
                    "reject_share": round(rejected / read, 6) if read else 0.0, "max_reject_share": max_reject_share},
         "files": {name: tally.as_dict() for name, tally in files.items()},
-        "reasons": dict(reasons.most_common()),
+        "reasons": by_count(reasons),
         "kinds": kinds,
         "splits": splits,
         "control_tokens": control_tokens,

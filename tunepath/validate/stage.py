@@ -12,14 +12,16 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunepath.records import KINDS
+from tunepath.records import KINDS, RECORDS_DIR
+from tunepath.sections import DataConfig
 from tunepath.validate.config import DataValidationError, ValidateConfig
-from tunepath.validate.readers import DATA_SUFFIXES, RawRow, list_data_files, read_rows
-from tunepath.validate.report import FileTally, build_report, reason_code, render_markdown
+from tunepath.validate.dataset_info import read_dataset_info
+from tunepath.validate.readers import DATA_SUFFIXES, RawRow, list_data_files
+from tunepath.validate.report import FileTally, build_report, by_count, reason_code, render_markdown
 
 log = logging.getLogger(__name__)
 
-OUTPUTS = ("records.jsonl", "rejects.jsonl", "report.json", "report.md", "profile.json", "gx_results.json")
+OUTPUTS = ("records", "rejects.jsonl", "report.json", "report.md", "profile.json", "gx_results.json")
 
 
 @dataclass(slots=True)
@@ -72,9 +74,14 @@ def record_id(kind: str, fields: dict) -> str:
     return h.hexdigest()[:16]
 
 
-def run_validate(cfg: ValidateConfig, raw_dir: Path, out_dir: Path, model_dir: str | Path | None = None) -> dict:
+def run_validate(cfg: ValidateConfig, raw_dir: Path, out_dir: Path, model_dir: str | Path | None = None,
+                 data: DataConfig | None = None) -> dict:
     """Validate every data file under raw_dir and write records, rejects, report and profile into out_dir.
 
+    Records go to `records/records-00000.jsonl`, ... (shards of about 128 MB, in input order; read them with
+    `tunepath.records.read_records`). The input is checked in chunks by `data.num_proc` worker processes, so
+    memory follows the chunk, not the data (see `tunepath.validate.stream`); the outputs do not depend on either.
+    JSON arrays and CSV files are still read whole, one chunk each (a warning names a large one).
     `model_dir` (the base model's folder) gives the control text to look for: its tokenizer's added tokens,
     unless `cfg.control_tokens` lists them. Raises DataValidationError when raw_dir has no data, no row is
     usable, or the rejected share exceeds `cfg.max_reject_share` (the outputs are written first, so
@@ -86,55 +93,53 @@ def run_validate(cfg: ValidateConfig, raw_dir: Path, out_dir: Path, model_dir: s
     if cfg.control_tokens is None:
         tokens = tokenizer_control_strings(model_dir) or list(DEFAULT_CONTROL_TOKENS)
         cfg = cfg.model_copy(update={"control_tokens": tokens})
+    data = data or DataConfig()
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     clock = PhaseClock()
     _prepare_out_dir(out_dir, raw_dir)  # first: a failed run must not leave the last run's outputs behind
     paths = _data_files(raw_dir)
-    items, tallies, warnings = _read_all(cfg, raw_dir, paths.files)
-    warnings += [f"skipped {s}: it is never opened" for s in paths.special] + [f"skipped {s}" for s in paths.links]
-    clock.lap("read_normalise")
-
-    outcome = _check(cfg, items, clock)
-    accepted = [item for item in items if not item.reasons]
-    from tunepath.validate.split import assign_splits
-
-    splits = assign_splits([(item.id, item.kind) for item in accepted], cfg.eval_share, cfg.seed)
-    records, chunked = _records(accepted, splits, cfg)
-    from tunepath.validate.profile import build_profile
-
-    profile = build_profile(records)
-    _tally(items, tallies)
+    work = out_dir / ".work"
+    work.mkdir()
+    try:
+        run = _check_all(cfg, data, raw_dir, paths.files, work)
+        clock.lap("read_check")
+        warnings = run.warnings + [f"skipped {s}: it is never opened" for s in paths.special] + [f"skipped {s}" for s in paths.links]
+        moved = _move_forced(run, work, cfg.eval_share)
+        shards = _assemble(run, work, out_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    clock.lap("write")
+    profile = run.profile.result()
+    tallies = run.tallies
     warnings += _file_warnings(tallies)
-    control = _control_summary(items, cfg)
+    control, placeholders = run.control, run.placeholders
     if control["rows"]:
         warnings.append(f"{control['rows']} rows contain chat-template control text (policy {cfg.control_token_policy}); "
                         "tokenization treats it as plain text")
-    placeholders = _placeholder_summary(items, cfg)
     if placeholders["rows"]:
         warnings.append(f"{placeholders['rows']} rows hold template placeholders "
                         f"({', '.join('{{' + k + '}}' for k in placeholders['by_name'])}; policy {cfg.placeholder_policy}); "
                         "fill them with validate.placeholders")
+    chunked = run.chunked
     if chunked["documents"]:
         warnings.append(f"{chunked['documents']} long documents were cut into {chunked['pieces']} pieces for CPT: {chunked['rule']}")
-    clock.lap("split_profile")
 
-    kinds = {kind: {"accepted": sum(1 for i in accepted if i.kind == kind),
-                    "rejected": sum(1 for i in items if i.reasons and i.kind == kind),
+    kinds = {kind: {"accepted": run.accepted[kind], "rejected": run.rejected[kind],
                     "train": profile["splits"]["train"][kind], "eval": profile["splits"]["eval"][kind]}
              for kind in KINDS}
+    splits = {split: sum(c[split] for c in run.splits.counts.values()) for split in ("train", "eval")}
     report = build_report(
-        files=tallies, kinds=kinds, splits={"train": splits.count("train"), "eval": splits.count("eval")},
-        control_tokens=control, gx=outcome.summaries if outcome else {}, warnings=warnings,
+        files=tallies, kinds=kinds, splits=splits, control_tokens=control, gx=run.gx.summaries, warnings=warnings,
         skipped=[p.as_posix() for p in paths.skipped], max_reject_share=cfg.max_reject_share, timings=clock.wall)
     report["placeholders"] = placeholders
     report["chunked"] = chunked
-    report["cpu_s"] = clock.cpu
+    # a pool's workers are other processes: their CPU seconds join the parent's, so the figure is the stage's
+    report["cpu_s"] = {**clock.cpu, "read_check": round(clock.cpu["read_check"] + (run.worker_cpu if run.workers > 1 else 0), 3)}
+    report["streaming"] = {"chunks": run.chunks, "workers": run.workers, "records_shards": [p.name for p in shards],
+                           "moved_for_split": moved}
     report["config"] = cfg.model_dump()
-    _write_jsonl(out_dir / "records.jsonl", records)
-    _write_jsonl(out_dir / "rejects.jsonl", (_reject(item) for item in items if item.reasons))
     _write_json(out_dir / "profile.json", profile)
-    _write_json(out_dir / "gx_results.json", outcome.results if outcome else {})
-    clock.lap("write")
+    _write_json(out_dir / "gx_results.json", run.gx.results)
     _write_json(out_dir / "report.json", report)
     (out_dir / "report.md").write_text(render_markdown(report), encoding="utf-8")
     for warning in warnings:
@@ -145,7 +150,164 @@ def run_validate(cfg: ValidateConfig, raw_dir: Path, out_dir: Path, model_dir: s
     log.info("validate: %d of %d rows accepted (%d train, %d eval)", totals["accepted"], totals["read"],
              report["splits"].get("train", 0), report["splits"].get("eval", 0))
     return {**totals, "kinds": {k: v["accepted"] for k, v in kinds.items()}, "splits": report["splits"],
-            "warnings": len(warnings), "timings_s": clock.wall, "cpu_s": clock.cpu}
+            "warnings": len(warnings), "timings_s": clock.wall, "cpu_s": report["cpu_s"]}
+
+
+@dataclass
+class _Run:
+    """The merged results of every chunk."""
+
+    tallies: dict
+    warnings: list
+    profile: object
+    gx: object
+    splits: object
+    accepted: Counter = field(default_factory=Counter)
+    rejected: Counter = field(default_factory=Counter)
+    control: dict = field(default_factory=dict)
+    placeholders: dict = field(default_factory=dict)
+    chunked: dict = field(default_factory=dict)
+    records_parts: list = field(default_factory=list)
+    rejects_parts: list = field(default_factory=list)
+    chunks: int = 0
+    workers: int = 1
+    worker_cpu: float = 0.0
+
+
+def _check_all(cfg: ValidateConfig, data: DataConfig, raw_dir: Path, files: list[Path], work: Path) -> _Run:
+    from tunepath.progress import DataPass
+    from tunepath.validate.chunks import RULE
+    from tunepath.validate.profile import ProfileTally
+    from tunepath.validate.gx_totals import GXTotals
+    from tunepath.validate.parts import Splits, merge_examples
+    from tunepath.validate.stream import CHUNK_BYTES, run_chunks, workers_for
+
+    specs, warnings = read_dataset_info(raw_dir) if cfg.read_dataset_info else ({}, [])
+    tallies: dict[str, FileTally] = {}
+    displays = [_display_name(raw_dir, path) for path in files]
+    total_bytes = sum(_size(p) for p in files)
+    workers = workers_for(data, int(data.memory_gb * (1 << 30)), max(1, -(-total_bytes // CHUNK_BYTES)))
+    run = _Run(tallies, warnings, ProfileTally(), GXTotals(), Splits(), workers=workers,
+               control={"policy": cfg.control_token_policy, "rows": 0, "by_token": {}, "examples": []},
+               placeholders={"policy": cfg.placeholder_policy, "filled": sorted(cfg.placeholders), "rows": 0,
+                             "by_name": {}, "examples": []},
+               chunked={"documents": 0, "pieces": 0, "rule": RULE.format(max=cfg.text_chars.max)})
+    progress = DataPass(log, "validate: read", total_bytes)
+    unreadable: dict[str, list[str]] = {}
+    for result in run_chunks(_plan(cfg, raw_dir, files, displays, specs, tallies, warnings), cfg, displays, work, workers):
+        run.chunks += 1
+        run.worker_cpu += result.cpu_s
+        tally = tallies[result.file]
+        for name in ("read", "accepted", "rejected"):
+            setattr(tally, name, getattr(tally, name) + getattr(result.tally, name))
+        tally.reasons.update(result.tally.reasons)
+        tally.formats.update(result.tally.formats)
+        if result.unreadable:
+            unreadable.setdefault(result.file, []).extend(result.unreadable)
+        run.accepted.update(result.accepted)
+        run.rejected.update(result.rejected)
+        run.splits.add(result)
+        run.profile.merge(result.profile)
+        run.gx.add(result.gx_summaries, result.gx_results)
+        merge_examples(run.control, result.control, "by_token")
+        merge_examples(run.placeholders, result.placeholders, "by_name")
+        run.chunked["documents"] += result.chunked[0]
+        run.chunked["pieces"] += result.chunked[1]
+        run.records_parts.append(work / f"records-{result.index:06d}.part")
+        run.rejects_parts.append(work / f"rejects-{result.index:06d}.part")
+        progress.step(result.nbytes, rows=result.tally.read)
+    progress.done()
+    run.gx.ordered()
+    for display, tally in tallies.items():
+        if tally.read == 0 and display not in unreadable:
+            warnings.append(f"{display} holds no rows (empty file)")
+    faults = [fault for found in unreadable.values() for fault in found]
+    if faults:
+        listed = "; ".join(faults[:5]) + (f"; and {len(faults) - 5} more" if len(faults) > 5 else "")
+        raise DataValidationError(
+            f"{len(faults)} data file(s) cannot be read, so their rows cannot be counted: {listed.rstrip('.')}; "
+            "fix or remove them (the stage does not run on part of the data)")
+    if not sum(t.read for t in tallies.values()):
+        raise DataValidationError(
+            f"no rows could be read from {len(files)} data file(s) under '{raw_dir}': every file is empty")
+    return run
+
+
+def _plan(cfg: ValidateConfig, raw_dir: Path, files: list[Path], displays: list[str], specs: dict, tallies: dict,
+          warnings: list[str]):
+    """The chunks of every file, in order; fills `tallies` with each file's (empty) tally as it goes."""
+    from tunepath.validate.readers import JSONL_SUFFIXES, bom_codec, looks_binary
+    from tunepath.validate.stream import CHUNK_BYTES, Chunk, plan_jsonl, plan_parquet, plan_text
+
+    index = 0
+    for number, (path, display) in enumerate(zip(files, displays)):
+        rel = path.relative_to(raw_dir).as_posix()
+        spec = specs.get(path)
+        tally = tallies[display] = FileTally()
+        maps: dict = {}
+        if any(fnmatch.fnmatch(rel, pattern) for pattern in cfg.file_formats):
+            from tunepath.validate.formats import Normaliser
+
+            fmt, tally.detection = Normaliser(cfg).format_for(rel), "validate.file_formats"
+        elif spec is not None:
+            maps = {"field_map": tuple(spec.field_map.items()), "role_map": tuple(spec.role_map.items())}
+            fmt, tally.detection = spec.fmt, f"dataset_info.json: {spec.entry}"
+        else:
+            fmt = cfg.format
+            tally.detection = "per row" if fmt == "auto" else "validate.format"
+        text_split = spec.text_split if spec is not None and spec.text_split else cfg.text_split
+        base = dict(file=number, path=str(path), display=display, fmt=fmt, text_split=text_split, **maps)
+        suffix = path.suffix.lower()
+        pieces = None
+        try:
+            with open(path, "rb") as f:
+                head = f.read(8192)
+            plain = bom_codec(head) is None and not looks_binary(head)
+            if suffix in JSONL_SUFFIXES and plain:
+                pieces = [dict(how="jsonl", start=s, end=e, first=line, nbytes=e - s) for s, e, line in plan_jsonl(path)]
+            elif suffix == ".txt" and plain and text_split != "file":
+                cuts = plan_jsonl(path) if text_split == "line" else plan_text(path)
+                pieces = [dict(how="text", start=s, end=e, first=line, nbytes=e - s) for s, e, line in cuts]
+            elif suffix == ".parquet":
+                planned = plan_parquet(path)
+                if planned is not None:
+                    pieces = [dict(how="parquet", start=g0, end=g1, first=row + 1, nbytes=n) for g0, g1, row, n in planned]
+                    if pieces:
+                        total = sum(p["nbytes"] for p in pieces) or 1
+                        for p in pieces:  # progress in the file's bytes on disk
+                            p["nbytes"] = int(_size(path) * p["nbytes"] / total)
+        except OSError:
+            pieces = None  # the reader names the fault
+        if pieces is None and _size(path) > 4 * CHUNK_BYTES:
+            warnings.append(f"{display} ({_size(path) / 1e6:,.0f} MB) is read whole, not in chunks ({suffix} files are): "
+                            "its rows are held in memory at once; JSONL, Parquet and text files are read in chunks")
+        for piece in pieces if pieces is not None else [dict(how="whole", nbytes=_size(path))]:
+            yield Chunk(index=index, **base, **piece)
+            index += 1
+
+
+def _move_forced(run: _Run, work: Path, eval_share: float) -> list[dict]:
+    """Give each kind of two or more records one in each split (split.py's rule), in the parts already written."""
+    from tunepath.validate.parts import move_records
+
+    moved = []
+    for kind, split, chunk, line, lines in run.splits.moves(eval_share):
+        move_records(work / f"records-{chunk:06d}.part", split, line, lines)
+        other = "train" if split == "eval" else "eval"
+        run.splits.counts[kind][split] += 1
+        run.splits.counts[kind][other] -= 1
+        run.profile.splits[split][kind] += lines
+        run.profile.splits[other][kind] -= lines
+        moved.append({"kind": kind, "to": split})
+    return moved
+
+
+def _assemble(run: _Run, work: Path, out_dir: Path) -> list[Path]:
+    from tunepath.validate.parts import assemble, concatenate
+
+    shards = assemble(run.records_parts, out_dir / RECORDS_DIR, "records")
+    concatenate(run.rejects_parts, out_dir / "rejects.jsonl")
+    return shards
 
 
 class PhaseClock:
@@ -189,82 +351,41 @@ def _display_name(raw_dir: Path, path: Path) -> str:
     return path.as_posix()
 
 
-def _read_all(cfg: ValidateConfig, raw_dir: Path, files: list[Path]):
-    from tunepath.validate.dataset_info import read_dataset_info
-    from tunepath.validate.formats import Normaliser
+def read_items(cfg: ValidateConfig, rows, normaliser, fmt: str, tally: FileTally, unreadable: list[str]) -> list[Item]:
+    """The rows of one chunk as items: read, normalised, placeholders filled, ids given (dedup comes after)."""
     from tunepath.validate.placeholders import fill_placeholders
 
-    from tunepath.progress import DataPass
-
-    normaliser = Normaliser(cfg)
-    specs, warnings = read_dataset_info(raw_dir) if cfg.read_dataset_info else ({}, [])
-    progress = DataPass(log, "validate: read", sum(_size(p) for p in files))
     items: list[Item] = []
-    unreadable: list[str] = []
-    tallies: dict[str, FileTally] = {}
-    first_seen: dict[str, str] = {}
-    for path in files:
-        display = _display_name(raw_dir, path)
-        rel = path.relative_to(raw_dir).as_posix()
-        spec = specs.get(path)
-        tally = tallies[display] = FileTally()
-        file_normaliser = normaliser
-        if any(fnmatch.fnmatch(rel, pattern) for pattern in cfg.file_formats):
-            fmt, tally.detection = normaliser.format_for(rel), "validate.file_formats"
-        elif spec is not None:
-            file_normaliser = Normaliser(cfg, spec.field_map, spec.role_map)
-            fmt, tally.detection = spec.fmt, f"dataset_info.json: {spec.entry}"
-        else:
-            fmt = cfg.format
-            tally.detection = "per row" if fmt == "auto" else "validate.format"
-        text_split = spec.text_split if spec is not None and spec.text_split else cfg.text_split
-        faults_before = len(unreadable)
-        for row in read_rows(path, display, text_split):
-            if row.whole_file:
-                unreadable.append(row.reasons[0].split(": ", 1)[1])
+    for row in rows:
+        if row.whole_file:
+            unreadable.append(row.reasons[0].split(": ", 1)[1])
+            continue
+        tally.read += 1
+        item = Item(row, reasons=row.reasons)
+        items.append(item)
+        if row.reasons:
+            continue
+        try:
+            norm = normaliser.normalise(row, fmt)
+        except RecursionError:  # a parse limit of one row, never the stage's
+            item.reasons = ["too_deep: the row is nested too deeply to normalise"]
+            continue
+        item.fmt, item.kind = norm.fmt, norm.kind
+        if norm.reasons:
+            item.reasons = norm.reasons
+            continue
+        left = fill_placeholders(norm.kind, norm.fields, cfg.placeholders)
+        if left:
+            note = (f"placeholder: {', '.join(f'{{{{{k}}}}} x{v}' for k, v in left.items())} left in the content; "
+                    "fill them with validate.placeholders")
+            (item.reasons if cfg.placeholder_policy == "reject" else item.warnings).append(note)
+            item.placeholders = left
+            if item.reasons:
                 continue
-            tally.read += 1
-            progress.step(len(row.raw) + 1 if isinstance(row.raw, str) else 0)  # characters: about the bytes read
-            item = Item(row, reasons=row.reasons)
-            items.append(item)
-            if row.reasons:
-                continue
-            try:
-                norm = file_normaliser.normalise(row, fmt)
-            except RecursionError:  # a parse limit of one row, never the stage's
-                item.reasons = ["too_deep: the row is nested too deeply to normalise"]
-                continue
-            item.fmt, item.kind = norm.fmt, norm.kind
-            if norm.reasons:
-                item.reasons = norm.reasons
-                continue
-            left = fill_placeholders(norm.kind, norm.fields, cfg.placeholders)
-            if left:
-                note = (f"placeholder: {', '.join(f'{{{{{k}}}}} x{v}' for k, v in left.items())} left in the content; "
-                        "fill them with validate.placeholders")
-                (item.reasons if cfg.placeholder_policy == "reject" else item.warnings).append(note)
-                item.placeholders = left
-                if item.reasons:
-                    continue
-            item.fields = norm.fields
-            row.value = None  # the canonical fields replace the parsed row: halves the memory
-            item.id = record_id(norm.kind, norm.fields)
-            here = f"{display}:{row.line}"
-            first = first_seen.setdefault(item.id, here)
-            if first != here:
-                item.duplicate_of = first
-        if tally.read == 0 and len(unreadable) == faults_before:
-            warnings.append(f"{display} holds no rows (empty file)")
-    progress.done()
-    if unreadable:
-        listed = "; ".join(unreadable[:5]) + (f"; and {len(unreadable) - 5} more" if len(unreadable) > 5 else "")
-        raise DataValidationError(
-            f"{len(unreadable)} data file(s) cannot be read, so their rows cannot be counted: {listed.rstrip('.')}; "
-            "fix or remove them (the stage does not run on part of the data)")
-    if not items:
-        raise DataValidationError(
-            f"no rows could be read from {len(files)} data file(s) under '{raw_dir}': every file is empty")
-    return items, tallies, warnings
+        item.fields = norm.fields
+        row.value = None  # the canonical fields replace the parsed row: halves the memory
+        item.id = record_id(norm.kind, norm.fields)
+    return items
 
 
 def _size(path: Path) -> int:
@@ -274,50 +395,24 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _check(cfg: ValidateConfig, items: list[Item], clock: PhaseClock):
-    valid = [item for item in items if not item.reasons]
-    if not valid:
-        clock.lap("gx_import")
-        clock.lap("contracts")
-        return None
-    from tunepath.validate.contracts import ContractInput, check_contracts, import_gx
-
-    import_gx()  # timed apart: the import alone takes several seconds
-
-    clock.lap("gx_import")
-    outcome = check_contracts([ContractInput(i.kind, i.fields, i.duplicate_of) for i in valid], cfg)
-    for position, reasons in outcome.reasons.items():
-        valid[position].reasons.extend(reasons)
-    for position, notes in outcome.warnings.items():
-        valid[position].warnings.extend(notes)
-    clock.lap("contracts")
-    return outcome
-
-
 def _record(item: Item, split: str) -> dict:
     return {"id": item.id, "kind": item.kind, "split": split,
             "source": {"file": item.row.file, "line": item.row.line}, **item.fields}
 
 
-def _records(accepted: list[Item], splits: list[str], cfg: ValidateConfig) -> tuple[list[dict], dict]:
-    """The records to write: one per accepted row, except long documents, which give one per piece."""
-    from tunepath.validate.chunks import RULE, chunk_id, chunk_text
+def item_records(item: Item, split: str, cfg: ValidateConfig) -> tuple[list[dict], bool]:
+    """The records of one accepted item, and whether it was cut: a long document gives one record per piece."""
+    from tunepath.validate.chunks import chunk_id, chunk_text
 
     limit = cfg.text_chars.max
-    records, documents, pieces = [], 0, 0
-    for item, split in zip(accepted, splits):
-        if item.kind != "text" or cfg.long_text != "chunk" or len(item.fields["text"]) <= limit:
-            records.append(_record(item, split))
-            continue
-        documents += 1
-        for number, piece in enumerate(chunk_text(item.fields["text"], limit)):
-            pieces += 1
-            records.append({"id": chunk_id(item.id, number), "kind": "text", "split": split,
-                            "source": {"file": item.row.file, "line": item.row.line, "chunk": number}, "text": piece})
-    return records, {"documents": documents, "pieces": pieces, "rule": RULE.format(max=limit)}
+    if item.kind != "text" or cfg.long_text != "chunk" or len(item.fields["text"]) <= limit:
+        return [_record(item, split)], False
+    return [{"id": chunk_id(item.id, number), "kind": "text", "split": split,
+             "source": {"file": item.row.file, "line": item.row.line, "chunk": number}, "text": piece}
+            for number, piece in enumerate(chunk_text(item.fields["text"], limit))], True
 
 
-def _placeholder_summary(items: list[Item], cfg: ValidateConfig) -> dict:
+def placeholder_summary(items: list[Item], cfg: ValidateConfig) -> dict:
     by_name: Counter = Counter()
     rows, examples = 0, []
     for item in items:
@@ -330,11 +425,11 @@ def _placeholder_summary(items: list[Item], cfg: ValidateConfig) -> dict:
             "by_name": dict(by_name.most_common()), "examples": examples}
 
 
-def _reject(item: Item) -> dict:
+def reject_row(item: Item) -> dict:
     return {"source": {"file": item.row.file, "line": item.row.line}, "raw": item.row.raw, "reasons": item.reasons}
 
 
-def _tally(items: list[Item], tallies: dict[str, FileTally]) -> None:
+def tally_items(items: list[Item], tallies: dict[str, FileTally]) -> None:
     for item in items:
         tally = tallies[item.row.file]
         if item.fmt:
@@ -350,14 +445,14 @@ def _file_warnings(tallies: dict[str, FileTally]) -> list[str]:
     warnings = []
     for name, t in tallies.items():
         if t.read and t.accepted == 0:
-            top = ", ".join(f"{k} {v}" for k, v in t.reasons.most_common(3))
+            top = ", ".join(f"{k} {v}" for k, v in list(by_count(t.reasons).items())[:3])
             warnings.append(f"every row of {name} was rejected ({t.rejected} rows: {top})")
         elif t.rejected:
             warnings.append(f"{t.rejected} of {t.read} rows of {name} rejected (see rejects.jsonl)")
     return warnings
 
 
-def _control_summary(items: list[Item], cfg: ValidateConfig) -> dict:
+def control_summary(items: list[Item], cfg: ValidateConfig) -> dict:
     by_token: Counter = Counter()
     examples, rows = [], 0
     for item in items:
@@ -397,13 +492,6 @@ def _prepare_out_dir(out_dir: Path, raw_dir: Path) -> None:
             shutil.rmtree(child)
         else:
             child.unlink()
-
-
-def _write_jsonl(path: Path, rows) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False))
-            f.write("\n")
 
 
 def _write_json(path: Path, value: dict) -> None:
