@@ -92,8 +92,13 @@ def cmd_run(args) -> int:
             try:
                 stack.enter_context(project_lock(args.project, wait=args.wait))
             except ProjectBusy as busy:
+                from tunepath.isolate import cannot_isolate
+
+                reason = None if args.in_place else cannot_isolate(args.project)
                 if args.in_place:
                     raise
+                if reason:
+                    raise ProjectBusy(f"{busy}; {reason}", holder_text=busy.holder_text) from None
                 print(f"tunepath: {busy.holder_text}; this run works in a working copy of its own and lands as a DVC "
                       "experiment (--wait queues it instead)", file=sys.stderr, flush=True)
                 workspace = "isolated"

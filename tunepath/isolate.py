@@ -66,14 +66,23 @@ def _git(cwd: Path, *args: str) -> str:
     return done.stdout
 
 
+def cannot_isolate(home: Path) -> str | None:
+    """Why a run in `home` cannot have a working copy of its own (None: it can). Cheap: before anything starts."""
+    try:
+        _git(Path(home), "rev-parse", "--verify", "-q", "HEAD")
+    except IsolationError:
+        return "the project is not in git with a commit, so a run cannot work in a copy of its own (git init and commit it)"
+    if not (Path(home) / ".dvc").is_dir():
+        return "the project is not a DVC repository, so a run cannot land as a DVC experiment (dvc init)"
+    return None
+
+
 def open_copy(home: Path, name: str) -> Path:
     """A worktree of the project at HEAD with its uncommitted changes, the DVC cache and MLflow store shared."""
     home = Path(home).resolve()
-    try:
-        _git(home, "rev-parse", "--verify", "-q", "HEAD")
-    except IsolationError as e:
-        raise IsolationError(f"{home}: an isolated run needs the project in git with at least one commit "
-                             "(its result is a DVC experiment, a git ref); commit it, or run with --wait") from e
+    reason = cannot_isolate(home)
+    if reason:
+        raise IsolationError(f"{home}: {reason}; or run with --wait")
     copy = home / WORKSPACES / name
     if copy.exists():
         raise IsolationError(f"{copy}: a working copy of that name exists already")
@@ -165,10 +174,10 @@ def bring_inputs(copy: Path, home: Path) -> dict[str, list[str]]:
 def _bring(Repo, copy: Path, home: Path, done: dict[str, list[str]]) -> None:
     with Repo(str(copy)) as repo:
         stages = list(repo.index.stages)
-        made = {str(out.def_path) for stage in stages if not stage.is_data_source for out in stage.outs}
+        made = {_rel(out, copy) for stage in stages if not stage.is_data_source for out in stage.outs}
         for stage in (s for s in stages if s.is_data_source):
             for out in stage.outs:
-                rel = str(out.def_path)
+                rel = _rel(out, copy)
                 if (copy / rel).exists():
                     continue
                 try:
@@ -180,8 +189,8 @@ def _bring(Repo, copy: Path, home: Path, done: dict[str, list[str]]) -> None:
                     done["copied"].append(rel)
         for stage in stages:
             for dep in stage.deps:
-                rel = str(getattr(dep, "def_path", ""))
-                if not rel or rel == "params.yaml" or Path(rel).is_absolute() or _under(rel, made):
+                rel = _rel(dep, copy)
+                if not rel or rel == "params.yaml" or rel.startswith("..") or _under(rel, made):
                     continue
                 if (copy / rel).exists() or not (home / rel).exists():
                     continue
@@ -193,6 +202,12 @@ def _bring(Repo, copy: Path, home: Path, done: dict[str, list[str]]) -> None:
             repo.checkout(allow_missing=True)
         except Exception as e:  # noqa: BLE001  (a missing object only means that stage runs again)
             log.info("not every output of dvc.lock is in the cache (%s); those stages run again", e)
+
+
+def _rel(item, copy: Path) -> str:
+    """A dep's or out's path relative to the copy (a .dvc file's own paths are relative to its folder)."""
+    path = getattr(item, "fs_path", None)
+    return os.path.relpath(path, copy) if path else ""
 
 
 def _under(rel: str, outs: set[str]) -> bool:
