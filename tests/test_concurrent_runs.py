@@ -92,7 +92,7 @@ def test_two_runs_at_once_both_land_each_with_its_own_lineage(tmp_path, demo_ass
     from tunepath.register.stage import artifact_hash
 
     record = json.loads((root / "artifacts" / "register" / "model.json").read_text())
-    assert record["version"] == by_lr[in_place].version
+    assert record["version"] == str(by_lr[in_place].version)
     assert record["tags"]["artifact_hash"] == artifact_hash(root / "artifacts" / "merge" / "model")
     assert (root / "dvc.yaml").read_text() == committed["dvc.yaml"]
 
