@@ -111,13 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int, default=20, help="train.max_steps of each run (default 20)")
     parser.add_argument("--benchmark-limit", type=int, default=20, help="evaluate.benchmark_limit (default 20, as the tests)")
     parser.add_argument("--keep", action="store_true", help="keep the projects and logs (printed at the end)")
+    parser.add_argument("--assets", type=Path, default=None, help="a folder with data/raw and models/demo built before (skips building them)")
     args = parser.parse_args(argv)
     overrides = [f"train.max_steps={args.max_steps}", f"evaluate.benchmark_limit={args.benchmark_limit}"]
     work = Path(tempfile.mkdtemp(prefix="tunepath-parallel-"))
     load_before = os.getloadavg()
     print(f"{os.cpu_count()} CPUs, load average {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}; "
-          f"building the demo assets in {work}", flush=True)
-    assets = build_assets(work / "assets")
+          f"working in {work}", flush=True)
+    assets = args.assets or build_assets(work / "assets")
     results = {}
     for variant, runner in (("serial", run_serial), ("parallel", run_parallel)):
         root = make_project(work / variant, assets)
