@@ -32,7 +32,8 @@ from tunepath.errors import StageError
 
 log = logging.getLogger(__name__)
 
-WORKSPACES = Path(".tunepath") / "workspaces"
+STATE = Path(".tunepath")
+WORKSPACES = STATE / "workspaces"
 HOME_FILE = Path(".tunepath") / "home"  # in a copy: the project it belongs to
 SHARED_LINKS = ("mlflow.db",)
 LOCKS = Path(".tunepath") / "locks"
@@ -105,6 +106,8 @@ def _carry_changes(home: Path, copy: Path) -> int:
     --temp` carries the workspace's changes into its temporary folder."""
     changed = [p for p in _git(home, "diff", "--name-only", "-z", "HEAD").split("\0") if p]
     changed += [p for p in _git(home, "ls-files", "--others", "--exclude-standard", "-z").split("\0") if p]
+    state = f"{Path(STATE).as_posix()}/"
+    changed = [p for p in changed if not p.startswith(state)]  # a project that does not ignore .tunepath/: not the copies
     for rel in changed:
         src, dst = home / rel, copy / rel
         if not src.exists() and not src.is_symlink():
