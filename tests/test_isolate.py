@@ -70,7 +70,10 @@ def test_a_working_copy_runs_apart_shares_the_cache_and_lands_as_an_experiment(t
     assert dvc(copy, "cache", "dir").strip() == str(home / ".dvc" / "cache")
 
     (copy / "params.yaml").write_text("a: 2\n")
-    brought = isolate.bring_inputs(copy, home)
+    from tunepath.runlock import project_lock
+
+    with project_lock(copy, dvc=True):  # as the flow holds it around the run in the copy
+        brought = isolate.bring_inputs(copy, home)
     assert brought["checked out"] == ["data/raw"] and brought["linked"] == ["models"]
     assert not (copy / "data" / "raw").is_symlink() and (copy / "data" / "raw" / "rows.txt").read_text() == "rows\n"
     assert (copy / "artifacts" / "out.txt").read_text() == "1:rows\nweights\n"  # the project's last output, from the cache

@@ -175,7 +175,13 @@ def bring_inputs(copy: Path, home: Path) -> dict[str, list[str]]:
 
 
 def _bring(Repo, copy: Path, home: Path, done: dict[str, list[str]]) -> None:
+    from dvc.lock import LockNoop
+
+    from tunepath.runlock import holds_dvc_lock
+
     with Repo(str(copy)) as repo:
+        if holds_dvc_lock(copy):
+            repo.lock = LockNoop()  # the run holds the copy's DVC lock (tunepath.runlock); DVC would wait on it and give up
         stages = list(repo.index.stages)
         made = {_rel(out, copy) for stage in stages if not stage.is_data_source for out in stage.outs}
         for stage in (s for s in stages if s.is_data_source):
