@@ -7,28 +7,39 @@ Run it with `tunepath run`, from the Prefect UI (deployment `finetune`), or dire
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import re
+import time
 from pathlib import Path
+from typing import Literal
 
 from prefect import flow, get_run_logger
 
 from tasks.stages import run_stage_task
+from tunepath import isolate
 from tunepath.config import STAGES, Config
 from tunepath.errors import describe
 from tunepath.params import write_params
 from tunepath.registry import RUN_ENV, end_pipeline_run, open_pipeline_run, run_url
-from tunepath.runlock import project_lock
+from tunepath.runlock import ProjectBusy, file_lock, project_lock
 from tunepath.stages import Workspace, default_tracking_uri
 from tunepath.validate.readers import refuse_special_files
 
 
+WorkspaceMode = Literal["auto", "in-place", "isolated"]
+
+
 @flow(name="finetune")
-def finetune(recipe: str = "", config: Config = Config(), project_dir: str = ".", tracking_uri: str | None = None) -> dict:
+def finetune(recipe: str = "", config: Config = Config(), project_dir: str = ".", tracking_uri: str | None = None,
+             workspace: WorkspaceMode = "auto") -> dict:
     """Fine-tune `config.model.base` on the data in `config.data.raw_dir` and register the result in MLflow.
 
     The effective config is written into params.yaml first (as `dvc exp run --set-param` does), and every stage is
-    recorded in dvc.lock, so `dvc repro` reproduces this run and `dvc status` is clean after it. One run at a
-    time per project folder: another one (CLI, deployment, `dvc repro`) is refused with its pid and start time.
+    recorded in dvc.lock, so `dvc repro` reproduces this run and `dvc status` is clean after it. When another run
+    works in the project folder, this one works in its own working copy (tunepath.isolate) and lands as a DVC
+    experiment instead; the project's params.yaml, dvc.lock and artifacts/ are then left as they are.
     The whole run is one MLflow run named after this flow run (tunepath.registry): linked from here, linking back.
 
     Args:
@@ -38,6 +49,9 @@ def finetune(recipe: str = "", config: Config = Config(), project_dir: str = "."
         config: Every setting of params.yaml: data, model and the training basics first, the demo's last.
         project_dir: The project folder (params.yaml, dvc.yaml, data) on the worker.
         tracking_uri: MLflow tracking URI; empty: MLFLOW_TRACKING_URI or the project's own.
+        workspace: `auto`: in the project folder when no other run works there, else in a working copy of its own
+            (a DVC experiment); `in-place`: in the project folder, refused while another run works there;
+            `isolated`: always in a working copy of its own.
     """
     from prefect.runtime import flow_run
 
@@ -45,39 +59,84 @@ def finetune(recipe: str = "", config: Config = Config(), project_dir: str = "."
 
     logs.setup(debug=bool(os.environ.get("TUNEPATH_DEBUG")), cli_reports_errors=False)  # a worker runs no CLI
     logger = get_run_logger()
-    root = Path(project_dir).resolve()
-    # one run per project folder: params.yaml, artifacts/ and dvc.lock are shared (`tunepath run` took it already)
-    with project_lock(root, dvc=True, what=f"Prefect flow run {flow_run.name} (finetune)"):
-        if recipe.strip():
-            config, edits = with_recipe(recipe.strip(), config, root)
-            logger.info("recipe %s, then the form's changes: %s", recipe.strip(), ", ".join(edits) or "none")
-        changed = write_params(root / "params.yaml", config)
-        if changed:
-            logger.info("params.yaml updated with this run's values: %s", ", ".join(changed))
-        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
-        refuse_special_files(root / config.data.raw_dir)  # before DVC hashes the folder: a FIFO would block it forever
-        run_id = open_run(uri, config.register.experiment, root)
-        workspace = Workspace(root=root, tracking_uri=uri, mlflow_run_id=run_id)
-        results, current = [], None
-        previous = os.environ.get(RUN_ENV)
-        os.environ[RUN_ENV] = run_id  # for the processes a stage starts (accelerate launch runs `tunepath stage train`)
-        try:
-            for current in STAGES:
-                # the state, not the value: a skipped stage returns a `Cached` state, which `.result()` reads for both
-                results.append(run_stage_task(current, config, workspace, return_state=True).result())
-        except BaseException as e:
-            end_run(uri, run_id, failed=True, note=f"{current}: {describe(e)}")
-            raise
-        finally:
-            if previous is None:
-                os.environ.pop(RUN_ENV, None)
+    home = Path(project_dir).resolve()
+    what = f"Prefect flow run {flow_run.get_name()} (finetune)"
+    if workspace != "isolated":
+        # params.yaml, artifacts/ and dvc.lock are the project's: one run at a time there (`tunepath run` took it already)
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(project_lock(home, dvc=True, what=what))
+            except ProjectBusy as busy:
+                if workspace == "in-place":
+                    raise
+                logger.info("%s; this run works in a working copy of its own", busy.holder_text)
             else:
-                os.environ[RUN_ENV] = previous
+                return run_pipeline(home, home, recipe, config, tracking_uri)
+    name = experiment_name()
+    copy = isolate.open_copy(home, name)
+    logger.info("working copy %s; the result lands as DVC experiment %s", copy, name)
+    try:
+        with project_lock(copy, dvc=True, what=what):
+            result = run_pipeline(copy, home, recipe, config, tracking_uri)
+        result["experiment"] = isolate.land(copy, home, name, message=f"tunepath run {flow_run.get_name() or name}")
+    except BaseException:
+        logger.error("the working copy %s is kept to look at; remove it with `git worktree remove --force %s`", copy, copy)
+        raise
+    isolate.close_copy(copy, home)
+    logger.info("DVC experiment %s: `dvc exp show` lists it, `dvc exp apply %s` brings it into the project", name, name)
+    return result
+
+
+def run_pipeline(root: Path, home: Path, recipe: str, config: Config, tracking_uri: str | None) -> dict:
+    """Every stage in `root` (the project folder, or a working copy of `home`), under `root`'s locks."""
+    logger = get_run_logger()
+    if recipe.strip():
+        config, edits = with_recipe(recipe.strip(), config, home)
+        logger.info("recipe %s, then the form's changes: %s", recipe.strip(), ", ".join(edits) or "none")
+    changed = write_params(root / "params.yaml", config)
+    if changed:
+        logger.info("params.yaml updated with this run's values: %s", ", ".join(changed))
+    if root != home:
+        brought = isolate.bring_inputs(root, home)
+        logger.info("inputs: %s", "; ".join(f"{k} {', '.join(v)}" for k, v in brought.items() if v) or "all in git")
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(home)
+    refuse_special_files(root / config.data.raw_dir)  # before DVC hashes the folder: a FIFO would block it forever
+    # the first run to open a fresh store creates its tables and the experiment; two at once would both try
+    with file_lock(isolate.shared_lock_path(home, "mlflow")):
+        run_id = open_run(uri, config.register.experiment, home)
+    workspace = Workspace(root=root, tracking_uri=uri, mlflow_run_id=run_id)
+    results, current = [], None
+    previous = os.environ.get(RUN_ENV)
+    os.environ[RUN_ENV] = run_id  # for the processes a stage starts (accelerate launch runs `tunepath stage train`)
+    try:
+        for current in STAGES:
+            # the state, not the value: a skipped stage returns a `Cached` state, which `.result()` reads for both
+            results.append(run_stage_task(current, config, workspace, return_state=True).result())
+    except BaseException as e:
+        end_run(uri, run_id, failed=True, note=f"{current}: {describe(e)}")
+        raise
+    finally:
+        if previous is None:
+            os.environ.pop(RUN_ENV, None)
+        else:
+            os.environ[RUN_ENV] = previous
     skipped = [r["stage"] for r in results if r["skipped"]]
     end_run(uri, run_id, failed=False, note=f"{len(STAGES) - len(skipped)} stages ran; up to date: {', '.join(skipped) or 'none'}")
     logger.info("done: %d stages ran, %d up to date (%s)", len(STAGES) - len(skipped), len(skipped), ", ".join(skipped) or "none")
+    record = root / "artifacts" / "register" / "model.json"
     return {"ran": [r["stage"] for r in results if not r["skipped"]], "skipped": skipped, "mlflow_run_id": run_id,
-            "mlflow_run_url": run_url(uri, run_id)}
+            "mlflow_run_url": run_url(uri, run_id), "workspace": "in-place" if root == home else "isolated",
+            "registered": json.loads(record.read_text(encoding="utf-8")) if record.exists() else None}
+
+
+def experiment_name() -> str:
+    """The DVC experiment's (and working copy's) name: the flow run's, made unique with its id."""
+    from prefect.runtime import flow_run
+
+    name, run_id = flow_run.get_name(), str(flow_run.get_id() or "")
+    if name and run_id:
+        return f"{re.sub(r'[^A-Za-z0-9-]+', '-', name).strip('-')}-{run_id[:6]}"
+    return f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
 
 def open_run(uri: str, experiment: str, root: Path) -> str:

@@ -1,9 +1,10 @@
 """Real `tunepath run` processes side by side in one project folder, and real runs stopped by signals.
 
-Two runs started at once with different learning rates: one is refused at once with a line naming the other
-(pid, command, start time); a third with --wait runs after the first. Every registered version then holds its own
-run's params next to its own weights, and dvc.lock records the last run's learning rate against the last run's
-weights. Then Ctrl-C and SIGKILL during training: the run and everything it started are gone within 10 s.
+Two runs started at once with different learning rates both succeed: one works in the project folder, the other
+in a working copy of its own and lands as a DVC experiment. Every registered version then holds its own run's
+params next to its own weights; the project's params.yaml and dvc.lock are the in-place run's alone. A third run
+with --in-place, started meanwhile, is refused at once with a line naming the holder (pid, command, start time).
+Then Ctrl-C and SIGKILL during training: the run and everything it started are gone within 10 s.
 """
 
 from __future__ import annotations
@@ -44,68 +45,101 @@ def registered_versions(root: Path) -> list:
     return client, sorted(client.search_model_versions("name='tunepath-demo'"), key=lambda v: int(v.version))
 
 
-def test_two_runs_at_once_never_mix_params_and_weights(tmp_path, demo_assets):
-    import mlflow
+def test_two_runs_at_once_both_land_each_with_its_own_lineage(tmp_path, demo_assets):
     import yaml
 
-    from tunepath.register.stage import artifact_hash
-    from tunepath.stages import default_tracking_uri
-
     root = make_project(tmp_path / "project", demo_assets)
+    committed = {name: (root / name).read_text() for name in ("params.yaml", "dvc.yaml")}
     logs = {lr: tmp_path / f"run-{lr}.log" for lr in ("0.002", "0.004", "0.003")}
     runs = {"0.002": start(root, "--set", "train.learning_rate=0.002", log=logs["0.002"]),
             "0.004": start(root, "--set", "train.learning_rate=0.004", log=logs["0.004"])}
-    time.sleep(0.5)
-    runs["0.003"] = start(root, "--set", "train.learning_rate=0.003", "--wait", log=logs["0.003"])
-    codes = {lr: p.wait(timeout=1500) for lr, p in runs.items()}
+    time.sleep(2)
+    refused = subprocess.run([sys.executable, "-m", "tunepath.cli", "--project", str(root), "run", "--in-place",
+                              "--set", "train.learning_rate=0.003"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+    codes = {lr: p.wait(timeout=2400) for lr, p in runs.items()}
     errors = {lr: logs[lr].read_text() for lr in runs}
+    assert codes == {"0.002": 0, "0.004": 0}, {lr: errors[lr][-3000:] for lr in runs}
 
-    # of the two started at once, exactly one ran; the other stopped at once with one line naming it
-    first, refused = (("0.002", "0.004") if codes["0.002"] == 0 else ("0.004", "0.002"))
-    assert codes[first] == 0, errors[first][-3000:]
-    assert codes[refused] == 2, errors[refused][-3000:]
-    line = errors[refused].strip().splitlines()[-1]
-    assert f"pid {runs[first].pid} `tunepath --project {root} run" in line and f"train.learning_rate={first}" in line, line
-    assert "another run works in this project folder" in line and " since " in line
-    assert len(errors[refused].strip().splitlines()) == 1  # nothing else started: no server, no stage
-    # the queued one said whom it waited for, and then ran
-    assert codes["0.003"] == 0, errors["0.003"][-3000:]
-    assert f"pid {runs[first].pid}" in errors["0.003"] and "waiting for it to finish" in errors["0.003"]
+    # which one got the folder: the other said so in one line naming it, then worked in its own copy
+    isolated = next(lr for lr in runs if "this run works in a working copy of its own" in errors[lr])
+    in_place = "0.004" if isolated == "0.002" else "0.002"
+    notice = next(l for l in errors[isolated].splitlines() if "working copy of its own" in l)
+    assert f"pid {runs[in_place].pid} `tunepath --project {root} run" in notice and f"train.learning_rate={in_place}" in notice
+    assert "working copy of its own" not in errors[in_place]
+    # --in-place while the project is busy: refused at once, one line naming the holder, nothing touched
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"pid {runs[in_place].pid}" in lines[0] and "another run works in this project folder" in lines[0]
+    assert " since " in lines[0]
 
-    # each registered version: its own params, its own weights, its own loss curve
+    # each registered version: its own params, its own weights (hash of the files registered), its own loss curve
     client, versions = registered_versions(root)
     assert len(versions) == 2
-    mlflow.set_tracking_uri(default_tracking_uri(root))
-    hashes = set()
-    for version, lr in zip(versions, (first, "0.003")):
-        run = client.get_run(version.run_id)
-        assert run.data.params["train.learning_rate"] == lr
-        local = Path(mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="", dst_path=str(tmp_path / f"v{version.version}")))
-        params = json.loads((local / "params.json").read_text())
-        assert params["train"]["learning_rate"] == float(lr)
-        from tunepath.lineage import params_hash
+    by_lr = {client.get_run(v.run_id).data.params["train.learning_rate"]: v for v in versions}
+    assert set(by_lr) == {"0.002", "0.004"}
+    for lr, version in by_lr.items():
+        check_version(client, version, lr, tmp_path / f"v{version.version}")
+    assert by_lr["0.002"].tags["artifact_hash"] != by_lr["0.004"].tags["artifact_hash"]
 
-        assert version.tags["params_hash"] == params_hash(params)
-        curve = [float(l.split(",")[3]) for l in (local / "train" / "loss.csv").read_text().splitlines()[1:] if l]
-        assert 0.5 * float(lr) < max(curve) <= float(lr) * 1.0001, (lr, max(curve))  # trained at this run's rate
-        served = Path(mlflow.artifacts.download_artifacts(f"models:/tunepath-demo/{version.version}",
-                                                          dst_path=str(tmp_path / f"m{version.version}")))
-        model = sorted(p.parent for p in served.rglob("config.json") if any(p.parent.glob("*.safetensors")))[0]
-        assert artifact_hash(model) == version.tags["artifact_hash"]  # the registered files are the hashed ones
-        hashes.add(version.tags["artifact_hash"])
-    assert len(hashes) == 2
-
-    # the last run's params are what params.yaml and dvc.lock hold, against its weights: dvc status is clean
-    assert yaml.safe_load((root / "params.yaml").read_text())["train"]["learning_rate"] == 0.003
+    # the project folder holds the in-place run alone: its params, its lock, its weights; dvc status is clean
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    assert params["train"]["learning_rate"] == float(in_place)
     lock = yaml.safe_load((root / "dvc.lock").read_text())
-    assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["learning_rate"] == 0.003
+    assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["learning_rate"] == float(in_place)
     status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=root, capture_output=True, text=True, check=True)
     assert "up to date" in status.stdout, status.stdout
+    from tunepath.register.stage import artifact_hash
+
     record = json.loads((root / "artifacts" / "register" / "model.json").read_text())
-    assert record["version"] == str(versions[-1].version)
+    assert record["version"] == str(by_lr[in_place].version)
     assert record["tags"]["artifact_hash"] == artifact_hash(root / "artifacts" / "merge" / "model")
-    lineage = json.loads((root / "artifacts" / "train" / "lineage.json").read_text())
-    assert lineage["params"]["train"]["learning_rate"] == 0.003
+    assert (root / "dvc.yaml").read_text() == committed["dvc.yaml"]
+
+    # the isolated one is a DVC experiment with its own params and lock; its copy is gone
+    shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=root, capture_output=True, text=True, check=True)
+    experiments = [e for base in json.loads(shown.stdout) for e in (base.get("experiments") or [])]
+    assert len(experiments) == 1, shown.stdout[:2000]
+    name = experiments[0]["name"]
+    assert name in errors[isolated]
+    ref = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], cwd=root, capture_output=True, text=True, check=True)
+    ref = next(r for r in ref.stdout.split() if r.endswith("/" + name))
+    exp_params = yaml.safe_load(subprocess.run(["git", "show", f"{ref}:params.yaml"], cwd=root, capture_output=True, text=True, check=True).stdout)
+    assert exp_params["train"]["learning_rate"] == float(isolated)
+    exp_lock = yaml.safe_load(subprocess.run(["git", "show", f"{ref}:dvc.lock"], cwd=root, capture_output=True, text=True, check=True).stdout)
+    assert exp_lock["stages"]["train"]["params"]["params.yaml"]["train"]["learning_rate"] == float(isolated)
+    merged = next(o for o in exp_lock["stages"]["merge"]["outs"] if o["path"] == "artifacts/merge")
+    assert (root / ".dvc" / "cache" / "files" / "md5" / merged["md5"][:2] / merged["md5"][2:]).exists()  # in the shared cache
+    assert not list((root / ".tunepath" / "workspaces").iterdir())
+    worktrees = subprocess.run(["git", "worktree", "list"], cwd=root, capture_output=True, text=True, check=True).stdout
+    assert len(worktrees.strip().splitlines()) == 1, worktrees
+
+    # applied to the project, the experiment brings exactly the weights its registered version carries
+    subprocess.run([sys.executable, "-m", "dvc", "exp", "apply", name], cwd=root, capture_output=True, text=True, check=True)
+    assert yaml.safe_load((root / "params.yaml").read_text())["train"]["learning_rate"] == float(isolated)
+    assert artifact_hash(root / "artifacts" / "merge" / "model") == by_lr[isolated].tags["artifact_hash"]
+
+
+def check_version(client, version, lr: str, dst: Path) -> None:
+    """The version's recorded params and params hash, its loss curve's peak rate, and the hash of the model files
+    served from the registry against the artifact hash it carries."""
+    import mlflow
+
+    from tunepath.lineage import params_hash
+    from tunepath.register.stage import artifact_hash
+
+    mlflow.set_tracking_uri(client.tracking_uri)
+    run = client.get_run(version.run_id)
+    assert run.data.params["train.learning_rate"] == lr
+    local = Path(mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="", dst_path=str(dst / "run")))
+    params = json.loads((local / "params.json").read_text())
+    assert params["train"]["learning_rate"] == float(lr)
+    assert version.tags["params_hash"] == params_hash(params)
+    curve = [float(l.split(",")[3]) for l in (local / "train" / "loss.csv").read_text().splitlines()[1:] if l]
+    assert 0.5 * float(lr) < max(curve) <= float(lr) * 1.0001, (lr, max(curve))  # trained at this run's rate
+    served = Path(mlflow.artifacts.download_artifacts(f"models:/tunepath-demo/{version.version}", dst_path=str(dst / "model")))
+    model = sorted(p.parent for p in served.rglob("config.json") if any(p.parent.glob("*.safetensors")))[0]
+    assert artifact_hash(model) == version.tags["artifact_hash"]  # the registered files are the hashed ones
 
 
 def wait_for_training(proc: subprocess.Popen, log: Path, timeout: float = 900) -> None:

@@ -50,14 +50,18 @@ def holder(tmp_path):
     proc.wait()
 
 
-def test_a_second_run_is_refused_at_once_naming_the_holder(tmp_path, holder):
+@pytest.mark.parametrize("mode", ["--in-place", "auto"])
+def test_a_second_run_is_refused_at_once_naming_the_holder(tmp_path, holder, mode):
     started = time.monotonic()
-    out = tunepath(tmp_path, "run", "--set", "train.learning_rate=0.2")
+    # auto: a folder outside git cannot have a working copy, so a busy one refuses too, and says why
+    out = tunepath(tmp_path, "run", *([mode] if mode != "auto" else []), "--set", "train.learning_rate=0.2")
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1, out.stderr
     assert f"pid {holder.pid}" in lines[0] and "`tunepath run --set train.learning_rate=0.1`" in lines[0]
     assert "since " in lines[0] and "another run works in this project folder" in lines[0]
+    if mode == "auto":
+        assert "not in git" in lines[0]
     assert time.monotonic() - started < 15  # before any server starts or model loads
     assert not (tmp_path / "params.yaml").exists()  # nothing of the project was touched
 
@@ -211,3 +215,73 @@ def test_stage_specs_follow_dvc_yaml():
     assert list(specs) == list(STAGES)
     assert "train" in specs["merge"]["upstream"] and "train.learning_rate" not in specs["merge"]["params"]
     assert "train" in specs["train"]["params"] and specs["train"]["upstream"] == ["route", "tokenize"]
+
+
+# --- the start-up race: many contenders at once, exactly one wins, every other names it ------------------------
+
+RACER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from tunepath.runlock import ProjectBusy, project_lock
+    start = float(sys.argv[2])
+    while time.time() < start:  # every racer leaves the line at the same moment
+        pass
+    try:
+        with project_lock(Path(sys.argv[1]), what="racer"):
+            print("won", flush=True)
+            time.sleep(3)
+    except ProjectBusy as e:
+        print("lost:", e, flush=True)
+""")
+
+
+def test_runs_racing_for_the_lock_one_wins_and_the_others_name_it(tmp_path):
+    racers = 6
+    start = time.time() + 4  # the interpreters are up by then, even on a loaded machine
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path), str(start)], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(REPO)}) for _ in range(racers)]
+    outs = {p.pid: p.communicate(timeout=60)[0].strip() for p in procs}
+    winners = [pid for pid, out in outs.items() if out == "won"]
+    assert len(winners) == 1, outs
+    for pid, out in outs.items():
+        if pid != winners[0]:
+            assert out.startswith("lost:") and f"pid {winners[0]} `racer`" in out, out
+            assert "starting up" not in out
+
+
+# a holder between its flock and its record (or between emptying the record and closing): the moments the
+# record is empty, stretched to 0.5 s
+RAW_HOLDER = textwrap.dedent("""
+    import fcntl, json, os, sys, time
+    from pathlib import Path
+    path = Path(sys.argv[1]) / ".tunepath" / "run.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.ftruncate(fd, 0)
+    print("locked", flush=True)
+    time.sleep(0.5)
+    if sys.argv[2] == "starting":
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "command": "slow starter", "started": time.time()}).encode(), 0)
+        time.sleep(30)
+    os.close(fd)
+""")
+
+
+@pytest.mark.parametrize("moment", ["starting", "finishing"])
+def test_a_contender_waits_out_an_empty_holder_record(tmp_path, moment):
+    from tunepath.runlock import ProjectBusy, project_lock
+
+    proc = subprocess.Popen([sys.executable, "-c", RAW_HOLDER, str(tmp_path), moment], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        if moment == "starting":  # it names the holder once its record is there, not "a process that is starting up"
+            with pytest.raises(ProjectBusy, match=f"pid {proc.pid} `slow starter`"):
+                with project_lock(tmp_path):
+                    pass
+        else:  # the holder was about to let go: the contender gets the lock instead of a refusal
+            with project_lock(tmp_path):
+                assert json.loads((tmp_path / ".tunepath" / "run.lock").read_text())["pid"] == os.getpid()
+    finally:
+        proc.kill()
+        proc.wait()

@@ -182,7 +182,8 @@ def test_prefect_yaml_deploys_both_flows_from_the_workers_project_folder():
         assert d["work_pool"]["name"] == ServiceOptions().pool
     step = spec["pull"][0]["prefect.deployments.steps.set_working_directory"]
     assert step["directory"] == "{{ $TUNEPATH_PROJECT_DIR }}"
-    assert deployments["finetune"]["concurrency_limit"] == 1
+    # `tunepath up` deploys finetune with --concurrency-limit = the gpu slots (runs past the first go isolated)
+    assert "concurrency_limit" not in deployments["finetune"]
 
 
 def test_finetune_form_has_descriptions_bounds_and_params_yaml_defaults(tmp_path):
@@ -323,6 +324,8 @@ def test_gpu_limit_and_deployment_defaults(live):
     assert status == 200 and limit["limit"] >= 1 and limit["active"]
     _, dep = http("GET", f"{api}/deployments/name/finetune/finetune")
     assert dep["parameters"]["config"] == yaml.safe_load((root / "params.yaml").read_text())
+    # as many finetune runs at once as gpu slots: past the first, each works in a working copy of its own
+    assert (dep.get("global_concurrency_limit") or {}).get("limit", dep.get("concurrency_limit")) == limit["limit"]
     assert "description" in dep["parameter_openapi_schema"]["definitions"]["TrainConfig"]["properties"]["max_steps"]
 
 

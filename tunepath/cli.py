@@ -2,6 +2,7 @@
 
     tunepath demo                      # build the demo model and data (if missing) and track the data with DVC
     tunepath run [--set train.max_steps=20 ...]   # the Prefect flow `finetune`, end to end
+                                       # (another run here already: in a working copy, as a DVC experiment)
     tunepath promote [--force | --rollback]   # candidate -> champion when better; or roll back
     tunepath stage NAME                # one stage, as `dvc repro` runs it
     tunepath up | down | status        # local Prefect + MLflow servers, a worker and the deployments
@@ -75,32 +76,69 @@ RESUME = "run the same command again (finished stages are kept, training resumes
 
 
 def cmd_run(args) -> int:
+    import contextlib
+
     from tunepath.guard import guard_children
     from tunepath.interrupt import stop_on_signals
-    from tunepath.runlock import project_lock
+    from tunepath.runlock import ProjectBusy, project_lock
 
-    # the lock before params.yaml is read and before the temporary Prefect server's 15-30 s start: a second run
-    # in this folder is refused (or, with --wait, queued) at once
-    with (stop_on_signals("tunepath run", tracking_uri(args.project), RESUME), guard_children(),
-          project_lock(args.project, wait=args.wait)):
-        return _run(args)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(stop_on_signals("tunepath run", tracking_uri(args.project), RESUME))
+        stack.enter_context(guard_children())
+        workspace = "isolated" if args.isolated else "in-place"
+        if not args.isolated:
+            # the lock before params.yaml is read and before the temporary Prefect server's 15-30 s start: a busy
+            # project is known at once (refused with --in-place, queued with --wait, else this run goes isolated)
+            try:
+                stack.enter_context(project_lock(args.project, wait=args.wait))
+            except ProjectBusy as busy:
+                from tunepath.isolate import cannot_isolate
+
+                reason = None if args.in_place else cannot_isolate(args.project)
+                if args.in_place:
+                    raise
+                if reason:
+                    raise ProjectBusy(f"{busy}; {reason}", holder_text=busy.holder_text) from None
+                print(f"tunepath: {busy.holder_text}; this run works in a working copy of its own and lands as a DVC "
+                      "experiment (--wait queues it instead)", file=sys.stderr, flush=True)
+                workspace = "isolated"
+        if workspace == "isolated":
+            own_prefect_home()
+        return _run(args, workspace)
 
 
-def _run(args) -> int:
+def own_prefect_home() -> None:
+    """A temporary Prefect home for an isolated run without a Prefect server: two temporary servers on the
+    project's one SQLite file would both migrate a new one and contend on every write. Its flow-run history
+    goes with it; the results stay in MLflow and the DVC experiment (`tunepath up` keeps history for all)."""
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    import atexit
+    import shutil
+    import tempfile
+
+    home = tempfile.mkdtemp(prefix="tunepath-prefect-")
+    os.environ["PREFECT_HOME"] = home
+    atexit.register(shutil.rmtree, home, True)  # registered before Prefect loads: runs after its server stops
+
+
+def _run(args, workspace: str = "in-place") -> int:
     from tunepath.params import load_config, load_recipe
 
     cfg = load_recipe(args.config, args.set) if args.config else load_config(args.project / "params.yaml", args.set)
     preflight(cfg, args.project)
     from flows.finetune import finetune
 
-    result = finetune(config=cfg, project_dir=str(args.project), tracking_uri=tracking_uri(args.project))
+    result = finetune(config=cfg, project_dir=str(args.project), tracking_uri=tracking_uri(args.project), workspace=workspace)
     print(f"stages run: {', '.join(result['ran']) or 'none'}; up to date: {', '.join(result['skipped']) or 'none'}")
-    print(f"results: {args.project / 'artifacts'} (evaluate/metrics.json, merge/, register/model.json)")
-    registered = args.project / "artifacts" / "register" / "model.json"
-    if registered.exists():
-        import json
-
-        record = json.loads(registered.read_text(encoding="utf-8"))
+    record = result.get("registered")
+    if result.get("experiment"):
+        name = result["experiment"]["name"]
+        print(f"results: DVC experiment {name} (`dvc exp show`; `dvc exp apply {name}` brings its params, dvc.lock and "
+              "outputs into the project)")
+    else:
+        print(f"results: {args.project / 'artifacts'} (evaluate/metrics.json, merge/, register/model.json)")
+    if record:
         tags = record.get("tags", {})
         print(f"registered: {record['name']} version {record['version']} @{record['alias']} "
               f"(git {tags.get('git_commit', '?')[:12]}, data {tags.get('data_hash', '?')[:12]}, "
@@ -281,8 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the finetune flow end to end")
     run.add_argument("--config", type=Path, metavar="RECIPE.yaml", help="a recipe (examples/recipes/): a partial config over the defaults, instead of params.yaml's values")
-    run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a params.yaml value (repeatable); written back to params.yaml")
-    run.add_argument("--wait", action="store_true", help="when another run works in this project folder, wait for it instead of stopping")
+    run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a params.yaml value (repeatable); written back to params.yaml (a working copy's, for an isolated run)")
+    busy = run.add_mutually_exclusive_group()
+    busy.add_argument("--wait", action="store_true", help="when another run works in this project folder, wait for it, then run here")
+    busy.add_argument("--in-place", action="store_true", help="run in this project folder or not at all: stop when another run works here")
+    busy.add_argument("--isolated", action="store_true", help="run in a working copy of its own even when the project is free "
+                      "(the default when another run works here): the result is a DVC experiment and a registry version")
     run.set_defaults(func=cmd_run)
     stage = sub.add_parser("stage", help="run one stage (what dvc.yaml calls)")
     stage.add_argument("name", choices=["validate", "tokenize", "route", "train", "evaluate", "merge", "register"])

@@ -92,10 +92,18 @@ PIPELINE_TAG = "tunepath.pipeline_run"
 
 def experiment_id(client, name: str, artifact_root: Path) -> str:
     """The experiment's id; a new one keeps its artifacts where `artifact_location` says."""
+    from mlflow.exceptions import MlflowException
+
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri, artifact_root))
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri, artifact_root))
+    except MlflowException:
+        exp = client.get_experiment_by_name(name)  # another run of the project created it a moment ago
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def open_pipeline_run(tracking_uri: str, experiment: str, artifact_root: Path, name: str | None, tags: dict[str, str]) -> str:

@@ -37,7 +37,16 @@ _dvc_held: set[str] = set()  # project roots whose DVC lock this process holds (
 
 
 class ProjectBusy(StageError):
-    """Another run works in this project folder; the message names it."""
+    """Another run works in this project folder; the message names it (`holder_text`: who, without advice)."""
+
+    def __init__(self, message: str, holder_text: str = "") -> None:
+        super().__init__(message)
+        self.holder_text = holder_text or message
+
+
+# How long a contender waits for a holder's record: the winner writes it a few microseconds after its flock, and
+# a finishing holder empties it just before it closes; an empty record is one of those two moments, not a state.
+SETTLE_S = 2.0
 
 
 def holder(root: Path) -> dict | None:
@@ -79,13 +88,12 @@ def project_lock(root: Path, wait: bool = False, what: str | None = None, dvc: b
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited across exec; forked children share it
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            busy = f"{Path(root)}: another run works in this project folder: {describe_holder(holder(root), path)}"
+        info = _take_or_describe(fd, root)
+        if info is not None:
+            busy = f"{Path(root)}: another run works in this project folder: {describe_holder(info, path)}"
             if not wait:
                 raise ProjectBusy(f"{busy}. Wait for it (or pass --wait), or stop it; two runs in one folder would mix "
-                                  "one run's params with the other's weights") from None
+                                  "one run's params with the other's weights", holder_text=busy) from None
             print(f"tunepath: {busy}; waiting for it to finish", file=sys.stderr, flush=True)
             fcntl.flock(fd, fcntl.LOCK_EX)
         record = {"pid": os.getpid(), "command": what or _command(), "started": time.time(), "host": socket.gethostname()}
@@ -106,6 +114,38 @@ def project_lock(root: Path, wait: bool = False, what: str | None = None, dvc: b
             os.ftruncate(fd, 0)
     finally:
         os.close(fd)  # closing drops the flock
+
+
+def _take_or_describe(fd: int, root: Path) -> dict | None:
+    """Take the flock (None), or return the holder's record. A contender that finds the record empty is
+    between a winner's flock and its write, or a finishing holder's truncate and its close: it tries again
+    for up to SETTLE_S instead of naming "a process that is starting up" (or refusing a run the lock was
+    just about to admit)."""
+    deadline = time.monotonic() + SETTLE_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return None
+        except BlockingIOError:
+            pass
+        info = holder(root)
+        if info or time.monotonic() >= deadline:
+            return info or {}
+        time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """A plain blocking flock on `path` for the block: for short steps several runs of one project share
+    (opening the MLflow store the first time, landing a DVC experiment)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def held(root: Path) -> bool:

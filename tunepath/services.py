@@ -349,7 +349,7 @@ def start_services(root: Path, options: ServiceOptions = ServiceOptions()) -> Re
     report.gpu_slots = options.gpu_slots or count_gpus()
     ensure_limit(api, GPU_LIMIT, report.gpu_slots)
     if options.deploy:
-        report.deployments = register_deployments(root, api, run_env, options.timeout_s)
+        report.deployments = register_deployments(root, api, run_env, options.timeout_s, slots=report.gpu_slots)
     report.seconds = time.monotonic() - t0
     return report
 
@@ -393,8 +393,11 @@ def deployment_parameters(root: Path) -> dict[str, dict]:
     return {"finetune": {"config": config.model_dump(mode="json")}, "promote": {}}
 
 
-def register_deployments(root: Path, api: str, env: dict[str, str], timeout_s: float) -> list[str]:
-    """`prefect deploy` each deployment of prefect.yaml whose flow file exists, when it or params.yaml changed."""
+def register_deployments(root: Path, api: str, env: dict[str, str], timeout_s: float, slots: int = 1) -> list[str]:
+    """`prefect deploy` each deployment of prefect.yaml whose flow file exists, when it or params.yaml changed.
+
+    `finetune` may run `slots` flow runs at once (one per GPU slot): the first works in the project folder, the
+    others each in a working copy of their own (tunepath.isolate); the `gpu` limit still admits one training per card."""
     if not (root / "prefect.yaml").exists():
         raise ServiceError(f"{root / 'prefect.yaml'} not found; the deployments are defined there")
     params = deployment_parameters(root)
@@ -406,11 +409,12 @@ def register_deployments(root: Path, api: str, env: dict[str, str], timeout_s: f
             log.warning("deployment %s skipped: %s does not exist yet", name, source)
             continue
         names.append(name)
-        digest = fingerprint(root, source, params[name])
+        limit = ["--concurrency-limit", str(max(1, slots))] if name == "finetune" else []
+        digest = fingerprint(root, source, {**params[name], "_limit": limit})
         exists = http("GET", f"{api}/deployments/name/{name}/{name}")[0] == 200
         if exists and recorded.get(name) == digest:
             continue
-        argv = [tool("prefect"), "--no-prompt", "deploy", "--name", name, "--params", json.dumps(params[name])]
+        argv = [tool("prefect"), "--no-prompt", "deploy", "--name", name, "--params", json.dumps(params[name]), *limit]
         with open(log_file(root, "deploy"), "ab") as out:
             jobs[name] = (digest, subprocess.Popen(argv, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                                    stderr=subprocess.STDOUT))

@@ -269,7 +269,10 @@ def _new_version(client, name: str, info, run_id: str, tags: dict):
     try:
         client.get_registered_model(name)
     except MlflowException:
-        client.create_registered_model(name)
+        try:
+            client.create_registered_model(name)
+        except MlflowException:
+            client.get_registered_model(name)  # another run registered the name a moment ago; anything else raises
     return client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id)
 
 

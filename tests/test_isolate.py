@@ -1,0 +1,159 @@
+"""Working copies of a project (tunepath.isolate) on a tiny real git + DVC project, and the project's one MLflow
+store written by several processes at once.
+
+The end-to-end race of two real `tunepath run` (one in place, one isolated) is in test_concurrent_runs.py (slow).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import REPO
+
+GIT = ["git", "-c", "user.email=t@example.invalid", "-c", "user.name=t"]
+STAGE = {"stages": {"make": {"cmd": "python make.py", "deps": ["data/raw", "models/m", "make.py"], "params": ["a"],
+                             "outs": ["artifacts/out.txt"]}}}
+MAKE = ("import yaml, pathlib\n"
+        "a = yaml.safe_load(open('params.yaml'))['a']\n"
+        "text = pathlib.Path('data/raw/rows.txt').read_text() + pathlib.Path('models/m/w.bin').read_text()\n"
+        "pathlib.Path('artifacts').mkdir(exist_ok=True)\n"
+        "pathlib.Path('artifacts/out.txt').write_text(f'{a}:{text}')\n")
+
+
+def sh(cwd: Path, *cmd: str) -> str:
+    return subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True, check=True).stdout
+
+
+def dvc(cwd: Path, *args: str) -> str:
+    return sh(cwd, sys.executable, "-m", "dvc", *args)
+
+
+def tiny_project(root: Path) -> Path:
+    """git + DVC; data/raw tracked by DVC, models/ in neither (a local base model), one stage run in place."""
+    root.mkdir()
+    (root / "data" / "raw").mkdir(parents=True)
+    (root / "data" / "raw" / "rows.txt").write_text("rows\n")
+    (root / "models" / "m").mkdir(parents=True)
+    (root / "models" / "m" / "w.bin").write_text("weights\n")
+    (root / "make.py").write_text(MAKE)
+    (root / "params.yaml").write_text("a: 1\n")
+    (root / "dvc.yaml").write_text(yaml.safe_dump(STAGE))
+    (root / ".gitignore").write_text("/artifacts/\n/models/\n/mlflow.db\n/.tunepath/\n")
+    sh(root, "git", "init", "-q")
+    dvc(root, "init", "-q")
+    dvc(root, "add", "-q", "data/raw")
+    sh(root, *GIT, "add", "-A")
+    sh(root, *GIT, "commit", "-q", "-m", "project")
+    dvc(root, "repro", "-q")  # the project's own run: dvc.lock (uncommitted) and its output in the cache
+    return root
+
+
+def test_a_working_copy_runs_apart_shares_the_cache_and_lands_as_an_experiment(tmp_path):
+    from tunepath import isolate
+
+    home = tiny_project(tmp_path / "home")
+    (home / "notes.md").write_text("not committed yet\n")  # uncommitted changes go with the copy
+    before = {name: (home / name).read_text() for name in ("params.yaml", "dvc.lock")}
+    copy = isolate.open_copy(home, "lr-two")
+    assert copy == home / ".tunepath" / "workspaces" / "lr-two"
+    assert (copy / "notes.md").read_text() == "not committed yet\n" and (copy / "dvc.lock").read_text() == before["dvc.lock"]
+    assert isolate.home_of(copy) == home and isolate.home_of(home) == home
+    assert (copy / "mlflow.db").is_symlink() and os.readlink(copy / "mlflow.db") == str(home / "mlflow.db")
+    assert dvc(copy, "cache", "dir").strip() == str(home / ".dvc" / "cache")
+
+    (copy / "params.yaml").write_text("a: 2\n")
+    from tunepath.runlock import project_lock
+
+    with project_lock(copy, dvc=True):  # as the flow holds it around the run in the copy
+        brought = isolate.bring_inputs(copy, home)
+    assert brought["checked out"] == ["data/raw"] and brought["linked"] == ["models"]
+    assert not (copy / "data" / "raw").is_symlink() and (copy / "data" / "raw" / "rows.txt").read_text() == "rows\n"
+    assert (copy / "artifacts" / "out.txt").read_text() == "1:rows\nweights\n"  # the project's last output, from the cache
+    dvc(copy, "repro", "-q")
+    assert (copy / "artifacts" / "out.txt").read_text() == "2:rows\nweights\n"
+
+    landed = isolate.land(copy, home, "lr-two")
+    assert landed["ref"].startswith("refs/exps/") and landed["ref"].endswith("/lr-two")
+    shown = json.loads(dvc(home, "exp", "show", "--json"))
+    names = [e["name"] for base in shown for e in (base.get("experiments") or [])]
+    assert names == ["lr-two"]
+    assert yaml.safe_load(sh(home, "git", "show", f"{landed['ref']}:params.yaml")) == {"a": 2}
+    isolate.close_copy(copy, home)
+    assert not copy.exists()
+    assert (home / "models" / "m" / "w.bin").read_text() == "weights\n"  # the link went, not what it pointed at
+    assert len(sh(home, "git", "worktree", "list").strip().splitlines()) == 1
+
+    # the project itself was never written; applying the experiment brings its params and output from the cache
+    assert {name: (home / name).read_text() for name in before} == before
+    assert (home / "artifacts" / "out.txt").read_text() == "1:rows\nweights\n"
+    dvc(home, "exp", "apply", "lr-two")
+    assert (home / "params.yaml").read_text() == "a: 2\n"
+    assert (home / "artifacts" / "out.txt").read_text() == "2:rows\nweights\n"
+
+
+def test_a_project_outside_git_cannot_be_isolated_and_says_why(tmp_path):
+    from tunepath.isolate import cannot_isolate
+
+    assert "not in git" in cannot_isolate(tmp_path)
+    home = tiny_project(tmp_path / "home")
+    assert cannot_isolate(home) is None
+
+
+WRITER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from mlflow import MlflowClient
+    from tunepath import isolate
+    from tunepath.registry import experiment_id
+    from tunepath.register.stage import _new_version
+    from tunepath.runlock import file_lock
+
+    home, start = Path(sys.argv[1]), float(sys.argv[2])
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    with file_lock(isolate.shared_lock_path(home, "mlflow")):  # as the flow opens the store: tables made once
+        client = MlflowClient(uri)
+        client.search_experiments()
+    while time.time() < start:
+        pass
+    exp = experiment_id(client, "tunepath", home / "mlartifacts")  # every writer races to create it
+    run = client.create_run(exp)
+    for step in range(40):
+        client.log_metric(run.info.run_id, "loss", 1.0 / (step + 1), step=step)
+    version = _new_version(client, "tunepath-demo", type("Info", (), {"model_uri": f"runs:/{run.info.run_id}/model",
+                           "model_id": None})(), run.info.run_id, {"writer": sys.argv[3]})
+    client.set_registered_model_alias("tunepath-demo", "candidate", version.version)
+    client.set_terminated(run.info.run_id)
+    print(run.info.run_id, version.version, flush=True)
+""")
+
+
+def test_several_processes_write_one_sqlite_registry_at_once(tmp_path):
+    """Runs, per-step metrics, a registered model made by whichever comes first, versions and aliases from
+    four processes at once: no "database is locked", every version number once, every metric kept."""
+    writers = 3
+    start = time.time() + 12  # past the MLflow import of every writer on a loaded machine
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(start), str(i)], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+             for i in range(writers)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in results]
+    assert time.time() > start  # they did overlap
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = dict(line.split() for line, _ in results)
+    versions = client.search_model_versions("name='tunepath-demo'")
+    assert sorted(int(v.version) for v in versions) == list(range(1, writers + 1))
+    assert {v.run_id: str(v.version) for v in versions} == runs
+    assert {v.tags["writer"] for v in versions} == {str(i) for i in range(writers)}
+    for run_id in runs:
+        assert len(client.get_metric_history(run_id, "loss")) == 40
+    assert len(client.search_experiments()) == 2  # Default and the one they all raced to create
