@@ -56,17 +56,17 @@ def finetune(recipe: str = "", config: Config = Config(), project_dir: str = "."
             logger.info("params.yaml updated with this run's values: %s", ", ".join(changed))
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
         refuse_special_files(root / config.data.raw_dir)  # before DVC hashes the folder: a FIFO would block it forever
-        run_id = open_run(uri, config.register.experiment, root)
-        workspace = Workspace(root=root, tracking_uri=uri, mlflow_run_id=run_id)
+        pipeline_run = LazyRun(uri, config.register.experiment, root)
+        workspace = Workspace(root=root, tracking_uri=uri, open_mlflow_run=pipeline_run.open)
         results, current = [], None
         previous = os.environ.get(RUN_ENV)
-        os.environ[RUN_ENV] = run_id  # for the processes a stage starts (accelerate launch runs `tunepath stage train`)
         try:
             for current in STAGES:
                 # the state, not the value: a skipped stage returns a `Cached` state, which `.result()` reads for both
                 results.append(run_stage_task(current, config, workspace, return_state=True).result())
         except BaseException as e:
-            end_run(uri, run_id, failed=True, note=f"{current}: {describe(e)}")
+            if pipeline_run.id:
+                end_run(uri, pipeline_run.id, failed=True, note=f"{current}: {describe(e)}")
             raise
         finally:
             if previous is None:
@@ -74,10 +74,54 @@ def finetune(recipe: str = "", config: Config = Config(), project_dir: str = "."
             else:
                 os.environ[RUN_ENV] = previous
     skipped = [r["stage"] for r in results if r["skipped"]]
-    end_run(uri, run_id, failed=False, note=f"{len(STAGES) - len(skipped)} stages ran; up to date: {', '.join(skipped) or 'none'}")
+    run_id = pipeline_run.id
+    if run_id:
+        end_run(uri, run_id, failed=False, note=f"{len(STAGES) - len(skipped)} stages ran; up to date: {', '.join(skipped) or 'none'}")
+    else:  # nothing ran, so nothing to log: the run that made these results stands for this one
+        run_id = link_results_run(uri, root)
     logger.info("done: %d stages ran, %d up to date (%s)", len(STAGES) - len(skipped), len(skipped), ", ".join(skipped) or "none")
     return {"ran": [r["stage"] for r in results if not r["skipped"]], "skipped": skipped, "mlflow_run_id": run_id,
-            "mlflow_run_url": run_url(uri, run_id)}
+            "mlflow_run_url": run_url(uri, run_id) if run_id else None, "mlflow_run_reused": pipeline_run.id is None}
+
+
+class LazyRun:
+    """This flow run's MLflow run, opened by the first stage that runs (`Workspace.with_mlflow_run`): a rerun that
+    DVC finds up to date logs nothing, and an empty run would only crowd the experiment's list."""
+
+    def __init__(self, uri: str, experiment: str, root: Path) -> None:
+        self.uri, self.experiment, self.root = uri, experiment, root
+        self.id: str | None = None
+
+    def open(self) -> str:
+        if self.id is None:
+            self.id = open_run(self.uri, self.experiment, self.root)
+            os.environ[RUN_ENV] = self.id  # for the processes a stage starts (accelerate launch runs `tunepath stage train`)
+        return self.id
+
+
+def link_results_run(uri: str, root: Path) -> str | None:
+    """The MLflow run that registered the project's current model (artifacts/register/model.json), linked from
+    this flow run's page; None when there is no such record or the run is not in this tracking store."""
+    import json
+
+    from mlflow import MlflowClient
+    from prefect.artifacts import create_markdown_artifact
+
+    from tunepath.registry import existing_run
+
+    record = root / "artifacts" / "register" / "model.json"
+    if not record.exists():
+        return None
+    run_id = existing_run(MlflowClient(uri), json.loads(record.read_text(encoding="utf-8")).get("run_id"))
+    if run_id is None:
+        return None
+    link = run_url(uri, run_id)
+    where = f"[{link}]({link})" if link else f"run id `{run_id}` in `{uri}` (open it with `make mlflow-ui`)"
+    create_markdown_artifact(f"# Every stage was up to date\n\nNo MLflow run was opened: nothing was logged. The results "
+                             f"come from the run that registered the model: {where}\n", key="tunepath-mlflow-run",
+                             description="the MLflow run behind this flow run's results")
+    get_run_logger().info("every stage up to date: no new MLflow run; the results come from run %s", run_id)
+    return run_id
 
 
 def open_run(uri: str, experiment: str, root: Path) -> str:
