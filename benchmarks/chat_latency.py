@@ -5,6 +5,7 @@
 
 Figures, each from a fresh process (median, min, max over --runs):
 
+- `tunepath --help` and `tunepath chat --help`, start to exit (no torch, no transformers);
 - `--once`: `tunepath chat --model M --once Q`, start to the first byte on stdout, and to exit;
 - interactive, question piped at start: the question is on stdin before the process starts;
 - interactive, question after --typing s: a person typing. The model loads while the question is typed, so the
@@ -89,6 +90,12 @@ def chat_argv(model: str, once: bool) -> list[str]:
             *(["--once", QUESTION] if once else [])]
 
 
+def timed_exit(argv: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "tunepath.cli", *argv], check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
 def first_byte(model: str, once: bool, typing: float | None = None) -> tuple[float, float]:
     """Seconds to the answer's first byte on stdout (from start, or from the question's Enter when `typing`),
     and from start to exit."""
@@ -132,10 +139,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--model {args.model}: not a model folder (no config.json); run `tunepath demo` or pass artifacts/merge/model")
 
     load_before = os.getloadavg()[0]
-    figures = {"--once: first token": [], "--once: exit": [], "interactive, question piped: first token": [],
+    figures = {"tunepath --help": [], "tunepath chat --help": [], "--once: first token": [], "--once: exit": [], "interactive, question piped: first token": [],
                f"interactive, typed in {args.typing:g} s: Enter to first token": []}
     breakdowns = []
     for _ in range(args.runs):
+        figures["tunepath --help"].append(timed_exit(["--help"]))
+        figures["tunepath chat --help"].append(timed_exit(["chat", "--help"]))
         first, done = first_byte(args.model, once=True)
         figures["--once: first token"].append(first)
         figures["--once: exit"].append(done)

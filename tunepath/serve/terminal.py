@@ -83,6 +83,10 @@ class Loading:
         except BaseException as e:  # noqa: BLE001  (re-raised in the asking thread by get)
             self._failure = e
 
+    @property
+    def ready(self) -> bool:
+        return not self._thread.is_alive()
+
     def get(self):
         self._thread.join()
         if self._failure is not None:
@@ -139,6 +143,11 @@ class Conversation:
         self.request = {"max_tokens": max_tokens, "temperature": temperature}
         self.messages: list[dict] = []
         self.reset()
+
+    @property
+    def loading(self) -> bool:
+        """True while the model is still loading in the background."""
+        return isinstance(self._chat, Loading) and not self._chat.ready
 
     @property
     def chat(self):
@@ -203,6 +212,9 @@ def converse(conversation: Conversation, stdin: TextIO, out: TextIO, err: TextIO
             err.write(f"unknown command {command}; commands: {', '.join(COMMANDS)} (start the line with a space to send it as text)\n")
             err.flush()
             continue
+        if interactive and conversation.loading:
+            err.write("(still loading the model; the answer follows)\n")
+            err.flush()
         ids = conversation.prompt_ids(text)
         if show_prompt_ids:
             err.write(f"prompt ids: {ids}\n")
