@@ -113,6 +113,26 @@ def test_optional_fields_empty_or_set_pass_prefects_check_and_the_config(schema,
     assert Config.model_validate(config).model_dump(mode="json") == config
 
 
+def test_the_deployments_defaults_pass_prefects_deployment_check(schema, tmp_path):
+    """Creating a deployment checks its parameters with Prefect's older validator, which allows no null for a plain
+    input (the flow-run check does): the form's defaults leave those nulls out, and still mean params.yaml."""
+    import shutil
+
+    from prefect._internal.schemas.validators import validate_values_conform_to_schema
+
+    from tunepath import services
+    from tunepath.config import Config
+    from tunepath.params import load_config
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    defaults = services.deployment_parameters(tmp_path)["finetune"]
+    validate_values_conform_to_schema(defaults, schema, ignore_required=True)
+    assert Config.model_validate(defaults["config"]) == load_config(tmp_path / "params.yaml")
+    assert "chat_variant" not in defaults["config"]["model"] and defaults["config"]["train"]["max_steps"] is not None
+    with pytest.raises(ValueError, match="custom_template"):  # what `prefect deploy` refused before
+        validate_values_conform_to_schema({"config": Config().model_dump(mode="json")}, schema, ignore_required=True)
+
+
 @pytest.mark.parametrize("field, value", [("gpu_memory_gb", -1), ("gpu_memory_gb", "24GB"), ("gpus", 1.5)])
 def test_prefects_check_still_refuses_a_bad_optional_value(schema, field, value):
     from prefect.utilities.schema_tools import ValidationError, validate
