@@ -120,7 +120,7 @@ def test_custom_run_from_the_prefect_ui_then_model_in_the_mlflow_ui(browser, liv
     print(f"flow run {run_id} completed {time.time() - started:.0f} s after Submit; screenshots in {shots}")
 
     # the loss PNG: listed on the flow run's Artifacts tab, drawn on the artifact's page (a data URI, no file server)
-    wait.until(EC.element_to_be_clickable((By.XPATH, "//*[@role='tab'][contains(normalize-space(), 'Artifacts')]"))).click()
+    wait.until(EC.element_to_be_clickable((By.XPATH, "//*[contains(concat(' ', @class, ' '), ' p-tab ')][normalize-space()='Artifacts']"))).click()
     wait.until(EC.presence_of_element_located((By.XPATH, "//*[contains(text(), 'tunepath-train') or contains(text(), 'training loss curve')]")))
     browser.save_screenshot(str(shots / "prefect-finetune-run-artifacts.png"))
     _, artifacts = http("POST", f"{api}/artifacts/filter", {"artifacts": {"key": {"any_": ["tunepath-train"]}, "flow_run_id": {"any_": [run_id]}}})
