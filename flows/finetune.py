@@ -29,7 +29,8 @@ def finetune(recipe: str = "", config: Config = Config(), project_dir: str = "."
     The effective config is written into params.yaml first (as `dvc exp run --set-param` does), and every stage is
     recorded in dvc.lock, so `dvc repro` reproduces this run and `dvc status` is clean after it. One run at a
     time per project folder: another one (CLI, deployment, `dvc repro`) is refused with its pid and start time.
-    The whole run is one MLflow run named after this flow run (tunepath.registry): linked from here, linking back.
+    The whole run is one MLflow run named after this flow run (tunepath.registry): linked from here, linking back,
+    opened by the first stage that runs (none when every stage is up to date: the page links the run behind the results).
 
     Args:
         recipe: A recipe from examples/recipes/ (a name like `lora_sft`, or a path in the project). Its values go over
