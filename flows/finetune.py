@@ -40,7 +40,8 @@ def finetune(recipe: str = "", config: Config = Config(), project_dir: str = "."
     recorded in dvc.lock, so `dvc repro` reproduces this run and `dvc status` is clean after it. When another run
     works in the project folder, this one works in its own working copy (tunepath.isolate) and lands as a DVC
     experiment instead; the project's params.yaml, dvc.lock and artifacts/ are then left as they are.
-    The whole run is one MLflow run named after this flow run (tunepath.registry): linked from here, linking back.
+    The whole run is one MLflow run named after this flow run (tunepath.registry): linked from here, linking back,
+    opened by the first stage that runs (none when every stage is up to date: the page links the run behind the results).
 
     Args:
         recipe: A recipe from examples/recipes/ (a name like `lora_sft`, or a path in the project). Its values go over
@@ -101,19 +102,17 @@ def run_pipeline(root: Path, home: Path, recipe: str, config: Config, tracking_u
         logger.info("inputs: %s", "; ".join(f"{k} {', '.join(v)}" for k, v in brought.items() if v) or "all in git")
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(home)
     refuse_special_files(root / config.data.raw_dir)  # before DVC hashes the folder: a FIFO would block it forever
-    # the first run to open a fresh store creates its tables and the experiment; two at once would both try
-    with file_lock(isolate.shared_lock_path(home, "mlflow")):
-        run_id = open_run(uri, config.register.experiment, home)
-    workspace = Workspace(root=root, tracking_uri=uri, mlflow_run_id=run_id)
+    pipeline_run = LazyRun(uri, config.register.experiment, home)
+    workspace = Workspace(root=root, tracking_uri=uri, open_mlflow_run=pipeline_run.open)
     results, current = [], None
     previous = os.environ.get(RUN_ENV)
-    os.environ[RUN_ENV] = run_id  # for the processes a stage starts (accelerate launch runs `tunepath stage train`)
     try:
         for current in STAGES:
             # the state, not the value: a skipped stage returns a `Cached` state, which `.result()` reads for both
             results.append(run_stage_task(current, config, workspace, return_state=True).result())
     except BaseException as e:
-        end_run(uri, run_id, failed=True, note=f"{current}: {describe(e)}")
+        if pipeline_run.id:
+            end_run(uri, pipeline_run.id, failed=True, note=f"{current}: {describe(e)}")
         raise
     finally:
         if previous is None:
@@ -121,12 +120,34 @@ def run_pipeline(root: Path, home: Path, recipe: str, config: Config, tracking_u
         else:
             os.environ[RUN_ENV] = previous
     skipped = [r["stage"] for r in results if r["skipped"]]
-    end_run(uri, run_id, failed=False, note=f"{len(STAGES) - len(skipped)} stages ran; up to date: {', '.join(skipped) or 'none'}")
+    run_id = pipeline_run.id
+    if run_id:
+        end_run(uri, run_id, failed=False, note=f"{len(STAGES) - len(skipped)} stages ran; up to date: {', '.join(skipped) or 'none'}")
+    else:  # nothing ran, so nothing to log: the run that made these results stands for this one
+        run_id = link_results_run(uri, root)
     logger.info("done: %d stages ran, %d up to date (%s)", len(STAGES) - len(skipped), len(skipped), ", ".join(skipped) or "none")
     record = root / "artifacts" / "register" / "model.json"
     return {"ran": [r["stage"] for r in results if not r["skipped"]], "skipped": skipped, "mlflow_run_id": run_id,
-            "mlflow_run_url": run_url(uri, run_id), "workspace": "in-place" if root == home else "isolated",
+            "mlflow_run_url": run_url(uri, run_id) if run_id else None, "mlflow_run_reused": pipeline_run.id is None,
+            "workspace": "in-place" if root == home else "isolated",
             "registered": json.loads(record.read_text(encoding="utf-8")) if record.exists() else None}
+
+
+class LazyRun:
+    """This flow run's MLflow run, opened by the first stage that runs (`Workspace.with_mlflow_run`): a rerun that
+    DVC finds up to date logs nothing, and an empty run would only crowd the experiment's list."""
+
+    def __init__(self, uri: str, experiment: str, home: Path) -> None:
+        self.uri, self.experiment, self.home = uri, experiment, home
+        self.id: str | None = None
+
+    def open(self) -> str:
+        if self.id is None:
+            # the first run to open a fresh store creates its tables and the experiment; two at once would both try
+            with file_lock(isolate.shared_lock_path(self.home, "mlflow")):
+                self.id = open_run(self.uri, self.experiment, self.home)
+            os.environ[RUN_ENV] = self.id  # for the processes a stage starts (accelerate launch runs `tunepath stage train`)
+        return self.id
 
 
 def experiment_name() -> str:
@@ -137,6 +158,31 @@ def experiment_name() -> str:
     if name and run_id:
         return f"{re.sub(r'[^A-Za-z0-9-]+', '-', name).strip('-')}-{run_id[:6]}"
     return f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
+def link_results_run(uri: str, root: Path) -> str | None:
+    """The MLflow run that registered the project's current model (artifacts/register/model.json), linked from
+    this flow run's page; None when there is no such record or the run is not in this tracking store."""
+    import json
+
+    from mlflow import MlflowClient
+    from prefect.artifacts import create_markdown_artifact
+
+    from tunepath.registry import existing_run
+
+    record = root / "artifacts" / "register" / "model.json"
+    if not record.exists():
+        return None
+    run_id = existing_run(MlflowClient(uri), json.loads(record.read_text(encoding="utf-8")).get("run_id"))
+    if run_id is None:
+        return None
+    link = run_url(uri, run_id)
+    where = f"[{link}]({link})" if link else f"run id `{run_id}` in `{uri}` (open it with `make mlflow-ui`)"
+    create_markdown_artifact(f"# Every stage was up to date\n\nNo MLflow run was opened: nothing was logged. The results "
+                             f"come from the run that registered the model: {where}\n", key="tunepath-mlflow-run",
+                             description="the MLflow run behind this flow run's results")
+    get_run_logger().info("every stage up to date: no new MLflow run; the results come from run %s", run_id)
+    return run_id
 
 
 def open_run(uri: str, experiment: str, root: Path) -> str:

@@ -39,6 +39,7 @@ def run_stage_task(name: str, config, workspace: Workspace):
         return Completed(name="Cached", message=f"{name}: up to date in dvc.lock (inputs, params and outputs unchanged)",
                          data={"stage": name, "skipped": True})
     logger.info("%s: running (%s)", name, describe_changes(changes.get(name, [])))
+    workspace = workspace.with_mlflow_run()  # the first stage that runs opens the pipeline's MLflow run
     if name == "train":
         # one training per GPU slot across every worker of the server (`tunepath up` creates `gpu`, one per card);
         # without the limit (temporary server) Prefect logs a warning and trains anyway

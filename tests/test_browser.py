@@ -1,12 +1,14 @@
 """The Prefect and MLflow UIs in headless Chromium (Debian's `chromium` and `chromium-driver`, driven by Selenium).
 
 A person's path: open the Prefect UI, go to the `finetune` deployment, Run → Custom run, change train.max_steps in
-the form, submit, wait for the run to complete, screenshot it; then open the registered model in the MLflow UI.
+the form, submit, wait for the run to complete, screenshot it, open the loss PNG among its artifacts; then open the
+registered model version in the MLflow UI and read its model card.
 Screenshots go to $TUNEPATH_SCREENSHOTS when set (CI keeps them), else to the test's temporary folder.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -116,6 +118,32 @@ def test_custom_run_from_the_prefect_ui_then_model_in_the_mlflow_ui(browser, liv
     time.sleep(3)  # let the timeline finish drawing
     browser.save_screenshot(str(shots / "prefect-finetune-run.png"))
     print(f"flow run {run_id} completed {time.time() - started:.0f} s after Submit; screenshots in {shots}")
+
+    # the loss PNG: listed on the flow run's Artifacts tab, drawn on the artifact's page (a data URI, no file server)
+    wait.until(EC.element_to_be_clickable((By.XPATH, "//*[contains(concat(' ', @class, ' '), ' p-tab ')][normalize-space()='Artifacts']"))).click()
+    wait.until(EC.presence_of_element_located((By.XPATH, "//*[contains(text(), 'tunepath-train') or contains(text(), 'training loss curve')]")))
+    browser.save_screenshot(str(shots / "prefect-finetune-run-artifacts.png"))
+    _, artifacts = http("POST", f"{api}/artifacts/filter", {"artifacts": {"key": {"any_": ["tunepath-train"]}, "flow_run_id": {"any_": [run_id]}}})
+    assert len(artifacts) == 1, artifacts
+    browser.get(f"{report.prefect_url}/artifacts/artifact/{artifacts[0]['id']}")
+    picture = wait.until(EC.presence_of_element_located((By.XPATH, "//img[@alt='loss and learning rate']")))
+    wait.until(lambda _: browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", picture))
+    assert picture.get_attribute("src").startswith("data:image/png;base64,")
+    width, height = browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", picture)
+    assert width > 300 and height > 150, (width, height)  # decoded: the browser drew the PNG
+    browser.execute_script("arguments[0].scrollIntoView({block: 'start'})", picture)
+    time.sleep(1)
+    browser.save_screenshot(str(shots / "prefect-loss-png.png"))
+
+    # the model version's page in MLflow: its description is the model card
+    record = json.loads((root / "artifacts" / "register" / "model.json").read_text(encoding="utf-8"))
+    browser.get(f"{report.mlflow_url}/#/models/{record['name']}/versions/{record['version']}")
+    wait.until(EC.presence_of_element_located((By.XPATH, "//h2[normalize-space()='Route and why']")))
+    page = browser.find_element(By.TAG_NAME, "body").text
+    for part in ("Route and why", "Data", "Evaluation", f"tunepath chat models:/{record['name']}@", record["tags"]["data_hash"][:12]):
+        assert part in page, part
+    time.sleep(1)
+    browser.save_screenshot(str(shots / "mlflow-model-version-card.png"))
 
     browser.get(f"{report.mlflow_url}/#/models/tunepath-demo")
     wait.until(EC.presence_of_element_located((By.XPATH, "//*[contains(normalize-space(), 'candidate')]")))

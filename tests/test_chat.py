@@ -99,6 +99,26 @@ def test_the_answer_is_streamed_before_the_process_ends(model):
             proc.kill()
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mapped libraries from /proc")
+def test_the_model_loads_while_the_first_question_is_still_being_typed(model):
+    """Interactive: torch and the weights load before any line arrives, so a person typing waits less."""
+    folder, chat = model
+    proc = chat_process(folder)
+    try:
+        deadline, loaded = time.monotonic() + 300, False
+        while not loaded and time.monotonic() < deadline and proc.poll() is None:
+            maps = Path(f"/proc/{proc.pid}/maps").read_text(errors="replace")
+            loaded = "libtorch_cpu" in maps and "model.safetensors" in maps  # torch imported, the weights mapped
+            time.sleep(0.2)
+        assert loaded, "nothing loaded while waiting for the first question"
+        out, err = proc.communicate(b"Hi\n", timeout=300)  # the question only now
+        assert proc.returncode == 0, err.decode()
+        assert out.decode() == reference_answer(chat, [{"role": "user", "content": "Hi"}]) + "\n"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_tokens_are_yielded_while_generation_runs(model):
     """In-process: the first piece arrives while the generating thread still holds the model, and more follow."""
     _, chat = model

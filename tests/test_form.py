@@ -81,6 +81,70 @@ def test_no_field_is_a_const(schema):
     assert train["num_processes"]["anyOf"][1] == {"enum": ["auto"], "title": "auto", "type": "string"}
 
 
+def test_an_optional_text_or_number_is_one_plain_input(schema):
+    """`str | None`, `int | None`, `float | None`: one input of that type (no str/None toggle) that may be left
+    empty; a choice or list that may be None keeps its None side (None is no empty input there)."""
+    defs = schema["definitions"]
+    plain = {("ModelConfig", "chat_variant"): "string", ("TokenizeConfig", "custom_template"): "string",
+             ("TokenizeConfig", "cache_dir"): "string", ("JudgeConfig", "base_url"): "string",
+             ("DataConfig", "num_proc"): "integer", ("RouteConfig", "gpus"): "integer", ("RouteConfig", "gpu_memory_gb"): "number",
+             ("RouteConfig", "time_budget_hours"): "number"}
+    for (model, name), kind in plain.items():
+        prop = defs[model]["properties"][name]
+        assert prop["type"] == kind and "anyOf" not in prop and "default" not in prop, (model, name, prop)
+    assert defs["RouteConfig"]["properties"]["gpu_memory_gb"]["exclusiveMinimum"] == 0  # its bounds stay
+    for model, name in [("RouteConfig", "force_method"), ("RouteConfig", "force_stages"), ("ValidateConfig", "control_tokens")]:
+        assert {"type": "null"} in defs[model]["properties"][name]["anyOf"], (model, name)
+
+
+@pytest.mark.parametrize("edit", [{}, {"model": {"chat_variant": "models/chat"}}, {"route": {"gpu_memory_gb": 24.0, "gpus": 2}},
+                                  {"data": {"num_proc": 4}}, {"tokenize": {"cache_dir": None}}])
+def test_optional_fields_empty_or_set_pass_prefects_check_and_the_config(schema, edit):
+    """What the form sends: the default's null, a value, or the key left out (an emptied box sends nothing)."""
+    from prefect.utilities.schema_tools import validate
+
+    from tunepath.config import Config
+
+    config = Config.model_validate(edit).model_dump(mode="json")
+    validate({"recipe": "", "config": config}, schema, raise_on_error=True)
+    emptied = {**config, "model": {k: v for k, v in config["model"].items() if k != "chat_variant"}}
+    validate({"recipe": "", "config": emptied}, schema, raise_on_error=True)
+    assert Config.model_validate(emptied).model.chat_variant is None
+    assert Config.model_validate(config).model_dump(mode="json") == config
+
+
+def test_the_deployments_defaults_pass_prefects_deployment_check(schema, tmp_path):
+    """Creating a deployment checks its parameters with Prefect's older validator, which allows no null for a plain
+    input (the flow-run check does): the form's defaults leave those nulls out, and still mean params.yaml."""
+    import shutil
+
+    from prefect._internal.schemas.validators import validate_values_conform_to_schema
+
+    from tunepath import services
+    from tunepath.config import Config
+    from tunepath.params import load_config
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    defaults = services.deployment_parameters(tmp_path)["finetune"]
+    validate_values_conform_to_schema(defaults, schema, ignore_required=True)
+    assert Config.model_validate(defaults["config"]) == load_config(tmp_path / "params.yaml")
+    assert "chat_variant" not in defaults["config"]["model"] and defaults["config"]["train"]["max_steps"] is not None
+    with pytest.raises(ValueError, match="custom_template"):  # what `prefect deploy` refused before
+        validate_values_conform_to_schema({"config": Config().model_dump(mode="json")}, schema, ignore_required=True)
+
+
+@pytest.mark.parametrize("field, value", [("gpu_memory_gb", -1), ("gpu_memory_gb", "24GB"), ("gpus", 1.5)])
+def test_prefects_check_still_refuses_a_bad_optional_value(schema, field, value):
+    from prefect.utilities.schema_tools import ValidationError, validate
+
+    from tunepath.config import Config
+
+    config = Config().model_dump(mode="json")
+    config["route"][field] = value
+    with pytest.raises(ValidationError, match=f"config.route.{field}"):
+        validate({"recipe": "", "config": config}, schema, raise_on_error=True)
+
+
 @pytest.mark.parametrize("train", [{"compile": True}, {"compile": False}, {"compile": "auto"}, {"num_processes": 2}, {"num_processes": "auto"}])
 def test_what_the_form_sends_passes_prefects_check_and_the_config(schema, train):
     from prefect.utilities.schema_tools import validate

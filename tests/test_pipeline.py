@@ -142,13 +142,26 @@ def test_the_loss_png_renders_in_dvc_plots_offline(finished, tmp_path):
 def test_second_run_skips_every_stage(finished):
     from flows.finetune import finetune
 
+    from mlflow import MlflowClient
+
+    from tunepath.stages import default_tracking_uri
+
     root, cfg, first = finished
     keys = [f"tunepath-{stage}" for stage in STAGES if stage != "merge"] + ["tunepath-evaluate-samples"]
     before = artifact_counts(keys)
+    client = MlflowClient(default_tracking_uri(root))
+    runs_before = {r.info.run_id for r in client.search_runs([e.experiment_id for e in client.search_experiments()])}
     state = finetune(config=cfg, project_dir=str(root), return_state=True)
     result = state.result()
     assert result["ran"] == []
     assert result["skipped"] == list(STAGES)
+    # nothing ran, so no MLflow run was opened: the result names the run that made the registered model
+    runs_after = {r.info.run_id for r in client.search_runs([e.experiment_id for e in client.search_experiments()])}
+    assert runs_after == runs_before
+    record = json.loads((root / "artifacts" / "register" / "model.json").read_text())
+    assert result["mlflow_run_reused"] and result["mlflow_run_id"] == record["run_id"] in runs_before
+    note = [a for a in flow_run_artifacts(state.state_details.flow_run_id) if a.key == "tunepath-mlflow-run"]
+    assert len(note) == 1 and "Every stage was up to date" in note[0].data and record["run_id"] in note[0].data
     # in the Prefect UI the first run's stages are Completed, the second's Cached with the reason
     assert {name: s.name for name, s in task_states(first["flow_run_id"]).items()} == {stage: "Completed" for stage in STAGES}
     second = task_states(state.state_details.flow_run_id)
@@ -167,6 +180,14 @@ def task_states(flow_run_id) -> dict:
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     return {run.name: run.state for run in runs}
+
+
+def flow_run_artifacts(flow_run_id) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
 
 
 def artifact_counts(keys: list[str]) -> dict[str, int]:

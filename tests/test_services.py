@@ -323,7 +323,12 @@ def test_gpu_limit_and_deployment_defaults(live):
     status, limit = http("GET", f"{api}/v2/concurrency_limits/{services.GPU_LIMIT}")
     assert status == 200 and limit["limit"] >= 1 and limit["active"]
     _, dep = http("GET", f"{api}/deployments/name/finetune/finetune")
-    assert dep["parameters"]["config"] == yaml.safe_load((root / "params.yaml").read_text())
+    from tunepath.config import Config
+    from tunepath.params import load_config
+
+    params = load_config(root / "params.yaml")
+    assert dep["parameters"]["config"] == services.without_default_nulls(params)  # the nulls of plain inputs left out
+    assert Config.model_validate(dep["parameters"]["config"]) == params
     # as many finetune runs at once as gpu slots: past the first, each works in a working copy of its own
     assert (dep.get("global_concurrency_limit") or {}).get("limit", dep.get("concurrency_limit")) == limit["limit"]
     assert "description" in dep["parameter_openapi_schema"]["definitions"]["TrainConfig"]["properties"]["max_steps"]

@@ -144,7 +144,10 @@ def _run(args, workspace: str = "in-place") -> int:
               f"(git {tags.get('git_commit', '?')[:12]}, data {tags.get('data_hash', '?')[:12]}, "
               f"perplexity {tags.get('eval.perplexity', '?')})")
     where = result.get("mlflow_run_url") or f"{tracking_uri(args.project)}, open it with `make mlflow-ui`"
-    print(f"MLflow run: {result.get('mlflow_run_id')} ({where})")
+    if result.get("mlflow_run_reused"):
+        print(f"MLflow run: none opened, nothing ran; the results are in run {result.get('mlflow_run_id')} ({where})")
+    else:
+        print(f"MLflow run: {result.get('mlflow_run_id')} ({where})")
     return 0
 
 
@@ -288,17 +291,17 @@ def _model_folder(source: str, project: Path) -> Path:
 
 def cmd_chat(args) -> int:
     """A conversation with a model folder or a registered model, prompted as in training; one answer with --once."""
-    from tunepath.serve.terminal import Conversation, converse, load_chat, resolve_model
+    from tunepath.serve.terminal import Conversation, Loading, converse, load_chat, resolve_model
 
     question = args.once if args.once is not None else args.message
     if args.once is not None and args.message is not None:
         raise ValueError("tunepath chat: give the question either as an argument or with --once, not both")
     uri = tracking_uri(args.project) if args.model.startswith("models:/") else None
-    if question is None and sys.stdin.isatty():
-        print(f"loading {args.model} ...", file=sys.stderr, flush=True)  # torch and the weights take seconds
-    conversation = Conversation(load_chat(resolve_model(args.model, uri)), args.system, args.max_tokens, args.temperature)
-    if question is None:
+    source = resolve_model(args.model, uri)
+    if question is None:  # the model loads while the first question is typed
+        conversation = Conversation(Loading(source), args.system, args.max_tokens, args.temperature)
         return converse(conversation, sys.stdin, sys.stdout, sys.stderr, args.show_prompt_ids)
+    conversation = Conversation(load_chat(source), args.system, args.max_tokens, args.temperature)
     ids = conversation.prompt_ids(question)
     if args.show_prompt_ids:
         print(f"prompt ids: {ids}", file=sys.stderr)

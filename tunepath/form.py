@@ -4,6 +4,9 @@ changes first at the top, the toy demo's settings last. params.yaml keeps the de
 Prefect's form sorts each object's fields by a `position` key (unordered: declaration order, which a server
 storing the schema as JSONB would lose), so every field gets one. A union with a literal (`bool | "auto"`,
 `int | "auto"`) becomes a choice or a plain branch: Prefect draws `const` as "is a const and cannot be changed".
+An optional text or number (`str | None`, `int | None`) becomes one plain input: pydantic's `anyOf [X, null]`
+draws a type toggle with a `None` side. Its `default: null` goes too, so that Prefect's parameter check (which
+lets a non-required field without a default be null) still accepts the empty value the form sends.
 """
 
 from __future__ import annotations
@@ -26,7 +29,22 @@ def form_schema(schema: dict, cls) -> None:
     for position, name in enumerate(order):
         prop = schema["properties"][name]
         prop["position"] = position
+        _plain_when_optional(prop)
         _choices_not_consts(prop)
+
+
+def _plain_when_optional(prop: dict) -> None:
+    """`anyOf [{type: string|integer|number, ...}, {type: null}]` with default null: the one type, no toggle.
+    Choices (`Literal[...] | None`) and lists keep their None side: there, None is not an empty input."""
+    branches = prop.get("anyOf") or []
+    if len(branches) != 2 or prop.get("default", None) is not None:
+        return
+    plain = [b for b in branches if b.get("type") != "null"]
+    if len(plain) != 1 or plain[0].get("type") not in ("string", "integer", "number") or "enum" in plain[0] or "const" in plain[0]:
+        return
+    del prop["anyOf"]
+    prop.pop("default", None)
+    prop.update(plain[0])
 
 
 def _choices_not_consts(prop: dict) -> None:

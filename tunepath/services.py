@@ -390,7 +390,23 @@ def deployment_parameters(root: Path) -> dict[str, dict]:
     from tunepath.params import load_config
 
     config = load_config(root / "params.yaml")
-    return {"finetune": {"config": config.model_dump(mode="json")}, "promote": {}}
+    return {"finetune": {"config": without_default_nulls(config)}, "promote": {}}
+
+
+def without_default_nulls(model) -> dict:
+    """`model` as JSON without the nulls of fields whose default is null. The form draws an optional text or
+    number as one plain input (tunepath.form), and Prefect checks a deployment's parameters with no null allowed
+    there (its flow-run check allows it); a key left out validates to that same null."""
+    from pydantic import BaseModel
+
+    out = {}
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            out[name] = without_default_nulls(value)
+        elif value is not None or field.default is not None:
+            out[name] = model.__pydantic_serializer__.to_python(model, mode="json", include={name})[name]
+    return out
 
 
 def register_deployments(root: Path, api: str, env: dict[str, str], timeout_s: float, slots: int = 1) -> list[str]:

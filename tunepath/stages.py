@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tunepath.errors import StageError
@@ -18,11 +19,19 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Workspace:
     """The project folder a run works in, where MLflow records it, and the MLflow run of this pipeline run
-    (tunepath.registry; None: train opens one and register logs into it)."""
+    (tunepath.registry; None: train opens one and register logs into it). `open_mlflow_run` opens the pipeline's
+    run when the first stage runs (`with_mlflow_run`): a rerun that DVC finds up to date opens none."""
 
     root: Path
     tracking_uri: str
     mlflow_run_id: str | None = None
+    open_mlflow_run: Callable[[], str] | None = field(default=None, compare=False, repr=False)
+
+    def with_mlflow_run(self) -> Workspace:
+        """This workspace with its pipeline's MLflow run, opened now if it waits for a stage to run."""
+        if self.mlflow_run_id is None and self.open_mlflow_run is not None:
+            return replace(self, mlflow_run_id=self.open_mlflow_run())
+        return self
 
     def out(self, stage: str) -> Path:
         return self.root / "artifacts" / stage

@@ -62,20 +62,51 @@ def load_chat(source: ChatSource):
     from tunepath.serve.chat import ChatModel
 
     hf_logging.disable_progress_bar()  # "Loading weights" would print between the user's line and the answer
-
+    _use_idle_cores()
     s = source.settings
     return ChatModel(source.folder, name=s.get("name", ""), template_kwargs=s.get("template_kwargs") or {},
                      render_date=s.get("render_date"))
 
 
+class Loading:
+    """`load_chat` in a thread, started at once: torch, transformers and the weights load while the first question
+    is typed (the imports are most of the wait). `get` waits for the model and raises what loading raised."""
+
+    def __init__(self, source: ChatSource) -> None:
+        self._model, self._failure = None, None
+        self._thread = threading.Thread(target=self._load, args=(source,), name="tunepath-chat-load", daemon=True)
+        self._thread.start()
+
+    def _load(self, source: ChatSource) -> None:
+        try:
+            self._model = load_chat(source)
+        except BaseException as e:  # noqa: BLE001  (re-raised in the asking thread by get)
+            self._failure = e
+
+    @property
+    def ready(self) -> bool:
+        return not self._thread.is_alive()
+
+    def get(self):
+        self._thread.join()
+        if self._failure is not None:
+            raise self._failure
+        return self._model
+
+
+# Hidden from transformers' first import: optional packages that only its unused features would need. scikit-learn
+# and SciPy: assisted generation's confidence threshold and object-detection losses; trio: httpcore's async
+# backend (the hub client's); click: httpx's command line, which also pulls rich and pygments; PIL: images in
+# chat templates. On a 2-core machine they were 4-8 s of the start (sklearn, SciPy) and about 0.3 s (the rest).
+LEAN_HIDDEN = ("sklearn", "scipy", "trio", "click", "PIL")
+
+
 def _import_transformers_lean() -> None:
-    """Import transformers' model and generation code with scikit-learn and SciPy hidden. When installed,
-    transformers imports them only for assisted generation's confidence threshold and object-detection losses,
-    which chat never uses; on a 2-core machine they were 4-8 s of the start. Hidden during this import only:
-    both import normally afterwards (transformers alone keeps treating them as absent in this process)."""
+    """Import transformers' model and generation code with `LEAN_HIDDEN` hidden. Hidden during this import only:
+    each imports normally afterwards (transformers alone keeps treating them as absent in this process)."""
     import sys
 
-    hidden = [name for name in ("sklearn", "scipy") if name not in sys.modules]
+    hidden = [name for name in LEAN_HIDDEN if name not in sys.modules]
     if "transformers.modeling_utils" in sys.modules or not hidden:
         return
     for name in hidden:
@@ -88,14 +119,41 @@ def _import_transformers_lean() -> None:
             del sys.modules[name]
 
 
+def _use_idle_cores() -> None:
+    """Generate with as many threads as there are idle cores (at least one). torch takes every core; when other
+    processes hold them, its threads wait on each other: the demo model answered 10x slower with 2 threads than
+    with 1 on a 2-core machine at load 6 (0.5 B models gain from threads only on cores that are free)."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    idle = cores - int(os.getloadavg()[0]) if hasattr(os, "getloadavg") else cores
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), idle)))
+
+
 class Conversation:
     """The turns so far; each answer is generated from the whole history, encoded as in training."""
 
     def __init__(self, chat, system: str | None = None, max_tokens: int = 256, temperature: float = 0.0) -> None:
-        self.chat, self.system = chat, system
+        """`chat` is a ChatModel, or a `Loading` whose model is waited for when the first question is asked."""
+        self._chat, self.system = chat, system
         self.request = {"max_tokens": max_tokens, "temperature": temperature}
         self.messages: list[dict] = []
         self.reset()
+
+    @property
+    def loading(self) -> bool:
+        """True while the model is still loading in the background."""
+        return isinstance(self._chat, Loading) and not self._chat.ready
+
+    @property
+    def chat(self):
+        if isinstance(self._chat, Loading):
+            self._chat = self._chat.get()
+        return self._chat
 
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
@@ -154,6 +212,9 @@ def converse(conversation: Conversation, stdin: TextIO, out: TextIO, err: TextIO
             err.write(f"unknown command {command}; commands: {', '.join(COMMANDS)} (start the line with a space to send it as text)\n")
             err.flush()
             continue
+        if interactive and conversation.loading:
+            err.write("(still loading the model; the answer follows)\n")
+            err.flush()
         ids = conversation.prompt_ids(text)
         if show_prompt_ids:
             err.write(f"prompt ids: {ids}\n")
