@@ -255,3 +255,29 @@ def test_dpo_trains_at_its_own_rate_and_the_other_stages_at_the_runs(stages, dpo
     assert cfg.for_stage("sft", stages).learning_rate == 2e-3
     with pytest.raises(ValueError, match="dpo_learning_rate"):
         TrainConfig(dpo_learning_rate=float("inf"))
+
+
+def test_special_tokens_are_aligned_once_in_one_line_and_the_trainer_then_has_nothing_to_say(tmp_path, caplog):
+    """The Trainer aligns the model's special ids with the tokenizer's and warns on every stage; tunepath does it
+    first and says it once (around a real tokenizer of the corpus, Llama 3.2's)."""
+    import logging
+
+    import transformers
+    from transformers import AutoTokenizer
+
+    from tests.test_export import tiny_model
+    from tunepath.train.recipe import align_special_tokens
+
+    folder = tiny_model("llama-3.2-instruct", "llama", tmp_path / "m")
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder))
+    stale = tokenizer.bos_token_id + 1
+    model.config.bos_token_id = stale  # a config whose BOS is not the tokenizer's
+    with caplog.at_level(logging.INFO):
+        changed = align_special_tokens(model, tokenizer)
+    assert changed["bos_token_id"] == tokenizer.bos_token_id == model.config.bos_token_id
+    assert f"bos_token_id {stale} -> {tokenizer.bos_token_id}" in caplog.text and "new PAD/BOS/EOS" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        transformers.trainer_utils.align_special_tokens(model, tokenizer)  # what the Trainer runs next
+    assert "new PAD/BOS/EOS" not in caplog.text and align_special_tokens(model, tokenizer) == {}

@@ -163,6 +163,29 @@ def add_lora(model, cfg: TrainConfig):
     return get_peft_model(model, lora)
 
 
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def align_special_tokens(model, tokenizer) -> dict:
+    """The model's special token ids set to the tokenizer's, as transformers' Trainer does before training, but
+    said once in one line: the Trainer warns on every stage of every run where they differ (a tokenizer without a
+    BOS token, a pad token added for training). Returns what changed."""
+    from transformers import trainer_utils
+
+    before = {k: getattr(model.config, k, None) for k in SPECIAL_IDS}
+    quiet = logging.getLogger(trainer_utils.__name__)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        trainer_utils.align_special_tokens(model, tokenizer)
+    finally:
+        quiet.setLevel(level)
+    changed = {k: getattr(model.config, k, None) for k in SPECIAL_IDS if getattr(model.config, k, None) != before[k]}
+    if changed:
+        log.info("model config's special tokens set to the tokenizer's: %s", ", ".join(f"{k} {before[k]} -> {v}" for k, v in changed.items()))
+    return changed
+
+
 def build_args(cfg: TrainConfig, output_dir: Path, precision: str, row_tokens: int = 0):
     """TrainingArguments for one plan stage; rows of up to `row_tokens` tokens are split into micro-batches."""
     import torch
@@ -259,6 +282,7 @@ def train_stage(model, stage: str, position: tuple[int, int], tokenize_dir: Path
         log.info("%s: batches of %d rows run as %d micro-batches of %d rows (train.micro_batch_tokens %d)", stage,
                  cfg.batch_size, args.gradient_accumulation_steps // cfg.grad_accum, args.per_device_train_batch_size,
                  cfg.micro_batch_tokens)
+    align_special_tokens(model, tokenizer)
     if stage == "dpo":
         from tunepath.train import dpo
 
