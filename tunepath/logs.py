@@ -34,6 +34,7 @@ LEVELS = {
     "mlflow.store.db.utils": logging.WARNING,  # "Creating initial MLflow database tables..." on a new mlflow.db
     "lm_eval": logging.ERROR,  # INFO per task, and warnings about the in-memory model tunepath hands it on purpose
     "matplotlib": logging.WARNING,  # "generated new fontManager" on the first plot
+    "gguf": logging.WARNING,  # the GGUF writer's INFO line per file part and header; `tunepath export` says what it wrote
 }
 
 # (logger prefix, message start): expected warnings that ask nothing of the user
