@@ -34,20 +34,10 @@ RATES = ("0.002", "0.004")
 
 
 def make_project(dest: Path, assets: Path) -> Path:
-    """A fresh project as `tunepath demo` leaves it, committed to git (an isolated run needs a commit)."""
-    dest.mkdir(parents=True)
-    for name in ("params.yaml", "dvc.yaml", ".gitignore"):
-        shutil.copy(REPO / name, dest / name)
-    for name in ("tunepath", "evals"):
-        shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("data", "models"):
-        shutil.copytree(assets / name, dest / name)
-    git = ["git", "-c", "user.email=bench@example.invalid", "-c", "user.name=bench"]
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=dest, check=True)
-    subprocess.run(git + ["add", "-A"], cwd=dest, check=True)
-    subprocess.run(git + ["commit", "-q", "-m", "project"], cwd=dest, check=True)
-    return dest
+    """A fresh git + DVC project with the demo assets: the test suite's own (tests/conftest.py)."""
+    from tests.conftest import make_project as fresh_project
+
+    return fresh_project(dest, assets)
 
 
 def build_assets(where: Path) -> Path:

@@ -166,14 +166,22 @@ def read_jsonl_range(path: Path, display: str, start: int, end: int, first_line:
     """The rows of bytes [start, end) of a UTF-8 JSONL file, cut at line ends; `first_line`: the line at `start`.
 
     Decoded at once with surrogateescape: no character spans a line end, so each line reads as in `read_rows`."""
+    text = _range_text(path, display, start, end)
+    if isinstance(text, RawRow):
+        yield text
+        return
+    yield from _read_jsonl(text.split("\n"), display, first_line)
+
+
+def _range_text(path: Path, display: str, start: int, end: int) -> str | RawRow:
+    """Bytes [start, end) of the file decoded with surrogateescape, or the row saying why they cannot be read."""
     try:
         with open(path, "rb") as f:
             f.seek(start)
             data = f.read(end - start)
     except OSError as e:
-        yield _unreadable(display, f"cannot read {display}: {e.strerror or e}")
-        return
-    yield from _read_jsonl(data.decode("utf-8", errors="surrogateescape").split("\n"), display, first_line)
+        return _unreadable(display, f"cannot read {display}: {e.strerror or e}")
+    return data.decode("utf-8", errors="surrogateescape")
 
 
 def _unreadable(display: str, message: str, code: str = "unreadable_file", raw: str = "") -> RawRow:
@@ -423,14 +431,10 @@ def _parquet_groups(parquet, display: str, groups: range, first_row: int) -> Ite
 
 def read_text_range(path: Path, display: str, start: int, end: int, first_line: int, text_split: str) -> Iterator[RawRow]:
     """The blocks of bytes [start, end) of a UTF-8 text file cut where a block ends (see `stream.plan_text`)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(start)
-            data = f.read(end - start)
-    except OSError as e:
-        yield _unreadable(display, f"cannot read {display}: {e.strerror or e}")
+    text = _range_text(path, display, start, end)
+    if isinstance(text, RawRow):
+        yield text
         return
-    text = data.decode("utf-8", errors="surrogateescape")
     yield from _read_text(text.removeprefix(BOM) if start == 0 else text, display, text_split, first_line)
 
 
