@@ -76,7 +76,8 @@ SHAPES = {
     "14b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8, vocab_size=152064,
                 tie_word_embeddings=False),
 }
-VARIANTS = ("a", "b_plain", "b", "b_compile", "b_fast", "b_gc", "c", "bq", "cq", "bq_gc", "cq_gc", "b_full", "b_full_gc", *PEERS)
+VARIANTS = ("a", "b_plain", "b", "b_compile", "b_fast", "b_gc", "c", "bq", "cq", "bq_gc", "cq_gc", "bq_gc_upcast", "b_full", "b_full_gc",
+            *PEERS)
 UNSLOTH_PROCESS = ("c", "cq", "cq_gc", *UNSLOTH)  # variants whose process imports unsloth first
 # TrainConfig settings per tunepath variant; everything else is the default: batch 8 rows, micro-batches of
 # 8,192 tokens, varlen attention on CUDA, chunked loss. compile is set explicitly: its default (auto) compiles
@@ -93,12 +94,14 @@ TUNEPATH_VARIANTS = {
     # the paths the route's planner chooses that no run has measured yet (tests/test_route_calibration.py reads them)
     "bq_gc": dict(method="qlora", compile=True, gradient_checkpointing=True),
     "cq_gc": dict(method="qlora", backend="unsloth", gradient_checkpointing=True),
+    "bq_gc_upcast": dict(method="qlora", compile=True, gradient_checkpointing=True, upcast=True),  # peft's fp32 upcast
     "b_full": dict(method="full", compile=True),
     "b_full_gc": dict(method="full", compile=True, gradient_checkpointing=True),
 }
 
 MAX_LENGTH = 2048
 LORA_R, LORA_ALPHA = 16, 32
+SETTINGS_SHOWN = ("method", "gradient_checkpointing", "checkpoint_offload", "micro_batch_tokens", "compile", "chunked_loss", "attention")
 BASE_BATCH = 8  # samples per step in the baseline; rows per optimizer step in the tunepath variants
 
 
@@ -187,12 +190,31 @@ def flops_per_token(shape: dict, lora_params: int, e_s1: float, labelled: float)
             "per_token": common + 4 * head * labelled, "per_token_all_head": common + 4 * head}
 
 
+def variant_spec(name: str) -> tuple[str, dict]:
+    """`b_gc+micro_batch_tokens=4096+checkpoint_offload=true`: a tunepath variant with TrainConfig values changed."""
+    import yaml
+
+    base, *changes = name.split("+")
+    if base not in VARIANTS:
+        raise SystemExit(f"unknown variant {base!r} in {name!r}: one of {', '.join(VARIANTS)}")
+    if changes and base not in TUNEPATH_VARIANTS:
+        raise SystemExit(f"{name!r}: only tunepath's variants take +key=value changes")
+    spec = dict(TUNEPATH_VARIANTS.get(base, {}))
+    for change in changes:
+        key, sep, value = change.partition("=")
+        if not sep:
+            raise SystemExit(f"{name!r}: {change!r} is not key=value")
+        spec[key] = yaml.safe_load(value)
+    return base, spec
+
+
 def run_variant(args) -> dict:
     """Train `args.variant` for warmup + timed steps; returns its figures (printed as JSON by main)."""
     spawned = args.spawned
     work = Path(args.work)
     shape = SHAPES[args.shape]
-    if args.variant in UNSLOTH_PROCESS:
+    base_variant, spec = variant_spec(args.variant)
+    if base_variant in UNSLOTH_PROCESS:
         from tunepath.train import unsloth_backend
 
         unsloth_backend.preload()  # before transformers, so unsloth can patch it
@@ -207,12 +229,12 @@ def run_variant(args) -> dict:
     model_dir = str(work / f"model-{args.shape}")
     data_dir = work / f"data-{shape['vocab_size']}"
     pad_id = shape["vocab_size"] - 1
-    steps = args.warmup + (args.timed_a if args.variant == "a" else args.timed)
+    steps = args.warmup + (args.timed_a if base_variant == "a" else args.timed)
     out = work / f"run-{args.shape}-{args.variant}"
     result: dict = {"variant": args.variant, "shape": args.shape, "device": "cuda" if cuda else "cpu"}
 
     started = time.perf_counter()
-    if args.variant in PEERS:
+    if base_variant in PEERS:
         from benchmarks.train_peers import build_trainer
 
         trainer = build_trainer(args.variant, model_dir, load_from_disk(str(data_dir / "samples")), out, steps, BASE_BATCH,
@@ -220,7 +242,7 @@ def run_variant(args) -> dict:
         model, train, collator = trainer.model, trainer.train_dataset, trainer.data_collator
         result["micro_batch"] = [trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps]
         result["gradient_checkpointing"] = bool(trainer.args.gradient_checkpointing)
-    elif args.variant == "a":
+    elif base_variant == "a":
         from peft import LoraConfig, get_peft_model
 
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if cuda else torch.float32)
@@ -233,10 +255,17 @@ def run_variant(args) -> dict:
             remove_unused_columns=False, dataloader_num_workers=0,
         )
     else:
-        spec = TUNEPATH_VARIANTS[args.variant]
         backend, method = spec.get("backend", "hf"), spec.get("method", "lora")
+        if spec.get("upcast"):
+            from tunepath.train import quantize
+
+            quantize.UPCAST_FLOAT_PARAMS = True
+        if spec.get("loss_chunk_mb"):  # the chunked loss's fp32 logits per chunk
+            from tunepath.train import loss
+
+            loss.CHUNK_BYTES = int(spec["loss_chunk_mb"]) << 20
         cfg = TrainConfig(backend=backend, max_steps=steps, learning_rate=2e-4, lora_r=LORA_R, lora_alpha=LORA_ALPHA,
-                          **{k: v for k, v in spec.items() if k not in ("backend", "method")}).resolved()  # `auto` knobs: defaults
+                          **{k: v for k, v in spec.items() if k not in ("backend", "method", "upcast", "loss_chunk_mb")}).resolved()  # `auto`: defaults
         # the train stage's own loader, batching and speed paths, exactly as `run_train` calls them
         model = stage.build_model(model_dir, cfg, method, precision, backend, args.max_length)
         collator = stage.pick_collator(backend, pad_id)
@@ -250,8 +279,18 @@ def run_variant(args) -> dict:
             except Exception as e:  # noqa: BLE001  (a benchmark row says why instead of dying)
                 result["attention_check"] = {"error": f"{type(e).__name__}: {e}"[:500]}
         result["speed_paths"] = speed.apply(model, cfg, backend)
+        result["settings"] = {k: v for k, v in cfg.model_dump(mode="json").items() if k in SETTINGS_SHOWN}
+        from tunepath.train import loss
+
+        result["loss_chunk_bytes"] = loss.CHUNK_BYTES  # what the route's memory model needs to estimate this run
+        if method == "qlora" and backend == "hf":
+            from tunepath.train import quantize
+
+            result["qlora_upcast"] = quantize.UPCAST_FLOAT_PARAMS
         result["micro_batch"] = [targs.per_device_train_batch_size, targs.gradient_accumulation_steps]
-    if args.variant not in PEERS:
+    if cuda:  # what the model holds before any step: weights, adapters, quantisation constants
+        result["loaded_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
+    if base_variant not in PEERS:
         trainer = Trainer(model=model, args=targs, train_dataset=train, data_collator=collator)
     result["load_s"] = round(time.perf_counter() - started, 2)
     result["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -297,7 +336,7 @@ def run_variant(args) -> dict:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     if cuda:  # the peak of the timed steps alone; peak_gib below adds the epoch's worst batch
         result["train_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    worst = worst_batch(args.variant, train, collator, trainer.args.per_device_train_batch_size)
+    worst = worst_batch(base_variant, train, collator, trainer.args.per_device_train_batch_size)
     probe_peak(trainer, worst, cuda)
 
     real = [0] * steps
@@ -503,21 +542,22 @@ def table(report: dict) -> str:
     lines = [
         f"card: {report['card']}, {report['date']}, measured dense {report['matmul']['dtype']} matmul {rate} TFLOP/s",
         "",
-        "| shape | variant | real tokens/s | steady | vs a | peak GiB | vs a | MFU | first step s | padding seen |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| shape | variant | real tokens/s | steady | vs a | peak GiB | vs a | timed steps' peak | loaded GiB | MFU | first step s | padding seen |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for shape, runs in report["runs"].items():
         base = runs.get("a", {})
         for variant, r in runs.items():
             if "error" in r:
-                lines.append(f"| {shape} | {variant} | {r['error']} | | | | | | | |")
+                lines.append(f"| {shape} | {variant} | {r['error']} | | | | | | | | | |")
                 continue
             tps, peak = r.get("real_tokens_per_s"), r.get("peak_gib")
             speedup = f"{tps / base['real_tokens_per_s']:.2f}x" if tps and base.get("real_tokens_per_s") else ""
             mem = f"{peak / base['peak_gib']:.2f}x" if peak and base.get("peak_gib") else ""
             mfu = f"{100 * r['achieved_tflops'] / rate:.1f}%" if r.get("achieved_tflops") else ""
             lines.append(
-                f"| {shape} | {variant} | {tps:,.0f} | {r.get('steady_tokens_per_s') or 0:,.0f} | {speedup} | {peak if peak is not None else '-'} | {mem} | {mfu} | "
+                f"| {shape} | {variant} | {tps:,.0f} | {r.get('steady_tokens_per_s') or 0:,.0f} | {speedup} | {peak if peak is not None else '-'} | {mem} | "
+                f"{r.get('train_peak_gib', '-')} | {r.get('loaded_gib', '-')} | {mfu} | "
                 f"{r['time_to_first_step_s']} | {r['padding_share_seen']:.1%} |"
             )
     return "\n".join(lines)
@@ -577,8 +617,8 @@ def main(argv: list[str] | None = None) -> int:
         f"train_{'cpu-tiny' if cpu else report['card'].replace(' ', '-')}_{report['date']}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     # unsloth last: its process is the slowest to start and the likeliest to fail
-    unsloth = UNSLOTH_PROCESS
-    order = [(s, v) for v in variants if v not in unsloth for s in shapes] + [(s, v) for v in unsloth if v in variants for s in shapes]
+    in_unsloth = [v for v in variants if variant_spec(v)[0] in UNSLOTH_PROCESS]  # also checks every name
+    order = [(s, v) for v in variants if v not in in_unsloth for s in shapes] + [(s, v) for v in in_unsloth for s in shapes]
     for shape, variant in order:
         log.info("running %s %s", shape, variant)
         extra = ["--warmup", str(warmup), "--timed", str(timed), "--timed-a", str(timed_a)]
@@ -587,7 +627,8 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%s %s: %s", shape, variant, {k: result.get(k) for k in ("real_tokens_per_s", "peak_gib", "time_to_first_step_s", "error")})
         out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     for shape in report["runs"]:
-        report["runs"][shape] = {v: report["runs"][shape][v] for v in VARIANTS if v in report["runs"][shape]}
+        runs = report["runs"][shape]
+        report["runs"][shape] = {v: runs[v] for v in sorted(runs, key=lambda v: (VARIANTS.index(variant_spec(v)[0]), v))}
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(table(report))
     print(f"\nfull figures: {out}")

@@ -143,7 +143,7 @@ def test_the_route_chooses_checkpointing_and_the_flags_set_it():
     path = next(p for p in EXAMPLES if "limited_qlora" in p.name)
     chosen, kept = run_json(path), run_json(path, "--gradient-checkpointing", "--micro-batch-tokens", "4096")
     assert chosen["train"]["gradient_checkpointing"] is True and chosen["train"]["set_by"]["gradient_checkpointing"] == "route"
-    assert kept["train"]["set_by"] == {"gradient_checkpointing": "params", "micro_batch_tokens": "params"}
+    assert kept["train"]["set_by"] == {"gradient_checkpointing": "params", "checkpoint_offload": "route", "micro_batch_tokens": "params"}
     assert kept["train"]["micro_batch_tokens"] == 4096
 
 

@@ -69,7 +69,7 @@ def test_knobs_set_in_params_win_and_the_plan_says_so():
     p = plan(QWEN15, 80, gradient_checkpointing=True, micro_batch_tokens=4096)
     assert p.method == "full"
     assert (p.train["gradient_checkpointing"], p.train["micro_batch_tokens"], p.train["micro_batch_rows"]) == (True, 4096, 2)
-    assert p.train["set_by"] == {"gradient_checkpointing": "params", "micro_batch_tokens": "params"}
+    assert p.train["set_by"] == {"gradient_checkpointing": "params", "checkpoint_offload": "route", "micro_batch_tokens": "params"}
     knobs = next(r.reason for r in p.rules if r.id == "knobs")
     assert "train.gradient_checkpointing true (set in params, kept)" in knobs
     assert any("slower than the route would" in w for w in p.warnings)
@@ -109,7 +109,7 @@ def test_on_cpu_the_knobs_are_the_defaults_or_the_users():
     p = plan_route(parse_profile({"data": {"labeled_examples": 400, "unlabeled_tokens": 0, "preference_pairs": 0},
                                   "resources": {"gpus": 0}, "model": {"params_b": 0.0003}}), RouteConfig(), TrainSettings())
     assert p.train["gradient_checkpointing"] is False and p.train["micro_batch_tokens"] == 8192
-    assert p.train["set_by"] == {"gradient_checkpointing": "default", "micro_batch_tokens": "default"}
+    assert p.train["set_by"] == {"gradient_checkpointing": "default", "checkpoint_offload": "default", "micro_batch_tokens": "default"}
     assert p.train["tokens_per_second"] is None
 
 
@@ -135,3 +135,24 @@ def test_training_slower_than_the_plan_is_logged_with_both_numbers(caplog):
     slow, fine = caplog.records[-2:]
     assert slow.levelno == logging.WARNING and "6,000 tokens/s" in slow.getMessage() and "expected 10,000" in slow.getMessage()
     assert fine.levelno == logging.INFO and "slower" not in fine.getMessage()
+
+
+def test_a_card_too_small_for_checkpointing_alone_gets_the_layer_inputs_offloaded():
+    """7B QLoRA on a 9.5 GB card: checkpointing alone needs 8.7 GB at one-row micro-batches; offloaded it fits."""
+    p = plan(QWEN7, 9.5)
+    assert (p.stages, p.method) == (["sft"], "qlora")
+    assert p.train["gradient_checkpointing"] is True and p.train["checkpoint_offload"] is True
+    assert p.train["set_by"]["checkpoint_offload"] == "route"
+    reason = next(r.reason for r in p.rules if r.id == "knobs")
+    assert "train.checkpoint_offload true (chosen by the route)" in reason and "offloaded" in reason
+    roomy = plan(QWEN7, 16)
+    assert roomy.train["checkpoint_offload"] is False  # offload costs speed: only where nothing fits without it
+    kept = plan(QWEN7, 16, checkpoint_offload=True)
+    assert kept.train["checkpoint_offload"] is True and kept.train["set_by"]["checkpoint_offload"] == "params"
+
+
+def test_the_train_stage_takes_the_plans_offload_only_where_params_say_auto():
+    chosen = {"gradient_checkpointing": True, "checkpoint_offload": True, "micro_batch_tokens": 2048}
+    assert TrainConfig().resolved(chosen).checkpoint_offload is True
+    assert TrainConfig(checkpoint_offload=False).resolved(chosen).checkpoint_offload is False
+    assert TrainConfig().resolved().checkpoint_offload is False

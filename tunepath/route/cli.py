@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="train.gradient_checkpointing true, kept as set (default: the route chooses).")
     gc.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_const", const=False,
                     help="train.gradient_checkpointing false, kept as set.")
+    off = parser.add_mutually_exclusive_group()
+    off.add_argument("--checkpoint-offload", dest="checkpoint_offload", action="store_const", const=True, default=None,
+                     help="train.checkpoint_offload true, kept as set (default: the route chooses).")
+    off.add_argument("--no-checkpoint-offload", dest="checkpoint_offload", action="store_const", const=False,
+                     help="train.checkpoint_offload false, kept as set.")
     parser.add_argument("--micro-batch-tokens", type=int, default=None, metavar="N",
                         help="train.micro_batch_tokens, kept as set (default: the route chooses; 0 never splits).")
     parser.add_argument("--backend", choices=("auto", "hf", "unsloth"), default="auto",
@@ -102,6 +107,7 @@ def route_main(argv: list[str] | None = None) -> int:
     settings = TrainSettings(
         max_length=args.max_length, batch_size=args.batch_size, lora_rank=args.lora_rank,
         gradient_checkpointing=args.gradient_checkpointing, micro_batch_tokens=args.micro_batch_tokens,
+        checkpoint_offload=args.checkpoint_offload,
         compile=args.compile, backend=args.backend, unsloth=importlib.util.find_spec("unsloth") is not None,
     )
     try:

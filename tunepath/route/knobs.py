@@ -3,12 +3,13 @@
     settings = TrainSettings(max_length=2048, batch_size=8)           # train.* values the user set are not None
     best = choose_knobs(profile, cfg, settings)                         # {"full": Option, "lora": ..., "qlora": ...}
 
-Knobs the user set (train.gradient_checkpointing, train.micro_batch_tokens other than `auto`) are kept as they
-are; the others are searched: checkpointing off and on, micro-batches of every divisor of train.batch_size
-rows. The planner takes the fastest option whose memory estimate fits the GPU with route.headroom kept free
-(and route.overhead_gb counted); with none fitting, the one that needs the least memory (and the plan says it
-does not fit). CPU offload is not a knob: the train stage has no offload of its own (unsloth's checkpointing
-offloads the layer inputs by itself, and the estimate counts that).
+Knobs the user set (train.gradient_checkpointing, train.checkpoint_offload, train.micro_batch_tokens other
+than `auto`) are kept as they are; the others are searched: checkpointing off, on, and on with the layer
+inputs offloaded to CPU (hf backend), micro-batches of every divisor of train.batch_size rows. The planner
+takes the fastest option whose memory estimate fits the GPU with route.headroom kept free (and
+route.overhead_gb counted); with none fitting, the one that needs the least memory (and the plan says it does
+not fit). That is the lean mode: when memory is short the planner walks down to checkpointing, offload and
+one-row micro-batches by itself. unsloth's checkpointing offloads by itself, and the estimate counts that.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class TrainSettings:
     batch_size: int = 8  # train.batch_size: rows per GPU per optimizer step, split into micro-batches
     lora_rank: int = 16
     gradient_checkpointing: bool | None = None
+    checkpoint_offload: bool | None = None
     micro_batch_tokens: int | None = None
     compile: bool = True  # whether the train stage will compile the layers (train.compile, resolved)
     chunked_loss: bool = True
@@ -47,6 +49,7 @@ class TrainSettings:
 
     def explicit(self) -> dict:
         return {k: v for k, v in (("gradient_checkpointing", self.gradient_checkpointing),
+                                  ("checkpoint_offload", self.checkpoint_offload),
                                   ("micro_batch_tokens", self.micro_batch_tokens)) if v is not None}
 
 
@@ -74,16 +77,20 @@ def micro_rows(batch_size: int, max_length: int, budget: int) -> int:
 
 def candidates(settings: TrainSettings, method: str, gpus: int, *, free: bool = False) -> list[tuple[Knobs, int]]:
     """Every (knobs, micro_batch_tokens) the planner may pick for `method`; free=True ignores the user's knobs."""
-    gc = settings.gradient_checkpointing
+    gc, off = settings.gradient_checkpointing, settings.checkpoint_offload
     checkpointing = (False, True) if free or gc is None else (gc,)
+    backend = settings.backend_for(method, gpus)
+    # (checkpointing, offload): offload only means something with checkpointing, on the hf backend
+    ways = [(g, o) for g in checkpointing
+            for o in ((False, True) if g and backend == "hf" and (free or off is None) else (bool(off) and g and backend == "hf",))]
     b, length = settings.batch_size, settings.max_length
     if free or settings.micro_batch_tokens is None:
         rows = [(r, r * length) for r in range(1, b + 1) if b % r == 0]
     else:
         rows = [(micro_rows(b, length, settings.micro_batch_tokens), settings.micro_batch_tokens)]
-    base = Knobs(method=method, gradient_checkpointing=False, rows=1, max_length=length, backend=settings.backend_for(method, gpus),
+    base = Knobs(method=method, gradient_checkpointing=False, rows=1, max_length=length, backend=backend,
                  compile=settings.compile, chunked_loss=settings.chunked_loss, lora_rank=settings.lora_rank)
-    return [(replace(base, gradient_checkpointing=g, rows=r), tokens) for g in checkpointing for r, tokens in rows]
+    return [(replace(base, gradient_checkpointing=g, offload=o, rows=r), tokens) for g, o in ways for r, tokens in rows]
 
 
 def evaluate(profile: Profile, cfg: RouteConfig, knobs: Knobs, budget: int) -> Option:
@@ -100,7 +107,8 @@ def best_option(profile: Profile, cfg: RouteConfig, settings: TrainSettings, met
         gc = bool(settings.gradient_checkpointing)
         budget = settings.micro_batch_tokens if settings.micro_batch_tokens is not None else DEFAULT_MICRO_BATCH_TOKENS
         rows = micro_rows(settings.batch_size, settings.max_length, budget)
-        knobs = replace(candidates(settings, method, 0)[0][0], gradient_checkpointing=gc, rows=rows)
+        knobs = replace(candidates(settings, method, 0)[0][0], gradient_checkpointing=gc, rows=rows,
+                        offload=gc and bool(settings.checkpoint_offload))
         return replace(evaluate(profile, cfg, knobs, budget), set_by=_set_by(settings, free, gpu=False))
     options = [evaluate(profile, cfg, k, budget) for k, budget in candidates(settings, method, profile.resources.gpus, free=free)]
     fitting = [o for o in options if o.fits]
@@ -112,7 +120,7 @@ def best_option(profile: Profile, cfg: RouteConfig, settings: TrainSettings, met
 def _set_by(settings: TrainSettings, free: bool, gpu: bool) -> dict:
     explicit = {} if free else settings.explicit()
     return {k: ("params" if k in explicit else ("route" if gpu else "default"))
-            for k in ("gradient_checkpointing", "micro_batch_tokens")}
+            for k in ("gradient_checkpointing", "checkpoint_offload", "micro_batch_tokens")}
 
 
 def choose_knobs(profile: Profile, cfg: RouteConfig, settings: TrainSettings) -> dict[str, Option]:
@@ -122,7 +130,7 @@ def choose_knobs(profile: Profile, cfg: RouteConfig, settings: TrainSettings) ->
 def describe(o: Option) -> str:
     """`lora with checkpointing, micro-batches of 2,048 tokens: 20.23 GB, ≈ 7,100 tokens/s`."""
     k = o.knobs
-    gc = "checkpointing on" if k.gradient_checkpointing else "checkpointing off"
+    gc = ("checkpointing on, offloaded" if k.offload else "checkpointing on") if k.gradient_checkpointing else "checkpointing off"
     speed = f", ≈ {o.tokens_per_second:,.0f} tokens/s" if o.tokens_per_second is not None else ""
     backend = f" on {k.backend}" if k.backend != "hf" else ""
     return f"{k.method}{backend} ({gc}, micro-batches of {k.tokens:,} tokens): {o.per_gpu_gb:,.2f} GB{speed}"

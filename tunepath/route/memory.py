@@ -12,20 +12,22 @@ L layers, MLP width f, vocabulary V:
     P_lora    r·L·(11·h + 3·f): LoRA on every linear layer of a decoder layer (Hu et al. 2021); 16 bytes each
               (fp32 weight, gradient, two AdamW moments).
     0.516     bytes per NF4 weight with double-quantised constants (Dettmers et al. 2023). E: embedding and
-              LM head (V·h, twice when untied), not quantised; e = 4 bytes on the hf backend, whose
-              `prepare_model_for_kbit_training` casts them to fp32, 2 on unsloth.
+              LM head (V·h, twice when untied), not quantised, bf16: e = 2 (4 for the benchmark's runs before
+              2026-12-01, made through peft's `prepare_model_for_kbit_training`, which casts them to fp32).
     A         activations kept for backward, per micro-batch:
                 no checkpointing:  L·T·c + loss
                 checkpointing:     L·T·s·h + max(loss, T·c)     each layer keeps its s-byte input; one layer
                                                                 is recomputed at a time, after the loss is done
-                unsloth's checkpointing offloads the layer inputs to CPU: 4·h·T (two in flight) instead of L·T·s·h
+                unsloth's checkpointing and train.checkpoint_offload keep the layer inputs in CPU memory:
+                4·h·T (two in flight) instead of L·T·s·h; the recomputed layer then measured 2× (OFFLOAD_SCALE)
               c = k·(a·h) bytes per token and layer, a·h = 20·h + 5.7·f (route.activation_factor sets a) for
               the hf backend with compiled layers (fitted to its LoRA peaks at the 0.5B, 1.5B and 7B shapes);
-              k = LAYER_SCALE of the path: eager layers keep 1.42×, the hf QLoRA path 1.47× (its fp32 norms make
-              fp32 hidden states; s = 4 there), unsloth 0.92× for LoRA and 0.80× for QLoRA.
+              k = LAYER_SCALE of the path: eager layers keep 1.42×, the hf QLoRA path 1.47× (the dequantised
+              weights; s = 2, or 4 with peft's fp32 upcast), unsloth 0.92× for LoRA and 0.80× for QLoRA.
               loss (train.chunked_loss, `tunepath.train.loss`): fp32 logits of at most `chunk` rows per step;
               when the next chunk's logits are made the previous chunk's logits, softmax and bf16 gradient are
-              still alive: 10·min(T, chunk)·V + 6·min(chunk, T − chunk)·V bytes (4 GiB at T 8,192 and V 152k;
+              still alive: 10·min(T, chunk)·V + 6·min(chunk, T − chunk)·V bytes (1 GB at V 152k and the
+              default 256 MiB chunks, 4.3 GB with the 1 GiB chunks of the runs before 2026-12-01;
               full training adds the fp32 LM-head gradient, 4·V·h). Without the chunked loss: T·V·12 (bf16
               logits, their fp32 copy and its gradient). unsloth's fused loss is inside its per-token figure (with
               checkpointing too: 7B QLoRA measured 8.31 GB against 10.65 estimated with the chunked loss).
@@ -53,15 +55,16 @@ ACT_H, ACT_F = 20.0, 5.7  # bytes per token and layer, per hidden unit and per M
 LAYER_SCALE = {("hf", True): 1.0, ("hf", False): 1.42}  # (backend, compiled)
 HF_QLORA_SCALE = 1.47
 UNSLOTH_SCALE = {"lora": 0.92, "full": 0.92, "qlora": 0.80}
+OFFLOAD_SCALE = 2.0  # the recomputed layer under train.checkpoint_offload (7B QLoRA at 4,096 and 8,192 tokens)
 LAYERS_PER_HIDDEN = 1 / 128
 DEFAULT_VOCAB = 32_000
 METHODS = ("full", "lora", "qlora")
-CHUNK_BYTES = 1 << 30  # tunepath.train.loss.CHUNK_BYTES: fp32 logits per chunk (a test keeps the two equal)
+CHUNK_BYTES = 256 << 20  # tunepath.train.loss.CHUNK_BYTES: fp32 logits per chunk (a test keeps the two equal)
 
 FORMULA = (
     "full = P·(w+g+o)/n + A + overhead; lora = P·w + 16·P_lora + A + overhead; "
-    "qlora = (P−E)·0.516 + E·e + 16·P_lora + A + overhead (e = 4 on hf: fp32 embeddings, 2 on unsloth); "
-    "P_lora = r·L·(11h+3f); A = L·T·c + loss, or L·T·s·h + max(loss, T·c) with checkpointing; "
+    "qlora = (P−E)·0.516 + E·e + 16·P_lora + A + overhead (e = 2: bf16 embeddings and head); "
+    "P_lora = r·L·(11h+3f); A = L·T·c + loss, or L·T·s·h + max(loss, T·c) with checkpointing (4·h·T + max(loss, 2·T·c) offloaded); "
     "c = k·(20h + 5.7f) per token and layer (k: 1 compiled hf, 1.42 eager, ×1.47 hf QLoRA, 0.92/0.80 unsloth); "
     "loss = chunked fp32 logits, 10·min(T,chunk)·V + 6·min(chunk,T−chunk)·V. Fitted to the GPU benchmark's "
     "peaks (tests/test_route_calibration.py). GB = 1e9 bytes."
@@ -91,6 +94,9 @@ class Knobs:
     compile: bool = True
     chunked_loss: bool = True
     lora_rank: int = 16
+    offload: bool = False  # train.checkpoint_offload (hf backend, with checkpointing)
+    loss_chunk_bytes: int = CHUNK_BYTES  # the chunked loss's fp32 logits per chunk
+    fp32_embeddings: bool = False  # hf QLoRA through peft's prepare_model_for_kbit_training (benchmark runs before 2026-12-01)
 
     @property
     def tokens(self) -> int:
@@ -135,7 +141,7 @@ def layer_bytes(shape: ModelShape, cfg: RouteConfig, k: Knobs) -> float:
     base = cfg.activation_factor * h if cfg.activation_factor is not None else ACT_H * h + ACT_F * f
     if k.backend == "unsloth":
         return base * UNSLOTH_SCALE[k.method]
-    scale = LAYER_SCALE[("hf", k.compile)]
+    scale = LAYER_SCALE[("hf", k.compile)] * (OFFLOAD_SCALE if k.offload and k.gradient_checkpointing else 1.0)
     return base * scale * (HF_QLORA_SCALE if k.method == "qlora" else 1.0)
 
 
@@ -146,7 +152,7 @@ def loss_bytes(shape: ModelShape, k: Knobs) -> float:
         return 0.0  # unsloth's fused, chunked loss: inside its measured per-token figure, checkpointing or not
     if not k.chunked_loss and k.backend == "hf":
         return t * v * LOGIT_BYTES
-    chunk = max(64, CHUNK_BYTES // (4 * v))
+    chunk = max(64, k.loss_chunk_bytes // (4 * v))
     total = 10 * min(t, chunk) * v + 6 * min(chunk, max(0, t - chunk)) * v
     return total + (4 * v * shape.hidden_size if k.method == "full" else 0)
 
@@ -157,10 +163,10 @@ def activation_bytes(shape: ModelShape, cfg: RouteConfig, k: Knobs) -> float:
     t, h, layers = k.tokens, shape.hidden_size, shape.num_layers
     if not k.gradient_checkpointing:
         return layers * t * per_token + loss
-    if k.backend == "unsloth":
+    if k.backend == "unsloth" or k.offload:
         kept = 4 * h * t
     else:
-        kept = layers * t * h * (4 if k.method == "qlora" else 2)
+        kept = layers * t * h * (4 if k.fp32_embeddings else 2)
     return kept + max(loss, t * per_token)
 
 
@@ -178,7 +184,7 @@ def breakdown(profile: Profile, cfg: RouteConfig, k: Knobs) -> dict:
         part = {**adapter, "weights": p * cfg.weight_bytes + adapter["weights"]}
     else:
         embed = embedding_params(shape)
-        kept = 4.0 if k.backend == "hf" else cfg.weight_bytes
+        kept = 4.0 if k.fp32_embeddings else cfg.weight_bytes
         part = {**adapter, "weights": (p - embed) * NF4_BYTES + embed * kept + adapter["weights"]}
     part["activations"] = activation_bytes(shape, cfg, k)
     part["overhead"] = cfg.overhead_gb * GB

@@ -92,6 +92,7 @@ def knob_summary(o: knobs.Option) -> dict:
     """The train.* values an option runs with, who set each, and its expected speed."""
     return {
         "gradient_checkpointing": o.knobs.gradient_checkpointing,
+        "checkpoint_offload": o.knobs.offload,
         "micro_batch_tokens": o.micro_batch_tokens,
         "micro_batch_rows": o.knobs.rows,
         "backend": o.knobs.backend,
@@ -133,7 +134,8 @@ def what_fits(profile: Profile, cfg: RouteConfig, settings: TrainSettings, metho
             continue
         changes = []
         for key, value in settings.explicit().items():
-            new = free.knobs.gradient_checkpointing if key == "gradient_checkpointing" else free.micro_batch_tokens
+            new = {"gradient_checkpointing": free.knobs.gradient_checkpointing, "checkpoint_offload": free.knobs.offload,
+                   "micro_batch_tokens": free.micro_batch_tokens}[key]
             if new != value:
                 changes.append(f"train.{key}: {_yaml(new)} (or auto)")
         if method != (cfg.force_method or method) or (cfg.force_method is None and not changes):
@@ -147,7 +149,8 @@ def explain_knobs(profile: Profile, cfg: RouteConfig, settings: TrainSettings, o
     """The `knobs` rule: what train.gradient_checkpointing and train.micro_batch_tokens will be, and why."""
     k = o.knobs
     parts = []
-    for key, value in (("gradient_checkpointing", k.gradient_checkpointing), ("micro_batch_tokens", o.micro_batch_tokens)):
+    for key, value in (("gradient_checkpointing", k.gradient_checkpointing), ("checkpoint_offload", k.offload),
+                       ("micro_batch_tokens", o.micro_batch_tokens)):
         who = o.set_by.get(key)
         note = {"params": "set in params, kept", "route": "chosen by the route", "default": "the default: no GPU to fit"}[who]
         parts.append(f"train.{key} {_yaml(value)} ({note})")
@@ -160,7 +163,7 @@ def explain_knobs(profile: Profile, cfg: RouteConfig, settings: TrainSettings, o
         if not o.measured:
             text += " (speed derived from the measured paths, see route/speed.py)"
         if k.gradient_checkpointing and o.set_by.get("gradient_checkpointing") == "route":
-            off = knobs.best_option(profile, cfg, replace(settings, gradient_checkpointing=False), k.method)
+            off = knobs.best_option(profile, cfg, replace(settings, gradient_checkpointing=False, checkpoint_offload=None), k.method)
             text += f"; without checkpointing the best is {knobs.describe(off)}" + (", which does not fit" if not off.fits else "")
         if settings.explicit():
             free = knobs.best_option(profile, cfg, settings, k.method, free=True)

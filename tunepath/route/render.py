@@ -50,6 +50,8 @@ def render_train(plan: RoutePlan) -> list[str]:
     who = {"params": "set in params, kept", "route": "chosen by the route", "default": "default (no GPU to fit)"}
     lines = ["", "## Training knobs", "",
              f"- **train.gradient_checkpointing:** {str(t['gradient_checkpointing']).lower()} ({who[t['set_by']['gradient_checkpointing']]})",
+             f"- **train.checkpoint_offload:** {str(t.get('checkpoint_offload', False)).lower()} "
+             f"({who[t['set_by'].get('checkpoint_offload', 'default')]})",
              f"- **train.micro_batch_tokens:** {t['micro_batch_tokens']:,} ({t['micro_batch_rows']} row(s) per micro-batch; "
              f"{who[t['set_by']['micro_batch_tokens']]})",
              f"- **backend:** {t['backend']}"]

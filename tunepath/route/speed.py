@@ -31,7 +31,8 @@ from tunepath.route.profile import Profile
 # of 2026-12-01, would otherwise count: 2,616 tokens/s over 3 steps against 10,136 steady; compile time is the
 # plan's time to first step, not its rate). Runs on different days differ by up to 20%: 1.5B checkpointing 33,097
 # on 2026-11-28, 26,480 on 2026-12-01. The 7B compiled and hf-QLoRA rows are from the benchmark issue's tables
-# (2026-12-01, same H200, no result file), at the matmul rate of the other runs.
+# (2026-12-01, same H200, no result file), at the matmul rate of the other runs. Runs a result file marks
+# `speed_excluded` (a window the benchmark itself could not time) are left out, with the reason in the file.
 H200_RATE = 790.0
 MEASURED: dict[str, list[tuple[float, int, float, float]]] = {
     "compiled": [(494_032_768, 8192, 44652.8, 804.8), (494_032_768, 16384, 81930.4, 804.8),
@@ -40,7 +41,9 @@ MEASURED: dict[str, list[tuple[float, int, float, float]]] = {
     "eager": [(494_032_768, 8192, 32376.8, 804.8), (1_543_714_304, 8192, 27319.3, 786.2)],
     "compiled+checkpointing": [(1_543_714_304, 8192, 29788.5, 790.2), (7_615_616_512, 8192, 11679.6, 796.3)],
     "hf-qlora": [(1_543_714_304, 8192, 25935.3, 791.2), (7_615_616_512, 8192, 15300.0, H200_RATE)],
-    "hf-qlora+checkpointing": [(7_615_616_512, 8192, 10135.9, 789.1)],
+    "hf-qlora+checkpointing": [(7_615_616_512, 8192, 10276.5, 795.0)],
+    "hf-qlora+checkpointing+offload": [(7_615_616_512, 8192, 8909.6, 795.7), (7_615_616_512, 4096, 7658.6, 795.7)],
+    "compiled+checkpointing+offload": [(1_543_714_304, 4096, 12003.1, 791.0)],
     "unsloth": [(494_032_768, 8192, 16452.0, 804.8), (1_543_714_304, 8192, 11394.8, 786.2)],
     "unsloth-qlora": [(1_543_714_304, 8192, 9219.7, 791.2), (7_615_616_512, 8192, 8468.5, 796.3)],
     "unsloth-qlora+checkpointing": [(7_615_616_512, 8192, 3495.7, 789.1)],
@@ -50,20 +53,26 @@ REFERENCE_TOKENS = 8192
 
 def path_of(k: Knobs) -> tuple[str, bool]:
     """The measured path that stands for these knobs, and whether its checkpointing was measured on it."""
+    offload = "+offload" if k.offload and k.gradient_checkpointing and k.backend == "hf" else ""
     if k.method == "qlora":
         path = "unsloth-qlora" if k.backend == "unsloth" else "hf-qlora"
-        return (f"{path}+checkpointing", True) if k.gradient_checkpointing else (path, False)
+        return (f"{path}+checkpointing{offload}", True) if k.gradient_checkpointing else (path, False)
     if k.backend == "unsloth":
         return "unsloth", False
     if not k.compile:
         return "eager", False
-    return ("compiled+checkpointing", True) if k.gradient_checkpointing else ("compiled", False)
+    return (f"compiled+checkpointing{offload}", True) if k.gradient_checkpointing else ("compiled", False)
 
 
 def utilisation(path: str, params: float, tokens: int = REFERENCE_TOKENS) -> float:
-    """u at REFERENCE_TOKENS, interpolated in log P, then scaled to `tokens` per micro-batch."""
-    points = sorted((p, n * 4 * p / (rate * 1e12)) for p, t, n, rate in MEASURED[path] if t == REFERENCE_TOKENS)
-    return _interpolate(points, params) * (tokens / REFERENCE_TOKENS) ** tokens_exponent(params)
+    """u at `tokens` per micro-batch, interpolated in log P over the path's sizes. At each size the measurement
+    nearest in tokens stands, scaled by (tokens / its tokens)^γ (exact where the benchmark ran that micro-batch)."""
+    nearest: dict[float, tuple[int, float, float]] = {}
+    for p, t, n, rate in MEASURED[path]:
+        if p not in nearest or abs(math.log(t / tokens)) < abs(math.log(nearest[p][0] / tokens)):
+            nearest[p] = (t, n, rate)
+    points = sorted((p, n * 4 * p / (rate * 1e12) * (tokens / t) ** tokens_exponent(p)) for p, (t, n, rate) in nearest.items())
+    return _interpolate(points, params)
 
 
 def tokens_exponent(params: float) -> float:

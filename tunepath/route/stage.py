@@ -83,6 +83,7 @@ def train_settings(train, max_length: int) -> TrainSettings:
         lora_rank=train.lora_r,
         gradient_checkpointing=None if train.gradient_checkpointing == "auto" else train.gradient_checkpointing,
         micro_batch_tokens=None if train.micro_batch_tokens == "auto" else train.micro_batch_tokens,
+        checkpoint_offload=None if train.checkpoint_offload == "auto" else train.checkpoint_offload,
         compile=compile_on,
         chunked_loss=train.chunked_loss,
         backend=train.backend,

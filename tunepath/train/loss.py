@@ -7,7 +7,7 @@ transformers computes the logits of every position ([tokens, vocab], then an fp3
 gradient of both): at a vocabulary of 151,936 and 8,192 tokens per micro-batch that is about 15 GB of
 transient memory, mostly for prompt tokens whose labels are masked out. Here the forward pass of the causal
 LM is replaced (on this model object only, while training with labels) by: the decoder's last hidden states,
-the positions that have a label, and, in chunks of about 1 GiB of fp32 logits, LM head -> log-softmax ->
+the positions that have a label, and, in chunks of about 256 MiB of fp32 logits, LM head -> log-softmax ->
 loss, with the gradients of the hidden states (and of the LM head when it trains) computed in the same pass
 (no logits are kept for backward, none recomputed). The loss is the same as transformers' (`ForCausalLMLoss`:
 labels shifted by one, summed and divided by `num_items_in_batch` under gradient accumulation, else by the
@@ -27,11 +27,11 @@ import types
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-CHUNK_BYTES = 1 << 30  # fp32 logits per chunk
+CHUNK_BYTES = 256 << 20  # fp32 logits per chunk: 7B QLoRA measured as fast as with 1 GiB, 1.5 GiB less at the peak
 
 
-def chunk_rows(vocab: int, budget: int = CHUNK_BYTES) -> int:
-    return max(64, budget // (4 * vocab))
+def chunk_rows(vocab: int, budget: int | None = None) -> int:
+    return max(64, (CHUNK_BYTES if budget is None else budget) // (4 * vocab))
 
 
 @functools.cache

@@ -6,7 +6,10 @@ matplotlib's object API (a `Figure` with no pyplot) draws it: no GUI backend, no
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def write_loss_plot(steps: list[dict], path: Path, title: str = "training") -> Path | None:
@@ -14,7 +17,11 @@ def write_loss_plot(steps: list[dict], path: Path, title: str = "training") -> P
     None (and no file) when no step was logged."""
     if not steps:
         return None
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:  # a training machine with only the training libraries: the run stands without its picture
+        log.warning("%s not written: matplotlib is not installed here (pip install matplotlib)", path.name)
+        return None
 
     fig = Figure(figsize=(7.5, 4.8), dpi=100, layout="constrained")
     loss_ax, lr_ax = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1.4))

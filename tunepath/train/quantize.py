@@ -21,6 +21,9 @@ from tunepath.train import TrainConfig
 log = logging.getLogger(__name__)
 
 
+UPCAST_FLOAT_PARAMS = False  # True: peft.prepare_model_for_kbit_training (fp32 embeddings, head and norms)
+
+
 class QLoRAUnavailable(ValueError):
     """QLoRA cannot run on this machine (no CUDA GPU, or bitsandbytes missing)."""
 
@@ -39,14 +42,15 @@ def check_qlora_support() -> None:
 
 
 def load_4bit(base: str, cfg: TrainConfig, trust_remote_code: bool = False):
-    """Load `base` with NF4 4-bit linear weights (double quantisation, bf16 compute), prepared for k-bit training.
+    """Load `base` with NF4 4-bit linear weights (double quantisation, bf16 compute), frozen, ready for adapters.
 
-    `peft.prepare_model_for_kbit_training` casts the remaining float parameters (norms, embeddings) to fp32 for
-    stable training, and turns on input gradients so adapters train under gradient checkpointing.
+    The embeddings, LM head and norms stay in bf16. `peft.prepare_model_for_kbit_training` casts them to fp32
+    (a guard for fp16 training): at 7B that is 2 GiB more for the embedding and head alone, an fp32 residual
+    stream (twice the checkpointed activations), and the LM head's matmul in fp32. bf16 training needs none of
+    it; UPCAST_FLOAT_PARAMS = True restores peft's way (the benchmark measures both).
     """
     check_qlora_support()
     import torch
-    from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quant = BitsAndBytesConfig(
@@ -67,10 +71,17 @@ def load_4bit(base: str, cfg: TrainConfig, trust_remote_code: bool = False):
     )
     # Training never needs the KV cache, and with it on, packed samples attend to each other.
     model.config.use_cache = False
-    model = prepare_model_for_kbit_training(
-        model,
-        use_gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-    )
+    if UPCAST_FLOAT_PARAMS:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    else:
+        for param in model.parameters():
+            param.requires_grad = False
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()  # the frozen embedding's output must carry gradients into the layers
     log.info("loaded %s in 4-bit NF4 (double quantisation, bf16 compute) on cuda:%d", base, device)
     return model

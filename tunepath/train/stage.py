@@ -108,6 +108,10 @@ def build_model(base: str, cfg: TrainConfig, method: str, precision: str, backen
         model = recipe.load_pretrained(base, cfg, method, precision, trust_remote_code)
     if method in recipe.ADAPTER_METHODS and not _is_peft(model):
         model = recipe.add_lora(model, cfg)
+    if cfg.checkpoint_offload and cfg.gradient_checkpointing and backend == "hf":
+        from tunepath.train import offload
+
+        offload.enable(model)
     return model
 
 
