@@ -68,9 +68,9 @@ def test_auto_backend_on_cpu_is_hf_and_says_why():
     [
         ("lora", 1, True, "hf", "trains fastest with hf"),
         ("full", 2, True, "hf", "trains fastest with hf"),
-        ("qlora", 1, True, "unsloth", "4-bit kernels"),
+        ("qlora", 1, True, "hf", "train.backend unsloth picks it"),
         ("qlora", 2, True, "hf", "several GPUs"),
-        ("qlora", 1, False, "hf", "unsloth is not installed"),
+        ("qlora", 1, False, "hf", "trains fastest with hf"),
     ],
 )
 def test_auto_backend_on_a_gpu_follows_the_measured_rule(monkeypatch, method, processes, unsloth, backend, why):

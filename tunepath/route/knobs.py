@@ -37,15 +37,14 @@ class TrainSettings:
     compile: bool = True  # whether the train stage will compile the layers (train.compile, resolved)
     chunked_loss: bool = True
     backend: str = "auto"  # train.backend
-    unsloth: bool = False  # unsloth is installed where training runs (auto picks it for QLoRA on one GPU)
+    unsloth: bool = False  # unsloth is installed where training runs (used only with train.backend unsloth)
     processes: int | None = None  # train.num_processes; None: one per GPU
 
     def backend_for(self, method: str, gpus: int) -> str:
         """The backend the train stage picks for this method (`tunepath.train.stage.pick_backend`, on CUDA)."""
         if self.backend != "auto":
             return self.backend
-        processes = self.processes if self.processes is not None else max(gpus, 1)
-        return "unsloth" if method == "qlora" and self.unsloth and processes == 1 else "hf"
+        return "hf"  # `tunepath.train.stage.pick_backend`: auto trains every method on hf, the fastest measured
 
     def explicit(self) -> dict:
         return {k: v for k, v in (("gradient_checkpointing", self.gradient_checkpointing),
