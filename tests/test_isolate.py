@@ -157,3 +157,87 @@ def test_several_processes_write_one_sqlite_registry_at_once(tmp_path):
     for run_id in runs:
         assert len(client.get_metric_history(run_id, "loss")) == 40
     assert len(client.search_experiments()) == 2  # Default and the one they all raced to create
+
+
+# --- an interrupted isolated run resumes in the copy it left ----------------------------------------------------
+
+HOLDER = textwrap.dedent("""
+    import os, sys
+    from pathlib import Path
+    from tunepath import isolate
+
+    home, key, name, end = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    with isolate.working_copy(home, key, name, "tunepath run --set a=2") as (copy, left):
+        (copy / "artifacts").mkdir(exist_ok=True)
+        (copy / "artifacts" / "checkpoint-5").write_text("step 5")  # what a killed training leaves
+        print(copy, flush=True)
+        if end == "kill":
+            sys.stdin.readline()  # held until the test kills it
+        raise SystemExit("gate failed")
+""")
+
+
+def hold_copy(home: Path, key: str, name: str, end: str) -> tuple[subprocess.Popen, Path]:
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(home), key, name, end], cwd=REPO, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    line = proc.stdout.readline().strip()
+    assert line, proc.stderr.read()
+    return proc, Path(line)
+
+
+def test_the_rerun_of_an_interrupted_isolated_run_resumes_in_its_copy_and_others_are_listed(tmp_path):
+    from tunepath import isolate
+
+    home = tiny_project(tmp_path / "home")
+    key = isolate.run_key(home, {"a": 2})
+    assert key == isolate.run_key(home, {"a": 2}) != isolate.run_key(home, {"a": 3})
+    (home / "make.py").write_text(MAKE + "# edited\n")  # other uncommitted code: another run
+    assert isolate.run_key(home, {"a": 2}) != key
+    (home / "make.py").write_text(MAKE)
+    (home / "params.yaml").write_text("a: 7\n")  # a run in place rewriting params.yaml: still the same run
+    assert isolate.run_key(home, {"a": 2}) == key
+
+    proc, copy = hold_copy(home, key, "first", "kill")
+    assert isolate.resumable(home, key) is None  # its run is alive: not to be taken over
+    [listed] = isolate.left_copies(home)
+    assert listed["state"] == "running" and listed["pid"] == proc.pid and listed["command"] == "tunepath run --set a=2"
+    assert listed["bytes"] > 0
+    proc.kill()
+    proc.wait()
+    left = isolate.resumable(home, key)
+    assert left["name"] == "first" and left["pid"] == proc.pid
+    assert [c["state"] for c in isolate.left_copies(home)] == ["interrupted"]
+
+    # the same run again: the same copy, with what the killed run left; another name is ignored
+    with isolate.working_copy(home, key, "second", "tunepath run --set a=2") as (again, record):
+        assert again == copy and record["name"] == "first" and record["runs"] == 1
+        assert (again / "artifacts" / "checkpoint-5").read_text() == "step 5"
+        assert [c["state"] for c in isolate.left_copies(home)] == ["running"]
+        with isolate.working_copy(home, key, "third", "the same run, started meanwhile") as (other, none):
+            assert other != copy and none is None  # the copy is held: a second run of the same params gets its own
+            isolate.close_copy(other, home)
+        isolate.close_copy(again, home)  # as the flow does once the run has landed
+    assert isolate.left_copies(home) == [] and not copy.exists()
+    assert len(sh(home, "git", "worktree", "list").strip().splitlines()) == 1
+
+    # a failed run's copy and an unmatched one: listed with their state, removed by `tunepath workspaces --clean`
+    proc, failed = hold_copy(home, key, "failed", "fail")
+    assert proc.wait() == 1
+    proc, killed = hold_copy(home, isolate.run_key(home, {"a": 9}), "other", "kill")
+    proc.kill()
+    proc.wait()
+    states = {c["name"]: (c["state"], c.get("error", "")) for c in isolate.left_copies(home)}
+    assert states == {"failed": ("failed", "SystemExit: gate failed"), "other": ("interrupted", "")}
+    assert isolate.resumable(home, key)["name"] == "failed"  # a failed run's rerun goes on there too
+    listing = subprocess.run([sys.executable, "-m", "tunepath.cli", "--project", str(home), "workspaces"], cwd=REPO,
+                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert listing.returncode == 0, listing.stderr
+    assert "failed  failed" in listing.stdout and "other  interrupted" in listing.stdout
+    assert "2 copies no run works in" in listing.stdout and "--clean" in listing.stdout
+    cleaned = subprocess.run([sys.executable, "-m", "tunepath.cli", "--project", str(home), "workspaces", "--clean"], cwd=REPO,
+                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert cleaned.returncode == 0, cleaned.stderr
+    assert f"removed: {failed}" in cleaned.stdout and f"removed: {killed}" in cleaned.stdout
+    assert isolate.left_copies(home) == [] and not failed.exists() and not killed.exists()
+    assert (home / "models" / "m" / "w.bin").exists()
+    assert len(sh(home, "git", "worktree", "list").strip().splitlines()) == 1
