@@ -285,3 +285,45 @@ def test_a_contender_waits_out_an_empty_holder_record(tmp_path, moment):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_lock_reentry_is_per_thread_not_per_process(tmp_path):
+    """The flow's own thread (and what runs in its context) re-enters; a thread of another flow in the same
+    process contends for the lock like another process, and skips neither the run lock nor DVC's."""
+    import contextvars
+    import threading
+
+    from tunepath.runlock import ProjectBusy, held, holds_dvc_lock, project_lock
+
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q", "--no-scm"], cwd=tmp_path, check=True)
+    seen = {}
+
+    def other_flow():
+        seen["held"], seen["dvc"] = held(tmp_path), holds_dvc_lock(tmp_path)
+        try:
+            with project_lock(tmp_path):
+                seen["entered"] = True
+        except ProjectBusy as e:
+            seen["busy"] = str(e)
+
+    with project_lock(tmp_path, dvc=True):
+        with project_lock(tmp_path, dvc=True):  # re-entry in the holder's thread
+            assert held(tmp_path) and holds_dvc_lock(tmp_path)
+        thread = threading.Thread(target=other_flow)
+        thread.start()
+        thread.join()
+        assert seen["held"] is False and seen["dvc"] is False and "entered" not in seen
+        assert f"another run works in this project folder: pid {os.getpid()}" in seen["busy"]
+        # a task thread the holder hands its context to (as Prefect's task runner does) works under the lock
+        context = contextvars.copy_context()
+        task = threading.Thread(target=lambda: context.run(lambda: seen.update(task=held(tmp_path) and holds_dvc_lock(tmp_path))))
+        task.start()
+        task.join()
+        assert seen["task"] is True
+        assert held(tmp_path)  # the holder still holds it
+    assert not held(tmp_path) and not holds_dvc_lock(tmp_path)
+    thread = threading.Thread(target=other_flow)  # free again: the other thread gets it
+    seen.clear()
+    thread.start()
+    thread.join()
+    assert seen == {"held": False, "dvc": False, "entered": True}
