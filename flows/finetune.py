@@ -146,9 +146,12 @@ def run_pipeline(root: Path, home: Path, recipe: str, config: Config, tracking_u
         end_run(uri, run_id, failed=False, note=f"{len(STAGES) - len(skipped)} stages ran; up to date: {', '.join(skipped) or 'none'}")
     else:  # nothing ran, so nothing to log: the run that made these results stands for this one
         run_id = link_results_run(uri, root)
-    logger.info("done: %d stages ran, %d up to date (%s)", len(STAGES) - len(skipped), len(skipped), ", ".join(skipped) or "none")
+    restored = [r["stage"] for r in results if r.get("restored")]
+    logger.info("done: %d stages ran, %d up to date (%s)%s", len(STAGES) - len(skipped), len(skipped), ", ".join(skipped) or "none",
+                f"; restored from DVC's run cache: {', '.join(restored)}" if restored else "")
     record = root / "artifacts" / "register" / "model.json"
-    return {"ran": [r["stage"] for r in results if not r["skipped"]], "skipped": skipped, "mlflow_run_id": run_id,
+    return {"ran": [r["stage"] for r in results if not r["skipped"]], "skipped": skipped,
+            "restored": [r["stage"] for r in results if r.get("restored")], "mlflow_run_id": run_id,
             "mlflow_run_url": run_url(uri, run_id) if run_id else None, "mlflow_run_reused": pipeline_run.id is None,
             "workspace": "in-place" if root == home else "isolated",
             "registered": json.loads(record.read_text(encoding="utf-8")) if record.exists() else None}

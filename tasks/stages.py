@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 from prefect.states import Completed
 
+from tunepath import isolate
 from tunepath.ledger import Ledger
 from tunepath.stages import Workspace, run_stage
 
@@ -38,21 +39,29 @@ def run_stage_task(name: str, config, workspace: Workspace):
         # Prefect 3.9 has no `Cached()` helper; its own cache hits are COMPLETED states named "Cached" like this one
         return Completed(name="Cached", message=f"{name}: up to date in dvc.lock (inputs, params and outputs unchanged)",
                          data={"stage": name, "skipped": True})
-    logger.info("%s: running (%s)", name, describe_changes(changes.get(name, [])))
-    workspace = workspace.with_mlflow_run()  # the first stage that runs opens the pipeline's MLflow run
-    if name == "train":
-        # one training per GPU slot across every worker of the server (`tunepath up` creates `gpu`, one per card);
-        # without the limit (temporary server) Prefect logs a warning and trains anyway
-        with concurrency("gpu", occupy=1, strict=False):
-            summary = run_stage(name, config, workspace, on_progress=train_progress())
-    else:
-        try:
-            summary = run_stage(name, config, workspace)
-        except Exception:
-            if name == "evaluate":
-                publish(name, workspace, {})  # a failed gate still shows its report and samples in the UI
-            raise
-    ledger.record(name)
+    # a run with the same inputs (another working copy of the project, or this folder earlier) may have made it
+    with ledger.first_with_these_inputs(name, isolate.home_of(workspace.root) / isolate.LOCKS, logger.info) as restored:
+        if restored:
+            logger.info("%s: restored from DVC's run cache (a run with the same deps and params made it), skipped", name)
+            republish(name, workspace)
+            return Completed(name="Cached", message=f"{name}: restored from DVC's run cache (same deps and params)",
+                             data={"stage": name, "skipped": True, "restored": True})
+        logger.info("%s: running (%s)", name, describe_changes(changes.get(name, [])))
+        workspace = workspace.with_mlflow_run()  # the first stage that runs opens the pipeline's MLflow run
+        if name == "train":
+            # one training per GPU slot across every worker of the server (`tunepath up` creates `gpu`, one per card);
+            # without the limit (temporary server) Prefect logs a warning and trains anyway
+            with concurrency("gpu", occupy=1, strict=False):
+                summary = run_stage(name, config, workspace, on_progress=train_progress())
+        else:
+            try:
+                summary = run_stage(name, config, workspace)
+            except Exception:
+                if name == "evaluate":
+                    publish(name, workspace, {})  # a failed gate still shows its report and samples in the UI
+                raise
+        ledger.record(name)
+        ledger.remember(name)
     publish(name, workspace, summary)
     return {"stage": name, "skipped": False}
 

@@ -241,3 +241,92 @@ def test_the_rerun_of_an_interrupted_isolated_run_resumes_in_its_copy_and_others
     assert isolate.left_copies(home) == [] and not failed.exists() and not killed.exists()
     assert (home / "models" / "m" / "w.bin").exists()
     assert len(sh(home, "git", "worktree", "list").strip().splitlines()) == 1
+
+
+# --- runs with identical inputs reuse each other's stages through DVC's run cache -------------------------------
+
+CKPT_STAGE = {"stages": {"make": {**STAGE["stages"]["make"],
+                                  "outs": ["artifacts/out.txt", {"artifacts/ckpt": {"persist": True, "cache": False}}]}}}
+COUNTED = MAKE + ("import os\n"
+                  "pathlib.Path('artifacts/ckpt').mkdir(exist_ok=True)\n"
+                  "open(os.environ['MAKE_LOG'], 'a').write(f'{a}\\n')\n")
+COMPUTE = textwrap.dedent("""
+    import os, subprocess, sys, time
+    from pathlib import Path
+    from tunepath import isolate
+    from tunepath.ledger import Ledger
+
+    copy, wait_s = Path(sys.argv[1]), float(sys.argv[2])
+    ledger = Ledger(copy)
+    os.chdir(copy)
+    with ledger.first_with_these_inputs("make", isolate.home_of(copy) / isolate.LOCKS, lambda m: print(m, flush=True)) as restored:
+        if not restored:
+            print("computing", flush=True)
+            time.sleep(wait_s)  # long enough for the other run to arrive meanwhile
+            subprocess.run([sys.executable, "make.py"], check=True)
+            ledger.record("make")
+            ledger.remember("make")
+    print("restored" if restored else "computed", flush=True)
+""")
+
+
+def reuse_project(root: Path) -> Path:
+    """The tiny project, its stage with a persistent uncached output (as train's checkpoints) counting its runs."""
+    root = tiny_project(root)
+    (root / "dvc.yaml").write_text(yaml.safe_dump(CKPT_STAGE))
+    (root / "make.py").write_text(COUNTED)
+    sh(root, *GIT, "commit", "-qam", "counted")
+    return root
+
+
+def copy_with(home: Path, name: str, a: int) -> Path:
+    from tunepath import isolate
+
+    copy = isolate.open_copy(home, name)
+    (copy / "params.yaml").write_text(f"a: {a}\n")
+    isolate.bring_inputs(copy, home)
+    return copy
+
+
+def compute(copy: Path, wait_s: float = 0.0) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", COMPUTE, str(copy), str(wait_s)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO), "MAKE_LOG": str(copy.parent / "made.log")})
+
+
+def test_a_run_with_the_inputs_of_a_finished_one_restores_its_stage_from_the_run_cache(tmp_path, monkeypatch):
+    from tunepath.ledger import Ledger
+
+    home = reuse_project(tmp_path / "home")
+    made = home / ".tunepath" / "workspaces" / "made.log"
+    first = copy_with(home, "first", 2)
+    out = compute(first).communicate(timeout=300)
+    assert out[0].split()[-1] == "computed", out
+    assert made.read_text() == "2\n"
+
+    second = copy_with(home, "second", 2)  # the same inputs: not in the project's dvc.lock, but in the run cache
+    assert Ledger(second).changes("make")
+    out = compute(second).communicate(timeout=300)
+    assert out[0].split()[-1] == "restored", out
+    assert made.read_text() == "2\n"  # not computed again
+    assert (second / "artifacts" / "out.txt").read_text() == "2:rows\nweights\n" and (second / "artifacts" / "ckpt").is_dir()
+    assert Ledger(second).changes("make") == {}  # recorded in the copy's dvc.lock: DVC calls it up to date
+    other = copy_with(home, "other", 5)
+    out = compute(other).communicate(timeout=300)
+    assert out[0].split()[-1] == "computed", out  # other params: computed
+    assert made.read_text() == "2\n5\n"
+
+
+def test_two_runs_started_together_with_the_same_inputs_compute_the_stage_once(tmp_path):
+    home = reuse_project(tmp_path / "home")
+    made = home / ".tunepath" / "workspaces" / "made.log"
+    a, b = copy_with(home, "a", 3), copy_with(home, "b", 3)
+    first = compute(a, wait_s=4.0)
+    assert first.stdout.readline().strip() == "computing"
+    second = compute(b)
+    outs = {"a": first.communicate(timeout=300), "b": second.communicate(timeout=300)}
+    assert outs["a"][0].split()[-1] == "computed", outs
+    lines = outs["b"][0].strip().splitlines()
+    assert lines[-1] == "restored", outs
+    assert f"make: pid {first.pid} (in {a}) computes it from the same inputs; waiting to reuse its outputs" in lines[0]
+    assert made.read_text() == "3\n"
+    assert (b / "artifacts" / "out.txt").read_text() == (a / "artifacts" / "out.txt").read_text() == "3:rows\nweights\n"

@@ -147,7 +147,8 @@ def _run(args, workspace: str = "in-place") -> int:
     from flows.finetune import finetune
 
     result = finetune(config=cfg, project_dir=str(args.project), tracking_uri=tracking_uri(args.project), workspace=workspace)
-    print(f"stages run: {', '.join(result['ran']) or 'none'}; up to date: {', '.join(result['skipped']) or 'none'}")
+    restored = f" (restored from DVC's run cache: {', '.join(result['restored'])})" if result.get("restored") else ""
+    print(f"stages run: {', '.join(result['ran']) or 'none'}; up to date: {', '.join(result['skipped']) or 'none'}{restored}")
     record = result.get("registered")
     if result.get("experiment"):
         name = result["experiment"]["name"]
