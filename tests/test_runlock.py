@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -147,13 +148,22 @@ def test_dvc_repro_beside_a_run_stops_before_it_touches_the_runs_outputs(project
     # dvc.yaml's commands call `tunepath`: the interpreter's own bin folder first (CI calls .venv/bin/python directly)
     env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     run = hold(project, dvc=True)  # what a `tunepath run` holds from start to end
+    lock_before = (project / "dvc.lock").exists()
     try:
+        started = time.monotonic()
         out = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=project, capture_output=True, text=True, timeout=120, env=env)
+        took = time.monotonic() - started
+        named = (project / ".dvc" / "tmp" / "lock").read_text().strip()
     finally:
         run.kill()
         run.wait()
     assert out.returncode != 0 and "Unable to acquire lock" in out.stdout + out.stderr, out.stdout + out.stderr
+    assert took < 30  # DVC's 3 s of retries plus its start-up: it stops, it does not wait for the run
     assert marker.exists()  # DVC removes a changed stage's outputs before its command: it never got that far
+    assert (project / "dvc.lock").exists() == lock_before and not (project / "artifacts" / "tokenize").exists()
+    # DVC's message is fixed text; the lock file it names holds the run and since when
+    assert re.fullmatch(rf"{run.pid} tunepath run --set train.learning_rate=0.1 since \d\d:\d\d:\d\d "
+                        r"\(tunepath's run lock: \.tunepath/run\.lock\)", named), named
     # a stage of `dvc repro` meeting another holder of the run lock (DVC lets go of its lock while a command runs)
     stage = hold(project)
     try:

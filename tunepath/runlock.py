@@ -86,7 +86,9 @@ def project_lock(root: Path, wait: bool = False, what: str | None = None, dvc: b
     if depth or _inherited(path):
         token = _held.set({**_held.get(), key: depth + 1})
         try:
-            with (dvc_lock(root) if dvc and not holds_dvc_lock(root) else contextlib.nullcontext()):
+            outer = holder(root) or {}  # the outermost holder (`tunepath run`) is who a DVC user should be told about
+            with (dvc_lock(root, outer.get("command", what), outer.get("started")) if dvc and not holds_dvc_lock(root)
+                  else contextlib.nullcontext()):
                 yield
         finally:
             _held.reset(token)
@@ -109,7 +111,7 @@ def project_lock(root: Path, wait: bool = False, what: str | None = None, dvc: b
         previous = os.environ.get(ENV)
         os.environ[ENV] = f"{key}:{os.getpid()}"
         try:
-            with (dvc_lock(root) if dvc else contextlib.nullcontext()):
+            with (dvc_lock(root, record["command"], record["started"]) if dvc else contextlib.nullcontext()):
                 yield
         finally:
             _held.reset(token)
@@ -171,19 +173,29 @@ def _inherited(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def dvc_lock(root: Path) -> Iterator[None]:
-    """DVC's repository lock, taken as DVC takes it (zc.lockfile on .dvc/tmp/lock, 3 s of retries)."""
+def dvc_lock(root: Path, what: str | None = None, since: float | None = None) -> Iterator[None]:
+    """DVC's repository lock, taken as DVC takes it (zc.lockfile on .dvc/tmp/lock, 3 s of retries).
+
+    DVC writes its pid into the file; this writes the pid, then who holds it and since when, so the file itself
+    names the run to whoever meets DVC's "Unable to acquire lock" (DVC's message is fixed text that names no one)."""
     tmp = Path(root) / ".dvc" / "tmp"
     if not tmp.parent.is_dir():
         yield  # not a DVC repository: nothing to share
         return
-    from dvc.lock import LockError, make_lock
+    import zc.lockfile
 
     tmp.mkdir(exist_ok=True)
-    lock = make_lock(str(tmp / "lock"), tmp_dir=str(tmp))
-    try:
-        lock.lock()
-    except LockError:
+    since = time.strftime("%H:%M:%S", time.localtime(since))
+    template = "{pid} " + f"{what or _command()} since {since} (tunepath's run lock: .tunepath/run.lock)".replace("{", "{{").replace("}", "}}")
+    lock = None
+    for attempt in range(7):  # DVC's own retries: 6 more after the first, 0.5 s apart
+        try:
+            lock = zc.lockfile.LockFile(str(tmp / "lock"), content_template=template)
+            break
+        except zc.lockfile.LockError:
+            if attempt < 6:
+                time.sleep(0.5)
+    if lock is None:
         pid = _read_pid(tmp / "lock")
         who = f"pid {pid} `{_cmdline(pid)}`" if pid else "another DVC process"
         raise ProjectBusy(f"{Path(root)}: DVC is working in this project ({who} holds {tmp / 'lock'}); "
@@ -193,7 +205,15 @@ def dvc_lock(root: Path) -> Iterator[None]:
         yield
     finally:
         _dvc_held.reset(token)
-        lock.unlock()
+        lock.close()
+
+
+def dvc_lock_holder(root: Path) -> str:
+    """What .dvc/tmp/lock says about its holder (for a tunepath run: pid, command, since when); empty if nothing."""
+    try:
+        return (Path(root) / ".dvc" / "tmp" / "lock").read_text().strip()
+    except OSError:
+        return ""
 
 
 def holds_dvc_lock(root: Path) -> bool:
@@ -216,7 +236,8 @@ def _read_pid(path: Path) -> int | None:
         text = path.read_text().strip()
     except OSError:
         return None
-    return int(text) if text.isdigit() else None
+    first = text.split(maxsplit=1)[0] if text else ""  # DVC writes " PID"; a tunepath run "PID what since when"
+    return int(first) if first.isdigit() else None
 
 
 def _cmdline(pid: int) -> str:
