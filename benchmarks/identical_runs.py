@@ -10,8 +10,8 @@ Each variant gets a fresh project (the demo model and data, git and DVC initiali
   run in the registry) can be restored from DVC's run cache, train without its checkpoints;
 - **together**: both at once; for each stage, whichever gets there first computes it and the other waits for
   it, then restores it, so each stage is computed once.
-Per stage, the seconds between its task's first and last log line (Prefect's console lines), and whether it
-ran, was restored, or was up to date; wall-clock per run. CPU count and load averages go into the JSON.
+Per stage, its task's seconds (the `stage seconds:` line of `tunepath run`) and whether it ran, was restored, or
+was up to date; wall-clock per run. CPU count and load averages go into the JSON.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +34,6 @@ sys.path.insert(0, str(REPO))
 from benchmarks.parallel_runs import build_assets, make_project  # noqa: E402
 
 STAGES = ("validate", "tokenize", "route", "train", "evaluate", "merge", "register")
-LINE = re.compile(r"^(\d\d:\d\d:\d\d\.\d+) \| \w+\s*\| Task run '([a-z]+)[^']*' - (.*)$")
 
 
 def start(root: Path, overrides: list[str], log: Path) -> subprocess.Popen:
@@ -62,24 +60,15 @@ def wait(procs: dict[str, subprocess.Popen], logs: dict[str, Path], t0: float) -
 
 
 def stage_times(log: Path) -> dict[str, dict]:
-    """Per stage: seconds from its task's first to last console line, and how it ended."""
-    seen: dict[str, dict] = {}
-    for line in log.with_suffix(".out").read_text(errors="replace").splitlines():
-        m = LINE.match(line)
-        if not m or m.group(2) not in STAGES:
-            continue
-        when = datetime.strptime(m.group(1)[:12], "%H:%M:%S.%f")
-        entry = seen.setdefault(m.group(2), {"first": when, "last": when, "how": "ran"})
-        entry["last"] = when
-        text = m.group(3)
-        if "restored from DVC's run cache" in text:
-            entry["how"] = "restored"
-        elif "up to date in dvc.lock, skipped" in text:
-            entry["how"] = "up to date"
-        elif "waiting to reuse its outputs" in text:
-            entry["waited"] = True
-    return {s: {"seconds": round((e["last"] - e["first"]).total_seconds(), 1), "how": e["how"],
-                **({"waited": True} if e.get("waited") else {})} for s, e in seen.items()}
+    """Per stage: its task's seconds (the `stage seconds:` line `tunepath run` prints) and how it ended."""
+    text = log.with_suffix(".out").read_text(errors="replace")
+    seconds = dict(item.rsplit(" ", 1) for item in re.search(r"^stage seconds: (.*)$", text, re.M).group(1).split(", "))
+    summary = re.search(r"^stages run: (.*?); up to date: (.*?)(?: \(restored from DVC's run cache: (.*)\))?$", text, re.M)
+    restored = set((summary.group(3) or "").split(", ")) - {""}
+    up_to_date = set(summary.group(2).split(", ")) - {"none"} - restored
+    waited = set(re.findall(r"tunepath\.ledger: (\w+): .* computes it from the same inputs; waiting", text))
+    return {stage: {"seconds": float(s), "how": "restored" if stage in restored else "up to date" if stage in up_to_date else "ran",
+                    **({"waited": True} if stage in waited else {})} for stage, s in seconds.items()}
 
 
 def versions(root: Path) -> int:

@@ -80,17 +80,8 @@ def finetune(recipe: str = "", config: Config = Config(), project_dir: str = "."
                 return run_pipeline(home, home, recipe, config, tracking_uri)
     with isolate.working_copy(home, key or isolate.run_key(home, config.model_dump(mode="json")), experiment_name(), what) as (copy, left):
         name = copy.name
-        if left:
-            when = time.strftime("%H:%M:%S", time.localtime(left.get("started", 0)))
-            logger.info("resuming in working copy %s, left by an %s run (pid %s, started %s) with the same params; its "
-                        "finished stages and training checkpoints are kept", copy, "failed" if left.get("error") else "interrupted",
-                        left.get("pid"), when)
-        else:
+        if not left:
             logger.info("working copy %s; the result lands as DVC experiment %s", copy, name)
-        others = [c for c in isolate.left_copies(home) if c["state"] in ("interrupted", "failed", "stray") and c["name"] != name]
-        if others:
-            logger.warning("%d other working copies of interrupted or failed runs are left (%.1f MB): `tunepath workspaces` "
-                           "lists them, `tunepath workspaces --clean` removes them", len(others), sum(c["bytes"] for c in others) / 1e6)
         try:
             with project_lock(copy, dvc=True, what=what):
                 result = run_pipeline(copy, home, recipe, config, tracking_uri, resumed=left is not None)
@@ -152,6 +143,7 @@ def run_pipeline(root: Path, home: Path, recipe: str, config: Config, tracking_u
     record = root / "artifacts" / "register" / "model.json"
     return {"ran": [r["stage"] for r in results if not r["skipped"]], "skipped": skipped,
             "restored": [r["stage"] for r in results if r.get("restored")], "mlflow_run_id": run_id,
+            "seconds": {r["stage"]: r.get("seconds") for r in results},
             "mlflow_run_url": run_url(uri, run_id) if run_id else None, "mlflow_run_reused": pipeline_run.id is None,
             "workspace": "in-place" if root == home else "isolated",
             "registered": json.loads(record.read_text(encoding="utf-8")) if record.exists() else None}

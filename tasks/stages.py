@@ -6,6 +6,7 @@ stages that ran from those DVC found up to date; the flow reads the task's recor
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -25,6 +26,7 @@ REPORTS = {"validate": "report.md", "tokenize": "report.md", "route": "plan.md",
 @task(name="stage", task_run_name="{name}", cache_policy=NO_CACHE)
 def run_stage_task(name: str, config, workspace: Workspace):
     logger = get_run_logger()
+    started = time.perf_counter()
     ledger = Ledger(workspace.root)
     changes = ledger.changes(name)
     if not changes and name == "register":
@@ -38,14 +40,13 @@ def run_stage_task(name: str, config, workspace: Workspace):
         republish(name, workspace)  # the run's page shows this stage's report as if it had run
         # Prefect 3.9 has no `Cached()` helper; its own cache hits are COMPLETED states named "Cached" like this one
         return Completed(name="Cached", message=f"{name}: up to date in dvc.lock (inputs, params and outputs unchanged)",
-                         data={"stage": name, "skipped": True})
+                         data={"stage": name, "skipped": True, "seconds": round(time.perf_counter() - started, 1)})
     # a run with the same inputs (another working copy of the project, or this folder earlier) may have made it
-    with ledger.first_with_these_inputs(name, isolate.home_of(workspace.root) / isolate.LOCKS, logger.info) as restored:
-        if restored:
-            logger.info("%s: restored from DVC's run cache (a run with the same deps and params made it), skipped", name)
+    with ledger.first_with_these_inputs(name, isolate.home_of(workspace.root) / isolate.LOCKS) as restored:
+        if restored:  # tunepath.ledger said so in a line of its own
             republish(name, workspace)
             return Completed(name="Cached", message=f"{name}: restored from DVC's run cache (same deps and params)",
-                             data={"stage": name, "skipped": True, "restored": True})
+                             data={"stage": name, "skipped": True, "restored": True, "seconds": round(time.perf_counter() - started, 1)})
         logger.info("%s: running (%s)", name, describe_changes(changes.get(name, [])))
         workspace = workspace.with_mlflow_run()  # the first stage that runs opens the pipeline's MLflow run
         if name == "train":
@@ -63,7 +64,7 @@ def run_stage_task(name: str, config, workspace: Workspace):
         ledger.record(name)
         ledger.remember(name)
     publish(name, workspace, summary)
-    return {"stage": name, "skipped": False}
+    return {"stage": name, "skipped": False, "seconds": round(time.perf_counter() - started, 1)}
 
 
 def republish(name: str, workspace: Workspace) -> None:

@@ -185,8 +185,12 @@ def hold_copy(home: Path, key: str, name: str, end: str) -> tuple[subprocess.Pop
     return proc, Path(line)
 
 
-def test_the_rerun_of_an_interrupted_isolated_run_resumes_in_its_copy_and_others_are_listed(tmp_path):
+def test_the_rerun_of_an_interrupted_isolated_run_resumes_in_its_copy_and_others_are_listed(tmp_path, caplog):
+    import logging
+
     from tunepath import isolate
+
+    caplog.set_level(logging.INFO, logger="tunepath.isolate")
 
     home = tiny_project(tmp_path / "home")
     key = isolate.run_key(home, {"a": 2})
@@ -211,6 +215,8 @@ def test_the_rerun_of_an_interrupted_isolated_run_resumes_in_its_copy_and_others
     # the same run again: the same copy, with what the killed run left; another name is ignored
     with isolate.working_copy(home, key, "second", "tunepath run --set a=2") as (again, record):
         assert again == copy and record["name"] == "first" and record["runs"] == 1
+        [said] = [r.getMessage() for r in caplog.records if "resuming in working copy" in r.getMessage()]
+        assert said.startswith(f"resuming in working copy {copy}, left by an interrupted run (pid {proc.pid}, started ")
         assert (again / "artifacts" / "checkpoint-5").read_text() == "step 5"
         assert [c["state"] for c in isolate.left_copies(home)] == ["running"]
         with isolate.working_copy(home, key, "third", "the same run, started meanwhile") as (other, none):
@@ -229,6 +235,11 @@ def test_the_rerun_of_an_interrupted_isolated_run_resumes_in_its_copy_and_others
     states = {c["name"]: (c["state"], c.get("error", "")) for c in isolate.left_copies(home)}
     assert states == {"failed": ("failed", "SystemExit: gate failed"), "other": ("interrupted", "")}
     assert isolate.resumable(home, key)["name"] == "failed"  # a failed run's rerun goes on there too
+    caplog.clear()
+    with isolate.working_copy(home, isolate.run_key(home, {"a": 4}), "fourth", "another run") as (fourth, _):
+        isolate.close_copy(fourth, home)
+    assert any(r.levelname == "WARNING" and r.getMessage().startswith("2 other working copies of interrupted or failed runs are left")
+               for r in caplog.records), caplog.text  # nobody forgets them silently
     listing = subprocess.run([sys.executable, "-m", "tunepath.cli", "--project", str(home), "workspaces"], cwd=REPO,
                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert listing.returncode == 0, listing.stderr
@@ -251,15 +262,17 @@ COUNTED = MAKE + ("import os\n"
                   "pathlib.Path('artifacts/ckpt').mkdir(exist_ok=True)\n"
                   "open(os.environ['MAKE_LOG'], 'a').write(f'{a}\\n')\n")
 COMPUTE = textwrap.dedent("""
-    import os, subprocess, sys, time
+    import logging, os, subprocess, sys, time
     from pathlib import Path
     from tunepath import isolate
     from tunepath.ledger import Ledger
 
+    logging.basicConfig(stream=sys.stdout, format="%(name)s: %(message)s")
+    logging.getLogger("tunepath").setLevel(logging.INFO)
     copy, wait_s = Path(sys.argv[1]), float(sys.argv[2])
     ledger = Ledger(copy)
     os.chdir(copy)
-    with ledger.first_with_these_inputs("make", isolate.home_of(copy) / isolate.LOCKS, lambda m: print(m, flush=True)) as restored:
+    with ledger.first_with_these_inputs("make", isolate.home_of(copy) / isolate.LOCKS) as restored:
         if not restored:
             print("computing", flush=True)
             time.sleep(wait_s)  # long enough for the other run to arrive meanwhile
@@ -302,6 +315,7 @@ def test_a_run_with_the_inputs_of_a_finished_one_restores_its_stage_from_the_run
     out = compute(first).communicate(timeout=300)
     assert out[0].split()[-1] == "computed", out
     assert made.read_text() == "2\n"
+    assert "restored" not in out[0].split()  # nothing to restore yet
 
     second = copy_with(home, "second", 2)  # the same inputs: not in the project's dvc.lock, but in the run cache
     assert Ledger(second).changes("make")
@@ -327,6 +341,7 @@ def test_two_runs_started_together_with_the_same_inputs_compute_the_stage_once(t
     assert outs["a"][0].split()[-1] == "computed", outs
     lines = outs["b"][0].strip().splitlines()
     assert lines[-1] == "restored", outs
-    assert f"make: pid {first.pid} (in {a}) computes it from the same inputs; waiting to reuse its outputs" in lines[0]
+    assert f"tunepath.ledger: make: pid {first.pid} (in {a}) computes it from the same inputs; waiting to reuse its outputs" in lines
+    assert "tunepath.ledger: make: restored from DVC's run cache (a run with the same deps and params made it), skipped" in lines
     assert made.read_text() == "3\n"
     assert (b / "artifacts" / "out.txt").read_text() == (a / "artifacts" / "out.txt").read_text() == "3:rows\nweights\n"

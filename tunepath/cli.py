@@ -149,6 +149,8 @@ def _run(args, workspace: str = "in-place") -> int:
     result = finetune(config=cfg, project_dir=str(args.project), tracking_uri=tracking_uri(args.project), workspace=workspace)
     restored = f" (restored from DVC's run cache: {', '.join(result['restored'])})" if result.get("restored") else ""
     print(f"stages run: {', '.join(result['ran']) or 'none'}; up to date: {', '.join(result['skipped']) or 'none'}{restored}")
+    if result.get("seconds"):
+        print("stage seconds: " + ", ".join(f"{stage} {s}" for stage, s in result["seconds"].items()))
     record = result.get("registered")
     if result.get("experiment"):
         name = result["experiment"]["name"]

@@ -302,6 +302,14 @@ def working_copy(home: Path, key: str, name: str, what: str) -> Iterator[tuple[P
                            "started": time.time(), "runs": (left or {}).get("runs", 0) + 1})
         if copy is None:
             copy = open_copy(home, name)
+        else:
+            log.info("resuming in working copy %s, left by an %s run (pid %s, started %s) with the same params; its "
+                     "finished stages and training checkpoints are kept", copy, "failed" if left.get("error") else "interrupted",
+                     left.get("pid"), time.strftime("%H:%M:%S", time.localtime(left.get("started", 0))))
+        others = [c for c in left_copies(home) if c["state"] != "running" and c["name"] != copy.name]
+        if others:
+            log.warning("%d other working copies of interrupted or failed runs are left (%.1f MB): `tunepath workspaces` "
+                        "lists them, `tunepath workspaces --clean` removes them", len(others), sum(c["bytes"] for c in others) / 1e6)
         yield copy, left
     except BaseException as e:
         with contextlib.suppress(OSError):

@@ -18,7 +18,7 @@ import contextlib
 import fcntl
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class Ledger:
         for out in self._persistent(stage):
             out.mkdir(parents=True, exist_ok=True)  # train's checkpoints: not cached, and not needed for the weights
         self.record(stage)
+        log.info("%s: restored from DVC's run cache (a run with the same deps and params made it), skipped", stage)
         return True
 
     def remember(self, stage: str) -> None:
@@ -97,7 +98,7 @@ class Ledger:
         return dict_sha256(entry)
 
     @contextlib.contextmanager
-    def first_with_these_inputs(self, stage: str, lock_dir: Path, on_wait: Callable[[str], None]) -> Iterator[bool]:
+    def first_with_these_inputs(self, stage: str, lock_dir: Path) -> Iterator[bool]:
         """Hold the stage's inputs for the block, so that no other run computes the same stage from the same inputs
         meanwhile. Yields True when the outputs were restored from the run cache (another run made them, maybe while
         this one waited): the caller then skips the stage; False: the caller computes it."""
@@ -115,7 +116,7 @@ class Ledger:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 other = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another run"
-                on_wait(f"{stage}: {other} computes it from the same inputs; waiting to reuse its outputs")
+                log.info("%s: %s computes it from the same inputs; waiting to reuse its outputs", stage, other)
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 if self.restore(stage):
                     yield True
