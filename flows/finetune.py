@@ -142,7 +142,7 @@ def run_pipeline(root: Path, home: Path, recipe: str, config: Config, tracking_u
                 f"; restored from DVC's run cache: {', '.join(restored)}" if restored else "")
     record = root / "artifacts" / "register" / "model.json"
     return {"ran": [r["stage"] for r in results if not r["skipped"]], "skipped": skipped,
-            "restored": [r["stage"] for r in results if r.get("restored")], "mlflow_run_id": run_id,
+            "restored": restored, "mlflow_run_id": run_id,
             "seconds": {r["stage"]: r.get("seconds") for r in results},
             "mlflow_run_url": run_url(uri, run_id) if run_id else None, "mlflow_run_reused": pipeline_run.id is None,
             "workspace": "in-place" if root == home else "isolated",
