@@ -312,9 +312,11 @@ def working_copy(home: Path, key: str, name: str, what: str) -> Iterator[tuple[P
                         "lists them, `tunepath workspaces --clean` removes them", len(others), sum(c["bytes"] for c in others) / 1e6)
         yield copy, left
     except BaseException as e:
+        if copy is None or not copy.is_dir():  # no copy was made: nothing to resume, no record to keep
+            _record_path(home, name).unlink(missing_ok=True)
+            raise
         with contextlib.suppress(OSError):
-            record = json.loads(os.pread(fd, 1 << 20, 0) or b"{}")
-            _write_record(fd, {**record, "ended": time.time(), "error": f"{type(e).__name__}: {e}"[:300]})
+            _write_record(fd, {**_read_record(fd), "ended": time.time(), "error": f"{type(e).__name__}: {e}"[:300]})
         raise
     finally:
         os.close(fd)
