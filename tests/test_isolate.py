@@ -345,3 +345,31 @@ def test_two_runs_started_together_with_the_same_inputs_compute_the_stage_once(t
     assert "tunepath.ledger: make: restored from DVC's run cache (a run with the same deps and params made it), skipped" in lines
     assert made.read_text() == "3\n"
     assert (b / "artifacts" / "out.txt").read_text() == (a / "artifacts" / "out.txt").read_text() == "3:rows\nweights\n"
+
+
+def test_tunepath_run_in_a_free_project_goes_to_the_copy_its_interrupted_run_left(tmp_path):
+    """The CLI's choice: the same `tunepath run --set ...` as an interrupted isolated run resumes in its copy even
+    when the folder is free; other params (or --in-place, --wait) run in the folder."""
+    import argparse
+    import shutil
+
+    from tunepath import isolate
+    from tunepath.cli import left_copy_to_resume, load_run_config
+
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(REPO / "params.yaml", home / "params.yaml")
+    (home / ".gitignore").write_text("/.tunepath/\n")
+    sh(home, "git", "init", "-q")
+    dvc(home, "init", "-q")
+    sh(home, *GIT, "add", "-A")
+    sh(home, *GIT, "commit", "-q", "-m", "project")
+    args = argparse.Namespace(project=home, config=None, set=["train.learning_rate=0.003"])
+    assert not left_copy_to_resume(args)  # no copies at all
+    key = isolate.run_key(home, load_run_config(args).model_dump(mode="json"))
+    proc, copy = hold_copy(home, key, "left", "kill")
+    assert not left_copy_to_resume(args)  # its run is alive: this one gets the folder (or a copy of its own)
+    proc.kill()
+    proc.wait()
+    assert left_copy_to_resume(args)
+    assert not left_copy_to_resume(argparse.Namespace(project=home, config=None, set=["train.learning_rate=0.004"]))
