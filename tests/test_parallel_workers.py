@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from tests.test_concurrent_runs import check_version
-from tests.test_services import SERVICE_OVERRIDES, run_like_ui, services_project, wait_for_run, run_logs
+from tests.test_services import SERVICE_OVERRIDES, run_like_ui, run_logs, services_project, wait_for_run
 from tunepath import services
 from tunepath.services import ServiceOptions, http, start_services, stop_services
 
