@@ -18,7 +18,7 @@ from typing import Literal
 from prefect import flow, get_run_logger
 
 from tasks.stages import run_stage_task
-from tunepath import isolate
+from tunepath import isolate, workspaces
 from tunepath.config import STAGES, Config
 from tunepath.errors import describe
 from tunepath.params import write_params
@@ -64,8 +64,8 @@ def finetune(recipe: str = "", config: Config = Config(), project_dir: str = "."
     what = f"Prefect flow run {flow_run.get_name()} (finetune)"
     if recipe.strip():  # before the workspace is chosen: the recipe's values are part of what makes a run the same run
         config, recipe = resolved_recipe(recipe, config, home), ""
-    key = isolate.run_key(home, config.model_dump(mode="json")) if isolate.cannot_isolate(home) is None else None
-    if workspace == "auto" and key and isolate.resumable(home, key):
+    key = workspaces.run_key(home, config.model_dump(mode="json")) if isolate.cannot_isolate(home) is None else None
+    if workspace == "auto" and key and workspaces.resumable(home, key):
         workspace = "isolated"  # the same run, interrupted: it goes on in the copy it left, not in the folder
     if workspace != "isolated":
         # params.yaml, artifacts/ and dvc.lock are the project's: one run at a time there (`tunepath run` took it already)
@@ -78,7 +78,7 @@ def finetune(recipe: str = "", config: Config = Config(), project_dir: str = "."
                 logger.info("%s; this run works in a working copy of its own", busy.holder_text)
             else:
                 return run_pipeline(home, home, recipe, config, tracking_uri)
-    with isolate.working_copy(home, key or isolate.run_key(home, config.model_dump(mode="json")), experiment_name(), what) as (copy, left):
+    with workspaces.working_copy(home, key or workspaces.run_key(home, config.model_dump(mode="json")), experiment_name(), what) as (copy, left):
         name = copy.name
         if not left:
             logger.info("working copy %s; the result lands as DVC experiment %s", copy, name)

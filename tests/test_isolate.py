@@ -164,10 +164,10 @@ def test_several_processes_write_one_sqlite_registry_at_once(tmp_path):
 HOLDER = textwrap.dedent("""
     import os, sys
     from pathlib import Path
-    from tunepath import isolate
+    from tunepath import workspaces
 
     home, key, name, end = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-    with isolate.working_copy(home, key, name, "tunepath run --set a=2") as (copy, left):
+    with workspaces.working_copy(home, key, name, "tunepath run --set a=2") as (copy, left):
         (copy / "artifacts").mkdir(exist_ok=True)
         (copy / "artifacts" / "checkpoint-5").write_text("step 5")  # what a killed training leaves
         print(copy, flush=True)
@@ -188,55 +188,55 @@ def hold_copy(home: Path, key: str, name: str, end: str) -> tuple[subprocess.Pop
 def test_the_rerun_of_an_interrupted_isolated_run_resumes_in_its_copy_and_others_are_listed(tmp_path, caplog):
     import logging
 
-    from tunepath import isolate
+    from tunepath import isolate, workspaces
 
-    caplog.set_level(logging.INFO, logger="tunepath.isolate")
+    caplog.set_level(logging.INFO, logger="tunepath.workspaces")
 
     home = tiny_project(tmp_path / "home")
-    key = isolate.run_key(home, {"a": 2})
-    assert key == isolate.run_key(home, {"a": 2}) != isolate.run_key(home, {"a": 3})
+    key = workspaces.run_key(home, {"a": 2})
+    assert key == workspaces.run_key(home, {"a": 2}) != workspaces.run_key(home, {"a": 3})
     (home / "make.py").write_text(MAKE + "# edited\n")  # other uncommitted code: another run
-    assert isolate.run_key(home, {"a": 2}) != key
+    assert workspaces.run_key(home, {"a": 2}) != key
     (home / "make.py").write_text(MAKE)
     (home / "params.yaml").write_text("a: 7\n")  # a run in place rewriting params.yaml: still the same run
-    assert isolate.run_key(home, {"a": 2}) == key
+    assert workspaces.run_key(home, {"a": 2}) == key
 
     proc, copy = hold_copy(home, key, "first", "kill")
-    assert isolate.resumable(home, key) is None  # its run is alive: not to be taken over
-    [listed] = isolate.left_copies(home)
+    assert workspaces.resumable(home, key) is None  # its run is alive: not to be taken over
+    [listed] = workspaces.left_copies(home)
     assert listed["state"] == "running" and listed["pid"] == proc.pid and listed["command"] == "tunepath run --set a=2"
     assert listed["bytes"] > 0
     proc.kill()
     proc.wait()
-    left = isolate.resumable(home, key)
+    left = workspaces.resumable(home, key)
     assert left["name"] == "first" and left["pid"] == proc.pid
-    assert [c["state"] for c in isolate.left_copies(home)] == ["interrupted"]
+    assert [c["state"] for c in workspaces.left_copies(home)] == ["interrupted"]
 
     # the same run again: the same copy, with what the killed run left; another name is ignored
-    with isolate.working_copy(home, key, "second", "tunepath run --set a=2") as (again, record):
+    with workspaces.working_copy(home, key, "second", "tunepath run --set a=2") as (again, record):
         assert again == copy and record["name"] == "first" and record["runs"] == 1
         [said] = [r.getMessage() for r in caplog.records if "resuming in working copy" in r.getMessage()]
         assert said.startswith(f"resuming in working copy {copy}, left by an interrupted run (pid {proc.pid}, started ")
         assert (again / "artifacts" / "checkpoint-5").read_text() == "step 5"
-        assert [c["state"] for c in isolate.left_copies(home)] == ["running"]
-        with isolate.working_copy(home, key, "third", "the same run, started meanwhile") as (other, none):
+        assert [c["state"] for c in workspaces.left_copies(home)] == ["running"]
+        with workspaces.working_copy(home, key, "third", "the same run, started meanwhile") as (other, none):
             assert other != copy and none is None  # the copy is held: a second run of the same params gets its own
             isolate.close_copy(other, home)
         isolate.close_copy(again, home)  # as the flow does once the run has landed
-    assert isolate.left_copies(home) == [] and not copy.exists()
+    assert workspaces.left_copies(home) == [] and not copy.exists()
     assert len(sh(home, "git", "worktree", "list").strip().splitlines()) == 1
 
     # a failed run's copy and an unmatched one: listed with their state, removed by `tunepath workspaces --clean`
     proc, failed = hold_copy(home, key, "failed", "fail")
     assert proc.wait() == 1
-    proc, killed = hold_copy(home, isolate.run_key(home, {"a": 9}), "other", "kill")
+    proc, killed = hold_copy(home, workspaces.run_key(home, {"a": 9}), "other", "kill")
     proc.kill()
     proc.wait()
-    states = {c["name"]: (c["state"], c.get("error", "")) for c in isolate.left_copies(home)}
+    states = {c["name"]: (c["state"], c.get("error", "")) for c in workspaces.left_copies(home)}
     assert states == {"failed": ("failed", "SystemExit: gate failed"), "other": ("interrupted", "")}
-    assert isolate.resumable(home, key)["name"] == "failed"  # a failed run's rerun goes on there too
+    assert workspaces.resumable(home, key)["name"] == "failed"  # a failed run's rerun goes on there too
     caplog.clear()
-    with isolate.working_copy(home, isolate.run_key(home, {"a": 4}), "fourth", "another run") as (fourth, _):
+    with workspaces.working_copy(home, workspaces.run_key(home, {"a": 4}), "fourth", "another run") as (fourth, _):
         isolate.close_copy(fourth, home)
     assert any(r.levelname == "WARNING" and r.getMessage().startswith("2 other working copies of interrupted or failed runs are left")
                for r in caplog.records), caplog.text  # nobody forgets them silently
@@ -249,7 +249,7 @@ def test_the_rerun_of_an_interrupted_isolated_run_resumes_in_its_copy_and_others
                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert cleaned.returncode == 0, cleaned.stderr
     assert f"removed: {failed}" in cleaned.stdout and f"removed: {killed}" in cleaned.stdout
-    assert isolate.left_copies(home) == [] and not failed.exists() and not killed.exists()
+    assert workspaces.left_copies(home) == [] and not failed.exists() and not killed.exists()
     assert (home / "models" / "m" / "w.bin").exists()
     assert len(sh(home, "git", "worktree", "list").strip().splitlines()) == 1
 
@@ -353,7 +353,7 @@ def test_tunepath_run_in_a_free_project_goes_to_the_copy_its_interrupted_run_lef
     import argparse
     import shutil
 
-    from tunepath import isolate
+    from tunepath import workspaces
     from tunepath.cli import left_copy_to_resume, load_run_config
 
     home = tmp_path / "home"
@@ -366,7 +366,7 @@ def test_tunepath_run_in_a_free_project_goes_to_the_copy_its_interrupted_run_lef
     sh(home, *GIT, "commit", "-q", "-m", "project")
     args = argparse.Namespace(project=home, config=None, set=["train.learning_rate=0.003"])
     assert not left_copy_to_resume(args)  # no copies at all
-    key = isolate.run_key(home, load_run_config(args).model_dump(mode="json"))
+    key = workspaces.run_key(home, load_run_config(args).model_dump(mode="json"))
     proc, copy = hold_copy(home, key, "left", "kill")
     assert not left_copy_to_resume(args)  # its run is alive: this one gets the folder (or a copy of its own)
     proc.kill()

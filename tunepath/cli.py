@@ -112,12 +112,12 @@ def cmd_run(args) -> int:
 
 def left_copy_to_resume(args) -> bool:
     """Whether an interrupted or failed isolated run with this run's params left a copy no run works in."""
-    from tunepath import isolate
+    from tunepath import isolate, workspaces
 
     if not (args.project / isolate.WORKSPACES).is_dir() or isolate.cannot_isolate(args.project):
         return False
     cfg = load_run_config(args)
-    return isolate.resumable(args.project, isolate.run_key(args.project, cfg.model_dump(mode="json"))) is not None
+    return workspaces.resumable(args.project, workspaces.run_key(args.project, cfg.model_dump(mode="json"))) is not None
 
 
 def load_run_config(args):
@@ -192,9 +192,9 @@ def cmd_stage(args) -> int:
 def cmd_workspaces(args) -> int:
     import time
 
-    from tunepath import isolate
+    from tunepath import workspaces
 
-    copies = isolate.left_copies(args.project)
+    copies = workspaces.left_copies(args.project)
     if not copies:
         print("no working copies")
         return 0
@@ -205,7 +205,7 @@ def cmd_workspaces(args) -> int:
               f"`{c.get('command', '?')}`{why}")
     if args.clean:
         for c in (c for c in copies if c["state"] != "running"):
-            removed = isolate.remove_copy(args.project, c["name"])
+            removed = workspaces.remove_copy(args.project, c["name"])
             print(f"{'removed' if removed else 'kept (a run started in it)'}: {c['path']}")
     else:
         idle = [c for c in copies if c["state"] != "running"]
