@@ -49,11 +49,19 @@ def test_two_worker_slots_run_two_deployment_runs_at_once_each_with_its_own_line
         span = {lr: (datetime.fromisoformat(r["start_time"]), datetime.fromisoformat(r["end_time"])) for lr, r in done.items()}
         (a0, a1), (b0, b1) = span.values()
         assert a0 < b1 and b0 < a1, span
-        logs = {lr: run_logs(api, run_id) for lr, run_id in runs.items()}
-        isolated = [lr for lr in RATES if "this run works in a working copy of its own" in logs[lr]]
-        assert len(isolated) == 1, logs
-        isolated = isolated[0]
-        in_place = next(lr for lr in RATES if lr != isolated)
+        # which went where: the folder's params.yaml holds one rate, the one DVC experiment the other
+        params = yaml.safe_load((root / "params.yaml").read_text())
+        in_place = next(lr for lr in RATES if params["train"]["learning_rate"] == float(lr))
+        isolated = next(lr for lr in RATES if lr != in_place)
+        shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=root, capture_output=True,
+                               text=True, check=True)
+        [name] = [e["name"] for base in json.loads(shown.stdout) for e in (base.get("experiments") or [])]
+        refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], cwd=root, capture_output=True,
+                              text=True, check=True).stdout.split()
+        ref = next(r for r in refs if r.endswith("/" + name))
+        exp_params = yaml.safe_load(subprocess.run(["git", "show", f"{ref}:params.yaml"], cwd=root, capture_output=True,
+                                                   text=True, check=True).stdout)
+        assert exp_params["train"]["learning_rate"] == float(isolated)
 
         client = MlflowClient(tracking_uri=report.mlflow_url)
         versions = sorted(client.search_model_versions("name='tunepath-demo'"), key=lambda v: int(v.version))
@@ -66,13 +74,8 @@ def test_two_worker_slots_run_two_deployment_runs_at_once_each_with_its_own_line
         assert by_lr[RATES[0]].tags["artifact_hash"] != by_lr[RATES[1]].tags["artifact_hash"]
 
         # the weights the recorded params produced: the folder's for the run in place ...
-        params = yaml.safe_load((root / "params.yaml").read_text())
-        assert params["train"]["learning_rate"] == float(in_place)
         assert artifact_hash(root / "artifacts" / "merge" / "model") == by_lr[in_place].tags["artifact_hash"]
         # ... and the DVC experiment's for the isolated one, from the shared cache
-        shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=root, capture_output=True,
-                               text=True, check=True)
-        [name] = [e["name"] for base in json.loads(shown.stdout) for e in (base.get("experiments") or [])]
         subprocess.run([sys.executable, "-m", "dvc", "exp", "apply", name], cwd=root, capture_output=True, text=True, check=True)
         assert yaml.safe_load((root / "params.yaml").read_text())["train"]["learning_rate"] == float(isolated)
         assert artifact_hash(root / "artifacts" / "merge" / "model") == by_lr[isolated].tags["artifact_hash"]
