@@ -18,7 +18,7 @@ from typing import Literal
 from prefect import flow, get_run_logger
 
 from tasks.stages import run_stage_task
-from tunepath import isolate
+from tunepath import isolate, workspaces
 from tunepath.config import STAGES, Config
 from tunepath.errors import describe
 from tunepath.params import write_params
@@ -62,6 +62,11 @@ def finetune(recipe: str = "", config: Config = Config(), project_dir: str = "."
     logger = get_run_logger()
     home = Path(project_dir).resolve()
     what = f"Prefect flow run {flow_run.get_name()} (finetune)"
+    if recipe.strip():  # before the workspace is chosen: the recipe's values are part of what makes a run the same run
+        config, recipe = resolved_recipe(recipe, config, home), ""
+    key = workspaces.run_key(home, config.model_dump(mode="json")) if isolate.cannot_isolate(home) is None else None
+    if workspace == "auto" and key and workspaces.resumable(home, key):
+        workspace = "isolated"  # the same run, interrupted: it goes on in the copy it left, not in the folder
     if workspace != "isolated":
         # params.yaml, artifacts/ and dvc.lock are the project's: one run at a time there (`tunepath run` took it already)
         with contextlib.ExitStack() as held:
@@ -73,32 +78,39 @@ def finetune(recipe: str = "", config: Config = Config(), project_dir: str = "."
                 logger.info("%s; this run works in a working copy of its own", busy.holder_text)
             else:
                 return run_pipeline(home, home, recipe, config, tracking_uri)
-    name = experiment_name()
-    copy = isolate.open_copy(home, name)
-    logger.info("working copy %s; the result lands as DVC experiment %s", copy, name)
-    try:
-        with project_lock(copy, dvc=True, what=what):
-            result = run_pipeline(copy, home, recipe, config, tracking_uri)
-        result["experiment"] = isolate.land(copy, home, name, message=f"tunepath run {flow_run.get_name() or name}")
-    except BaseException:
-        logger.error("the working copy %s is kept to look at; remove it with `git worktree remove --force %s`", copy, copy)
-        raise
-    isolate.close_copy(copy, home)
+    with workspaces.working_copy(home, key or workspaces.run_key(home, config.model_dump(mode="json")), experiment_name(), what) as (copy, left):
+        name = copy.name
+        if not left:
+            logger.info("working copy %s; the result lands as DVC experiment %s", copy, name)
+        try:
+            with project_lock(copy, dvc=True, what=what):
+                result = run_pipeline(copy, home, recipe, config, tracking_uri, resumed=left is not None)
+            result["experiment"] = isolate.land(copy, home, name, message=f"tunepath run {flow_run.get_name() or name}")
+        except BaseException:
+            logger.error("the working copy %s is kept: the same command again resumes there (`tunepath workspaces --clean` "
+                         "removes it)", copy)
+            raise
+        isolate.close_copy(copy, home)
     logger.info("DVC experiment %s: `dvc exp show` lists it, `dvc exp apply %s` brings it into the project", name, name)
     return result
 
 
-def run_pipeline(root: Path, home: Path, recipe: str, config: Config, tracking_uri: str | None) -> dict:
+def resolved_recipe(recipe: str, config: Config, home: Path) -> Config:
+    config, edits = with_recipe(recipe.strip(), config, home)
+    get_run_logger().info("recipe %s, then the form's changes: %s", recipe.strip(), ", ".join(edits) or "none")
+    return config
+
+
+def run_pipeline(root: Path, home: Path, recipe: str, config: Config, tracking_uri: str | None, resumed: bool = False) -> dict:
     """Every stage in `root` (the project folder, or a working copy of `home`), under `root`'s locks."""
     logger = get_run_logger()
     if recipe.strip():
-        config, edits = with_recipe(recipe.strip(), config, home)
-        logger.info("recipe %s, then the form's changes: %s", recipe.strip(), ", ".join(edits) or "none")
+        config = resolved_recipe(recipe, config, home)
     changed = write_params(root / "params.yaml", config)
     if changed:
         logger.info("params.yaml updated with this run's values: %s", ", ".join(changed))
     if root != home:
-        brought = isolate.bring_inputs(root, home)
+        brought = isolate.bring_inputs(root, home, outputs=not resumed)
         logger.info("inputs: %s", "; ".join(f"{k} {', '.join(v)}" for k, v in brought.items() if v) or "all in git")
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(home)
     refuse_special_files(root / config.data.raw_dir)  # before DVC hashes the folder: a FIFO would block it forever
@@ -125,9 +137,13 @@ def run_pipeline(root: Path, home: Path, recipe: str, config: Config, tracking_u
         end_run(uri, run_id, failed=False, note=f"{len(STAGES) - len(skipped)} stages ran; up to date: {', '.join(skipped) or 'none'}")
     else:  # nothing ran, so nothing to log: the run that made these results stands for this one
         run_id = link_results_run(uri, root)
-    logger.info("done: %d stages ran, %d up to date (%s)", len(STAGES) - len(skipped), len(skipped), ", ".join(skipped) or "none")
+    restored = [r["stage"] for r in results if r.get("restored")]
+    logger.info("done: %d stages ran, %d up to date (%s)%s", len(STAGES) - len(skipped), len(skipped), ", ".join(skipped) or "none",
+                f"; restored from DVC's run cache: {', '.join(restored)}" if restored else "")
     record = root / "artifacts" / "register" / "model.json"
-    return {"ran": [r["stage"] for r in results if not r["skipped"]], "skipped": skipped, "mlflow_run_id": run_id,
+    return {"ran": [r["stage"] for r in results if not r["skipped"]], "skipped": skipped,
+            "restored": restored, "mlflow_run_id": run_id,
+            "seconds": {r["stage"]: r.get("seconds") for r in results},
             "mlflow_run_url": run_url(uri, run_id) if run_id else None, "mlflow_run_reused": pipeline_run.id is None,
             "workspace": "in-place" if root == home else "isolated",
             "registered": json.loads(record.read_text(encoding="utf-8")) if record.exists() else None}

@@ -6,6 +6,7 @@ stages that ran from those DVC found up to date; the flow reads the task's recor
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -14,6 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 from prefect.states import Completed
 
+from tunepath import isolate
 from tunepath.ledger import Ledger
 from tunepath.stages import Workspace, run_stage
 
@@ -24,6 +26,7 @@ REPORTS = {"validate": "report.md", "tokenize": "report.md", "route": "plan.md",
 @task(name="stage", task_run_name="{name}", cache_policy=NO_CACHE)
 def run_stage_task(name: str, config, workspace: Workspace):
     logger = get_run_logger()
+    started = time.perf_counter()
     ledger = Ledger(workspace.root)
     changes = ledger.changes(name)
     if not changes and name == "register":
@@ -37,24 +40,31 @@ def run_stage_task(name: str, config, workspace: Workspace):
         republish(name, workspace)  # the run's page shows this stage's report as if it had run
         # Prefect 3.9 has no `Cached()` helper; its own cache hits are COMPLETED states named "Cached" like this one
         return Completed(name="Cached", message=f"{name}: up to date in dvc.lock (inputs, params and outputs unchanged)",
-                         data={"stage": name, "skipped": True})
-    logger.info("%s: running (%s)", name, describe_changes(changes.get(name, [])))
-    workspace = workspace.with_mlflow_run()  # the first stage that runs opens the pipeline's MLflow run
-    if name == "train":
-        # one training per GPU slot across every worker of the server (`tunepath up` creates `gpu`, one per card);
-        # without the limit (temporary server) Prefect logs a warning and trains anyway
-        with concurrency("gpu", occupy=1, strict=False):
-            summary = run_stage(name, config, workspace, on_progress=train_progress())
-    else:
-        try:
-            summary = run_stage(name, config, workspace)
-        except Exception:
-            if name == "evaluate":
-                publish(name, workspace, {})  # a failed gate still shows its report and samples in the UI
-            raise
-    ledger.record(name)
+                         data={"stage": name, "skipped": True, "seconds": round(time.perf_counter() - started, 1)})
+    # a run with the same inputs (another working copy of the project, or this folder earlier) may have made it
+    with ledger.first_with_these_inputs(name, isolate.home_of(workspace.root) / isolate.LOCKS) as restored:
+        if restored:  # tunepath.ledger said so in a line of its own
+            republish(name, workspace)
+            return Completed(name="Cached", message=f"{name}: restored from DVC's run cache (same deps and params)",
+                             data={"stage": name, "skipped": True, "restored": True, "seconds": round(time.perf_counter() - started, 1)})
+        logger.info("%s: running (%s)", name, describe_changes(changes.get(name, [])))
+        workspace = workspace.with_mlflow_run()  # the first stage that runs opens the pipeline's MLflow run
+        if name == "train":
+            # one training per GPU slot across every worker of the server (`tunepath up` creates `gpu`, one per card);
+            # without the limit (temporary server) Prefect logs a warning and trains anyway
+            with concurrency("gpu", occupy=1, strict=False):
+                summary = run_stage(name, config, workspace, on_progress=train_progress())
+        else:
+            try:
+                summary = run_stage(name, config, workspace)
+            except Exception:
+                if name == "evaluate":
+                    publish(name, workspace, {})  # a failed gate still shows its report and samples in the UI
+                raise
+        ledger.record(name)
+        ledger.remember(name)
     publish(name, workspace, summary)
-    return {"stage": name, "skipped": False}
+    return {"stage": name, "skipped": False, "seconds": round(time.perf_counter() - started, 1)}
 
 
 def republish(name: str, workspace: Workspace) -> None:

@@ -191,3 +191,37 @@ def test_a_signal_during_training_stops_the_run_and_everything_it_started(tmp_pa
 
     with project_lock(root):  # released with the process
         pass
+
+
+def test_an_interrupted_isolated_run_resumes_in_its_copy_when_the_same_command_runs_again(tmp_path, demo_assets):
+    """SIGKILL during training of an isolated run: the copy stays, listed as interrupted; the same command again
+    says in one line that it resumes there, trains on from the last complete checkpoint, lands, and the copy goes."""
+    from tunepath.train.checkpoints import MARKER
+
+    root = make_project(tmp_path / "project", demo_assets)
+    args = ("--isolated", "--set", "train.max_steps=40", "--set", "train.save_steps=5", "--set", "train.learning_rate=0.003")
+    first = start(root, *args, log=tmp_path / "first.log")
+    deadline = time.monotonic() + 1500
+    while not list((root / ".tunepath" / "workspaces").glob(f"*/artifacts/checkpoints/train/*/checkpoint-*/{MARKER}")):
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint was written"
+        time.sleep(1)
+    first.kill()
+    assert first.wait(timeout=30) == -9
+    [copy] = [p for p in (root / ".tunepath" / "workspaces").iterdir() if p.is_dir()]
+    listing = subprocess.run([sys.executable, "-m", "tunepath.cli", "--project", str(root), "workspaces"], cwd=REPO,
+                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert f"{copy.name}  interrupted" in listing.stdout, listing.stdout + listing.stderr
+
+    second = start(root, *args, log=tmp_path / "second.log")
+    assert second.wait(timeout=2400) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    log = (tmp_path / "second.log").read_text()
+    resumed = [l for l in log.splitlines() if "resuming in working copy" in l]
+    assert len(resumed) == 1 and str(copy) in resumed[0] and f"interrupted run (pid {first.pid}" in resumed[0], log[-3000:]
+    assert re.search(r"resuming from .*checkpoint-\d+ \(step [1-9]\d*\)", log), log[-3000:]  # not from step 0
+    assert not copy.exists() and not list((root / ".tunepath" / "workspaces").iterdir())
+    shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=root, capture_output=True, text=True, check=True)
+    assert [e["name"] for base in json.loads(shown.stdout) for e in (base.get("experiments") or [])] == [copy.name]
+    client, versions = registered_versions(root)
+    assert len(versions) == 1
+    check_version(client, versions[0], "0.003", tmp_path / "v")

@@ -157,3 +157,219 @@ def test_several_processes_write_one_sqlite_registry_at_once(tmp_path):
     for run_id in runs:
         assert len(client.get_metric_history(run_id, "loss")) == 40
     assert len(client.search_experiments()) == 2  # Default and the one they all raced to create
+
+
+# --- an interrupted isolated run resumes in the copy it left ----------------------------------------------------
+
+HOLDER = textwrap.dedent("""
+    import os, sys
+    from pathlib import Path
+    from tunepath import workspaces
+
+    home, key, name, end = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    with workspaces.working_copy(home, key, name, "tunepath run --set a=2") as (copy, left):
+        (copy / "artifacts").mkdir(exist_ok=True)
+        (copy / "artifacts" / "checkpoint-5").write_text("step 5")  # what a killed training leaves
+        print(copy, flush=True)
+        if end == "kill":
+            sys.stdin.readline()  # held until the test kills it
+        raise SystemExit("gate failed")
+""")
+
+
+def hold_copy(home: Path, key: str, name: str, end: str) -> tuple[subprocess.Popen, Path]:
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(home), key, name, end], cwd=REPO, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    line = proc.stdout.readline().strip()
+    assert line, proc.stderr.read()
+    return proc, Path(line)
+
+
+def test_the_rerun_of_an_interrupted_isolated_run_resumes_in_its_copy_and_others_are_listed(tmp_path, caplog):
+    import logging
+
+    from tunepath import isolate, workspaces
+
+    caplog.set_level(logging.INFO, logger="tunepath.workspaces")
+
+    home = tiny_project(tmp_path / "home")
+    key = workspaces.run_key(home, {"a": 2})
+    assert key == workspaces.run_key(home, {"a": 2}) != workspaces.run_key(home, {"a": 3})
+    (home / "make.py").write_text(MAKE + "# edited\n")  # other uncommitted code: another run
+    assert workspaces.run_key(home, {"a": 2}) != key
+    (home / "make.py").write_text(MAKE)
+    (home / "params.yaml").write_text("a: 7\n")  # a run in place rewriting params.yaml: still the same run
+    assert workspaces.run_key(home, {"a": 2}) == key
+
+    proc, copy = hold_copy(home, key, "first", "kill")
+    assert workspaces.resumable(home, key) is None  # its run is alive: not to be taken over
+    [listed] = workspaces.left_copies(home)
+    assert listed["state"] == "running" and listed["pid"] == proc.pid and listed["command"] == "tunepath run --set a=2"
+    assert listed["bytes"] > 0
+    proc.kill()
+    proc.wait()
+    left = workspaces.resumable(home, key)
+    assert left["name"] == "first" and left["pid"] == proc.pid
+    assert [c["state"] for c in workspaces.left_copies(home)] == ["interrupted"]
+
+    # the same run again: the same copy, with what the killed run left; another name is ignored
+    with workspaces.working_copy(home, key, "second", "tunepath run --set a=2") as (again, record):
+        assert again == copy and record["name"] == "first" and record["runs"] == 1
+        [said] = [r.getMessage() for r in caplog.records if "resuming in working copy" in r.getMessage()]
+        assert said.startswith(f"resuming in working copy {copy}, left by an interrupted run (pid {proc.pid}, started ")
+        assert (again / "artifacts" / "checkpoint-5").read_text() == "step 5"
+        assert [c["state"] for c in workspaces.left_copies(home)] == ["running"]
+        with workspaces.working_copy(home, key, "third", "the same run, started meanwhile") as (other, none):
+            assert other != copy and none is None  # the copy is held: a second run of the same params gets its own
+            isolate.close_copy(other, home)
+        isolate.close_copy(again, home)  # as the flow does once the run has landed
+    assert workspaces.left_copies(home) == [] and not copy.exists()
+    assert len(sh(home, "git", "worktree", "list").strip().splitlines()) == 1
+
+    # a failed run's copy and an unmatched one: listed with their state, removed by `tunepath workspaces --clean`
+    proc, failed = hold_copy(home, key, "failed", "fail")
+    assert proc.wait() == 1
+    proc, killed = hold_copy(home, workspaces.run_key(home, {"a": 9}), "other", "kill")
+    proc.kill()
+    proc.wait()
+    states = {c["name"]: (c["state"], c.get("error", "")) for c in workspaces.left_copies(home)}
+    assert states == {"failed": ("failed", "SystemExit: gate failed"), "other": ("interrupted", "")}
+    assert workspaces.resumable(home, key)["name"] == "failed"  # a failed run's rerun goes on there too
+    caplog.clear()
+    with workspaces.working_copy(home, workspaces.run_key(home, {"a": 4}), "fourth", "another run") as (fourth, _):
+        isolate.close_copy(fourth, home)
+    assert any(r.levelname == "WARNING" and r.getMessage().startswith("2 other working copies of interrupted or failed runs are left")
+               for r in caplog.records), caplog.text  # nobody forgets them silently
+    listing = subprocess.run([sys.executable, "-m", "tunepath.cli", "--project", str(home), "workspaces"], cwd=REPO,
+                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert listing.returncode == 0, listing.stderr
+    assert "failed  failed" in listing.stdout and "other  interrupted" in listing.stdout
+    assert "2 copies no run works in" in listing.stdout and "--clean" in listing.stdout
+    cleaned = subprocess.run([sys.executable, "-m", "tunepath.cli", "--project", str(home), "workspaces", "--clean"], cwd=REPO,
+                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert cleaned.returncode == 0, cleaned.stderr
+    assert f"removed: {failed}" in cleaned.stdout and f"removed: {killed}" in cleaned.stdout
+    assert workspaces.left_copies(home) == [] and not failed.exists() and not killed.exists()
+    assert (home / "models" / "m" / "w.bin").exists()
+    assert len(sh(home, "git", "worktree", "list").strip().splitlines()) == 1
+
+
+# --- runs with identical inputs reuse each other's stages through DVC's run cache -------------------------------
+
+CKPT_STAGE = {"stages": {"make": {**STAGE["stages"]["make"],
+                                  "outs": ["artifacts/out.txt", {"artifacts/ckpt": {"persist": True, "cache": False}}]}}}
+COUNTED = MAKE + ("import os\n"
+                  "pathlib.Path('artifacts/ckpt').mkdir(exist_ok=True)\n"
+                  "open(os.environ['MAKE_LOG'], 'a').write(f'{a}\\n')\n")
+COMPUTE = textwrap.dedent("""
+    import logging, os, subprocess, sys, time
+    from pathlib import Path
+    from tunepath import isolate
+    from tunepath.ledger import Ledger
+
+    logging.basicConfig(stream=sys.stdout, format="%(name)s: %(message)s")
+    logging.getLogger("tunepath").setLevel(logging.INFO)
+    copy, wait_s = Path(sys.argv[1]), float(sys.argv[2])
+    ledger = Ledger(copy)
+    os.chdir(copy)
+    with ledger.first_with_these_inputs("make", isolate.home_of(copy) / isolate.LOCKS) as restored:
+        if not restored:
+            print("computing", flush=True)
+            time.sleep(wait_s)  # long enough for the other run to arrive meanwhile
+            subprocess.run([sys.executable, "make.py"], check=True)
+            ledger.record("make")
+            ledger.remember("make")
+    print("restored" if restored else "computed", flush=True)
+""")
+
+
+def reuse_project(root: Path) -> Path:
+    """The tiny project, its stage with a persistent uncached output (as train's checkpoints) counting its runs."""
+    root = tiny_project(root)
+    (root / "dvc.yaml").write_text(yaml.safe_dump(CKPT_STAGE))
+    (root / "make.py").write_text(COUNTED)
+    sh(root, *GIT, "commit", "-qam", "counted")
+    return root
+
+
+def copy_with(home: Path, name: str, a: int) -> Path:
+    from tunepath import isolate
+
+    copy = isolate.open_copy(home, name)
+    (copy / "params.yaml").write_text(f"a: {a}\n")
+    isolate.bring_inputs(copy, home)
+    return copy
+
+
+def compute(copy: Path, wait_s: float = 0.0) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", COMPUTE, str(copy), str(wait_s)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO), "MAKE_LOG": str(copy.parent / "made.log")})
+
+
+def test_a_run_with_the_inputs_of_a_finished_one_restores_its_stage_from_the_run_cache(tmp_path, monkeypatch):
+    from tunepath.ledger import Ledger
+
+    home = reuse_project(tmp_path / "home")
+    made = home / ".tunepath" / "workspaces" / "made.log"
+    first = copy_with(home, "first", 2)
+    out = compute(first).communicate(timeout=300)
+    assert out[0].split()[-1] == "computed", out
+    assert made.read_text() == "2\n"
+    assert "restored" not in out[0].split()  # nothing to restore yet
+
+    second = copy_with(home, "second", 2)  # the same inputs: not in the project's dvc.lock, but in the run cache
+    assert Ledger(second).changes("make")
+    out = compute(second).communicate(timeout=300)
+    assert out[0].split()[-1] == "restored", out
+    assert made.read_text() == "2\n"  # not computed again
+    assert (second / "artifacts" / "out.txt").read_text() == "2:rows\nweights\n" and (second / "artifacts" / "ckpt").is_dir()
+    assert Ledger(second).changes("make") == {}  # recorded in the copy's dvc.lock: DVC calls it up to date
+    other = copy_with(home, "other", 5)
+    out = compute(other).communicate(timeout=300)
+    assert out[0].split()[-1] == "computed", out  # other params: computed
+    assert made.read_text() == "2\n5\n"
+
+
+def test_two_runs_started_together_with_the_same_inputs_compute_the_stage_once(tmp_path):
+    home = reuse_project(tmp_path / "home")
+    made = home / ".tunepath" / "workspaces" / "made.log"
+    a, b = copy_with(home, "a", 3), copy_with(home, "b", 3)
+    first = compute(a, wait_s=4.0)
+    assert first.stdout.readline().strip() == "computing"
+    second = compute(b)
+    outs = {"a": first.communicate(timeout=300), "b": second.communicate(timeout=300)}
+    assert outs["a"][0].split()[-1] == "computed", outs
+    lines = outs["b"][0].strip().splitlines()
+    assert lines[-1] == "restored", outs
+    assert f"tunepath.ledger: make: pid {first.pid} (in {a}) computes it from the same inputs; waiting to reuse its outputs" in lines
+    assert "tunepath.ledger: make: restored from DVC's run cache (a run with the same deps and params made it), skipped" in lines
+    assert made.read_text() == "3\n"
+    assert (b / "artifacts" / "out.txt").read_text() == (a / "artifacts" / "out.txt").read_text() == "3:rows\nweights\n"
+
+
+def test_tunepath_run_in_a_free_project_goes_to_the_copy_its_interrupted_run_left(tmp_path):
+    """The CLI's choice: the same `tunepath run --set ...` as an interrupted isolated run resumes in its copy even
+    when the folder is free; other params (or --in-place, --wait) run in the folder."""
+    import argparse
+    import shutil
+
+    from tunepath import workspaces
+    from tunepath.cli import left_copy_to_resume, load_run_config
+
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(REPO / "params.yaml", home / "params.yaml")
+    (home / ".gitignore").write_text("/.tunepath/\n")
+    sh(home, "git", "init", "-q")
+    dvc(home, "init", "-q")
+    sh(home, *GIT, "add", "-A")
+    sh(home, *GIT, "commit", "-q", "-m", "project")
+    args = argparse.Namespace(project=home, config=None, set=["train.learning_rate=0.003"])
+    assert not left_copy_to_resume(args)  # no copies at all
+    key = workspaces.run_key(home, load_run_config(args).model_dump(mode="json"))
+    proc, copy = hold_copy(home, key, "left", "kill")
+    assert not left_copy_to_resume(args)  # its run is alive: this one gets the folder (or a copy of its own)
+    proc.kill()
+    proc.wait()
+    assert left_copy_to_resume(args)
+    assert not left_copy_to_resume(argparse.Namespace(project=home, config=None, set=["train.learning_rate=0.004"]))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -147,13 +148,22 @@ def test_dvc_repro_beside_a_run_stops_before_it_touches_the_runs_outputs(project
     # dvc.yaml's commands call `tunepath`: the interpreter's own bin folder first (CI calls .venv/bin/python directly)
     env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     run = hold(project, dvc=True)  # what a `tunepath run` holds from start to end
+    lock_before = (project / "dvc.lock").exists()
     try:
+        started = time.monotonic()
         out = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=project, capture_output=True, text=True, timeout=120, env=env)
+        took = time.monotonic() - started
+        named = (project / ".dvc" / "tmp" / "lock").read_text().strip()
     finally:
         run.kill()
         run.wait()
     assert out.returncode != 0 and "Unable to acquire lock" in out.stdout + out.stderr, out.stdout + out.stderr
+    assert took < 30  # DVC's 3 s of retries plus its start-up: it stops, it does not wait for the run
     assert marker.exists()  # DVC removes a changed stage's outputs before its command: it never got that far
+    assert (project / "dvc.lock").exists() == lock_before and not (project / "artifacts" / "tokenize").exists()
+    # DVC's message is fixed text; the lock file it names holds the run and since when
+    assert re.fullmatch(rf"{run.pid} tunepath run --set train.learning_rate=0.1 since \d\d:\d\d:\d\d "
+                        r"\(tunepath's run lock: \.tunepath/run\.lock\)", named), named
     # a stage of `dvc repro` meeting another holder of the run lock (DVC lets go of its lock while a command runs)
     stage = hold(project)
     try:
@@ -285,3 +295,45 @@ def test_a_contender_waits_out_an_empty_holder_record(tmp_path, moment):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_lock_reentry_is_per_thread_not_per_process(tmp_path):
+    """The flow's own thread (and what runs in its context) re-enters; a thread of another flow in the same
+    process contends for the lock like another process, and skips neither the run lock nor DVC's."""
+    import contextvars
+    import threading
+
+    from tunepath.runlock import ProjectBusy, held, holds_dvc_lock, project_lock
+
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q", "--no-scm"], cwd=tmp_path, check=True)
+    seen = {}
+
+    def other_flow():
+        seen["held"], seen["dvc"] = held(tmp_path), holds_dvc_lock(tmp_path)
+        try:
+            with project_lock(tmp_path):
+                seen["entered"] = True
+        except ProjectBusy as e:
+            seen["busy"] = str(e)
+
+    with project_lock(tmp_path, dvc=True):
+        with project_lock(tmp_path, dvc=True):  # re-entry in the holder's thread
+            assert held(tmp_path) and holds_dvc_lock(tmp_path)
+        thread = threading.Thread(target=other_flow)
+        thread.start()
+        thread.join()
+        assert seen["held"] is False and seen["dvc"] is False and "entered" not in seen
+        assert f"another run works in this project folder: pid {os.getpid()}" in seen["busy"]
+        # a task thread the holder hands its context to (as Prefect's task runner does) works under the lock
+        context = contextvars.copy_context()
+        task = threading.Thread(target=lambda: context.run(lambda: seen.update(task=held(tmp_path) and holds_dvc_lock(tmp_path))))
+        task.start()
+        task.join()
+        assert seen["task"] is True
+        assert held(tmp_path)  # the holder still holds it
+    assert not held(tmp_path) and not holds_dvc_lock(tmp_path)
+    thread = threading.Thread(target=other_flow)  # free again: the other thread gets it
+    seen.clear()
+    thread.start()
+    thread.join()
+    assert seen == {"held": False, "dvc": False, "entered": True}

@@ -6,6 +6,7 @@
     tunepath promote [--force | --rollback]   # candidate -> champion when better; or roll back
     tunepath stage NAME                # one stage, as `dvc repro` runs it
     tunepath up | down | status        # local Prefect + MLflow servers, a worker and the deployments
+    tunepath workspaces [--clean]      # working copies of isolated runs; --clean removes those no run works in
     tunepath chat [--model models:/tunepath-demo@champion | FOLDER] [--system TEXT]   # multi-turn, streamed; --once "Q" for one answer
     tunepath params > params.yaml      # every knob with its default and a comment
     tunepath route --profile examples/profiles/sft_task.yaml [--json]   # explain a route for a profile
@@ -86,7 +87,9 @@ def cmd_run(args) -> int:
         stack.enter_context(stop_on_signals("tunepath run", tracking_uri(args.project), RESUME))
         stack.enter_context(guard_children())
         workspace = "isolated" if args.isolated else "in-place"
-        if not args.isolated:
+        if not (args.isolated or args.in_place or args.wait) and left_copy_to_resume(args):
+            workspace = "isolated"  # the rerun of an interrupted isolated run goes on in its copy (the flow says so)
+        if workspace != "isolated":
             # the lock before params.yaml is read and before the temporary Prefect server's 15-30 s start: a busy
             # project is known at once (refused with --in-place, queued with --wait, else this run goes isolated)
             try:
@@ -107,6 +110,22 @@ def cmd_run(args) -> int:
         return _run(args, workspace)
 
 
+def left_copy_to_resume(args) -> bool:
+    """Whether an interrupted or failed isolated run with this run's params left a copy no run works in."""
+    from tunepath import isolate, workspaces
+
+    if not (args.project / isolate.WORKSPACES).is_dir() or isolate.cannot_isolate(args.project):
+        return False
+    cfg = load_run_config(args)
+    return workspaces.resumable(args.project, workspaces.run_key(args.project, cfg.model_dump(mode="json"))) is not None
+
+
+def load_run_config(args):
+    from tunepath.params import load_config, load_recipe
+
+    return load_recipe(args.config, args.set) if args.config else load_config(args.project / "params.yaml", args.set)
+
+
 def own_prefect_home() -> None:
     """A temporary Prefect home for an isolated run without a Prefect server: two temporary servers on the
     project's one SQLite file would both migrate a new one and contend on every write. Its flow-run history
@@ -123,14 +142,15 @@ def own_prefect_home() -> None:
 
 
 def _run(args, workspace: str = "in-place") -> int:
-    from tunepath.params import load_config, load_recipe
-
-    cfg = load_recipe(args.config, args.set) if args.config else load_config(args.project / "params.yaml", args.set)
+    cfg = load_run_config(args)
     preflight(cfg, args.project)
     from flows.finetune import finetune
 
     result = finetune(config=cfg, project_dir=str(args.project), tracking_uri=tracking_uri(args.project), workspace=workspace)
-    print(f"stages run: {', '.join(result['ran']) or 'none'}; up to date: {', '.join(result['skipped']) or 'none'}")
+    restored = f" (restored from DVC's run cache: {', '.join(result['restored'])})" if result.get("restored") else ""
+    print(f"stages run: {', '.join(result['ran']) or 'none'}; up to date: {', '.join(result['skipped']) or 'none'}{restored}")
+    if result.get("seconds"):
+        print("stage seconds: " + ", ".join(f"{stage} {s}" for stage, s in result["seconds"].items()))
     record = result.get("registered")
     if result.get("experiment"):
         name = result["experiment"]["name"]
@@ -166,6 +186,32 @@ def cmd_stage(args) -> int:
         cfg = load_config(args.project / "params.yaml")
         # the run id: set by the flow for the processes it starts, or by a person who wants `dvc repro` in a run of their own
         run_stage(args.name, cfg, Workspace(args.project, tracking_uri(args.project), os.environ.get(RUN_ENV) or None))
+    return 0
+
+
+def cmd_workspaces(args) -> int:
+    import time
+
+    from tunepath import workspaces
+
+    copies = workspaces.left_copies(args.project)
+    if not copies:
+        print("no working copies")
+        return 0
+    for c in copies:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c["started"])) if c.get("started") else "?"
+        why = f"; {c['error']}" if c.get("error") else ""
+        print(f"{c['name']}  {c['state']}  {c['bytes'] / 1e6:.1f} MB  since {since}  pid {c.get('pid', '?')}  "
+              f"`{c.get('command', '?')}`{why}")
+    if args.clean:
+        for c in (c for c in copies if c["state"] != "running"):
+            removed = workspaces.remove_copy(args.project, c["name"])
+            print(f"{'removed' if removed else 'kept (a run started in it)'}: {c['path']}")
+    else:
+        idle = [c for c in copies if c["state"] != "running"]
+        if idle:
+            print(f"{len(idle)} copies no run works in ({sum(c['bytes'] for c in idle) / 1e6:.1f} MB): the same command "
+                  "resumes an interrupted one; `tunepath workspaces --clean` removes them")
     return 0
 
 
@@ -345,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop exactly the processes `tunepath up` started").set_defaults(func=cmd_down)
     sub.add_parser("status", help="the services `tunepath up` started: PID, URL, health, log").set_defaults(func=cmd_status)
+    spaces = sub.add_parser("workspaces", help="the working copies of isolated runs: running, interrupted (the same command resumes there), failed")
+    spaces.add_argument("--clean", action="store_true", help="remove every copy no run works in (an interrupted run then starts afresh)")
+    spaces.set_defaults(func=cmd_workspaces)
     promote = sub.add_parser("promote", help="move the registry alias `champion` to the candidate when it is better, or roll back")
     promote.add_argument("--model", default=None, help="registered model name (default: register.model_name in params.yaml)")
     action = promote.add_mutually_exclusive_group()

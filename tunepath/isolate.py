@@ -15,6 +15,8 @@ uncommitted changes, with the run's own params.yaml, artifacts/ and dvc.lock. Wh
     land(copy, home, name)                 # `dvc exp save -n NAME`: refs/exps/... shared with the project
     close_copy(copy, home)
 
+An interrupted or failed run keeps its copy, and its rerun resumes there (tunepath.workspaces).
+
 The project's own params.yaml, dvc.lock and artifacts/ are never written. Git worktrees share refs, so the
 experiment is visible to `dvc exp show` in the project at once; `dvc exp apply NAME` brings it into the project.
 """
@@ -104,10 +106,7 @@ def open_copy(home: Path, name: str) -> Path:
 def _carry_changes(home: Path, copy: Path) -> int:
     """What differs from HEAD in the project (edited, staged, new, deleted files git sees), as `dvc exp run
     --temp` carries the workspace's changes into its temporary folder."""
-    changed = [p for p in _git(home, "diff", "--name-only", "-z", "HEAD").split("\0") if p]
-    changed += [p for p in _git(home, "ls-files", "--others", "--exclude-standard", "-z").split("\0") if p]
-    state = f"{Path(STATE).as_posix()}/"
-    changed = [p for p in changed if not p.startswith(state)]  # a project that does not ignore .tunepath/: not the copies
+    changed = changed_files(home)
     for rel in changed:
         src, dst = home / rel, copy / rel
         if not src.exists() and not src.is_symlink():
@@ -119,6 +118,18 @@ def _carry_changes(home: Path, copy: Path) -> int:
         else:
             shutil.copy2(src, dst, follow_symlinks=False)
     return len(changed)
+
+
+def head_commit(home: Path) -> str:
+    return _git(Path(home), "rev-parse", "HEAD").strip()
+
+
+def changed_files(home: Path) -> list[str]:
+    """What git sees differing from HEAD in the project: edited, staged, deleted and new (not ignored) files."""
+    changed = [p for p in _git(home, "diff", "--name-only", "-z", "HEAD").split("\0") if p]
+    changed += [p for p in _git(home, "ls-files", "--others", "--exclude-standard", "-z").split("\0") if p]
+    state = f"{Path(STATE).as_posix()}/"
+    return sorted({p for p in changed if not p.startswith(state)})  # a project that does not ignore .tunepath/: not the copies
 
 
 def _copy_whole_yaml(src: Path, dst: Path, tries: int = 20) -> None:
@@ -152,13 +163,14 @@ def _share_dvc(home: Path, copy: Path) -> None:
         conf.setdefault("cache", {})["dir"] = str(Path(cache_dir).resolve())
 
 
-def bring_inputs(copy: Path, home: Path) -> dict[str, list[str]]:
+def bring_inputs(copy: Path, home: Path, outputs: bool = True) -> dict[str, list[str]]:
     """Make the stages' inputs that git does not hold present in the copy, then check out every stage's outputs
     that dvc.lock names and the cache holds (so DVC finds unchanged stages up to date and the run skips them).
 
     Data folders DVC tracks (data/raw.dvc) come from the shared cache, or are copied when the cache lacks them;
     other inputs outside git (a local base model) are linked to the project's. Call it after the run's
-    params.yaml is written: dvc.yaml's paths depend on it (${model.base})."""
+    params.yaml is written: dvc.yaml's paths depend on it (${model.base}). outputs=False (a resumed copy): the
+    copy's own outputs and checkpoints stay as its interrupted run left them."""
     from dvc.repo import Repo
 
     from tunepath.logs import adopt_dvc_loggers
@@ -168,13 +180,13 @@ def bring_inputs(copy: Path, home: Path) -> dict[str, list[str]]:
     before = Path.cwd()
     os.chdir(copy)  # DVC resolves paths against the working directory
     try:
-        _bring(Repo, copy, home, done)
+        _bring(Repo, copy, home, done, outputs)
     finally:
         os.chdir(before)
     return done
 
 
-def _bring(Repo, copy: Path, home: Path, done: dict[str, list[str]]) -> None:
+def _bring(Repo, copy: Path, home: Path, done: dict[str, list[str]], outputs: bool) -> None:
     from dvc.lock import LockNoop
 
     from tunepath.runlock import holds_dvc_lock
@@ -207,6 +219,8 @@ def _bring(Repo, copy: Path, home: Path, done: dict[str, list[str]]) -> None:
                 top.parent.mkdir(parents=True, exist_ok=True)
                 os.symlink(home / top.relative_to(copy), top)
                 done["linked"].append(str(top.relative_to(copy)))
+        if not outputs:
+            return
         try:  # the outputs dvc.lock names: what the project's last runs made, reused where inputs still match
             repo.checkout(allow_missing=True)
         except Exception as e:  # noqa: BLE001  (a missing object only means that stage runs again)
@@ -256,7 +270,8 @@ def land(copy: Path, home: Path, name: str, message: str | None = None) -> dict:
         os.chdir(copy)  # DVC resolves paths against the working directory
         try:
             with Repo(str(copy)) as repo:
-                rev = repo.experiments.save(name=name, message=message)
+                # force: a resumed run whose first try was killed after landing lands again under its name
+                rev = repo.experiments.save(name=name, message=message, force=True)
         finally:
             os.chdir(before)
     ref = next((line.split()[1] for line in _git(home, "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps").splitlines()
@@ -271,4 +286,5 @@ def close_copy(copy: Path, home: Path) -> None:
         if path.is_symlink():
             path.unlink()
     shutil.rmtree(copy, ignore_errors=True)
+    Path(copy).with_suffix(".json").unlink(missing_ok=True)  # its record, unlinked before the run lets go of it
     _git(home, "worktree", "prune")

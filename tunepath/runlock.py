@@ -18,6 +18,7 @@ A run also holds DVC's own repository lock (.dvc/tmp/lock) from before it writes
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import fcntl
 import json
 import os
@@ -32,8 +33,12 @@ from tunepath.errors import StageError
 LOCK_FILE = Path(".tunepath") / "run.lock"
 ENV = "TUNEPATH_RUN_LOCK"
 
-_held: dict[str, int] = {}  # lock path -> depth: the flow takes the lock again inside `tunepath run`
-_dvc_held: set[str] = set()  # project roots whose DVC lock this process holds (its own Repo objects skip it)
+# What the current thread holds, as context variables rather than module globals: re-entry (the flow takes the
+# lock again inside `tunepath run`; its DVC calls skip DVC's lock) is for the holder's own thread and the tasks
+# it runs (Prefect hands a flow's context to its task threads), never for a thread of another flow in this
+# process (a new thread starts with an empty context, so it contends for the flock like another process).
+_held: contextvars.ContextVar[dict[str, int]] = contextvars.ContextVar("tunepath_held_locks", default={})  # path -> depth
+_dvc_held: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("tunepath_dvc_locks", default=frozenset())
 
 
 class ProjectBusy(StageError):
@@ -77,13 +82,16 @@ def project_lock(root: Path, wait: bool = False, what: str | None = None, dvc: b
     wait=False: ProjectBusy at once when another run holds it; wait=True: say who holds it, then wait."""
     path = (Path(root) / LOCK_FILE).resolve()
     key = str(path)
-    if _held.get(key) or _inherited(path):
-        _held[key] = _held.get(key, 0) + 1
+    depth = _held.get().get(key, 0)
+    if depth or _inherited(path):
+        token = _held.set({**_held.get(), key: depth + 1})
         try:
-            with (dvc_lock(root) if dvc and not holds_dvc_lock(root) else contextlib.nullcontext()):
+            outer = holder(root) or {}  # the outermost holder (`tunepath run`) is who a DVC user should be told about
+            with (dvc_lock(root, outer.get("command", what), outer.get("started")) if dvc and not holds_dvc_lock(root)
+                  else contextlib.nullcontext()):
                 yield
         finally:
-            _held[key] -= 1
+            _held.reset(token)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited across exec; forked children share it
@@ -99,14 +107,14 @@ def project_lock(root: Path, wait: bool = False, what: str | None = None, dvc: b
         record = {"pid": os.getpid(), "command": what or _command(), "started": time.time(), "host": socket.gethostname()}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
-        _held[key] = 1
+        token = _held.set({**_held.get(), key: 1})
         previous = os.environ.get(ENV)
         os.environ[ENV] = f"{key}:{os.getpid()}"
         try:
-            with (dvc_lock(root) if dvc else contextlib.nullcontext()):
+            with (dvc_lock(root, record["command"], record["started"]) if dvc else contextlib.nullcontext()):
                 yield
         finally:
-            _held.pop(key, None)
+            _held.reset(token)
             if previous is None:
                 os.environ.pop(ENV, None)
             else:
@@ -151,7 +159,7 @@ def file_lock(path: Path) -> Iterator[None]:
 def held(root: Path) -> bool:
     """Whether this process works under the project's lock (its own or its parent's)."""
     path = (Path(root) / LOCK_FILE).resolve()
-    return bool(_held.get(str(path))) or _inherited(path)
+    return bool(_held.get().get(str(path))) or _inherited(path)
 
 
 def _inherited(path: Path) -> bool:
@@ -165,33 +173,52 @@ def _inherited(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def dvc_lock(root: Path) -> Iterator[None]:
-    """DVC's repository lock, taken as DVC takes it (zc.lockfile on .dvc/tmp/lock, 3 s of retries)."""
+def dvc_lock(root: Path, what: str | None = None, since: float | None = None) -> Iterator[None]:
+    """DVC's repository lock, taken as DVC takes it (zc.lockfile on .dvc/tmp/lock, 3 s of retries).
+
+    DVC writes its pid into the file; this writes the pid, then who holds it and since when, so the file itself
+    names the run to whoever meets DVC's "Unable to acquire lock" (DVC's message is fixed text that names no one)."""
     tmp = Path(root) / ".dvc" / "tmp"
     if not tmp.parent.is_dir():
         yield  # not a DVC repository: nothing to share
         return
-    from dvc.lock import LockError, make_lock
+    import zc.lockfile
 
     tmp.mkdir(exist_ok=True)
-    lock = make_lock(str(tmp / "lock"), tmp_dir=str(tmp))
-    try:
-        lock.lock()
-    except LockError:
+    since = time.strftime("%H:%M:%S", time.localtime(since))
+    template = "{pid} " + f"{what or _command()} since {since} (tunepath's run lock: .tunepath/run.lock)".replace("{", "{{").replace("}", "}}")
+    lock = None
+    for attempt in range(7):  # DVC's own retries: 6 more after the first, 0.5 s apart
+        try:
+            lock = zc.lockfile.LockFile(str(tmp / "lock"), content_template=template)
+            break
+        except zc.lockfile.LockError:
+            if attempt < 6:
+                time.sleep(0.5)
+    if lock is None:
         pid = _read_pid(tmp / "lock")
         who = f"pid {pid} `{_cmdline(pid)}`" if pid else "another DVC process"
         raise ProjectBusy(f"{Path(root)}: DVC is working in this project ({who} holds {tmp / 'lock'}); "
                           "wait for it to finish, then run again") from None
-    _dvc_held.add(str(Path(root).resolve()))
+    token = _dvc_held.set(_dvc_held.get() | {str(Path(root).resolve())})
     try:
         yield
     finally:
-        _dvc_held.discard(str(Path(root).resolve()))
-        lock.unlock()
+        _dvc_held.reset(token)
+        lock.close()
+
+
+def dvc_lock_holder(root: Path) -> str:
+    """What .dvc/tmp/lock says about its holder (for a tunepath run: pid, command, since when); empty if nothing."""
+    try:
+        return (Path(root) / ".dvc" / "tmp" / "lock").read_text().strip()
+    except OSError:
+        return ""
 
 
 def holds_dvc_lock(root: Path) -> bool:
-    return str(Path(root).resolve()) in _dvc_held
+    """Whether this thread (or the flow whose task it runs) holds DVC's lock on `root`."""
+    return str(Path(root).resolve()) in _dvc_held.get()
 
 
 def _command() -> str:
@@ -209,7 +236,8 @@ def _read_pid(path: Path) -> int | None:
         text = path.read_text().strip()
     except OSError:
         return None
-    return int(text) if text.isdigit() else None
+    first = text.split(maxsplit=1)[0] if text else ""  # DVC writes " PID"; a tunepath run "PID what since when"
+    return int(first) if first.isdigit() else None
 
 
 def _cmdline(pid: int) -> str:
