@@ -193,3 +193,20 @@ def test_chat_says_which_path_answered_and_both_answer_alike(demo_assets, tmp_pa
     assert "chat: transformers path" in full.stderr and "generation_config.json sets repetition_penalty" in full.stderr
     assert "transformers loaded: True" in full.stderr
     assert full.stdout == fast.stdout and fast.stdout.strip()
+
+
+def test_weights_that_do_not_fit_the_config_take_the_transformers_path(demo_assets, tmp_path, caplog):
+    import logging
+
+    from tunepath.serve.chat import ChatModel
+    from tunepath.serve.terminal import ChatSource, load_chat
+
+    # 2 key/value heads of the file read as 4: transformers would refuse the shapes too, but only the fast path is checked here
+    folder = edited(demo_assets, tmp_path, "config.json", lambda c: c.update(num_key_value_heads=4))
+    with caplog.at_level(logging.DEBUG, logger="tunepath.serve"):
+        try:
+            chat = load_chat(ChatSource(folder))
+        except Exception:  # noqa: BLE001  (transformers refusing the shapes is its own business)
+            chat = None
+    assert chat is None or isinstance(chat, ChatModel)
+    assert "the weights do not fit the fast path (the attention weights" in caplog.text

@@ -49,6 +49,12 @@ def unsupported(folder: Path, temperature: float = 0.0) -> str | None:
         return f"model_type {family!r} is not one of {', '.join(FAMILIES)}"
     if config.get("architectures") not in (None, [f"{_class_stem(family)}ForCausalLM"]):
         return f"architectures {config.get('architectures')} is not the {family} causal LM"
+    # a key config.json leaves out takes the family's default in transformers (Qwen2's 32 key/value heads,
+    # Qwen3's head_dim 128), which the shapes alone would not tell
+    needed = ["hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "rms_norm_eps"]
+    missing = [k for k in needed + ["head_dim"] * (family == "qwen3") if k not in config]
+    if missing:
+        return f"config.json leaves {', '.join(missing)} to the family's default"
     if config.get("quantization_config"):
         return "the weights are quantized"
     if config.get("hidden_act", "silu") != "silu":
@@ -136,7 +142,14 @@ class Decoder:
         self.head_dim = config.get("head_dim") or config["hidden_size"] // self.heads
         self.eps = config.get("rms_norm_eps", 1e-6)
         self.dtype = weights["model.embed_tokens.weight"].dtype
-        self.lm_head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
+        # tied (transformers' default for these families is untied): the embedding is the head, whatever the file holds
+        tied = config.get("tie_word_embeddings", False)
+        if not tied and "lm_head.weight" not in weights:
+            raise ValueError("the weights hold no lm_head.weight and config.json does not tie it to the embedding")
+        self.lm_head = weights["model.embed_tokens.weight"] if tied else weights["lm_head.weight"]
+        q, k = weights["model.layers.0.self_attn.q_proj.weight"].shape[0], weights["model.layers.0.self_attn.k_proj.weight"].shape[0]
+        if (q, k) != (self.heads * self.head_dim, self.kv_heads * self.head_dim):
+            raise ValueError(f"the attention weights ({q}, {k} rows) do not fit config.json's heads and head_dim")
         base = _rope(config).get("rope_theta", 10000.0)
         # as transformers computes it: int64 arange made float, then divided (the float32 rounding matches)
         self.inv_freq = 1.0 / (base ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).to(torch.float) / self.head_dim))
@@ -237,6 +250,7 @@ class LiteChat:
         # transformers' dtype="auto": the config's dtype, else the stored one
         self.weights = load_weights(folder, config.get("dtype") or config.get("torch_dtype"))
         self.config = config
+        Decoder(config, self.weights)  # the weights' names and shapes fit the config, or ValueError/KeyError now
         date = dt.date.fromisoformat(render_date) if render_date else None
         self.prompts = PromptEncoder(self.tokenizer, self.tokenizer.chat_template, template_kwargs, date)
         generation = _read(folder / "generation_config.json")

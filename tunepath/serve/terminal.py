@@ -66,9 +66,14 @@ def load_chat(source: ChatSource, temperature: float = 0.0):
     options = {"name": s.get("name", ""), "template_kwargs": s.get("template_kwargs") or {}, "render_date": s.get("render_date")}
     reason = lite.unsupported(source.folder, temperature)
     if reason is None:
-        log.debug("chat: fast path (torch and tokenizers, without transformers) for %s", source.folder)
         _use_idle_cores()
-        return lite.LiteChat(source.folder, **options)
+        try:
+            chat = lite.LiteChat(source.folder, **options)
+        except (KeyError, ValueError) as e:  # weights named or shaped otherwise than the config says
+            reason = f"the weights do not fit the fast path ({e})"
+        else:
+            log.debug("chat: fast path (torch and tokenizers, without transformers) for %s", source.folder)
+            return chat
     log.debug("chat: transformers path for %s: %s", source.folder, reason)
     _import_transformers_lean()
     from transformers.utils import logging as hf_logging
