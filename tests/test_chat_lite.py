@@ -66,6 +66,10 @@ def tiny_model(family: str, folder: Path, tokenizer_folder: Path) -> Path:
                   pad_token_id=tokenizer.pad_token_id)
     config = {
         "llama": lambda: transformers.LlamaConfig(**common, head_dim=24, tie_word_embeddings=False, rope_theta=50000.0),
+        # Llama 3.2's rotary settings, with the original context short enough that all three frequency bands occur
+        "llama3": lambda: transformers.LlamaConfig(**common, head_dim=32, tie_word_embeddings=True, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64}),
         "qwen3": lambda: transformers.Qwen3Config(**common, head_dim=16, tie_word_embeddings=True),
         "mistral": lambda: transformers.MistralConfig(**common, sliding_window=None, tie_word_embeddings=False),
     }[family]()
@@ -76,7 +80,7 @@ def tiny_model(family: str, folder: Path, tokenizer_folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "llama3", "qwen3", "mistral"])
 def test_each_family_gives_transformers_logits_and_tokens(demo_assets, tmp_path, family):
     import torch
     from transformers import AutoModelForCausalLM
@@ -155,7 +159,7 @@ def edited(demo_assets: Path, tmp_path: Path, file: str, change) -> Path:
 @pytest.mark.parametrize(("file", "change", "reason"), [
     ("config.json", lambda c: c.update(auto_map={"AutoModelForCausalLM": "modeling.Mine"}), "remote code (auto_map)"),
     ("config.json", lambda c: c.update(model_type="gemma2", architectures=["Gemma2ForCausalLM"]), "model_type 'gemma2' is not one of"),
-    ("config.json", lambda c: c.update(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5}), "rope_type 'llama3'"),
+    ("config.json", lambda c: c.update(rope_parameters={"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0}), "rope_type 'yarn'"),
     ("config.json", lambda c: c.update(layer_types=["sliding_attention"] * 3), "sliding-window attention"),
     ("config.json", lambda c: c.update(quantization_config={"quant_method": "bitsandbytes"}), "the weights are quantized"),
     ("generation_config.json", lambda c: c.update(repetition_penalty=1.1), "generation_config.json sets repetition_penalty"),

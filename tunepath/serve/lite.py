@@ -7,7 +7,8 @@ architecture module `transformers.models.qwen2.modeling_qwen2`). For the decoder
 few dozen lines over the same torch ops, so a folder that transformers 5 saved (the merged model) is read
 directly: `config.json`, the safetensors, `tokenizer.json` with `tokenizer_config.json`, the chat template.
 
-Greedy decoding only, on the CPU: the answer is the one `ChatModel` (transformers' `generate`) gives, token for
+Rotary embeddings: the default, linear scaling and Llama 3.1-3.3's `llama3` frequencies. Greedy decoding only,
+on the CPU: the answer is the one `ChatModel` (transformers' `generate`) gives, token for
 token (tests/test_chat_lite.py compares both). `unsupported` names what the fast path cannot do for a folder,
 and `tunepath chat` then takes the full path.
 """
@@ -29,6 +30,7 @@ NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
 IGNORED_GENERATION_KEYS = {"bos_token_id", "eos_token_id", "pad_token_id", "transformers_version", "_from_model_config",
                            "do_sample", "temperature", "top_p", "top_k", "max_length", "use_cache", "output_attentions",
                            "output_hidden_states", "output_scores", "output_logits", "return_dict_in_generate"}
+ROPE_TYPES = ("default", "linear", "llama3")  # llama3: Llama 3.1-3.3's long-context frequencies
 DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
@@ -60,8 +62,8 @@ def unsupported(folder: Path, temperature: float = 0.0) -> str | None:
     if config.get("hidden_act", "silu") != "silu":
         return f"hidden_act {config.get('hidden_act')!r} (only silu)"
     rope = _rope(config)
-    if rope.get("rope_type", "default") != "default" or config.get("partial_rotary_factor", 1.0) != 1.0:
-        return f"rope_type {rope.get('rope_type')!r} (only the default rotary embedding)"
+    if rope.get("rope_type", "default") not in ROPE_TYPES or rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)) != 1.0:
+        return f"rope_type {rope.get('rope_type')!r} (only {', '.join(ROPE_TYPES)} rotary embeddings)"
     if any(t != "full_attention" for t in config.get("layer_types") or []) or config.get("use_sliding_window"):
         return "sliding-window attention"
     if family == "mistral" and config.get("sliding_window") is not None:
@@ -96,7 +98,9 @@ def _rope(config: dict) -> dict:
     """Rotary settings as transformers 5 writes them (`rope_parameters`), or as 4.x did (`rope_theta`, `rope_scaling`)."""
     if config.get("rope_parameters"):
         return config["rope_parameters"]
-    return {**(config.get("rope_scaling") or {}), "rope_theta": config.get("rope_theta", 10000.0)}
+    scaling = dict(config.get("rope_scaling") or {})
+    kind = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"  # 4.x wrote either key
+    return {**scaling, "rope_type": kind, "rope_theta": config.get("rope_theta", 10000.0)}
 
 
 def _template(folder: Path, tok: dict):
@@ -150,9 +154,7 @@ class Decoder:
         q, k = weights["model.layers.0.self_attn.q_proj.weight"].shape[0], weights["model.layers.0.self_attn.k_proj.weight"].shape[0]
         if (q, k) != (self.heads * self.head_dim, self.kv_heads * self.head_dim):
             raise ValueError(f"the attention weights ({q}, {k} rows) do not fit config.json's heads and head_dim")
-        base = _rope(config).get("rope_theta", 10000.0)
-        # as transformers computes it: int64 arange made float, then divided (the float32 rounding matches)
-        self.inv_freq = 1.0 / (base ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).to(torch.float) / self.head_dim))
+        self.inv_freq = inverse_frequencies(_rope(config), self.head_dim)
         self.cache: list[tuple] = []
 
     def _norm(self, x, weight):
@@ -218,6 +220,30 @@ class Decoder:
             h = h + self._linear(gate, p + "mlp.down_proj")
         h = self._norm(h[:, -1:], self.w["model.norm.weight"])
         return F.linear(h, self.lm_head)[0, -1]
+
+
+def inverse_frequencies(rope: dict, dim: int):
+    """The rotary embedding's inverse frequencies, computed as transformers 5.17's `modeling_rope_utils` does."""
+    import math
+
+    import torch
+
+    base = rope.get("rope_theta", 10000.0)
+    # int64 arange made float, then divided: the float32 rounding of transformers
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float) / dim))
+    kind = rope.get("rope_type", "default")
+    if kind == "linear":
+        return inv_freq / rope["factor"]
+    if kind != "llama3":
+        return inv_freq
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old = rope["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / high) * ~(wavelen > old / low)
+    return torch.where(medium, smoothed, scaled)
 
 
 def load_weights(folder: Path, dtype: str | None) -> dict:
