@@ -11,12 +11,14 @@ Figures, each from a fresh process (median, min, max over --runs):
 - interactive, question after --typing s: a person typing. The model loads while the question is typed, so the
   figure is the wait from Enter to the first byte;
 - the parts, timed inside one fresh process in the order chat runs them: the interpreter, `import torch`,
-  transformers' model code (imported as chat imports it), tokenizer, weights, the prompt encoder (the chat
-  template compile), the prompt's ids, the first token of `generate` (streamed), the second. Each with the
-  process's CPU seconds: wall time on a shared machine is the CPU time stretched by the load.
+  transformers' model code (imported as chat imports it; on the fast path `tunepath.serve.lite` and its folder
+  check instead), tokenizer, weights, the prompt encoder (the chat template compile), the prompt's ids, the
+  first token (streamed), the second. Each with the process's CPU seconds: wall time on a shared machine is
+  the CPU time stretched by the load.
 
-The load average (1 min) before and after and the core count come with the table; the JSON goes to
-`benchmarks/results/chat_latency_<machine>_<date>.json`.
+The figures are for the path chat takes for the model with the code on PYTHONPATH (`fast`: without
+transformers, `full`: transformers; the header says which). The load average (1 min) before and after and the
+core count come with the table; the JSON goes to `benchmarks/results/chat_latency_<machine>_<path>_<date>.json`.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ from pathlib import Path
 QUESTION = "Where is my order NW-1001?"
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# Runs in a fresh interpreter: the steps of `tunepath chat --once`, each timed; prints one JSON line.
-PHASES = r"""
+# Runs in a fresh interpreter: the steps of `tunepath chat --once` on the transformers path, each timed; prints
+# one JSON line.
+PHASES_FULL = r"""
 import json, resource, sys, time
 rows = []
 def lap(name):
@@ -84,6 +87,50 @@ for name, t, cpu in rows:
 print(json.dumps({"parts": out, "threads": torch.get_num_threads()}))
 """
 
+# The same for the fast path (tunepath.serve.lite), which chat takes for a folder it supports.
+PHASES_FAST = r"""
+import json, resource, sys, time
+rows = []
+def lap(name):
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    rows.append((name, time.time(), r.ru_utime + r.ru_stime))
+lap("interpreter start")
+import torch
+lap("import torch")
+from pathlib import Path
+from tunepath.serve import lite
+from tunepath.serve.terminal import _use_idle_cores
+folder = Path(sys.argv[2])
+assert lite.unsupported(folder) is None
+lap("import tunepath.serve.lite, check the folder")
+tokenizer = lite.LiteTokenizer(folder)
+lap("tokenizer")
+_use_idle_cores()
+config = lite._read(folder / "config.json")
+weights = lite.load_weights(folder, config.get("dtype"))
+lap("weights")
+from tunepath.serve.prompt import PromptEncoder
+prompts = PromptEncoder(tokenizer, tokenizer.chat_template)
+lap("prompt encoder (template compile)")
+ids = prompts.encode([{"role": "user", "content": sys.argv[3]}])
+lap("prompt ids")
+decoder = lite.Decoder(config, weights)
+with torch.inference_mode():
+    token = int(torch.argmax(decoder.forward(ids)))
+    piece = tokenizer.decode([token])
+    lap("first token")
+    token = int(torch.argmax(decoder.forward([token])))
+    lap("second token")
+tokens = ()
+for _ in tokens:
+    pass
+out, last = [], (float(sys.argv[1]), 0.0)
+for name, t, cpu in rows:
+    out.append({"part": name, "wall_s": t - last[0], "cpu_s": cpu - last[1]})
+    last = (t, cpu)
+print(json.dumps({"parts": out, "threads": torch.get_num_threads()}))
+"""
+
 
 def chat_argv(model: str, once: bool) -> list[str]:
     return [sys.executable, "-m", "tunepath.cli", "chat", "--model", model, "--max-tokens", "32",
@@ -119,8 +166,16 @@ def first_byte(model: str, once: bool, typing: float | None = None) -> tuple[flo
     return first, time.perf_counter() - start
 
 
-def parts(model: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", PHASES, repr(time.time()), model, QUESTION], capture_output=True, text=True, check=True)
+def chat_path(model: str) -> str:
+    """Which path `tunepath chat` takes for `model` in the code on sys.path ("fast" or "full")."""
+    code = ("import sys\ntry:\n from tunepath.serve.lite import unsupported\nexcept ImportError:\n print('full'); raise SystemExit\n"
+            "print('full' if unsupported(sys.argv[1]) else 'fast')")
+    return subprocess.run([sys.executable, "-c", code, model], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def parts(model: str, path: str) -> dict:
+    phases = PHASES_FAST if path == "fast" else PHASES_FULL
+    done = subprocess.run([sys.executable, "-c", phases, repr(time.time()), model, QUESTION], capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -138,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (Path(args.model) / "config.json").exists():
         parser.error(f"--model {args.model}: not a model folder (no config.json); run `tunepath demo` or pass artifacts/merge/model")
 
+    path = chat_path(args.model)
     load_before = os.getloadavg()[0]
     figures = {"tunepath --help": [], "tunepath chat --help": [], "--once: first token": [], "--once: exit": [], "interactive, question piped: first token": [],
                f"interactive, typed in {args.typing:g} s: Enter to first token": []}
@@ -150,14 +206,14 @@ def main(argv: list[str] | None = None) -> int:
         figures["--once: exit"].append(done)
         figures["interactive, question piped: first token"].append(first_byte(args.model, once=False)[0])
         figures[f"interactive, typed in {args.typing:g} s: Enter to first token"].append(first_byte(args.model, once=False, typing=args.typing)[0])
-        breakdowns.append(parts(args.model))
+        breakdowns.append(parts(args.model, path))
     load_after = os.getloadavg()[0]
 
     names = [p["part"] for p in breakdowns[0]["parts"]]
     part_rows = {n: {"wall": summary([b["parts"][k]["wall_s"] for b in breakdowns]),
                      "cpu": summary([b["parts"][k]["cpu_s"] for b in breakdowns])} for k, n in enumerate(names)}
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(f"model: {args.model}; cores: {cores}; load average (1 min) before/after: {load_before:.2f}/{load_after:.2f}; "
+    print(f"model: {args.model}; chat path: {path}; cores: {cores}; load average (1 min) before/after: {load_before:.2f}/{load_after:.2f}; "
           f"runs: {args.runs}; generate threads: {breakdowns[0]['threads']}")
     print("| figure | median s | min s | max s |\n|---|---|---|---|")
     for name, values in figures.items():
@@ -170,10 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| sum | {total_wall:.2f} | {total_cpu:.2f} |")
 
     machine = f"cpu{cores}"
-    out = args.out or RESULTS / f"chat_latency_{machine}_{dt.date.today().isoformat()}.json"
+    out = args.out or RESULTS / f"chat_latency_{machine}_{path}_{dt.date.today().isoformat()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "date": dt.date.today().isoformat(), "machine": f"{platform.machine()}, {cores} cores", "model": args.model,
+        "date": dt.date.today().isoformat(), "machine": f"{platform.machine()}, {cores} cores", "model": args.model, "chat_path": path,
         "question": QUESTION, "load_average_before": load_before, "load_average_after": load_after,
         "generate_threads": breakdowns[0]["threads"], "figures": {k: summary(v) for k, v in figures.items()}, "parts": part_rows,
     }, indent=1) + "\n")

@@ -122,8 +122,10 @@ def run_pipeline(root: Path, home: Path, recipe: str, config: Config, tracking_u
         for current in STAGES:
             # the state, not the value: a skipped stage returns a `Cached` state, which `.result()` reads for both
             results.append(run_stage_task(current, config, workspace, return_state=True).result())
+            pipeline_run.show()  # once the first stage that ran opened it: the link is there while the rest runs
     except BaseException as e:
         if pipeline_run.id:
+            pipeline_run.show()
             end_run(uri, pipeline_run.id, failed=True, note=f"{current}: {describe(e)}")
         raise
     finally:
@@ -156,6 +158,7 @@ class LazyRun:
     def __init__(self, uri: str, experiment: str, home: Path) -> None:
         self.uri, self.experiment, self.home = uri, experiment, home
         self.id: str | None = None
+        self.shown = False
 
     def open(self) -> str:
         if self.id is None:
@@ -164,6 +167,12 @@ class LazyRun:
                 self.id = open_run(self.uri, self.experiment, self.home)
             os.environ[RUN_ENV] = self.id  # for the processes a stage starts (accelerate launch runs `tunepath stage train`)
         return self.id
+
+    def show(self) -> None:
+        """Put the run's link on the flow run's page, once it is open (in flow context: see `show_run`)."""
+        if self.id and not self.shown:
+            self.shown = True
+            show_run(self.uri, self.experiment, self.id)
 
 
 def experiment_name() -> str:
@@ -202,16 +211,24 @@ def link_results_run(uri: str, root: Path) -> str | None:
 
 
 def open_run(uri: str, experiment: str, root: Path) -> str:
-    """This flow run's MLflow run, named and tagged after it; its address goes on the flow run's page."""
-    from prefect.artifacts import create_link_artifact, create_markdown_artifact
+    """This flow run's MLflow run, named and tagged after it (called by the first stage that runs)."""
     from prefect.runtime import flow_run
 
     name, flow_run_id = flow_run.get_name(), flow_run.get_id()
     tags = {"prefect.flow_run_id": str(flow_run_id or ""), "prefect.flow_run_name": name or "", "prefect.flow": "finetune"}
     if os.environ.get("PREFECT_API_URL") and flow_run_id:  # a temporary server's page is gone when the run ends
         tags["prefect.flow_run_url"] = flow_run.get_flow_run_ui_url() or ""
-    run_id = open_pipeline_run(uri, experiment, root / "mlartifacts", name, {k: v for k, v in tags.items() if v})
-    link = run_url(uri, run_id)
+    return open_pipeline_run(uri, experiment, root / "mlartifacts", name, {k: v for k, v in tags.items() if v})
+
+
+def show_run(uri: str, experiment: str, run_id: str) -> None:
+    """The MLflow run's address as an artifact of the flow run itself. Called in the flow's code, not in the
+    stage that opened the run: an artifact made in a task run is listed under that task run ("Task runs") and
+    not on the flow run's own Artifacts tab."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact
+    from prefect.runtime import flow_run
+
+    name, link = flow_run.get_name(), run_url(uri, run_id)
     logger = get_run_logger()
     if link:
         logger.info("MLflow run %s: %s", name, link)
@@ -223,7 +240,6 @@ def open_run(uri: str, experiment: str, root: Path) -> str:
             f"# MLflow run `{name}`\n\nRun id `{run_id}` in `{uri}`.\n\nOpen it with `make mlflow-ui`, then "
             f"http://127.0.0.1:5000/#/experiments/{experiment_id_of(uri, run_id)}/runs/{run_id}\n",
             key="tunepath-mlflow-run", description="this flow run's MLflow run")
-    return run_id
 
 
 def end_run(uri: str, run_id: str, failed: bool, note: str) -> None:

@@ -82,13 +82,16 @@ def test_custom_run_from_the_prefect_ui_then_model_in_the_mlflow_ui(browser, liv
     wait.until(EC.element_to_be_clickable((By.XPATH, "//a[contains(@href, '/deployments/deployment/')][normalize-space()='finetune']"))).click()
     wait.until(EC.element_to_be_clickable((By.XPATH, "//button[normalize-space()='Run']"))).click()
     wait.until(EC.element_to_be_clickable((By.XPATH, "//*[normalize-space()='Custom run']"))).click()
-    field = wait.until(EC.presence_of_element_located((By.XPATH, form_input("Train", "Max Steps"))))
+    field = wait.until(EC.presence_of_element_located((By.XPATH, form_input("3 · Train", "Max Steps"))))
     # the form in the order a person works: the recipe, data, model, then the training basics; no consts
     labels = [e.text.strip() for e in browser.find_elements(By.CSS_SELECTOR, ".schema-form-property__label") if e.text.strip()]
     at = labels.index("Max Steps (Optional)")
     assert labels[:1] == ["recipe (Optional)"] and at < 16, labels[:20]  # above the fold, after data and model
     assert labels[at + 1:at + 3] == ["Learning Rate (Optional)", "Lora R (Optional)"], labels[:20]
     assert "is a const and cannot be changed" not in browser.page_source
+    sections = [label for label in labels if "· " in label and label.split(" · ")[0] in ("1", "2", "3", "4", "5", "Advanced", "Demo only")]
+    assert sections[:3] == ["1 · Data (Optional)", "2 · Model (Optional)", "3 · Train (Optional)"], sections  # the titles drawn
+    assert labels.index("Advanced · Weight Decay (Optional)") > at  # the train section's basics, then its advanced fields
     browser.save_screenshot(str(shots / "prefect-custom-run-form-top.png"))
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", field)
     assert field.get_attribute("value") == str(default)  # params.yaml's value is the form's default

@@ -102,3 +102,20 @@ def test_cli_names_a_missing_folder(tmp_path, capsys):
 
     assert main(["export", str(tmp_path / "nowhere")]) == 1
     assert "not a model folder" in capsys.readouterr().err
+
+
+def test_the_cli_reads_the_gguf_back_without_a_progress_bar(tmp_path):
+    """The check loads the file with transformers' GGUF loader, whose own tqdm bar would fill the terminal."""
+    import os
+    import subprocess
+    import sys
+
+    model = tiny_model("llama-3.2-instruct", "llama", tmp_path / "model")
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "tunepath.cli", "--project", str(tmp_path), "export", str(model), "--format", "gguf",
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=600,
+                          env={**{k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}, "PYTHONPATH": str(repo)})
+    assert done.returncode == 0, done.stderr
+    assert "(read back: logit gap" in done.stdout
+    assert "checking model-f16.gguf: reading it back" in done.stderr
+    assert "GGUF tensors" not in done.stderr and "it/s" not in done.stderr, done.stderr

@@ -65,6 +65,21 @@ def test_the_fields_a_person_changes_first_lead_the_form(schema):
     assert sorted(keys) == sorted(declared) and keys != declared
 
 
+def test_sections_are_numbered_in_working_order_and_the_advanced_parts_say_so(schema):
+    """Prefect's form cannot fold a section away: the titles it draws say what is basic and what is advanced."""
+    defs = schema["definitions"]
+    sections = sorted(defs["Config"]["properties"].items(), key=lambda kv: kv[1]["position"])
+    assert [prop["title"] for _, prop in sections] == [
+        "1 · Data", "2 · Model", "3 · Train", "4 · Tokenize", "5 · Route", "Advanced · Validate", "Advanced · Evaluate",
+        "Advanced · Merge", "Advanced · Register", "Advanced · Promote", "Demo only · Demo"]
+    train = sorted(defs["TrainConfig"]["properties"].items(), key=lambda kv: kv[1]["position"])
+    titles = [prop["title"] for _, prop in train]
+    basics = [t for t in titles if not t.startswith("Advanced · ")]
+    assert titles[: len(basics)] == basics and basics[:3] == ["Max Steps", "Learning Rate", "Lora R"]  # basics, then advanced only
+    assert "Advanced · Weight Decay" in titles and len(titles) > len(basics)
+    assert all(not p["title"].startswith("Advanced") for p in defs["DataConfig"]["properties"].values())  # no FIRST list: all basic
+
+
 def test_every_field_has_a_position_for_the_form_to_sort_by(schema):
     # a server that stores the schema as JSONB reorders its keys: the position is what keeps the order
     for name, definition in schema["definitions"].items():

@@ -96,6 +96,10 @@ def test_one_mlflow_run_named_after_the_flow_run_holds_the_training_and_the_mode
     for part in ("## Route and why", "## Data", "## Evaluation", "(primary)", "tunepath chat models:/tunepath-demo@candidate",
                  run.data.tags["prefect.flow_run_name"], record["tags"]["data_hash"]):
         assert part in card, part
+    # the run's address is an artifact of the flow run itself (its Artifacts tab), not of the stage that opened the run
+    link = [a for a in flow_run_artifacts(result["flow_run_id"]) if a.key == "tunepath-mlflow-run"]
+    assert len(link) == 1 and link[0].task_run_id is None, [(a.key, a.task_run_id) for a in link]
+    assert run.info.run_id in link[0].data
 
 
 def test_without_the_flow_register_logs_into_the_run_training_opened(finished, tmp_path):

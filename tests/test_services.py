@@ -358,6 +358,9 @@ def test_finetune_deployment_run_registers_a_candidate_with_the_changed_paramete
     keys = {a["key"] for a in artifacts}
     assert {"tunepath-validate", "tunepath-tokenize", "tunepath-route", "tunepath-train", "tunepath-evaluate",
             "tunepath-register"} <= keys, keys
+    link = [a for a in artifacts if a["key"] == "tunepath-mlflow-run"]  # on the flow run's own Artifacts tab
+    assert len(link) == 1 and link[0]["task_run_id"] is None and link[0]["type"] == "link", link
+    assert link[0]["data"].startswith(report.mlflow_url) and version.run_id in link[0]["data"]
     FINISHED["finetune"] = run_id
 
 

@@ -302,6 +302,11 @@ def cmd_promote(args) -> int:
 
 
 def cmd_export(args) -> int:
+    if "tqdm" not in sys.modules:
+        # transformers' GGUF loader draws its own tqdm bar ("Converting and de-quantizing GGUF tensors") while the
+        # check reads the file back, past transformers' progress-bar switch; tqdm's TQDM_DISABLE, read when tqdm is
+        # imported, turns it off for this command (export shows no bar of its own; the check says it runs)
+        os.environ.setdefault("TQDM_DISABLE", "1")
     from tunepath.export import export
     from tunepath.export.gguf_file import ExportError
 
@@ -342,12 +347,16 @@ def cmd_chat(args) -> int:
     question = args.once if args.once is not None else args.message
     if args.once is not None and args.message is not None:
         raise ValueError("tunepath chat: give the question either as an argument or with --once, not both")
+    if os.environ.get("TUNEPATH_DEBUG"):
+        import logging
+
+        logging.getLogger("tunepath.serve").setLevel(logging.DEBUG)  # which path answers, and why
     uri = tracking_uri(args.project) if args.model.startswith("models:/") else None
     source = resolve_model(args.model, uri)
     if question is None:  # the model loads while the first question is typed
-        conversation = Conversation(Loading(source), args.system, args.max_tokens, args.temperature)
+        conversation = Conversation(Loading(source, args.temperature), args.system, args.max_tokens, args.temperature)
         return converse(conversation, sys.stdin, sys.stdout, sys.stderr, args.show_prompt_ids)
-    conversation = Conversation(load_chat(source), args.system, args.max_tokens, args.temperature)
+    conversation = Conversation(load_chat(source, args.temperature), args.system, args.max_tokens, args.temperature)
     ids = conversation.prompt_ids(question)
     if args.show_prompt_ids:
         print(f"prompt ids: {ids}", file=sys.stderr)

@@ -7,6 +7,14 @@ storing the schema as JSONB would lose), so every field gets one. A union with a
 An optional text or number (`str | None`, `int | None`) becomes one plain input: pydantic's `anyOf [X, null]`
 draws a type toggle with a `None` side. Its `default: null` goes too, so that Prefect's parameter check (which
 lets a non-required field without a default be null) still accepts the empty value the form sends.
+
+Prefect 3.9's form cannot fold a section away: its default UI draws a nested object as a card, titled by the
+property's `title` (else its key, humanized) with its description, fields sorted by `position`; it reads no
+collapse or "advanced" hint from the schema (its newer UI neither). So the form says where things are instead:
+the sections a person works through are numbered in that order (1 · Data ... 5 · Route), the sections only a
+specialist changes come after them titled "Advanced · ..." and the toy demo's last as "Demo only · Demo"; inside
+the long sections (train, tokenize, route) the basics come first and every field after them is titled
+"Advanced · ...". Titles only: the keys, values and params.yaml stay as they are.
 """
 
 from __future__ import annotations
@@ -20,8 +28,18 @@ FIRST = {
 }
 
 
+# The config's sections in the form: the five a person works through, numbered; the rest marked.
+SECTION_TITLES = {
+    "data": "1 · Data", "model": "2 · Model", "train": "3 · Train", "tokenize": "4 · Tokenize", "route": "5 · Route",
+    "validate": "Advanced · Validate", "evaluate": "Advanced · Evaluate", "merge": "Advanced · Merge",
+    "register": "Advanced · Register", "promote": "Advanced · Promote", "demo": "Demo only · Demo",
+}
+ADVANCED = "Advanced · "
+
+
 def form_schema(schema: dict, cls) -> None:
-    """pydantic's `json_schema_extra` hook: positions in form order, and no `const` a user could want to change."""
+    """pydantic's `json_schema_extra` hook: positions in form order, titles that say which part is advanced, and
+    no `const` a user could want to change."""
     properties = schema.get("properties") or {}
     first = [name for name in FIRST.get(cls.__name__, ()) if name in properties]
     order = first + [name for name in properties if name not in first]
@@ -29,6 +47,10 @@ def form_schema(schema: dict, cls) -> None:
     for position, name in enumerate(order):
         prop = schema["properties"][name]
         prop["position"] = position
+        if cls.__name__ == "Config" and name in SECTION_TITLES:
+            prop["title"] = SECTION_TITLES[name]
+        elif first and name not in first:
+            prop["title"] = ADVANCED + prop.get("title", name.replace("_", " ").title())
         _plain_when_optional(prop)
         _choices_not_consts(prop)
 

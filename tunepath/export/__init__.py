@@ -12,8 +12,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("gguf", "ollama", "vllm")
 
@@ -38,6 +41,7 @@ def export(model_dir: Path, out_dir: Path, formats: tuple[str, ...] = FORMATS, d
         if check:
             from tunepath.export.check import check_gguf
 
+            log.info("checking %s: reading it back (tokenizer, weights, logits)", result.path.name)
             written["gguf"]["check"] = check_gguf(model_dir, result.path, dtype)
         if "ollama" in formats:
             written["ollama"] = str(write_modelfile(model_dir, result.path, out_dir / "gguf" / "Modelfile", stops))

@@ -10,12 +10,14 @@ logged settings (template arguments, the pinned date) are the ones the registere
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+log = logging.getLogger(__name__)
 COMMANDS = {"/reset": "forget the conversation (the system message stays)", "/exit": "end the chat (also /quit, Ctrl-D)"}
 
 
@@ -55,7 +57,24 @@ def resolve_model(source: str, tracking_uri: str | None = None) -> ChatSource:
     return ChatSource(found[0], settings)
 
 
-def load_chat(source: ChatSource):
+def load_chat(source: ChatSource, temperature: float = 0.0):
+    """The model to chat with: the fast path (`lite`: torch and tokenizers, no transformers) when it answers
+    this folder as transformers would, else `ChatModel`. TUNEPATH_DEBUG=1 says which, and why."""
+    from tunepath.serve import lite
+
+    s = source.settings
+    options = {"name": s.get("name", ""), "template_kwargs": s.get("template_kwargs") or {}, "render_date": s.get("render_date")}
+    reason = lite.unsupported(source.folder, temperature)
+    if reason is None:
+        _use_idle_cores()
+        try:
+            chat = lite.LiteChat(source.folder, **options)
+        except (KeyError, ValueError) as e:  # weights named or shaped otherwise than the config says
+            reason = f"the weights do not fit the fast path ({e})"
+        else:
+            log.debug("chat: fast path (torch and tokenizers, without transformers) for %s", source.folder)
+            return chat
+    log.debug("chat: transformers path for %s: %s", source.folder, reason)
     _import_transformers_lean()
     from transformers.utils import logging as hf_logging
 
@@ -63,23 +82,21 @@ def load_chat(source: ChatSource):
 
     hf_logging.disable_progress_bar()  # "Loading weights" would print between the user's line and the answer
     _use_idle_cores()
-    s = source.settings
-    return ChatModel(source.folder, name=s.get("name", ""), template_kwargs=s.get("template_kwargs") or {},
-                     render_date=s.get("render_date"))
+    return ChatModel(source.folder, **options)
 
 
 class Loading:
     """`load_chat` in a thread, started at once: torch, transformers and the weights load while the first question
     is typed (the imports are most of the wait). `get` waits for the model and raises what loading raised."""
 
-    def __init__(self, source: ChatSource) -> None:
+    def __init__(self, source: ChatSource, temperature: float = 0.0) -> None:
         self._model, self._failure = None, None
-        self._thread = threading.Thread(target=self._load, args=(source,), name="tunepath-chat-load", daemon=True)
+        self._thread = threading.Thread(target=self._load, args=(source, temperature), name="tunepath-chat-load", daemon=True)
         self._thread.start()
 
-    def _load(self, source: ChatSource) -> None:
+    def _load(self, source: ChatSource, temperature: float) -> None:
         try:
-            self._model = load_chat(source)
+            self._model = load_chat(source, temperature)
         except BaseException as e:  # noqa: BLE001  (re-raised in the asking thread by get)
             self._failure = e
 

@@ -13,6 +13,7 @@ Two things differ on purpose, both deterministic:
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import re
 
@@ -42,12 +43,50 @@ def pin_date(template: str, date: dt.date) -> str:
     return pinned
 
 
+@functools.lru_cache(maxsize=32)  # as transformers caches its compiles: a stage builds a renderer per worker
+def compile_template(template: str):
+    """The template compiled as transformers 5.17 compiles it for apply_chat_template (its
+    `_compile_jinja_template`: the same sandbox, whitespace options, `tojson`, `raise_exception`, `strftime_now`,
+    loop controls and `{% generation %}` blocks), without importing transformers: `tunepath chat` renders prompts
+    with it in a process that never loads transformers. The tokenize stage's parity checks compare its renders
+    with apply_chat_template's on every run."""
+    import jinja2
+    import jinja2.ext
+    import jinja2.nodes
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(jinja2.ext.Extension):
+        # transformers' AssistantTracker marks these blocks for assistant masks; rendered, a block is its body
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(format):
+        return dt.datetime.now().strftime(format)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    return env.from_string(template)
+
+
 class ChatRenderer:
     """Renders message lists with one template; `variables` are what apply_chat_template passes besides messages."""
 
     def __init__(self, tokenizer, template: str, template_kwargs: dict | None = None, date: dt.date | None = None) -> None:
-        from transformers.utils.chat_template_utils import _compile_jinja_template
-
         self.template = template
         self.date = date or dt.date(2024, 7, 26)
         moment = dt.datetime.combine(self.date, dt.time(0, 0))
@@ -59,7 +98,7 @@ class ChatRenderer:
         }
         self.variables = {**tokenizer.special_tokens_map, **self.kwargs}
         self.reads_reasoning = "reasoning_content" in template
-        self._compiled = _compile_jinja_template(template)
+        self._compiled = compile_template(template)
         self._globals = {**self._compiled.globals, "tools": None, "documents": None, **self.variables}
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: list | None = None) -> str:
