@@ -28,6 +28,7 @@ from tunepath.sections import DataConfig, ModelConfig
 from tunepath.tokenize import TokenizeConfig
 from tunepath.errors import StageError
 from tunepath.progress import DataPass, datasets_bars_off
+from tunepath.tokenize.cache import bound as bound_cache, touch
 from tunepath.tokenize.batches import STATUS_NAMES, TRUNCATED, EncodePlan, cpt_batch, encoder_for, sft_batch
 from tunepath.tokenize.masks import check_encoder
 from tunepath.tokenize.packing import best_fit_decreasing, build_rows, padding_share
@@ -97,6 +98,7 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
     stats: dict = {}
     timings = {"setup": round(time.perf_counter() - started, 3)}  # seconds per part, in stats.json: where the time goes
     cached = []
+    used = {cache_root / "records" / fingerprint[:32]}  # cache entries this run reads: never evicted by it
     # datasets' own bars say nothing the per-shard lines do not (and a bar per shard and split floods a terminal)
     with datasets_bars_off():
         for kind, folder in FOLDERS.items():
@@ -106,11 +108,14 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
                 finished = cache_root / "finished" / hashlib.sha256(f"{run_key}/{folder}/{split}".encode()).hexdigest()[:32]
                 clock = time.perf_counter()
                 if _link_finished(finished, target):
+                    touch(finished)
+                    used.add(finished)
                     stats[folder][split] = json.loads((finished / "stats.json").read_text(encoding="utf-8"))
                     cached.append(True)
                     timings[f"{folder}/{split}/cached"] = round(time.perf_counter() - clock, 3)
                     continue
-                mapped, hit = _tokenized(kind, split, records, plan, cfg, cache_root, settings, fingerprint, data.workers(), budget)
+                mapped, hit = _tokenized(kind, split, records, plan, cfg, cache_root, settings, fingerprint, data.workers(), budget,
+                                         used)
                 cached.append(hit)
                 timings[f"{folder}/{split}/tokenize"] = round(time.perf_counter() - clock, 3)
                 clock = time.perf_counter()
@@ -125,8 +130,10 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
                     stats[folder][split] = _finish_dpo(mapped, cfg, target, run_key)
                 del mapped
                 _keep_finished(target, stats[folder][split], finished)
+                used.add(finished)
                 timings[f"{folder}/{split}/pack_and_write"] = round(time.perf_counter() - clock, 3)
     records.clear()  # the per-split record files: every split they feed is cached now
+    bound_cache(cache_root, cfg.cache_max_gb, used)
 
     summary = {
         "labeled_examples": stats["sft"]["train"]["samples_out"],
@@ -313,7 +320,7 @@ def _drop_unused_fields(path: Path, fields: dict[str, set[str]]) -> None:
 
 
 def _tokenized(kind: str, split: str, records: _Records, plan: EncodePlan, cfg: TokenizeConfig, cache_root: Path, settings: str,
-               fingerprint: str, num_proc: int, budget: int):
+               fingerprint: str, num_proc: int, budget: int, used: set[Path]):
     """The map output for one (kind, split) and whether it all came from the cache; None when there are no records.
 
     Each shard of the split is mapped on its own and cached under its digest and the settings, so appended
@@ -323,6 +330,9 @@ def _tokenized(kind: str, split: str, records: _Records, plan: EncodePlan, cfg: 
     index = cache_root / "splits" / f"{fingerprint[:32]}-{kind}-{split}.json"
     keys = json.loads(index.read_text(encoding="utf-8")) if index.exists() else None
     if keys is not None and all((cache_root / key / MAP_FILES).exists() for key in keys):
+        for key in keys:
+            touch(cache_root / key)
+            used.add(cache_root / key)
         return (_load_split(cache_root, keys, budget) if keys else None), True
     keys, hit = [], True
     for shard in records.get(kind, split):
@@ -330,6 +340,8 @@ def _tokenized(kind: str, split: str, records: _Records, plan: EncodePlan, cfg: 
         if not (cache_root / key / MAP_FILES).exists():
             _map_shard(kind, split, shard, plan, cfg, cache_root / key, num_proc)
             hit = False
+        touch(cache_root / key)
+        used.add(cache_root / key)
         keys.append(key)
     index.parent.mkdir(parents=True, exist_ok=True)
     partial = index.with_name(index.name + f".partial-{os.getpid()}")
