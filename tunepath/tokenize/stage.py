@@ -46,6 +46,7 @@ DROP_NAMES = tuple(name for name in STATUS_NAMES.values() if name.startswith("dr
 CACHE_KEYS = ("max_length", "template", "custom_template", "overlong", "last_turn_only", "keep_history_reasoning",
               "template_kwargs", "render_date", "parity_checks")
 READ_BLOCK_BYTES = 64 << 20  # the records shards are read this much at a time (less under a small data.memory_gb)
+SAVE_WINDOW_ROWS = 20_000  # DPO pairs and KTO examples gathered and written at a time (a few tens of MB)
 SHARD_BYTES = 128 << 20  # a kind and split's records are tokenized and cached in shards of about this size
 # SFT samples are packed best-fit within windows of this many tokens. Fixed (not from data.memory_gb), so the
 # rows do not depend on the machine; a window's arrays take about 40 bytes per token.
@@ -589,17 +590,17 @@ def _finish_cpt(mapped, cfg: TokenizeConfig, pad_id: int, target: Path, run_key:
 
 def _finish_dpo(mapped, cfg: TokenizeConfig, target: Path, run_key: str) -> dict:
     import numpy as np
-    import pyarrow as pa
     import pyarrow.compute as pc
 
     if mapped is None:
         return _zero_stats()
     table = mapped.data.table
     stats, kept = _status_stats(table)
-    pairs = table.select(["prompt_ids", "chosen_ids", "rejected_ids", "prompt", "chosen", "rejected"]).take(pa.array(kept))
+    pairs = table.select(["prompt_ids", "chosen_ids", "rejected_ids", "prompt", "chosen", "rejected"])
 
-    def total(name):
-        return int(pc.list_value_length(pairs[name]).to_numpy(zero_copy_only=False).astype(np.int64).sum()) if len(kept) else 0
+    def total(name):  # from the list offsets of the memory-mapped column: no row is read
+        lengths = pc.list_value_length(pairs[name]).to_numpy(zero_copy_only=False).astype(np.int64)
+        return int(lengths[kept].sum())
 
     prompt, chosen, rejected = total("prompt_ids"), total("chosen_ids"), total("rejected_ids")
     # Each pair runs as two sequences (prompt+chosen, prompt+rejected); DPO rows are not packed.
@@ -611,37 +612,48 @@ def _finish_dpo(mapped, cfg: TokenizeConfig, target: Path, run_key: str) -> dict
         padding_share_packed=share,
         rows=len(kept),
     )
-    _save(pairs, target, stats, run_key)
+    _save(pairs, kept, target, stats, run_key)
     return {**_zero_stats(), **stats}
 
 
 def _finish_kto(mapped, cfg: TokenizeConfig, target: Path, run_key: str) -> dict:
     """Unpaired feedback (KTO): kept examples with their label; desirable ones are counted apart."""
     import numpy as np
-    import pyarrow as pa
     import pyarrow.compute as pc
 
     if mapped is None:
         return {**_zero_stats(), "desirable": 0}
     table = mapped.data.table
     stats, kept = _status_stats(table)
-    rows = table.select(["prompt_ids", "completion_ids", "label", "prompt", "completion"]).take(pa.array(kept))
+    rows = table.select(["prompt_ids", "completion_ids", "label", "prompt", "completion"])
 
     def total(name):
-        return int(pc.list_value_length(rows[name]).to_numpy(zero_copy_only=False).astype(np.int64).sum()) if len(kept) else 0
+        lengths = pc.list_value_length(rows[name]).to_numpy(zero_copy_only=False).astype(np.int64)
+        return int(lengths[kept].sum())
 
     prompt, completion = total("prompt_ids"), total("completion_ids")
     share = padding_share(prompt + completion, len(kept), cfg.max_length)
     stats.update(tokens=prompt + completion, label_tokens=completion, padding_share_unpacked=share,
                  padding_share_packed=share, rows=len(kept))
-    _save(rows, target, stats, run_key)
-    return {**_zero_stats(), **stats, "desirable": int(pc.sum(rows["label"]).as_py() or 0) if len(kept) else 0}
+    _save(rows, kept, target, stats, run_key)
+    desirable = int(np.asarray(rows["label"].to_numpy(zero_copy_only=False), dtype=bool)[kept].sum())
+    return {**_zero_stats(), **stats, "desirable": desirable}
 
 
-def _save(table, target: Path, stats: dict, run_key: str) -> None:
+def _save(table, kept, target: Path, stats: dict, run_key: str) -> None:
+    """The kept rows of a memory-mapped table into Arrow shards, `SAVE_WINDOW_ROWS` at a time: preference pairs
+    and feedback stream to disk as SFT rows and CPT blocks do, instead of being gathered into one table first."""
+    import pyarrow as pa
+
     writer = ShardWriter(target, _output_fingerprint(run_key, target))
-    writer.write(table)
+    progress = DataPass(log, f"tokenize {target.parent.name}/{target.name}: write", 0)
+    for lo in range(0, len(kept), SAVE_WINDOW_ROWS):
+        window = kept[lo:lo + SAVE_WINDOW_ROWS]
+        progress.step(rows=len(window))
+        writer.write(table.take(pa.array(window)))
     _close(writer, target, stats)
+    if len(kept) > SAVE_WINDOW_ROWS:
+        progress.done()
 
 
 def _close(writer: ShardWriter, target: Path, stats: dict) -> int:
