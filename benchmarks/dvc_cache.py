@@ -8,6 +8,7 @@ Usage:
 For each cache type (DVC's default `reflink,copy`, `reflink,hardlink,symlink,copy` and `hardlink,copy`) a fresh git + DVC
 repository gets the same generated folder, then: `dvc add` of it (hashing and the cache copy or link), `dvc
 status` right after (served by DVC's file-state cache, no rehash), `dvc add` again with nothing changed, and
+then `dvc repro` of a stage whose output is a copy of the folder (and again, with nothing changed), and
 the disk of the workspace plus `.dvc/cache` counted by inode (a hard link counts once). Also says whether a
 workspace file is writable (DVC makes linked files read-only: editing one in place would change the cache;
 root ignores the mode, so for root such an edit corrupts the cache silently). Figures as JSON to
@@ -76,6 +77,13 @@ def measure(work: Path, cache_type: str, size: int, files: int) -> dict:
     result["status_s"] = _timed([*dvc, "status", "-q"], repo)
     result["add_again_s"] = _timed([*dvc, "add", "-q", "data/raw"], repo)
     result["added_disk_gb"] = round((_disk(repo) - before) / (1 << 30), 3)
+    # a stage whose output is as big as its input: `dvc repro` hashes and caches the output
+    (repo / "dvc.yaml").write_text("stages:\n  copy:\n    cmd: cp -r data/raw data/copied\n    deps: [data/raw]\n"
+                                   "    outs: [data/copied]\n", encoding="utf-8")
+    before = _disk(repo)
+    result["repro_s"] = _timed([*dvc, "repro", "-q"], repo)
+    result["repro_disk_gb"] = round((_disk(repo) - before) / (1 << 30), 3)  # the output and what its cache adds
+    result["repro_again_s"] = _timed([*dvc, "repro", "-q"], repo)
     part = repo / "data" / "raw" / "part-000.jsonl"
     result["link"] = "hardlink" if part.stat().st_nlink > 1 else "symlink" if part.is_symlink() else "copy"
     result["writable"] = bool(part.stat().st_mode & 0o222)
