@@ -3,13 +3,15 @@
 Each (kind, split) is tokenized by `datasets.map(batched=True, num_proc=...)` and the result is cached under
 a fingerprint of the records file, the tokenizer and template, the settings that change ids, and this
 package's code. The packed rows, CPT blocks and pairs are cached too, under that fingerprint and every
-tokenize setting, so a rerun that changes nothing links them into `out_dir` without repacking.
+tokenize setting, so a rerun that changes nothing links them into `out_dir` without repacking. After a run the
+cache is cut back to `tokenize.cache_max_gb`, least recently used entries first (`cache.py`).
 
 Memory stays bounded by `data.memory_gb`, not by the data: records are read in blocks of bytes and written
 apart per kind and split (memory-mapped by the map), map outputs larger than a share of the budget are
 memory-mapped, SFT rows are packed best-fit over windows of PACK_WINDOW_TOKENS (the same rows as one global
 packing below that size; above it, a little more padding, reported in stats.json), CPT blocks are cut from
-chunks of documents, and every output is written shard by shard.
+chunks of documents, DPO pairs and KTO examples are gathered SAVE_WINDOW_ROWS at a time, and every output
+is written shard by shard.
 """
 
 from __future__ import annotations
