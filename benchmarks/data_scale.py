@@ -5,6 +5,7 @@ Usage:
     python -m benchmarks.data_scale                              # 10k, 100k, 1M chats; 100 MB, 1 GB of text
     python -m benchmarks.data_scale --chats 10k,100k --text 100MB   # a quick run
     python -m benchmarks.data_scale --chats 3M --text 5GB --workdir /big/disk
+    python -m benchmarks.data_scale --chats 600k --text '' --stages validate --layout json   # one JSON array
 
 Generates chats (1-4 exchanges, a third with a system prompt, answers of a few words to a few hundred) and
 text documents (a few hundred bytes to 60 KB) as JSONL under the work folder, then runs, each in a fresh
@@ -76,6 +77,35 @@ def write_text(path: Path, size: int, seed: int = 0) -> int:
             written += len(line.encode())
             docs += 1
     return docs
+
+
+def relayout(jsonl: Path, layout: str) -> Path:
+    """The generated JSONL as one JSON array (as alpaca_data.json ships) or as a CSV file of instruction,output
+    pairs (the first exchange of each chat, the text of each document), written a line at a time."""
+    import csv
+
+    if layout == "jsonl":
+        return jsonl
+    out = jsonl.with_suffix(f".{layout}")
+    with open(jsonl, encoding="utf-8") as src, open(out, "w", encoding="utf-8", newline="") as dst:
+        if layout == "json":
+            dst.write("[\n")
+            for i, line in enumerate(src):
+                dst.write(("" if i == 0 else ",\n") + line.rstrip("\n"))
+            dst.write("\n]\n")
+        else:
+            writer = csv.writer(dst, lineterminator="\n")
+            for i, line in enumerate(src):
+                row = json.loads(line)
+                if i == 0:
+                    writer.writerow(["instruction", "output"] if "messages" in row else ["text"])
+                if "messages" in row:
+                    turns = [m for m in row["messages"] if m["role"] != "system"]
+                    writer.writerow([turns[0]["content"], turns[1]["content"]])
+                else:
+                    writer.writerow([row["text"]])
+    jsonl.unlink()
+    return out
 
 
 def _child(args) -> dict:
@@ -223,8 +253,13 @@ def run_size(args, label: str, make) -> list[dict]:
     (work / "raw").mkdir(parents=True)
     clock = time.perf_counter()
     rows = make(work / "raw" / "data.jsonl")
+    if args.layout != "jsonl":
+        if "validate" not in args.stages:
+            raise SystemExit("--layout json or csv needs the validate stage (it reads the layout)")
+        relayout(work / "raw" / "data.jsonl", args.layout)
+        label += f" ({args.layout})"
     generated = time.perf_counter() - clock
-    size = (work / "raw" / "data.jsonl").stat().st_size
+    size = sum(p.stat().st_size for p in (work / "raw").iterdir())
     print(f"{label}: {rows:,} rows, {size / 1e6:,.0f} MB generated in {generated:.0f} s", file=sys.stderr, flush=True)
     if "validate" not in args.stages:
         _records_from_raw(work / "raw" / "data.jsonl", work / "validate")
@@ -341,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="JSON path (default: benchmarks/results/data_scale_cpu<cores>_<date>.json)")
     parser.add_argument("--packing", default="", help="also compare windowed and global packing at these sample counts (e.g. 100k,1M)")
     parser.add_argument("--num-proc", type=int, help="data.num_proc for the stages (default: every core), e.g. 1 to measure the speed-up")
+    parser.add_argument("--layout", choices=["jsonl", "json", "csv"], default="jsonl",
+                        help="the raw file's layout: JSONL, one JSON array, or CSV (instruction,output)")
     parser.add_argument("--child", choices=["validate", "tokenize", "raw"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:

@@ -58,6 +58,11 @@ class TokenizeConfig(Strict):
     cache_dir: str | None = Field(
         None, description="Where tokenized records are cached by input fingerprint; null: the datasets cache folder."
     )
+    cache_max_gb: float | None = Field(
+        20.0, gt=0, le=1_000_000,
+        description="Size bound of the tokenize cache in GB: after a run, least recently used entries are evicted "
+                    "down to it (never the run's own); null: no bound.",
+    )
 
     @model_validator(mode="after")
     def _check_template(self) -> TokenizeConfig:

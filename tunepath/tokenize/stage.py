@@ -3,13 +3,15 @@
 Each (kind, split) is tokenized by `datasets.map(batched=True, num_proc=...)` and the result is cached under
 a fingerprint of the records file, the tokenizer and template, the settings that change ids, and this
 package's code. The packed rows, CPT blocks and pairs are cached too, under that fingerprint and every
-tokenize setting, so a rerun that changes nothing links them into `out_dir` without repacking.
+tokenize setting, so a rerun that changes nothing links them into `out_dir` without repacking. After a run the
+cache is cut back to `tokenize.cache_max_gb`, least recently used entries first (`cache.py`).
 
 Memory stays bounded by `data.memory_gb`, not by the data: records are read in blocks of bytes and written
 apart per kind and split (memory-mapped by the map), map outputs larger than a share of the budget are
 memory-mapped, SFT rows are packed best-fit over windows of PACK_WINDOW_TOKENS (the same rows as one global
 packing below that size; above it, a little more padding, reported in stats.json), CPT blocks are cut from
-chunks of documents, and every output is written shard by shard.
+chunks of documents, DPO pairs and KTO examples are gathered SAVE_WINDOW_ROWS at a time, and every output
+is written shard by shard.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from tunepath.sections import DataConfig, ModelConfig
 from tunepath.tokenize import TokenizeConfig
 from tunepath.errors import StageError
 from tunepath.progress import DataPass, datasets_bars_off
+from tunepath.tokenize.cache import bound as bound_cache, touch
 from tunepath.tokenize.batches import STATUS_NAMES, TRUNCATED, EncodePlan, cpt_batch, encoder_for, sft_batch
 from tunepath.tokenize.masks import check_encoder
 from tunepath.tokenize.packing import best_fit_decreasing, build_rows, padding_share
@@ -45,6 +48,7 @@ DROP_NAMES = tuple(name for name in STATUS_NAMES.values() if name.startswith("dr
 CACHE_KEYS = ("max_length", "template", "custom_template", "overlong", "last_turn_only", "keep_history_reasoning",
               "template_kwargs", "render_date", "parity_checks")
 READ_BLOCK_BYTES = 64 << 20  # the records shards are read this much at a time (less under a small data.memory_gb)
+SAVE_WINDOW_ROWS = 20_000  # DPO pairs and KTO examples gathered and written at a time (a few tens of MB)
 SHARD_BYTES = 128 << 20  # a kind and split's records are tokenized and cached in shards of about this size
 # SFT samples are packed best-fit within windows of this many tokens. Fixed (not from data.memory_gb), so the
 # rows do not depend on the machine; a window's arrays take about 40 bytes per token.
@@ -97,6 +101,7 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
     stats: dict = {}
     timings = {"setup": round(time.perf_counter() - started, 3)}  # seconds per part, in stats.json: where the time goes
     cached = []
+    used = {cache_root / "records" / fingerprint[:32]}  # cache entries this run reads: never evicted by it
     # datasets' own bars say nothing the per-shard lines do not (and a bar per shard and split floods a terminal)
     with datasets_bars_off():
         for kind, folder in FOLDERS.items():
@@ -106,11 +111,14 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
                 finished = cache_root / "finished" / hashlib.sha256(f"{run_key}/{folder}/{split}".encode()).hexdigest()[:32]
                 clock = time.perf_counter()
                 if _link_finished(finished, target):
+                    touch(finished)
+                    used.add(finished)
                     stats[folder][split] = json.loads((finished / "stats.json").read_text(encoding="utf-8"))
                     cached.append(True)
                     timings[f"{folder}/{split}/cached"] = round(time.perf_counter() - clock, 3)
                     continue
-                mapped, hit = _tokenized(kind, split, records, plan, cfg, cache_root, settings, fingerprint, data.workers(), budget)
+                mapped, hit = _tokenized(kind, split, records, plan, cfg, cache_root, settings, fingerprint, data.workers(), budget,
+                                         used)
                 cached.append(hit)
                 timings[f"{folder}/{split}/tokenize"] = round(time.perf_counter() - clock, 3)
                 clock = time.perf_counter()
@@ -125,8 +133,10 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
                     stats[folder][split] = _finish_dpo(mapped, cfg, target, run_key)
                 del mapped
                 _keep_finished(target, stats[folder][split], finished)
+                used.add(finished)
                 timings[f"{folder}/{split}/pack_and_write"] = round(time.perf_counter() - clock, 3)
     records.clear()  # the per-split record files: every split they feed is cached now
+    bound_cache(cache_root, cfg.cache_max_gb, used)
 
     summary = {
         "labeled_examples": stats["sft"]["train"]["samples_out"],
@@ -313,7 +323,7 @@ def _drop_unused_fields(path: Path, fields: dict[str, set[str]]) -> None:
 
 
 def _tokenized(kind: str, split: str, records: _Records, plan: EncodePlan, cfg: TokenizeConfig, cache_root: Path, settings: str,
-               fingerprint: str, num_proc: int, budget: int):
+               fingerprint: str, num_proc: int, budget: int, used: set[Path]):
     """The map output for one (kind, split) and whether it all came from the cache; None when there are no records.
 
     Each shard of the split is mapped on its own and cached under its digest and the settings, so appended
@@ -323,6 +333,9 @@ def _tokenized(kind: str, split: str, records: _Records, plan: EncodePlan, cfg: 
     index = cache_root / "splits" / f"{fingerprint[:32]}-{kind}-{split}.json"
     keys = json.loads(index.read_text(encoding="utf-8")) if index.exists() else None
     if keys is not None and all((cache_root / key / MAP_FILES).exists() for key in keys):
+        for key in keys:
+            touch(cache_root / key)
+            used.add(cache_root / key)
         return (_load_split(cache_root, keys, budget) if keys else None), True
     keys, hit = [], True
     for shard in records.get(kind, split):
@@ -330,6 +343,8 @@ def _tokenized(kind: str, split: str, records: _Records, plan: EncodePlan, cfg: 
         if not (cache_root / key / MAP_FILES).exists():
             _map_shard(kind, split, shard, plan, cfg, cache_root / key, num_proc)
             hit = False
+        touch(cache_root / key)
+        used.add(cache_root / key)
         keys.append(key)
     index.parent.mkdir(parents=True, exist_ok=True)
     partial = index.with_name(index.name + f".partial-{os.getpid()}")
@@ -577,17 +592,17 @@ def _finish_cpt(mapped, cfg: TokenizeConfig, pad_id: int, target: Path, run_key:
 
 def _finish_dpo(mapped, cfg: TokenizeConfig, target: Path, run_key: str) -> dict:
     import numpy as np
-    import pyarrow as pa
     import pyarrow.compute as pc
 
     if mapped is None:
         return _zero_stats()
     table = mapped.data.table
     stats, kept = _status_stats(table)
-    pairs = table.select(["prompt_ids", "chosen_ids", "rejected_ids", "prompt", "chosen", "rejected"]).take(pa.array(kept))
+    pairs = table.select(["prompt_ids", "chosen_ids", "rejected_ids", "prompt", "chosen", "rejected"])
 
-    def total(name):
-        return int(pc.list_value_length(pairs[name]).to_numpy(zero_copy_only=False).astype(np.int64).sum()) if len(kept) else 0
+    def total(name):  # from the list offsets of the memory-mapped column: no row is read
+        lengths = pc.list_value_length(pairs[name]).to_numpy(zero_copy_only=False).astype(np.int64)
+        return int(lengths[kept].sum())
 
     prompt, chosen, rejected = total("prompt_ids"), total("chosen_ids"), total("rejected_ids")
     # Each pair runs as two sequences (prompt+chosen, prompt+rejected); DPO rows are not packed.
@@ -599,37 +614,48 @@ def _finish_dpo(mapped, cfg: TokenizeConfig, target: Path, run_key: str) -> dict
         padding_share_packed=share,
         rows=len(kept),
     )
-    _save(pairs, target, stats, run_key)
+    _save(pairs, kept, target, stats, run_key)
     return {**_zero_stats(), **stats}
 
 
 def _finish_kto(mapped, cfg: TokenizeConfig, target: Path, run_key: str) -> dict:
     """Unpaired feedback (KTO): kept examples with their label; desirable ones are counted apart."""
     import numpy as np
-    import pyarrow as pa
     import pyarrow.compute as pc
 
     if mapped is None:
         return {**_zero_stats(), "desirable": 0}
     table = mapped.data.table
     stats, kept = _status_stats(table)
-    rows = table.select(["prompt_ids", "completion_ids", "label", "prompt", "completion"]).take(pa.array(kept))
+    rows = table.select(["prompt_ids", "completion_ids", "label", "prompt", "completion"])
 
     def total(name):
-        return int(pc.list_value_length(rows[name]).to_numpy(zero_copy_only=False).astype(np.int64).sum()) if len(kept) else 0
+        lengths = pc.list_value_length(rows[name]).to_numpy(zero_copy_only=False).astype(np.int64)
+        return int(lengths[kept].sum())
 
     prompt, completion = total("prompt_ids"), total("completion_ids")
     share = padding_share(prompt + completion, len(kept), cfg.max_length)
     stats.update(tokens=prompt + completion, label_tokens=completion, padding_share_unpacked=share,
                  padding_share_packed=share, rows=len(kept))
-    _save(rows, target, stats, run_key)
-    return {**_zero_stats(), **stats, "desirable": int(pc.sum(rows["label"]).as_py() or 0) if len(kept) else 0}
+    _save(rows, kept, target, stats, run_key)
+    desirable = int(np.asarray(rows["label"].to_numpy(zero_copy_only=False), dtype=bool)[kept].sum())
+    return {**_zero_stats(), **stats, "desirable": desirable}
 
 
-def _save(table, target: Path, stats: dict, run_key: str) -> None:
+def _save(table, kept, target: Path, stats: dict, run_key: str) -> None:
+    """The kept rows of a memory-mapped table into Arrow shards, `SAVE_WINDOW_ROWS` at a time: preference pairs
+    and feedback stream to disk as SFT rows and CPT blocks do, instead of being gathered into one table first."""
+    import pyarrow as pa
+
     writer = ShardWriter(target, _output_fingerprint(run_key, target))
-    writer.write(table)
+    progress = DataPass(log, f"tokenize {target.parent.name}/{target.name}: write", 0)
+    for lo in range(0, len(kept), SAVE_WINDOW_ROWS):
+        window = kept[lo:lo + SAVE_WINDOW_ROWS]
+        progress.step(rows=len(window))
+        writer.write(table.take(pa.array(window)))
     _close(writer, target, stats)
+    if len(kept) > SAVE_WINDOW_ROWS:
+        progress.done()
 
 
 def _close(writer: ShardWriter, target: Path, stats: dict) -> int:

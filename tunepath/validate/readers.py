@@ -289,16 +289,34 @@ def _read_json(text: str, display: str) -> Iterator[RawRow]:
     yield from _read_json_array(text, display, start + 1)
 
 
-def _read_json_array(text: str, display: str, pos: int) -> Iterator[RawRow]:
-    """Parse array elements one by one, so a file cut off mid-way still yields its complete elements."""
+def read_json_range(path: Path, display: str, start: int, end: int, first_line: int, first_column: int,
+                    elements: int, last: bool) -> Iterator[RawRow]:
+    """The elements of bytes [start, end) of a UTF-8 JSON array file (see `cuts.plan_json_array`): the first chunk
+    holds the '[', the others start after the comma that ends the chunk before; only the last may close the array."""
+    text = _range_text(path, display, start, end)
+    if isinstance(text, RawRow):
+        yield text
+        return
+    if start == 0:
+        text = text.removeprefix(BOM)
+        yield from _read_json_array(text, display, _WHITESPACE.match(text).end() + 1, last=last)
+    else:
+        yield from _read_json_array(text, display, 0, first_line, first_column, elements, last)
+
+
+def _read_json_array(text: str, display: str, pos: int, first_line: int = 1, first_column: int = 0,
+                     elements: int = 0, last: bool = True) -> Iterator[RawRow]:
+    """Parse array elements one by one, so a file cut off mid-way still yields its complete elements; `first_line`,
+    `first_column` and `elements`: where text[0] is in the file and the elements before it (a chunk of one)."""
     decoder = json.JSONDecoder()
-    line, counted = 1, 0
+    line, counted = first_line, 0
     n = len(text)
-    elements = 0
     while True:
         pos = _WHITESPACE.match(text, pos).end()
         line += text.count("\n", counted, pos)
         counted = pos
+        if pos >= n and not last:  # the chunk ends after a comma: the next chunk goes on
+            return
         if pos >= n:
             yield RawRow(display, line, "", reasons=[
                 f"bad_json: the JSON array is not closed after {elements} elements: the file looks cut off"])
@@ -310,8 +328,8 @@ def _read_json_array(text: str, display: str, pos: int) -> Iterator[RawRow]:
             value, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             yield RawRow(display, line, _printable(text[pos:]), reasons=[
-                f"bad_json: element {elements + 1} of the JSON array is malformed or cut off ({e.msg} at line {e.lineno}"
-                f" column {e.colno}); the rest of the file from this line is quarantined"])
+                f"bad_json: element {elements + 1} of the JSON array is malformed or cut off ({e.msg} at line "
+                f"{e.lineno + first_line - 1} column {e.colno + (first_column if e.lineno == 1 else 0)}); the rest of the file from this line is quarantined"])
             return
         except RecursionError:
             yield RawRow(display, line, _printable(text[pos:]), reasons=[
@@ -350,19 +368,34 @@ def _trailing(text: str, display: str, pos: int, line: int) -> Iterator[RawRow]:
         yield RawRow(display, line, _printable(rest.strip()), reasons=["bad_json: extra content after the closing ']'"])
 
 
-def _read_csv(text: str, display: str) -> Iterator[RawRow]:
+def read_csv_range(path: Path, display: str, start: int, end: int, first_line: int, header: tuple) -> Iterator[RawRow]:
+    """The rows of bytes [start, end) of a UTF-8 CSV file cut after a record (see `cuts.plan_csv`); the first
+    chunk reads the header, the others are given it."""
+    text = _range_text(path, display, start, end)
+    if isinstance(text, RawRow):
+        yield text
+        return
+    if start == 0:
+        yield from _read_csv(text.removeprefix(BOM), display)
+    else:
+        yield from _read_csv(text, display, header, first_line)
+
+
+def _read_csv(text: str, display: str, header: tuple | None = None, first_line: int = 1) -> Iterator[RawRow]:
     lines = text.split("\n")
+    offset = first_line - 1
     old_limit = csv.field_size_limit()
     csv.field_size_limit(sys.maxsize)  # the default 128 KiB limit would crash on one long document
     try:
         reader = csv.reader(io.StringIO(text, newline=""))
-        try:
-            header = next(reader, None)
-        except csv.Error as e:
-            yield RawRow(display, 1, _printable(lines[0]), reasons=[f"bad_csv: cannot read the header: {e}"])
-            return
         if header is None:
-            return
+            try:
+                header = next(reader, None)
+            except csv.Error as e:
+                yield RawRow(display, 1, _printable(lines[0]), reasons=[f"bad_csv: cannot read the header: {e}"])
+                return
+            if header is None:
+                return
         header = [h.strip() for h in header]
         previous = reader.line_num
         while True:
@@ -372,7 +405,7 @@ def _read_csv(text: str, display: str) -> Iterator[RawRow]:
                 return
             except csv.Error as e:
                 raw = "\n".join(lines[previous:])
-                yield RawRow(display, previous + 1, _printable(raw), reasons=[
+                yield RawRow(display, offset + previous + 1, _printable(raw), reasons=[
                     f"bad_csv: {e}; the rest of the file is quarantined"])
                 return
             start, previous = previous + 1, reader.line_num
@@ -380,12 +413,12 @@ def _read_csv(text: str, display: str) -> Iterator[RawRow]:
             if not cells or all(not c.strip() for c in cells):
                 continue
             if has_invalid_utf8(raw):
-                yield _invalid_utf8(display, start, raw, "csv")
+                yield _invalid_utf8(display, offset + start, raw, "csv")
             elif len(cells) != len(header):
-                yield RawRow(display, start, raw, origin="csv", reasons=[
+                yield RawRow(display, offset + start, raw, origin="csv", reasons=[
                     f"bad_csv: the row has {len(cells)} fields but the header has {len(header)}"])
             else:
-                yield RawRow(display, start, raw, dict(zip(header, cells)), origin="csv")
+                yield RawRow(display, offset + start, raw, dict(zip(header, cells)), origin="csv")
     finally:
         csv.field_size_limit(old_limit)
 

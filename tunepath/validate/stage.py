@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import itertools
 import json
 import logging
 import shutil
@@ -81,7 +82,7 @@ def run_validate(cfg: ValidateConfig, raw_dir: Path, out_dir: Path, model_dir: s
     Records go to `records/records-00000.jsonl`, ... (shards of about 128 MB, in input order; read them with
     `tunepath.records.read_records`). The input is checked in chunks by `data.num_proc` worker processes, so
     memory follows the chunk, not the data (see `tunepath.validate.stream`); the outputs do not depend on either.
-    JSON arrays and CSV files are still read whole, one chunk each (a warning names a large one).
+    JSON arrays and CSV files stream too (`cuts`); a large file that cannot be cut is read whole, with a warning.
     `model_dir` (the base model's folder) gives the control text to look for: its tokenizer's added tokens,
     unless `cfg.control_tokens` lists them. Raises DataValidationError when raw_dir has no data, no row is
     usable, or the rejected share exceeds `cfg.max_reject_share` (the outputs are written first, so
@@ -237,6 +238,7 @@ def _plan(cfg: ValidateConfig, raw_dir: Path, files: list[Path], displays: list[
           warnings: list[str]):
     """The chunks of every file, in order; fills `tallies` with each file's (empty) tally as it goes."""
     from tunepath.validate.readers import JSONL_SUFFIXES, bom_codec, looks_binary
+    from tunepath.validate.cuts import plan_csv, plan_json_array
     from tunepath.validate.stream import CHUNK_BYTES, Chunk, plan_jsonl, plan_parquet, plan_text
 
     index = 0
@@ -268,6 +270,16 @@ def _plan(cfg: ValidateConfig, raw_dir: Path, files: list[Path], displays: list[
             elif suffix == ".txt" and plain and text_split != "file":
                 cuts = plan_jsonl(path) if text_split == "line" else plan_text(path)
                 pieces = [dict(how="text", start=s, end=e, first=line, nbytes=e - s) for s, e, line in cuts]
+            elif suffix == ".json" and plain:
+                cuts = _peeked(plan_json_array(path, CHUNK_BYTES))  # nothing: not an array, read whole
+                if cuts is not None:
+                    pieces = (dict(how="json", start=s, end=e, first=line, column=c, elements=n, last=last, nbytes=e - s)
+                              for s, e, line, c, n, last in cuts)
+            elif suffix == ".csv" and plain:
+                cuts = _peeked(plan_csv(path, CHUNK_BYTES))  # nothing: no header, read whole (which names why)
+                if cuts is not None:
+                    pieces = (dict(how="csv", start=s, end=e, first=line, header=header, nbytes=e - s)
+                              for s, e, line, header in cuts)
             elif suffix == ".parquet":
                 planned = plan_parquet(path)
                 if planned is not None:
@@ -279,11 +291,18 @@ def _plan(cfg: ValidateConfig, raw_dir: Path, files: list[Path], displays: list[
         except OSError:
             pieces = None  # the reader names the fault
         if pieces is None and _size(path) > 4 * CHUNK_BYTES:
-            warnings.append(f"{display} ({_size(path) / 1e6:,.0f} MB) is read whole, not in chunks ({suffix} files are): "
-                            "its rows are held in memory at once; JSONL, Parquet and text files are read in chunks")
+            warnings.append(f"{display} ({_size(path) / 1e6:,.0f} MB) is read whole, not in chunks: its rows are held "
+                            "in memory at once; UTF-8 JSONL, JSON arrays, CSV, Parquet and text files are read in chunks")
         for piece in pieces if pieces is not None else [dict(how="whole", nbytes=_size(path))]:
             yield Chunk(index=index, **base, **piece)
             index += 1
+
+
+def _peeked(items):
+    """The iterator with its first item back in front, or None when it has none (planned lazily: a big file's
+    first chunks are checked while the planner reads on)."""
+    first = next(items, None)
+    return None if first is None else itertools.chain([first], items)
 
 
 def _move_forced(run: _Run, work: Path, eval_share: float) -> list[dict]:

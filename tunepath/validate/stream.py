@@ -1,7 +1,8 @@
 """Validate in chunks, so memory follows the chunk and not the data: plan, check each chunk, merge the tallies.
 
-The parent process cuts every file into chunks (JSONL and text at line ends or blank lines, Parquet at row
-groups; JSON, CSV, UTF-16/32 text and text read whole (`text_split: file`) are one chunk each) and a pool of
+The parent process cuts every file into chunks (JSONL and text at line ends or blank lines, JSON arrays after an
+element, CSV after a record (see `cuts`), Parquet at row groups; a JSON file that is not an array, UTF-16/32
+text and text read whole (`text_split: file`) are one chunk each) and a pool of
 `data.num_proc` workers checks them: read, normalise, dedup, contracts (GX on the chunk's frames), split,
 then the chunk's records and rejects are written to part files of its own (joined by `parts`).
 
@@ -43,11 +44,15 @@ class Chunk:
     display: str
     fmt: str
     text_split: str
-    how: str  # "jsonl" or "text" (bytes start-end, first line), "parquet" (row groups start-end, first row) or "whole"
+    how: str  # "jsonl", "text", "json" or "csv" (bytes start-end, first line), "parquet" (row groups, first row), "whole"
     start: int = 0
     end: int = 0
     first: int = 1
     nbytes: int = 0
+    column: int = 0  # json: the column of `start` on its line (for the decoder's messages)
+    elements: int = 0  # json: the array's elements before this chunk
+    last: bool = True  # json: only the last chunk may close the array
+    header: tuple = ()  # csv: the file's header, read by the first chunk
     field_map: tuple = ()
     role_map: tuple = ()
 
@@ -217,11 +222,17 @@ def _register(chunk: Chunk, items: list) -> None:
 
 
 def _rows(chunk: Chunk):
-    from tunepath.validate.readers import read_jsonl_range, read_parquet_groups, read_rows, read_text_range
+    from tunepath.validate.readers import (read_csv_range, read_json_range, read_jsonl_range, read_parquet_groups,
+                                           read_rows, read_text_range)
 
     path = Path(chunk.path)
     if chunk.how == "jsonl":
         return read_jsonl_range(path, chunk.display, chunk.start, chunk.end, chunk.first)
+    if chunk.how == "json":
+        return read_json_range(path, chunk.display, chunk.start, chunk.end, chunk.first, chunk.column, chunk.elements,
+                               chunk.last)
+    if chunk.how == "csv":
+        return read_csv_range(path, chunk.display, chunk.start, chunk.end, chunk.first, chunk.header)
     if chunk.how == "text":
         return read_text_range(path, chunk.display, chunk.start, chunk.end, chunk.first, chunk.text_split)
     if chunk.how == "parquet":
