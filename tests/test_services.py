@@ -359,8 +359,9 @@ def test_finetune_deployment_run_registers_a_candidate_with_the_changed_paramete
     assert {"tunepath-validate", "tunepath-tokenize", "tunepath-route", "tunepath-train", "tunepath-evaluate",
             "tunepath-register"} <= keys, keys
     link = [a for a in artifacts if a["key"] == "tunepath-mlflow-run"]  # on the flow run's own Artifacts tab
-    assert len(link) == 1 and link[0]["task_run_id"] is None and link[0]["type"] == "link", link
-    assert link[0]["data"].startswith(report.mlflow_url) and version.run_id in link[0]["data"]
+    # a link where the tracking URI is a server, else a note with the run id and how to open it (flows/finetune.show_run)
+    assert len(link) == 1 and link[0]["task_run_id"] is None and link[0]["type"] in ("link", "markdown"), link
+    assert version.run_id in link[0]["data"], link[0]["data"]
     FINISHED["finetune"] = run_id
 
 
