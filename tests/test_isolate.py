@@ -112,7 +112,7 @@ WRITER = textwrap.dedent("""
     from pathlib import Path
     from mlflow import MlflowClient
     from tunepath import isolate
-    from tunepath.registry import experiment_id
+    from tunepath.registry import experiment_id, set_alias
     from tunepath.register.stage import _new_version
     from tunepath.runlock import file_lock
 
@@ -129,7 +129,7 @@ WRITER = textwrap.dedent("""
         client.log_metric(run.info.run_id, "loss", 1.0 / (step + 1), step=step)
     version = _new_version(client, "tunepath-demo", type("Info", (), {"model_uri": f"runs:/{run.info.run_id}/model",
                            "model_id": None})(), run.info.run_id, {"writer": sys.argv[3]})
-    client.set_registered_model_alias("tunepath-demo", "candidate", version.version)
+    set_alias(client, "tunepath-demo", "candidate", version.version)  # every writer races to create the alias
     client.set_terminated(run.info.run_id)
     print(run.info.run_id, version.version, flush=True)
 """)

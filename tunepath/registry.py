@@ -106,6 +106,21 @@ def experiment_id(client, name: str, artifact_root: Path) -> str:
         return exp.experiment_id
 
 
+def set_alias(client, name: str, alias: str, version) -> None:
+    """Point `alias` at `version`. MLflow's store reads, then inserts: two runs that set a new alias at the same moment
+    both insert, and the second fails on the unique key. Its retry finds the row and updates it (the later run wins,
+    as it would one after the other)."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(5):
+        try:
+            client.set_registered_model_alias(name, alias, str(version))
+            return
+        except MlflowException as e:
+            if attempt == 4 or not any(s in str(e) for s in ("UNIQUE", "Duplicate", "unique", "IntegrityError")):
+                raise
+
+
 def open_pipeline_run(tracking_uri: str, experiment: str, artifact_root: Path, name: str | None, tags: dict[str, str]) -> str:
     """A new RUNNING run for one pipeline run (tagged with this process, which ends it); returns its id."""
     from mlflow import MlflowClient

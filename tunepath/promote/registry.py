@@ -6,6 +6,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunepath.registry import set_alias
+
 log = logging.getLogger(__name__)
 
 HISTORY_TAG = "promotion.history"  # registered-model tag: versions that were champion, oldest first
@@ -45,7 +47,7 @@ class Registry:
         return self.client.get_model_version(self.name, str(version)) if version is not None else None
 
     def point(self, alias: str, version: str) -> None:
-        self.client.set_registered_model_alias(self.name, alias, str(version))
+        set_alias(self.client, self.name, alias, version)
 
     def drop(self, alias: str) -> None:
         if alias in (self.model().aliases or {}):

@@ -24,7 +24,7 @@ from tunepath.register import RegisterConfig
 from tunepath.register.card import model_card
 from tunepath.register.datasets import log_lineage
 from tunepath.register.hub import HubReference, hub_references
-from tunepath.registry import existing_run, fail_orphaned_runs, process_tags, run_url
+from tunepath.registry import existing_run, fail_orphaned_runs, process_tags, run_url, set_alias
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def run_register(cfg: RegisterConfig, params: dict, root: Path, tracking_uri: st
     else:
         version, version_run = _log_and_register(cfg, params, root, model_dir, stage_dirs, plan, evaluation, parity, tags, client,
                                                  target, train)
-    client.set_registered_model_alias(cfg.model_name, cfg.alias, version)
+    set_alias(client, cfg.model_name, cfg.alias, version)
     record = {"name": cfg.model_name, "version": str(version), "alias": cfg.alias, "run_id": version_run,
               "run_url": run_url(tracking_uri, version_run) if version_run else None,
               "uri": f"models:/{cfg.model_name}@{cfg.alias}", "tracking_uri": tracking_uri, "tags": tags,
