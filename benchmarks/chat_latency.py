@@ -37,9 +37,9 @@ from pathlib import Path
 QUESTION = "Where is my order NW-1001?"
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# Runs in a fresh interpreter: the steps of `tunepath chat --once` on the transformers path, each timed; prints
-# one JSON line.
-PHASES_FULL = r"""
+# What both phase scripts start and end with: a lap per step (wall clock and the process's CPU seconds),
+# printed as one JSON line of parts.
+LAPS = r"""
 import json, resource, sys, time
 rows = []
 def lap(name):
@@ -48,6 +48,18 @@ def lap(name):
 lap("interpreter start")
 import torch
 lap("import torch")
+"""
+REPORT = r"""
+out, last = [], (float(sys.argv[1]), 0.0)
+for name, t, cpu in rows:
+    out.append({"part": name, "wall_s": t - last[0], "cpu_s": cpu - last[1]})
+    last = (t, cpu)
+print(json.dumps({"parts": out, "threads": torch.get_num_threads()}))
+"""
+
+# Runs in a fresh interpreter: the steps of `tunepath chat --once` on the transformers path, each timed; prints
+# one JSON line.
+PHASES_FULL = r"""
 from tunepath.serve.terminal import _import_transformers_lean, _use_idle_cores
 _import_transformers_lean()
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
@@ -80,23 +92,10 @@ lap("second streamed piece")
 for _ in pieces:
     pass
 worker.join()
-out, last = [], (float(sys.argv[1]), 0.0)
-for name, t, cpu in rows:
-    out.append({"part": name, "wall_s": t - last[0], "cpu_s": cpu - last[1]})
-    last = (t, cpu)
-print(json.dumps({"parts": out, "threads": torch.get_num_threads()}))
 """
 
 # The same for the fast path (tunepath.serve.lite), which chat takes for a folder it supports.
 PHASES_FAST = r"""
-import json, resource, sys, time
-rows = []
-def lap(name):
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    rows.append((name, time.time(), r.ru_utime + r.ru_stime))
-lap("interpreter start")
-import torch
-lap("import torch")
 from pathlib import Path
 from tunepath.serve import lite
 from tunepath.serve.terminal import _use_idle_cores
@@ -121,14 +120,6 @@ with torch.inference_mode():
     lap("first token")
     token = int(torch.argmax(decoder.forward([token])))
     lap("second token")
-tokens = ()
-for _ in tokens:
-    pass
-out, last = [], (float(sys.argv[1]), 0.0)
-for name, t, cpu in rows:
-    out.append({"part": name, "wall_s": t - last[0], "cpu_s": cpu - last[1]})
-    last = (t, cpu)
-print(json.dumps({"parts": out, "threads": torch.get_num_threads()}))
 """
 
 
@@ -174,7 +165,7 @@ def chat_path(model: str) -> str:
 
 
 def parts(model: str, path: str) -> dict:
-    phases = PHASES_FAST if path == "fast" else PHASES_FULL
+    phases = LAPS + (PHASES_FAST if path == "fast" else PHASES_FULL) + REPORT
     done = subprocess.run([sys.executable, "-c", phases, repr(time.time()), model, QUESTION], capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
