@@ -376,7 +376,7 @@ def start_services(root: Path, options: ServiceOptions = ServiceOptions()) -> Re
 
     api = f"{prefect_url}/api"
     run_env = service_env(root, {"PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": mlflow_url,
-                                 "TUNEPATH_PROJECT_DIR": str(root)})
+                                 "TUNEPATH_PROJECT_DIR": str(root), "PREFECT_LOGGING_LEVEL": flow_run_log_level()})
     pid = running_pid(root, "worker")
     if pid and report.actions["prefect"] != "started" and previous.get("pool") == options.pool:
         report.actions["worker"] = f"already running (pid {pid})"
@@ -394,6 +394,14 @@ def start_services(root: Path, options: ServiceOptions = ServiceOptions()) -> Re
         report.deployments = register_deployments(root, api, run_env, options.timeout_s, slots=report.gpu_slots)
     report.seconds = time.monotonic() - t0
     return report
+
+
+def flow_run_log_level() -> str:
+    """What the worker's flow runs log: at least INFO, the level of every line a run's Logs tab shows (stages,
+    working copies). A quieter PREFECT_LOGGING_LEVEL set for a terminal (the test suite sets WARNING) would leave
+    that tab empty; DEBUG stays DEBUG."""
+    level = os.environ.get("PREFECT_LOGGING_LEVEL", "INFO").upper()
+    return level if level in ("DEBUG", "INFO") else "INFO"
 
 
 def worker_online(api: str, pool: str) -> bool:
