@@ -270,6 +270,14 @@ COMPUTE = textwrap.dedent("""
     logging.basicConfig(stream=sys.stdout, format="%(name)s: %(message)s")
     logging.getLogger("tunepath").setLevel(logging.INFO)
     copy, wait_s = Path(sys.argv[1]), float(sys.argv[2])
+    if len(sys.argv) > 3:  # a gate: this run stops on its way to the stage's lock until the file exists
+        gate, inputs_key = Path(sys.argv[3]), Ledger.inputs_key
+        def gated(self, stage):
+            print("on the way", flush=True)
+            while not gate.exists():
+                time.sleep(0.05)
+            return inputs_key(self, stage)
+        Ledger.inputs_key = gated
     ledger = Ledger(copy)
     os.chdir(copy)
     with ledger.first_with_these_inputs("make", isolate.home_of(copy) / isolate.LOCKS) as restored:
@@ -301,8 +309,8 @@ def copy_with(home: Path, name: str, a: int) -> Path:
     return copy
 
 
-def compute(copy: Path, wait_s: float = 0.0) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", COMPUTE, str(copy), str(wait_s)], cwd=REPO, stdout=subprocess.PIPE,
+def compute(copy: Path, wait_s: float = 0.0, gate: Path | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", COMPUTE, str(copy), str(wait_s), *([str(gate)] if gate else [])], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO), "MAKE_LOG": str(copy.parent / "made.log")})
 
 
@@ -345,6 +353,25 @@ def test_two_runs_started_together_with_the_same_inputs_compute_the_stage_once(t
     assert "tunepath.ledger: make: restored from DVC's run cache (a run with the same deps and params made it), skipped" in lines
     assert made.read_text() == "3\n"
     assert (b / "artifacts" / "out.txt").read_text() == (a / "artifacts" / "out.txt").read_text() == "3:rows\nweights\n"
+
+
+def test_two_identical_runs_at_the_same_instant_compute_the_stage_once(tmp_path):
+    """The second run is on its way to the stage's lock when the first, started with it, finishes the stage and
+    lets the lock go: the second finds the lock free, and the stage made, and restores it."""
+    home = reuse_project(tmp_path / "home")
+    made = home / ".tunepath" / "workspaces" / "made.log"
+    a, b = copy_with(home, "a", 4), copy_with(home, "b", 4)
+    gate = tmp_path / "gate"
+    second = compute(b, gate=gate)
+    assert second.stdout.readline().strip() == "on the way"
+    first = compute(a)
+    out = first.communicate(timeout=300)
+    assert out[0].split()[-1] == "computed", out
+    gate.touch()
+    outs = second.communicate(timeout=300)
+    assert outs[0].split()[-1] == "restored", outs
+    assert made.read_text() == "4\n"  # computed once
+    assert (b / "artifacts" / "out.txt").read_text() == (a / "artifacts" / "out.txt").read_text() == "4:rows\nweights\n"
 
 
 def test_tunepath_run_in_a_free_project_goes_to_the_copy_its_interrupted_run_left(tmp_path):
