@@ -254,6 +254,44 @@ def test_the_rerun_of_an_interrupted_isolated_run_resumes_in_its_copy_and_others
     assert len(sh(home, "git", "worktree", "list").strip().splitlines()) == 1
 
 
+def test_a_look_at_the_copies_at_the_moment_a_rerun_looks_does_not_send_it_to_a_fresh_copy(tmp_path, monkeypatch):
+    """`tunepath workspaces` holds a copy's record locked for an instant to tell a running copy from a left one;
+    a rerun looking for its copy in that instant took the copy for a running one and made a fresh copy."""
+    import fcntl
+    import threading
+    import types
+
+    from tunepath import workspaces
+
+    home = tiny_project(tmp_path / "home")
+    key = workspaces.run_key(home, {"a": 2})
+    proc, copy = hold_copy(home, key, "left", "kill")
+    proc.kill()
+    proc.wait()
+
+    holding, go, listing = threading.Event(), threading.Event(), []
+
+    def flock(fd, op):  # the look stops while it holds the record's lock, until the rerun has started looking
+        fcntl.flock(fd, op)
+        if threading.current_thread().name == "look" and not op & fcntl.LOCK_UN:
+            holding.set()
+            go.wait(10)
+
+    monkeypatch.setattr(workspaces, "fcntl", types.SimpleNamespace(**{k: getattr(fcntl, k) for k in dir(fcntl) if k.startswith("LOCK_")}, flock=flock))
+    look = threading.Thread(target=lambda: listing.extend(workspaces.left_copies(home)), name="look")
+    look.start()
+    assert holding.wait(10)
+    threading.Timer(0.3, go.set).start()  # the look lets go while the rerun looks
+    started = time.monotonic()
+    found = workspaces.resumable(home, key)
+    look.join(10)
+    assert found and found["name"] == "left", found
+    assert time.monotonic() - started < workspaces.CLAIM_SETTLE_S + 0.5
+    assert [(c["name"], c["state"]) for c in listing] == [("left", "interrupted")]
+    with workspaces.working_copy(home, key, "fresh", "tunepath run --set a=2") as (again, record):
+        assert again == copy and record["name"] == "left"
+
+
 # --- runs with identical inputs reuse each other's stages through DVC's run cache -------------------------------
 
 CKPT_STAGE = {"stages": {"make": {**STAGE["stages"]["make"],
