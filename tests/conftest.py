@@ -41,14 +41,15 @@ SESSION_HELPERS = ("prefect.server.api.server:create_app", "multiprocessing.reso
 
 
 def strays(marker: Path, before: set[int]) -> list:
-    """Processes alive now that were not alive in `before` and belong to these tests: descendants of this pytest
-    process, and any process (an orphan handed to init too) whose command line, working folder or environment
-    names `marker` (the session's temporary folder, where every test's projects live). The session's helpers
-    started by pytest itself are not strays."""
+    """Processes alive now, not alive in `before`, that these tests started: those whose nearest ancestor of
+    `before` is this pytest process, and orphans (handed to init) whose command line, working folder or environment
+    names `marker` (the session's temporary folder, where every test's projects live). What a process of `before`
+    starts is that process's (a module fixture's browser or worker), and the session's helpers started by pytest
+    itself are not strays."""
     import psutil
 
     me, mark = os.getpid(), str(marker)
-    found = []
+    mine = []
     for pid in set(psutil.pids()) - before - {me}:
         try:
             proc = psutil.Process(pid)
@@ -57,15 +58,16 @@ def strays(marker: Path, before: set[int]) -> list:
             cmdline = " ".join(proc.cmdline())
             if proc.ppid() == me and any(h in cmdline for h in SESSION_HELPERS):
                 continue
-            mine = any(p.pid == me for p in proc.parents())
-            if not mine:
+            known = next((p for p in proc.parents() if p.pid == me or p.pid in before), None)
+            if known is not None and known.pid == me:
+                mine.append(proc)
+            elif known is None or not any(p.pid == me for p in known.parents()):  # outside pytest's tree: an orphan?
                 texts = [cmdline, proc.cwd(), *proc.environ().values()]
-                mine = any(t == mark or t.startswith(mark + os.sep) or f"{mark}{os.sep}" in t for t in texts)
-            if mine:
-                found.append(proc)
+                if any(t == mark or t.startswith(mark + os.sep) or f"{mark}{os.sep}" in t for t in texts):
+                    mine.append(proc)
         except psutil.Error:
             continue
-    return found
+    return mine
 
 
 def stop_strays(marker: Path, before: set[int], grace_s: float = 5.0) -> list[str]:

@@ -20,7 +20,19 @@ def orphan_in(folder, tmp_path) -> int:
 def test_a_left_process_is_found_and_stopped_and_others_are_not_touched(tmp_path):
     import psutil
 
+    # a module fixture's process (a browser, a worker), there before the test: what it starts meanwhile is its own
+    go = tmp_path / "go"
+    fixture = subprocess.Popen([sys.executable, "-c", "import pathlib, subprocess, sys, time\n"
+                                f"while not pathlib.Path({str(go)!r}).exists(): time.sleep(0.05)\n"
+                                "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"],
+                               cwd=tmp_path)
     before = set(psutil.pids())
+    go.touch()
+    deadline = time.monotonic() + 20
+    while not psutil.Process(fixture.pid).children():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    [renderer] = psutil.Process(fixture.pid).children()
     project = tmp_path / "project"
     project.mkdir()
     orphan = psutil.Process(orphan_in(project, tmp_path))
@@ -29,15 +41,16 @@ def test_a_left_process_is_found_and_stopped_and_others_are_not_touched(tmp_path
     try:
         assert orphan.ppid() != psutil.Process().pid  # init's, not ours
         found = {p.pid for p in strays(tmp_path, before)}
-        assert orphan.pid in found and child.pid in found and elsewhere.pid not in found
+        assert orphan.pid in found and child.pid in found and elsewhere.pid not in found and renderer.pid not in found
         left = stop_strays(tmp_path, before, grace_s=0.5)
         assert any(line.startswith(f"pid {orphan.pid} ") and "sleep 60" in line for line in left), left
         child.wait(timeout=10)
         time.sleep(0.2)
         assert not orphan.is_running() or orphan.status() == psutil.STATUS_ZOMBIE
-        assert elsewhere.is_running()
+        assert elsewhere.is_running() and renderer.is_running()
         assert strays(tmp_path, before) == []
     finally:
-        for proc in (elsewhere, orphan):
+        for proc in (elsewhere, orphan, renderer, psutil.Process(fixture.pid)):
             if proc.is_running():
                 proc.kill()
+        fixture.wait()
