@@ -234,7 +234,7 @@ def stop_pid(pid: int, grace_s: float = 15.0) -> None:
 
 
 def session_members(sid: int) -> list:
-    """The processes of session `sid` but its leader (alive or not)."""
+    """Every process of session `sid` except its leader; found also after the leader has exited."""
     import psutil
 
     found = []

@@ -106,7 +106,7 @@ def _claim_left(home: Path, key: str) -> tuple[int, dict] | None:
         except OSError:
             continue
         seen = _read_record(fd)
-        if seen.get("key") not in (None, key):  # another run's copy (no record yet, or one being rewritten: looked at)
+        if seen.get("key") not in (None, key):  # another run's copy; a record that reads empty is being written: locked and read again
             os.close(fd)
             continue
         if not _lock_within(fd, CLAIM_SETTLE_S):
