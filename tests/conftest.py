@@ -6,11 +6,13 @@ whole session, so every flow in the session shares one temporary Prefect server.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,86 @@ os.environ.update({
 })
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("PREFECT_API_URL", None)
+
+
+# Processes this pytest process starts on purpose, for the rest of the session: the shared temporary Prefect
+# server (first flow of the session), multiprocessing's helper processes.
+SESSION_HELPERS = ("prefect.server.api.server:create_app", "multiprocessing.resource_tracker", "multiprocessing.forkserver")
+
+
+def strays(marker: Path, before: set[int]) -> list:
+    """Processes alive now, not alive in `before`, that these tests started: those whose nearest ancestor of
+    `before` is this pytest process, and orphans (handed to init) whose command line, working folder or environment
+    names `marker` (the session's temporary folder, where every test's projects live). What a process of `before`
+    starts is that process's (a module fixture's browser or worker), and the session's helpers started by pytest
+    itself are not strays."""
+    import psutil
+
+    me, mark = os.getpid(), str(marker)
+    mine = []
+    for pid in set(psutil.pids()) - before - {me}:
+        try:
+            proc = psutil.Process(pid)
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            cmdline = " ".join(proc.cmdline())
+            if proc.ppid() == me and any(h in cmdline for h in SESSION_HELPERS):
+                continue
+            known = next((p for p in proc.parents() if p.pid == me or p.pid in before), None)
+            if known is not None and known.pid == me:
+                mine.append(proc)
+            elif known is None or not any(p.pid == me for p in known.parents()):  # outside pytest's tree: an orphan?
+                texts = [cmdline, proc.cwd(), *proc.environ().values()]
+                if any(t == mark or t.startswith(mark + os.sep) or f"{mark}{os.sep}" in t for t in texts):
+                    mine.append(proc)
+        except psutil.Error:
+            continue
+    return mine
+
+
+def stop_strays(marker: Path, before: set[int], grace_s: float = 5.0) -> list[str]:
+    """Wait `grace_s` for strays to end on their own (a server that is shutting down), then SIGTERM and SIGKILL
+    them; returns what each one was."""
+    import psutil
+
+    deadline = time.monotonic() + grace_s
+    found = strays(marker, before)
+    while found and time.monotonic() < deadline:
+        time.sleep(0.2)
+        found = strays(marker, before)
+    described = []
+    for proc in found:
+        with contextlib.suppress(psutil.Error):
+            described.append(f"pid {proc.pid} (parent {proc.ppid()}): {' '.join(proc.cmdline())[:300]}")
+            proc.terminate()
+    _, alive = psutil.wait_procs(found, timeout=5)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    return described
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_process_outlives_the_session(tmp_path_factory):
+    """What module fixtures (the services' `live`) leave after their teardown: checked once every test ended."""
+    import psutil
+
+    base, before = tmp_path_factory.getbasetemp(), set(psutil.pids())
+    yield
+    left = stop_strays(base, before)
+    assert not left, "still running after the session's fixtures stopped (now killed):\n" + "\n".join(left)
+
+
+@pytest.fixture(autouse=True)
+def _no_process_outlives_its_test(tmp_path_factory):
+    """Every process a test starts (servers, workers, runs and their children) ends by the end of the test,
+    also when it fails; processes started by module fixtures before the test are theirs."""
+    import psutil
+
+    base, before = tmp_path_factory.getbasetemp(), set(psutil.pids())
+    yield
+    left = stop_strays(base, before)
+    assert not left, "still running after the test (now killed):\n" + "\n".join(left)
 
 
 @pytest.fixture(autouse=True)

@@ -254,6 +254,44 @@ def test_the_rerun_of_an_interrupted_isolated_run_resumes_in_its_copy_and_others
     assert len(sh(home, "git", "worktree", "list").strip().splitlines()) == 1
 
 
+def test_a_look_at_the_copies_at_the_moment_a_rerun_looks_does_not_send_it_to_a_fresh_copy(tmp_path, monkeypatch):
+    """`tunepath workspaces` holds a copy's record locked for an instant to tell a running copy from a left one;
+    a rerun looking for its copy in that instant took the copy for a running one and made a fresh copy."""
+    import fcntl
+    import threading
+    import types
+
+    from tunepath import workspaces
+
+    home = tiny_project(tmp_path / "home")
+    key = workspaces.run_key(home, {"a": 2})
+    proc, copy = hold_copy(home, key, "left", "kill")
+    proc.kill()
+    proc.wait()
+
+    holding, go, listing = threading.Event(), threading.Event(), []
+
+    def flock(fd, op):  # the look stops while it holds the record's lock, until the rerun has started looking
+        fcntl.flock(fd, op)
+        if threading.current_thread().name == "look" and not op & fcntl.LOCK_UN:
+            holding.set()
+            go.wait(10)
+
+    monkeypatch.setattr(workspaces, "fcntl", types.SimpleNamespace(**{k: getattr(fcntl, k) for k in dir(fcntl) if k.startswith("LOCK_")}, flock=flock))
+    look = threading.Thread(target=lambda: listing.extend(workspaces.left_copies(home)), name="look")
+    look.start()
+    assert holding.wait(10)
+    threading.Timer(0.3, go.set).start()  # the look lets go while the rerun looks
+    started = time.monotonic()
+    found = workspaces.resumable(home, key)
+    look.join(10)
+    assert found and found["name"] == "left", found
+    assert time.monotonic() - started < workspaces.CLAIM_SETTLE_S + 0.5
+    assert [(c["name"], c["state"]) for c in listing] == [("left", "interrupted")]
+    with workspaces.working_copy(home, key, "fresh", "tunepath run --set a=2") as (again, record):
+        assert again == copy and record["name"] == "left"
+
+
 # --- runs with identical inputs reuse each other's stages through DVC's run cache -------------------------------
 
 CKPT_STAGE = {"stages": {"make": {**STAGE["stages"]["make"],
@@ -270,6 +308,14 @@ COMPUTE = textwrap.dedent("""
     logging.basicConfig(stream=sys.stdout, format="%(name)s: %(message)s")
     logging.getLogger("tunepath").setLevel(logging.INFO)
     copy, wait_s = Path(sys.argv[1]), float(sys.argv[2])
+    if len(sys.argv) > 3:  # a gate: this run stops on its way to the stage's lock until the file exists
+        gate, inputs_key = Path(sys.argv[3]), Ledger.inputs_key
+        def gated(self, stage):
+            print("on the way", flush=True)
+            while not gate.exists():
+                time.sleep(0.05)
+            return inputs_key(self, stage)
+        Ledger.inputs_key = gated
     ledger = Ledger(copy)
     os.chdir(copy)
     with ledger.first_with_these_inputs("make", isolate.home_of(copy) / isolate.LOCKS) as restored:
@@ -301,8 +347,8 @@ def copy_with(home: Path, name: str, a: int) -> Path:
     return copy
 
 
-def compute(copy: Path, wait_s: float = 0.0) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", COMPUTE, str(copy), str(wait_s)], cwd=REPO, stdout=subprocess.PIPE,
+def compute(copy: Path, wait_s: float = 0.0, gate: Path | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", COMPUTE, str(copy), str(wait_s), *([str(gate)] if gate else [])], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO), "MAKE_LOG": str(copy.parent / "made.log")})
 
 
@@ -345,6 +391,25 @@ def test_two_runs_started_together_with_the_same_inputs_compute_the_stage_once(t
     assert "tunepath.ledger: make: restored from DVC's run cache (a run with the same deps and params made it), skipped" in lines
     assert made.read_text() == "3\n"
     assert (b / "artifacts" / "out.txt").read_text() == (a / "artifacts" / "out.txt").read_text() == "3:rows\nweights\n"
+
+
+def test_two_identical_runs_at_the_same_instant_compute_the_stage_once(tmp_path):
+    """The second run is on its way to the stage's lock when the first, started with it, finishes the stage and
+    lets the lock go: the second finds the lock free, and the stage made, and restores it."""
+    home = reuse_project(tmp_path / "home")
+    made = home / ".tunepath" / "workspaces" / "made.log"
+    a, b = copy_with(home, "a", 4), copy_with(home, "b", 4)
+    gate = tmp_path / "gate"
+    second = compute(b, gate=gate)
+    assert second.stdout.readline().strip() == "on the way"
+    first = compute(a)
+    out = first.communicate(timeout=300)
+    assert out[0].split()[-1] == "computed", out
+    gate.touch()
+    outs = second.communicate(timeout=300)
+    assert outs[0].split()[-1] == "restored", outs
+    assert made.read_text() == "4\n"  # computed once
+    assert (b / "artifacts" / "out.txt").read_text() == (a / "artifacts" / "out.txt").read_text() == "4:rows\nweights\n"
 
 
 def test_tunepath_run_in_a_free_project_goes_to_the_copy_its_interrupted_run_left(tmp_path):

@@ -151,3 +151,40 @@ def test_a_bar_on_a_terminal_keeps_its_lines_for_the_log_only():
     assert "train sft (1/1)" in out.stderr and "5/5" in out.stderr and "1,234 tokens/s" in out.stderr  # tqdm's bar, with the rate
     records = json.loads(out.stdout.strip().splitlines()[-1])
     assert records and all(records)  # every line is marked for the log only: the Terminal filter keeps it off the screen
+
+
+def test_tunepath_lines_reach_the_flow_runs_logs_where_prefects_root_logger_is_at_warning():
+    """Under a Prefect worker the root logger is Prefect's, at WARNING: tunepath's INFO lines (a working copy, a
+    stage restored from the run cache, a landed experiment) reach the flow run's Logs tab all the same."""
+    from prefect import flow, task
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    from tunepath import logs
+
+    @task
+    def make():
+        logging.getLogger("tunepath.ledger").info("make: restored from DVC's run cache, skipped")
+
+    @flow
+    def probe():
+        logs.setup(cli_reports_errors=False)  # as the finetune flow does
+        logging.getLogger("tunepath.isolate").info("landed as DVC experiment probe")
+        make()
+
+    ours = logging.getLogger("tunepath")
+    level = ours.level
+    ours.setLevel(logging.NOTSET)  # as in a fresh worker process: no earlier test's setup
+    try:
+        assert logging.getLogger().getEffectiveLevel() >= logging.WARNING  # Prefect's root, as in a worker
+        state = probe(return_state=True)
+        APILogHandler().flush()
+    finally:
+        ours.setLevel(level)
+    assert state.is_completed()
+    with get_client(sync_client=True) as client:
+        found = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    lines = {(log.name, log.task_run_id is not None, log.message) for log in found}
+    assert ("tunepath.isolate", False, "landed as DVC experiment probe") in lines, lines
+    assert ("tunepath.ledger", True, "make: restored from DVC's run cache, skipped") in lines, lines

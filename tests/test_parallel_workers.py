@@ -9,6 +9,7 @@ the run in place, the experiment's merge output, applied from the shared DVC cac
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from datetime import datetime
@@ -80,5 +81,32 @@ def test_two_worker_slots_run_two_deployment_runs_at_once_each_with_its_own_line
         assert yaml.safe_load((root / "params.yaml").read_text())["train"]["learning_rate"] == float(isolated)
         assert artifact_hash(root / "artifacts" / "merge" / "model") == by_lr[isolated].tags["artifact_hash"]
         assert not [p for p in (root / ".tunepath" / "workspaces").iterdir() if p.is_dir()]
+
+        # the Logs tab of each flow run, the isolated one's too: its stages' lines and tunepath's own
+        for lr, run_id in runs.items():
+            lines = flow_run_logs(api, run_id)
+            text = "\n".join(f"{logger}: {message}" for logger, _, message in lines)
+            for stage in ("validate", "tokenize", "route", "train", "evaluate", "merge", "register"):
+                assert any(task and re.match(rf"{stage}: (running|restored|up to date)", m) for _, task, m in lines), (lr, stage, text[-3000:])
+            assert any(logger.startswith("tunepath.") for logger, _, _ in lines), (lr, text[-3000:])
+            assert any(m.startswith("done: ") for _, _, m in lines), (lr, text[-3000:])
+        isolated_lines = [m for _, _, m in flow_run_logs(api, runs[isolated])]
+        assert any(m.startswith("working copy ") and name in m for m in isolated_lines), isolated_lines[-20:]
+        assert any(m.startswith(f"landed as DVC experiment {name}") for m in isolated_lines), isolated_lines[-20:]
     finally:
         stop_services(root)
+
+
+def flow_run_logs(api: str, run_id: str) -> list[tuple[str, bool, str]]:
+    """(logger, from a task run, message) of every line the flow run's Logs tab shows, through Prefect's client."""
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    logs, only = [], LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id]))
+    with SyncPrefectClient(api) as client:
+        while True:  # a page at a time: the server answers at most 200
+            page = client.read_logs(only, limit=200, offset=len(logs))
+            logs += page
+            if len(page) < 200:
+                break
+    return [(log.name, log.task_run_id is not None, log.message) for log in logs]

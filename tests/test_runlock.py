@@ -337,3 +337,40 @@ def test_lock_reentry_is_per_thread_not_per_process(tmp_path):
     thread.start()
     thread.join()
     assert seen == {"held": False, "dvc": False, "entered": True}
+
+
+@pytest.mark.parametrize("level", ["repo", "local"])
+def test_a_project_with_dvcs_hardlink_lock_is_refused_naming_the_setting(tmp_path, level):
+    """With core.hardlink_lock DVC locks .dvc/tmp/lock with hard links, which the fcntl lock tunepath takes (as DVC
+    does by default) does not see: a run beside a `dvc repro` would not be stopped. tunepath refuses, and says why."""
+    import zc.lockfile
+    from dvc.lock import make_lock
+
+    from tunepath.runlock import HardlinkLockSet, project_lock
+
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q", "--no-scm"], cwd=tmp_path, check=True)
+    with project_lock(tmp_path, dvc=True):
+        pass  # DVC's default: fine
+    flag = ["--local"] if level == "local" else []
+    subprocess.run([sys.executable, "-m", "dvc", "config", *flag, "core.hardlink_lock", "true"], cwd=tmp_path, check=True)
+    # why it cannot be allowed: DVC's hard-link lock held, the fcntl lock is taken all the same (and the file the
+    # fcntl lock leaves behind would keep DVC out for good)
+    (tmp_path / ".dvc" / "tmp" / "lock").unlink()
+    dvc_held = make_lock(str(tmp_path / ".dvc" / "tmp" / "lock"), tmp_dir=str(tmp_path / ".dvc" / "tmp"), hardlink_lock=True)
+    dvc_held.lock()
+    try:
+        zc.lockfile.LockFile(str(tmp_path / ".dvc" / "tmp" / "lock")).close()
+    finally:
+        (tmp_path / ".dvc" / "tmp" / "lock").unlink()
+    with pytest.raises(HardlinkLockSet) as refused:
+        with project_lock(tmp_path, dvc=True):
+            pytest.fail("the run went on")
+    where = tmp_path / ".dvc" / ("config.local" if level == "local" else "config")
+    assert str(refused.value) == (
+        f"{tmp_path}: DVC's core.hardlink_lock is on (set in {where}): DVC then locks this project with hard links, "
+        "which tunepath's run lock does not exclude, so a `dvc repro` beside a run would not be stopped. Turn it off "
+        f"to run tunepath here: dvc config{' --local' if level == 'local' else ''} --unset core.hardlink_lock")
+    assert not (tmp_path / ".tunepath" / "run.lock").read_text()  # nothing held, no holder named
+    subprocess.run([sys.executable, "-m", "dvc", "config", *flag, "--unset", "core.hardlink_lock"], cwd=tmp_path, check=True)
+    with project_lock(tmp_path, dvc=True):
+        pass

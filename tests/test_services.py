@@ -128,6 +128,48 @@ def test_pid_files_track_exactly_the_started_process_and_down_stops_its_children
     assert running_pid(tmp_path, "worker") is None
 
 
+def test_a_service_is_still_known_after_the_clock_steps_a_second(tmp_path, monkeypatch):
+    """psutil's create_time is boot time (whole seconds in /proc/stat, moved by clock adjustments) plus ticks:
+    a step of one second made `down` take the service for another process and leave it running."""
+    import psutil
+    import psutil._pslinux
+
+    for sub in ("pids", "logs"):
+        (tmp_path / ".tunepath" / sub).mkdir(parents=True)
+    pid = services.spawn(tmp_path, "mlflow", [sys.executable, "-c", "import time; time.sleep(60)"], services.service_env(tmp_path))
+    boot = psutil._pslinux.boot_time()
+    monkeypatch.setattr(psutil._pslinux, "boot_time", lambda: boot + 1.0)
+    assert abs(psutil.Process(pid).create_time() - float(services.pid_file(tmp_path, "mlflow").read_text().split()[1])) >= 1.0
+    assert running_pid(tmp_path, "mlflow") == pid
+    assert stop_services(tmp_path)["mlflow"] == f"stopped (pid {pid})"
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_down_stops_an_orphan_left_in_the_services_session(tmp_path):
+    """A process whose parent died is handed to init, out of reach of `children()`; it is still in the session
+    `spawn` made for the service."""
+    import psutil
+
+    for sub in ("pids", "logs"):
+        (tmp_path / ".tunepath" / sub).mkdir(parents=True)
+    orphan_pid = tmp_path / "orphan.pid"
+    # a shell that starts `sleep` in the background and exits: the sleep's parent is gone
+    script = ("import subprocess, time; "
+              f"subprocess.Popen(['sh', '-c', 'sleep 60 & echo $! > {orphan_pid}.tmp && mv {orphan_pid}.tmp {orphan_pid}']).wait(); "
+              "time.sleep(60)")
+    pid = services.spawn(tmp_path, "worker", [sys.executable, "-c", script], services.service_env(tmp_path))
+    deadline = time.monotonic() + 20
+    while not orphan_pid.exists() or psutil.Process(pid).children():
+        assert time.monotonic() < deadline, "the stand-in did not leave an orphan"
+        time.sleep(0.1)
+    orphan = psutil.Process(int(orphan_pid.read_text()))
+    assert orphan.pid not in {c.pid for c in psutil.Process(pid).children(recursive=True)}
+    assert orphan in services.session_members(pid)
+    stop_services(tmp_path)
+    time.sleep(0.2)
+    assert not orphan.is_running() or orphan.status() == psutil.STATUS_ZOMBIE
+
+
 def test_a_reused_pid_is_not_taken_for_the_service(tmp_path):
     (tmp_path / ".tunepath" / "pids").mkdir(parents=True)
     # this test's own PID with a different start time: a PID the OS gave to another program since

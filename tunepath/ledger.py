@@ -101,12 +101,10 @@ class Ledger:
     def first_with_these_inputs(self, stage: str, lock_dir: Path) -> Iterator[bool]:
         """Hold the stage's inputs for the block, so that no other run computes the same stage from the same inputs
         meanwhile. Yields True when the outputs were restored from the run cache (another run made them, maybe while
-        this one waited): the caller then skips the stage; False: the caller computes it."""
+        this one waited): the caller then skips the stage; False: the caller computes it, and records it in the run
+        cache before the block ends (`record`, `remember`), so a run waiting on the lock finds it there."""
         if stage in NOT_REUSED:
             yield False
-            return
-        if self.restore(stage):
-            yield True
             return
         try:
             key = self.inputs_key(stage)
@@ -124,9 +122,11 @@ class Ledger:
                 other = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another run"
                 log.info("%s: %s computes it from the same inputs; waiting to reuse its outputs", stage, other)
                 fcntl.flock(fd, fcntl.LOCK_EX)
-                if self.restore(stage):
-                    yield True
-                    return
+            # looked up under the lock, never before it: a run that finished between a look and the lock (two
+            # runs started at the same instant) leaves the lock free and its work done
+            if self.restore(stage):
+                yield True
+                return
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} (in {self.root})\n".encode(), 0)
             yield False

@@ -128,6 +128,9 @@ def setup(debug: bool = False, cli_reports_errors: bool = True) -> None:
             handler.addFilter(Terminal(cli_reports_errors))
     for name, level in LEVELS.items():
         logging.getLogger(name).setLevel(level)
+    # tunepath's own lines (working copies, reused stages, landed experiments) are INFO. Under a Prefect worker
+    # the root logger is Prefect's, at WARNING: left unset, they never reached the flow run's Logs tab
+    logging.getLogger("tunepath").setLevel(logging.DEBUG if debug else logging.INFO)
     mlflow_pyfunc = logging.getLogger("mlflow.pyfunc")  # MLflow's loggers print through MLflow's handler, not the root's
     if not any(isinstance(f, Expected) for f in mlflow_pyfunc.filters):
         mlflow_pyfunc.addFilter(Expected())

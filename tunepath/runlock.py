@@ -182,6 +182,7 @@ def dvc_lock(root: Path, what: str | None = None, since: float | None = None) ->
     if not tmp.parent.is_dir():
         yield  # not a DVC repository: nothing to share
         return
+    refuse_hardlink_lock(root)
     import zc.lockfile
 
     tmp.mkdir(exist_ok=True)
@@ -206,6 +207,36 @@ def dvc_lock(root: Path, what: str | None = None, since: float | None = None) ->
     finally:
         _dvc_held.reset(token)
         lock.close()
+
+
+class HardlinkLockSet(StageError):
+    """The project turns on DVC's core.hardlink_lock, a lock that tunepath's does not exclude."""
+
+
+def refuse_hardlink_lock(root: Path) -> None:
+    """Refuse a project whose DVC config turns on core.hardlink_lock, naming the file that sets it.
+
+    DVC then locks with hard links (flufl.lock) on the same .dvc/tmp/lock, while tunepath takes that file as DVC
+    does by default (an fcntl lock, zc.lockfile): neither sees the other, so a `dvc repro` beside a run would
+    delete the stages' outputs the run is writing. A filesystem that needs hard-link locks (NFS across hosts) may
+    not honour tunepath's flocks either, so taking DVC's hard-link lock instead would not make the run lock safe."""
+    from dvc.config import Config, ConfigError
+
+    try:
+        config = Config(dvc_dir=str(Path(root) / ".dvc"))
+        if not config["core"].get("hardlink_lock", False):
+            return
+        setters = [config.files[level] for level in config.LEVELS
+                   if level in config.files and "hardlink_lock" in config.load_one(level).get("core", {})]
+    except ConfigError:
+        return  # DVC itself reports a broken config, in its words, when the first stage runs
+    where = setters[-1] if setters else "DVC's config"
+    level = next((lvl for lvl in ("local", "repo", "global", "system") if config.files.get(lvl) == where), "repo")
+    flag = {"local": " --local", "global": " --global", "system": " --system"}.get(level, "")
+    raise HardlinkLockSet(
+        f"{Path(root)}: DVC's core.hardlink_lock is on (set in {where}): DVC then locks this project with hard links, "
+        "which tunepath's run lock does not exclude, so a `dvc repro` beside a run would not be stopped. Turn it "
+        f"off to run tunepath here: dvc config{flag} --unset core.hardlink_lock")
 
 
 def dvc_lock_holder(root: Path) -> str:

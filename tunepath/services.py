@@ -140,13 +140,31 @@ def running_pid(root: Path, name: str) -> int | None:
     if not path.exists():
         return None
     try:
-        pid_text, started_text = path.read_text(encoding="utf-8").split()[:2]
-        proc = psutil.Process(int(pid_text))
-        if abs(proc.create_time() - float(started_text)) < 1.0 and proc.status() != psutil.STATUS_ZOMBIE:
+        fields = path.read_text(encoding="utf-8").split()
+        pid, started = int(fields[0]), float(fields[1])
+        proc = psutil.Process(pid)
+        if len(fields) > 2 and start_ticks(pid) is not None:
+            same = start_ticks(pid) == fields[2]
+        else:  # a pid file of an older tunepath, or no /proc: the wall-clock start, which can step by a second
+            same = abs(proc.create_time() - started) < 2.0
+        if same and proc.status() != psutil.STATUS_ZOMBIE:
             return proc.pid
-    except (ValueError, psutil.Error):
+    except (ValueError, IndexError, psutil.Error):
         pass
     return None
+
+
+def start_ticks(pid: int) -> str | None:
+    """When the process started, in clock ticks since boot (/proc/PID/stat, field 22); None without /proc.
+
+    Not psutil's create_time: that adds the boot time from /proc/stat, a whole second that moves by one when
+    the clock is adjusted, so a service checked later looked like another process with its PID and was left
+    running by `down`."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    return stat[stat.rfind(b")") + 2:].split()[19].decode()
 
 
 # ---------------------------------------------------------------- processes
@@ -178,12 +196,16 @@ def spawn(root: Path, name: str, argv: list[str], env: dict[str, str]) -> int:
         out.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv[:4])} ...\n".encode())
         proc = subprocess.Popen(argv, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-    pid_file(root, name).write_text(f"{proc.pid}\n{psutil.Process(proc.pid).create_time()}\n", encoding="utf-8")
+    pid_file(root, name).write_text(f"{proc.pid}\n{psutil.Process(proc.pid).create_time()}\n{start_ticks(proc.pid) or ''}\n",
+                                    encoding="utf-8")
     return proc.pid
 
 
 def stop_pid(pid: int, grace_s: float = 15.0) -> None:
-    """SIGTERM the process and every descendant (uvicorn workers, flow runs), SIGKILL what is left after grace_s."""
+    """SIGTERM the process and every descendant (uvicorn workers, flow runs), SIGKILL what is left after grace_s.
+
+    A service runs in a session of its own (`spawn`): what is still in that session goes too, also a process
+    whose parent died before it (orphans are handed to init, so they are nobody's descendants)."""
     import psutil
 
     try:
@@ -191,18 +213,38 @@ def stop_pid(pid: int, grace_s: float = 15.0) -> None:
         procs = [parent] + parent.children(recursive=True)
     except psutil.NoSuchProcess:
         return
+    try:
+        leads = os.getsid(pid) == pid
+    except OSError:
+        leads = False
+    procs += [p for p in session_members(pid) if p.pid not in {q.pid for q in procs}] if leads else []
     for p in procs:
         try:
             p.send_signal(signal.SIGTERM)
         except psutil.NoSuchProcess:
             pass
     _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for p in alive:
+    late = [p for p in session_members(pid) if p.pid not in {q.pid for q in procs}] if leads else []  # started meanwhile
+    for p in alive + late:
         try:
             p.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(alive, timeout=5)
+    psutil.wait_procs(alive + late, timeout=5)
+
+
+def session_members(sid: int) -> list:
+    """Every process of session `sid` except its leader; found also after the leader has exited."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.pid != sid and os.getsid(p.pid) == sid:
+                found.append(p)
+        except (OSError, psutil.Error):
+            continue
+    return found
 
 
 def log_tail(path: Path, lines: int = 15) -> str:
@@ -334,7 +376,7 @@ def start_services(root: Path, options: ServiceOptions = ServiceOptions()) -> Re
 
     api = f"{prefect_url}/api"
     run_env = service_env(root, {"PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": mlflow_url,
-                                 "TUNEPATH_PROJECT_DIR": str(root)})
+                                 "TUNEPATH_PROJECT_DIR": str(root), "PREFECT_LOGGING_LEVEL": flow_run_log_level()})
     pid = running_pid(root, "worker")
     if pid and report.actions["prefect"] != "started" and previous.get("pool") == options.pool:
         report.actions["worker"] = f"already running (pid {pid})"
@@ -352,6 +394,14 @@ def start_services(root: Path, options: ServiceOptions = ServiceOptions()) -> Re
         report.deployments = register_deployments(root, api, run_env, options.timeout_s, slots=report.gpu_slots)
     report.seconds = time.monotonic() - t0
     return report
+
+
+def flow_run_log_level() -> str:
+    """What the worker's flow runs log: at least INFO, the level of every line a run's Logs tab shows (stages,
+    working copies). A quieter PREFECT_LOGGING_LEVEL set for a terminal (the test suite sets WARNING) would leave
+    that tab empty; DEBUG stays DEBUG."""
+    level = os.environ.get("PREFECT_LOGGING_LEVEL", "INFO").upper()
+    return level if level in ("DEBUG", "INFO") else "INFO"
 
 
 def worker_online(api: str, pool: str) -> bool:

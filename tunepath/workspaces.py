@@ -10,6 +10,8 @@ finished and its training checkpoints:
 A copy is claimed by its run with a flock on its record (.tunepath/workspaces/NAME.json beside it: key, command,
 pid, start, and a failed run's error), so a copy whose record can be locked is one no run works in.
 `left_copies` lists every copy with its state and size and `remove_copy` removes one (`tunepath workspaces`).
+A look takes the lock shared and a claim retries for a moment (CLAIM_SETTLE_S), so a look at the instant a rerun
+looks for its copy does not pass for a run that works there.
 """
 
 from __future__ import annotations
@@ -91,6 +93,11 @@ def working_copy(home: Path, key: str, name: str, what: str) -> Iterator[tuple[P
         os.close(fd)
 
 
+# How long a claim retries a record that someone else locks: `tunepath workspaces` (a shared lock) and another
+# run's look (`resumable`) hold it for an instant; only the run that works in the copy holds it longer.
+CLAIM_SETTLE_S = 1.0
+
+
 def _claim_left(home: Path, key: str) -> tuple[int, dict] | None:
     """The flock on the record of a left copy with this key, and its record; None when there is none."""
     for record in sorted((home / WORKSPACES).glob("*.json")):
@@ -98,9 +105,11 @@ def _claim_left(home: Path, key: str) -> tuple[int, dict] | None:
             fd = os.open(record, os.O_RDWR)
         except OSError:
             continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        seen = _read_record(fd)
+        if seen.get("key") not in (None, key):  # another run's copy; a record that reads empty is being written: locked and read again
+            os.close(fd)
+            continue
+        if not _lock_within(fd, CLAIM_SETTLE_S):
             os.close(fd)  # its run is alive
             continue
         info = _read_record(fd)
@@ -109,6 +118,19 @@ def _claim_left(home: Path, key: str) -> tuple[int, dict] | None:
             return fd, info
         os.close(fd)
     return None
+
+
+def _lock_within(fd: int, seconds: float) -> bool:
+    """The exclusive flock, retried for `seconds` while someone holds it; False when it is still held then."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
 
 
 def resumable(home: Path, key: str) -> dict | None:
@@ -154,8 +176,8 @@ def left_copies(home: Path) -> list[dict]:
             fd = os.open(record, os.O_RDWR)
             try:
                 info = _read_record(fd)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                try:  # shared: a look never stands for a run (a claim retries past it, see CLAIM_SETTLE_S)
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
                     state = "failed" if info.get("error") else "interrupted"
                 except BlockingIOError:
                     state = "running"
