@@ -50,6 +50,7 @@ from pathlib import Path
 
 from tunepath.sections import ModelConfig
 from tunepath.train import TrainConfig
+from tunepath.train.options import EngineOptions
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +92,11 @@ def pick_backend(requested: str, method: str = "lora", processes: int = 1) -> tu
 
 
 def build_model(base: str, cfg: TrainConfig, method: str, precision: str, backend: str, max_length: int,
-                trust_remote_code: bool = False):
+                trust_remote_code: bool = False, options: EngineOptions | None = None):
     """The start model, ready to train: full weights, or wrapped with fresh LoRA adapters (lora, qlora)."""
     from tunepath.train import recipe
+
+    options = options or EngineOptions()
 
     cfg = cfg.resolved()  # callers outside the train stage (the benchmark) may pass `auto` knobs
     if backend == "unsloth":
@@ -105,7 +108,7 @@ def build_model(base: str, cfg: TrainConfig, method: str, precision: str, backen
         if not torch.cuda.is_available():
             raise ValueError(QLORA_ON_CPU)
         quantize = _gpu_module("quantize", "train.method qlora")
-        model = quantize.load_4bit(base, cfg, trust_remote_code)
+        model = quantize.load_4bit(base, cfg, trust_remote_code, options.upcast_float_params)
     else:
         model = recipe.load_pretrained(base, cfg, method, precision, trust_remote_code)
     if method in recipe.ADAPTER_METHODS and not _is_peft(model):
@@ -113,7 +116,7 @@ def build_model(base: str, cfg: TrainConfig, method: str, precision: str, backen
     if cfg.checkpoint_offload and cfg.gradient_checkpointing and backend == "hf":
         from tunepath.train import offload
 
-        offload.enable(model)
+        offload.enable(model, prefetch=options.offload_prefetch)
     return model
 
 
@@ -177,13 +180,15 @@ def fingerprint(cfg: TrainConfig, plan: dict, start: str, backend: str, precisio
 
 def run_train(cfg: TrainConfig, model: ModelConfig, plan_path: Path, tokenize_dir: Path, out_dir: Path, *,
               tracking_uri: str | None = None, on_progress: Callable[[dict], None] | None = None,
-              checkpoint_dir: Path | None = None, experiment: str = "tunepath", pipeline_run_id: str | None = None) -> dict:
+              checkpoint_dir: Path | None = None, experiment: str = "tunepath", pipeline_run_id: str | None = None,
+              compile_cache: Path | None = None) -> dict:
     """Train what the plan says; returns (and writes) metrics.json's content.
 
     tracking_uri: log per-step metrics to MLflow while training (None: no MLflow).
     on_progress: called with each logged step's metrics (stage, step, max_steps, loss, ...), e.g. to update a
     progress bar in a UI. checkpoint_dir: default `artifacts/checkpoints/train` beside `out_dir`.
     pipeline_run_id: the MLflow run of this pipeline run (tunepath.registry); None: a run of its own.
+    compile_cache: folder for torch.compile's caches (train.compile), shared by reruns (`compile_cache.py`).
     Under `accelerate launch` every process runs this; only the main one writes files and talks to MLflow.
     """
     from accelerate import PartialState
@@ -226,8 +231,9 @@ def run_train(cfg: TrainConfig, model: ModelConfig, plan_path: Path, tokenize_di
     if start_from == "scratch":
         base = str(out_dir.resolve() / "init")
     set_seed(cfg.seed)
-    net = build_model(base, cfg, method, precision, backend, max_length, model.trust_remote_code)
-    speedups = speed.apply(net, cfg, backend)
+    options = EngineOptions(compile_cache=compile_cache)
+    net = build_model(base, cfg, method, precision, backend, max_length, model.trust_remote_code, options)
+    speedups = speed.apply(net, cfg, backend, options)
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     total = sum(p.numel() for p in net.parameters())
     collator = pick_collator(backend, tokenizer.pad_token_id)
