@@ -48,11 +48,13 @@ def job_id(model) -> str:
 def use(folder: Path, model) -> dict:
     """Keep torch.compile's caches in `folder` for this process; returns what was set (for metrics.json)."""
     import torch
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     folder = Path(folder).resolve()
     set_by_user = os.environ.get(ENV)
-    if set_by_user and Path(set_by_user).resolve() != folder:
-        # torch's own variable, set for this process by whoever started it: theirs wins
+    # torch writes its default into the variable at its first look; any other value came from whoever started
+    # this process, and theirs wins
+    if set_by_user and Path(set_by_user).resolve() not in (folder, Path(default_cache_dir()).resolve()):
         log.info("compile cache: %s is set (%s); %s not used", ENV, set_by_user, folder)
         folder = Path(set_by_user)
     else:

@@ -17,6 +17,7 @@ Outputs (`artifacts/train/`, rewritten on every run; the same for both backends)
     metrics.json        backend (and why), method, weights ("adapter" | "model"), start_model, base_model,
                         stages (per plan stage: steps, losses, seconds, tokens/s, resumed_from_step),
                         first_loss, final_loss, trainable/total params, precision, mlflow_run_id,
+                        seconds_to_first_step (from the stage's start, loading and compiling included),
                         speed_paths (attention, chunked_loss, compiled_layers: see speed.py),
                         quantization (qlora: the bitsandbytes 4-bit settings of the base)
     adapter/            PEFT adapter (lora, qlora), relative to start_model, with the tokenizer; or
@@ -194,7 +195,18 @@ def run_train(cfg: TrainConfig, model: ModelConfig, plan_path: Path, tokenize_di
     from accelerate import PartialState
     from transformers import AutoTokenizer, set_seed
 
+    import time
+
     from tunepath.train import checkpoints, plot, recipe, speed, tracking
+
+    started = time.perf_counter()
+    first_step: list[float] = []
+
+    def progress(row: dict) -> None:
+        if not first_step:
+            first_step.append(time.perf_counter() - started)
+        if on_progress is not None:
+            on_progress(row)
 
     out_dir, tokenize_dir = Path(out_dir), Path(tokenize_dir)
     plan = json.loads(Path(plan_path).read_text(encoding="utf-8"))
@@ -256,7 +268,7 @@ def run_train(cfg: TrainConfig, model: ModelConfig, plan_path: Path, tokenize_di
             if stage_cfg.learning_rate != cfg.learning_rate:
                 log.info("%s: learning rate %g (train.dpo_learning_rate %s)", stage, stage_cfg.learning_rate, cfg.dpo_learning_rate)
             result = recipe.train_stage(net, stage, (i, len(stages)), tokenize_dir, tokenizer, collator, stage_cfg,
-                                        ckpt_root, precision, method, max_length, offset, sink, on_progress)
+                                        ckpt_root, precision, method, max_length, offset, sink, progress)
             trainer = result["trainer"]
             if dist.is_main_process:
                 trainer.state.save_to_json(str(_mkdir(out_dir / "stages" / stage) / "trainer_state.json"))
@@ -283,6 +295,8 @@ def run_train(cfg: TrainConfig, model: ModelConfig, plan_path: Path, tokenize_di
         "trainable_params": trainable,
         "total_params": total,
         "first_loss": steps[0]["loss"] if steps else None,
+        # to the first logged step (train.logging_steps, 1 by default): what compiling costs up front
+        "seconds_to_first_step": round(first_step[0], 2) if first_step else None,
         "final_loss": steps[-1]["loss"] if steps else None,
         "mlflow_run_id": sink.run_id if sink else None,
     }
