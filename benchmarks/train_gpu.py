@@ -281,6 +281,10 @@ def run_variant(args) -> dict:
             except Exception as e:  # noqa: BLE001  (a benchmark row says why instead of dying)
                 result["attention_check"] = {"error": f"{type(e).__name__}: {e}"[:500]}
         result["speed_paths"] = speed.apply(model, cfg, backend, options)
+        cache = result["speed_paths"].get("compile_cache")
+        if cache:  # the folder's name in the scratch folder, not a path of this machine
+            folder = Path(cache["folder"])
+            cache["folder"] = str(folder.relative_to(work.resolve())) if folder.is_relative_to(work.resolve()) else "outside the scratch folder"
         result["settings"] = {k: v for k, v in cfg.model_dump(mode="json").items() if k in SETTINGS_SHOWN}
         result["loss_chunk_bytes"] = options.loss_chunk_bytes  # what the route's memory model needs to estimate this run
         if cfg.checkpoint_offload and cfg.gradient_checkpointing:

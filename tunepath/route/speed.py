@@ -11,9 +11,9 @@ full training, +2 for DPO and KTO (the reference model's forward). u is interpol
 measured sizes and held at the ends; T, the tokens per micro-batch, scales it by (T / 8,192)^γ, γ from the
 compiled path measured at 8,192 and 16,384 tokens. A path measured without checkpointing uses the compiled
 path's checkpointing slowdown at that size. A path not measured yet takes the rate of the path in STAND_INS
-(offload with its prefetch: offload on demand's rate, a lower bound) and the plan says it is derived. Full fine-tuning has no measurement with the speed paths yet: it
-uses the LoRA path's utilisation (over its 6 FLOPs). tests/test_route_calibration.py keeps MEASURED equal to
-the result files.
+(offload with its prefetch: offload on demand's rate, a lower bound) and the plan says it is derived. Full
+fine-tuning has no measurement with the speed paths yet: it uses the LoRA path's utilisation (over its 6 FLOPs).
+tests/test_route_calibration.py keeps MEASURED equal to the result files.
 
 Hours = epochs · tokens / (n · tokens/s) / 3600, n GPUs (data parallel, linear).
 """
