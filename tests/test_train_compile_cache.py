@@ -105,3 +105,23 @@ def test_a_second_run_of_the_same_shapes_compiles_from_the_cache(tmp_path):
     assert warm["applied"]["compile_cache"]["files_before"] > 0
     assert warm["hits"]["fxgraph_cache_hit"] > 0 and warm["hits"]["fxgraph_cache_miss"] == 0, warm["hits"]
     assert warm["loss"] == pytest.approx(cold["loss"], abs=1e-6)
+
+
+def test_the_benchmark_passes_its_switches_as_engine_options(tmp_path):
+    from benchmarks.train_gpu import engine_options, variant_spec, with_cache_runs
+    from tunepath.train.options import EngineOptions
+
+    def options(variant):
+        return engine_options(variant_spec(variant)[1], tmp_path, "tiny", variant)
+
+    assert options("b_gc") == EngineOptions()
+    assert options("bq_gc+upcast=true+loss_chunk_mb=64") == EngineOptions(upcast_float_params=True, loss_chunk_bytes=64 << 20)
+    assert options("b_gc+checkpoint_offload=true+offload_prefetch=0").offload_prefetch is False
+    assert with_cache_runs(["a", "b", "b_compile"]) == ["a", "b", "b_compile+compile_cache=cold", "b_compile+compile_cache=warm"]
+    with pytest.raises(SystemExit, match="run b_compile\\+compile_cache=cold first"):
+        options("b_compile+compile_cache=warm")
+    cold = options("b_compile+compile_cache=cold").compile_cache
+    cold.mkdir(parents=True)
+    assert options("b_compile+compile_cache=warm").compile_cache == cold  # the warm run reads what the cold one wrote
+    (cold / "stale").write_text("x")
+    assert not options("b_compile+compile_cache=cold").compile_cache.exists()  # a cold run starts empty
