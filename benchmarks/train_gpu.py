@@ -5,6 +5,9 @@ Usage:
     python -m benchmarks.train_gpu                         # GPU: Qwen2.5-0.5B and -1.5B shapes, every variant
     python -m benchmarks.train_gpu --shapes 1.5b --variants a,b,b_compile
     python -m benchmarks.train_gpu --cpu --tiny            # the same code end to end on CPU, tiny model
+    python -m benchmarks.train_gpu --shapes 1.5b --variants b,b_compile --compile-cache   # time to first step: eager,
+                                                           # compiled from an empty compile cache, then from the filled one
+    python -m benchmarks.train_gpu --shapes 7b --variants "b_gc+checkpoint_offload=true+offload_prefetch=0,b_gc+checkpoint_offload=true"
 
 Models are randomly initialised Qwen2 models of the real shapes (configs below, nothing downloaded); LoRA r=16
 on all linear layers; a synthetic chat data set with Alpaca-like lengths (mean ~150 tokens, long tail to
@@ -26,6 +29,12 @@ own process (unsloth patches transformers process-wide), one after another:
   b_full, b_full_gc  full fine-tuning (fp32 weights under bf16 autocast, compiled), without and with checkpointing
   trl, trl_nogc, trl_liger, u, u_nogc, uq
              the peers as their documentation shows them (TRL's SFTTrainer, unsloth): see train_peers.py
+
+A variant takes `+key=value` changes: TrainConfig fields, and engine switches (tunepath.train.options, no
+params.yaml key): upcast=true (peft's fp32 upcast on hf QLoRA), loss_chunk_mb=N (the chunked loss's chunk),
+offload_prefetch=0 (checkpoint offload brings each input back on demand instead of one layer ahead),
+compile_cache=cold|warm (torch.compile's caches in a folder of the variant's own: emptied first, or kept from
+the cold run; --compile-cache adds both runs for every compiling variant).
 
 Shapes: tiny, 0.5b, 1.5b, 7b and 14b (Qwen2.5's configs; the 7B and 14B heads are untied).
 
@@ -256,18 +265,11 @@ def run_variant(args) -> dict:
         )
     else:
         backend, method = spec.get("backend", "hf"), spec.get("method", "lora")
-        if spec.get("upcast"):
-            from tunepath.train import quantize
-
-            quantize.UPCAST_FLOAT_PARAMS = True
-        if spec.get("loss_chunk_mb"):  # the chunked loss's fp32 logits per chunk
-            from tunepath.train import loss
-
-            loss.CHUNK_BYTES = int(spec["loss_chunk_mb"]) << 20
+        options = engine_options(spec, work, args.shape, args.variant)
         cfg = TrainConfig(backend=backend, max_steps=steps, learning_rate=2e-4, lora_r=LORA_R, lora_alpha=LORA_ALPHA,
-                          **{k: v for k, v in spec.items() if k not in ("backend", "method", "upcast", "loss_chunk_mb")}).resolved()  # `auto`: defaults
+                          **{k: v for k, v in spec.items() if k not in ("backend", "method", *ENGINE_KEYS)}).resolved()  # `auto`: defaults
         # the train stage's own loader, batching and speed paths, exactly as `run_train` calls them
-        model = stage.build_model(model_dir, cfg, method, precision, backend, args.max_length)
+        model = stage.build_model(model_dir, cfg, method, precision, backend, args.max_length, options=options)
         collator = stage.pick_collator(backend, pad_id)
         train = load_from_disk(str(data_dir / "sft" / "train"))
         targs = recipe.build_args(cfg, out, precision, row_tokens=args.max_length)
@@ -278,15 +280,17 @@ def run_variant(args) -> dict:
                 result["attention_check"] = check_varlen(model, collator, train, cuda)
             except Exception as e:  # noqa: BLE001  (a benchmark row says why instead of dying)
                 result["attention_check"] = {"error": f"{type(e).__name__}: {e}"[:500]}
-        result["speed_paths"] = speed.apply(model, cfg, backend)
+        result["speed_paths"] = speed.apply(model, cfg, backend, options)
+        cache = result["speed_paths"].get("compile_cache")
+        if cache:  # the folder's name in the scratch folder, not a path of this machine
+            folder = Path(cache["folder"])
+            cache["folder"] = str(folder.relative_to(work.resolve())) if folder.is_relative_to(work.resolve()) else "outside the scratch folder"
         result["settings"] = {k: v for k, v in cfg.model_dump(mode="json").items() if k in SETTINGS_SHOWN}
-        from tunepath.train import loss
-
-        result["loss_chunk_bytes"] = loss.CHUNK_BYTES  # what the route's memory model needs to estimate this run
+        result["loss_chunk_bytes"] = options.loss_chunk_bytes  # what the route's memory model needs to estimate this run
+        if cfg.checkpoint_offload and cfg.gradient_checkpointing:
+            result["offload_prefetch"] = options.offload_prefetch
         if method == "qlora" and backend == "hf":
-            from tunepath.train import quantize
-
-            result["qlora_upcast"] = quantize.UPCAST_FLOAT_PARAMS
+            result["qlora_upcast"] = options.upcast_float_params
         result["micro_batch"] = [targs.per_device_train_batch_size, targs.gradient_accumulation_steps]
     if cuda:  # what the model holds before any step: weights, adapters, quantisation constants
         result["loaded_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
@@ -373,7 +377,58 @@ def run_variant(args) -> dict:
     if cuda:
         result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+    if result.get("speed_paths", {}).get("compiled_layers"):
+        from tunepath.train import compile_cache
+
+        result["compile_cache_hits"] = compile_cache.hits()
     return result
+
+
+# variant keys that are engine switches (tunepath.train.options.EngineOptions), not TrainConfig fields
+ENGINE_KEYS = ("upcast", "loss_chunk_mb", "offload_prefetch", "compile_cache")
+
+
+def engine_options(spec: dict, work: Path, shape: str, variant: str):
+    """The EngineOptions of a variant's `+key=value` changes. compile_cache=cold starts from an empty cache
+    folder of its own, compile_cache=warm reuses the folder the same variant's cold run filled."""
+    import shutil
+
+    from tunepath.train.options import EngineOptions
+
+    options = {}
+    if spec.get("upcast"):
+        options["upcast_float_params"] = True
+    if spec.get("loss_chunk_mb"):  # the chunked loss's fp32 logits per chunk
+        options["loss_chunk_bytes"] = int(spec["loss_chunk_mb"]) << 20
+    if "offload_prefetch" in spec:
+        options["offload_prefetch"] = bool(spec["offload_prefetch"])
+    state = spec.get("compile_cache")
+    if state is not None:
+        if state not in ("cold", "warm"):
+            raise SystemExit(f"{variant!r}: compile_cache is cold or warm, not {state!r}")
+        folder = work / "compile-cache" / f"{shape}-{without_cache(variant)}"
+        if state == "cold" and folder.exists():
+            shutil.rmtree(folder)
+        elif state == "warm" and not folder.is_dir():
+            raise SystemExit(f"{variant!r}: no cache folder {folder}: run {without_cache(variant)}+compile_cache=cold first")
+        options["compile_cache"] = folder
+    return EngineOptions(**options)
+
+
+def without_cache(variant: str) -> str:
+    return "+".join(part for part in variant.split("+") if not part.startswith("compile_cache="))
+
+
+def with_cache_runs(variants: list[str]) -> list[str]:
+    """--compile-cache: each compiling tunepath variant twice, from an empty cache folder, then from the filled one."""
+    out = []
+    for v in variants:
+        base, spec = variant_spec(v)
+        if base in TUNEPATH_VARIANTS and spec.get("compile") is True and "compile_cache" not in spec:
+            out += [f"{v}+compile_cache=cold", f"{v}+compile_cache=warm"]
+        else:
+            out.append(v)
+    return out
 
 
 def count_lora(model) -> int:
@@ -577,6 +632,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/train_<card>_<date>.json)")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per variant process")
     parser.add_argument("--max-length", type=int, default=None, help=f"packed row length (default {MAX_LENGTH}; 512 on CPU)")
+    parser.add_argument("--compile-cache", action="store_true",
+                        help="run each compiling variant twice, cold (empty compile cache) then warm: time to first step of each")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--shape", default=None, help=argparse.SUPPRESS)
@@ -594,6 +651,8 @@ def main(argv: list[str] | None = None) -> int:
     cpu = args.cpu or not torch.cuda.is_available()
     shapes = (args.shapes or ("tiny" if args.tiny or cpu else "0.5b,1.5b")).split(",")
     variants = (args.variants or ("a,b_plain,b" if cpu else "a,b_plain,b,b_compile,b_fast,c")).split(",")
+    if args.compile_cache:
+        variants = with_cache_runs(variants)
     warmup = args.warmup if args.warmup is not None else (1 if cpu else 3)
     timed = args.timed if args.timed is not None else (6 if cpu else 12)
     timed_a = args.timed_a if args.timed_a is not None else (12 if cpu else 30)

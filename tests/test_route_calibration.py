@@ -38,7 +38,7 @@ FULL_ROWS = [
                                  tie_word_embeddings=False), 1_100_048_384, 22.07),
 ]
 KNOWN_KEYS = {"backend", "method", "compile", "micro_batch_tokens", "gradient_checkpointing", "chunked_loss", "attention",
-              "checkpoint_offload", "loss_chunk_mb", "upcast"}
+              "checkpoint_offload", "loss_chunk_mb", "upcast", "offload_prefetch", "compile_cache"}
 OLD_CHUNK = 1 << 30  # the chunked loss's chunk of the runs before the result files record it
 
 
@@ -90,6 +90,7 @@ def knobs_of(variant: str, run: dict) -> Knobs:
                  rows=run["micro_batch"][0], max_length=2048, backend=backend, compile=spec.get("compile", False),
                  chunked_loss=spec.get("chunked_loss", True), offload=bool(spec.get("checkpoint_offload", False)),
                  loss_chunk_bytes=run.get("loss_chunk_bytes", OLD_CHUNK),
+                 prefetch=bool(spec.get("offload_prefetch", run.get("offload_prefetch", False))),  # no prefetch before the files record it
                  fp32_embeddings=method == "qlora" and backend == "hf" and run.get("qlora_upcast", True))
 
 
@@ -149,6 +150,13 @@ def test_speed_table_matches_the_result_files():
         assert table[0] == pytest.approx(sum(rates) / len(rates), rel=0.05), f"{name} {params:,} {tokens}: runs {rates}"
     assert len(merged) >= 8
     assert all(rows for rows in MEASURED.values())  # every path has a measurement (at any micro-batch: see utilisation)
+
+
+def test_the_prefetched_inputs_are_the_train_stage_s():
+    from tunepath.route.memory import PREFETCHED_INPUTS
+    from tunepath.train.offload import MAX_PREFETCHED
+
+    assert PREFETCHED_INPUTS == MAX_PREFETCHED
 
 
 def test_the_loss_chunk_is_the_train_stage_s():

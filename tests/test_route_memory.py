@@ -65,6 +65,15 @@ def test_activations_scale_with_tokens_and_checkpointing_cuts_them():
     assert act(rows=4, compile=False) > act(rows=4) * 1.3  # eager layers keep more than compiled ones
 
 
+def test_offload_counts_the_prefetched_layer_input():
+    act = lambda **kw: breakdown(prof(), RouteConfig(), knobs("qlora", gradient_checkpointing=True, offload=True, **kw))["activations"]  # noqa: E731
+    tokens, hidden = 2048, 4096
+    # train.checkpoint_offload's prefetch holds one more bf16 layer input (tunepath.train.offload.MAX_PREFETCHED)
+    assert act() - act(prefetch=False) == pytest.approx(2 * hidden * tokens / GB, abs=2e-3)
+    unsloth = lambda **kw: breakdown(prof(), RouteConfig(), knobs("qlora", backend="unsloth", gradient_checkpointing=True, **kw))  # noqa: E731
+    assert unsloth() == unsloth(prefetch=False)  # unsloth's own offload has no prefetch of ours
+
+
 def test_chunked_loss_is_bounded_and_the_plain_loss_is_not():
     shape = model_shape(prof(model=dict(LLAMA7, vocab_size=151936)))
     chunked = [loss_bytes(shape, knobs(rows=r)) for r in (1, 4, 16)]

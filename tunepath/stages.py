@@ -1,6 +1,8 @@
 """One place that knows how each stage's core function is called: the DVC `cmd` and the Prefect task share it.
 
-Every stage reads files under the project root and writes only `artifacts/<stage>/`.
+Every stage reads files under the project root and writes only `artifacts/<stage>/`; train also keeps
+torch.compile's caches in COMPILE_CACHE of the project (of the home project for a working copy), which no
+stage reads as an input: deleting it only makes the next compiled run slower to start.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from pathlib import Path
 from tunepath.errors import StageError
 
 log = logging.getLogger(__name__)
+
+COMPILE_CACHE = Path(".tunepath") / "compile-cache"  # ignored by git, not a DVC output
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,7 @@ def train_stage(cfg, ws: Workspace, on_progress=None) -> dict:
     """Train in this process, or, when several GPUs are wanted, in one process per GPU under accelerate launch."""
     import json
 
+    from tunepath.isolate import home_of
     from tunepath.train.launch import maybe_relaunch
     from tunepath.train.stage import run_train
 
@@ -119,7 +124,7 @@ def train_stage(cfg, ws: Workspace, on_progress=None) -> dict:
         return json.loads((ws.out("train") / "metrics.json").read_text(encoding="utf-8"))
     return run_train(cfg.train, resolve_model(cfg.model, ws), ws.out("route") / "plan.json", ws.out("tokenize"), ws.out("train"),
                      tracking_uri=ws.tracking_uri or None, experiment=cfg.register.experiment, on_progress=on_progress,
-                     pipeline_run_id=ws.mlflow_run_id)
+                     pipeline_run_id=ws.mlflow_run_id, compile_cache=home_of(ws.root) / COMPILE_CACHE)
 
 
 def resolve_model(model, ws: Workspace):

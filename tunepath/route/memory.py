@@ -19,7 +19,9 @@ L layers, MLP width f, vocabulary V:
                 checkpointing:     L·T·s·h + max(loss, T·c)     each layer keeps its s-byte input; one layer
                                                                 is recomputed at a time, after the loss is done
                 unsloth's checkpointing and train.checkpoint_offload keep the layer inputs in CPU memory:
-                4·h·T (two in flight) instead of L·T·s·h; the recomputed layer then measured 2× (OFFLOAD_SCALE)
+                4·h·T (two in flight) instead of L·T·s·h; the recomputed layer then measured 2× (OFFLOAD_SCALE);
+                train.checkpoint_offload's prefetch adds the input of the next layer of backward, copied back
+                ahead: + s·h·T (PREFETCHED_INPUTS, 59 MB at 7B and 8,192 tokens)
               c = k·(a·h) bytes per token and layer, a·h = 20·h + 5.7·f (route.activation_factor sets a) for
               the hf backend with compiled layers (fitted to its LoRA peaks at the 0.5B, 1.5B and 7B shapes);
               k = LAYER_SCALE of the path: eager layers keep 1.42×, the hf QLoRA path 1.47× (the dequantised
@@ -56,6 +58,7 @@ LAYER_SCALE = {("hf", True): 1.0, ("hf", False): 1.42}  # (backend, compiled)
 HF_QLORA_SCALE = 1.47
 UNSLOTH_SCALE = {"lora": 0.92, "full": 0.92, "qlora": 0.80}
 OFFLOAD_SCALE = 2.0  # the recomputed layer under train.checkpoint_offload (7B QLoRA at 4,096 and 8,192 tokens)
+PREFETCHED_INPUTS = 1  # tunepath.train.offload.MAX_PREFETCHED: inputs back on the GPU before their backward (a test keeps them equal)
 LAYERS_PER_HIDDEN = 1 / 128
 DEFAULT_VOCAB = 32_000
 METHODS = ("full", "lora", "qlora")
@@ -64,7 +67,7 @@ CHUNK_BYTES = 256 << 20  # tunepath.train.loss.CHUNK_BYTES: fp32 logits per chun
 FORMULA = (
     "full = P·(w+g+o)/n + A + overhead; lora = P·w + 16·P_lora + A + overhead; "
     "qlora = (P−E)·0.516 + E·e + 16·P_lora + A + overhead (e = 2: bf16 embeddings and head); "
-    "P_lora = r·L·(11h+3f); A = L·T·c + loss, or L·T·s·h + max(loss, T·c) with checkpointing (4·h·T + max(loss, 2·T·c) offloaded); "
+    "P_lora = r·L·(11h+3f); A = L·T·c + loss, or L·T·s·h + max(loss, T·c) with checkpointing (4·h·T + s·h·T + max(loss, 2·T·c) offloaded, s·h·T: the prefetched input); "
     "c = k·(20h + 5.7f) per token and layer (k: 1 compiled hf, 1.42 eager, ×1.47 hf QLoRA, 0.92/0.80 unsloth); "
     "loss = chunked fp32 logits, 10·min(T,chunk)·V + 6·min(chunk,T−chunk)·V. Fitted to the GPU benchmark's "
     "peaks (tests/test_route_calibration.py). GB = 1e9 bytes."
@@ -95,6 +98,7 @@ class Knobs:
     chunked_loss: bool = True
     lora_rank: int = 16
     offload: bool = False  # train.checkpoint_offload (hf backend, with checkpointing)
+    prefetch: bool = True  # offload brings the next input back ahead (the train stage's way; runs before 2026-12-02 did not)
     loss_chunk_bytes: int = CHUNK_BYTES  # the chunked loss's fp32 logits per chunk
     fp32_embeddings: bool = False  # hf QLoRA through peft's prepare_model_for_kbit_training (benchmark runs before 2026-12-01)
 
@@ -163,10 +167,14 @@ def activation_bytes(shape: ModelShape, cfg: RouteConfig, k: Knobs) -> float:
     t, h, layers = k.tokens, shape.hidden_size, shape.num_layers
     if not k.gradient_checkpointing:
         return layers * t * per_token + loss
-    if k.backend == "unsloth" or k.offload:
+    s = 4 if k.fp32_embeddings else 2
+    if k.backend == "unsloth":
         kept = 4 * h * t
+    elif k.offload:
+        # the input in use and the one being copied out, plus those copied back ahead of their backward
+        kept = 4 * h * t + (PREFETCHED_INPUTS * s * h * t if k.prefetch else 0)
     else:
-        kept = layers * t * h * (4 if k.fp32_embeddings else 2)
+        kept = layers * t * h * s
     return kept + max(loss, t * per_token)
 
 

@@ -10,9 +10,10 @@ with k = 4 FLOPs per parameter and token for LoRA and QLoRA (forward, and backwa
 full training, +2 for DPO and KTO (the reference model's forward). u is interpolated in log P between the
 measured sizes and held at the ends; T, the tokens per micro-batch, scales it by (T / 8,192)^γ, γ from the
 compiled path measured at 8,192 and 16,384 tokens. A path measured without checkpointing uses the compiled
-path's checkpointing slowdown at that size. Full fine-tuning has no measurement with the speed paths yet: it
-uses the LoRA path's utilisation (over its 6 FLOPs). tests/test_route_calibration.py keeps MEASURED equal to
-the result files.
+path's checkpointing slowdown at that size. A path not measured yet takes the rate of the path in STAND_INS
+(offload with its prefetch: offload on demand's rate, a lower bound) and the plan says it is derived. Full
+fine-tuning has no measurement with the speed paths yet: it uses the LoRA path's utilisation (over its 6 FLOPs).
+tests/test_route_calibration.py keeps MEASURED equal to the result files.
 
 Hours = epochs · tokens / (n · tokens/s) / 3600, n GPUs (data parallel, linear).
 """
@@ -42,18 +43,29 @@ MEASURED: dict[str, list[tuple[float, int, float, float]]] = {
     "compiled+checkpointing": [(1_543_714_304, 8192, 29788.5, 790.2), (7_615_616_512, 8192, 11679.6, 796.3)],
     "hf-qlora": [(1_543_714_304, 8192, 25935.3, 791.2), (7_615_616_512, 8192, 15300.0, H200_RATE)],
     "hf-qlora+checkpointing": [(7_615_616_512, 8192, 10276.5, 795.0)],
-    "hf-qlora+checkpointing+offload": [(7_615_616_512, 8192, 8909.6, 795.7), (7_615_616_512, 4096, 7658.6, 795.7)],
-    "compiled+checkpointing+offload": [(1_543_714_304, 4096, 12003.1, 791.0)],
+    # offload measured before its prefetch (2026-12-01): each layer input brought back when its backward starts
+    "hf-qlora+checkpointing+offload-on-demand": [(7_615_616_512, 8192, 8909.6, 795.7), (7_615_616_512, 4096, 7658.6, 795.7)],
+    "compiled+checkpointing+offload-on-demand": [(1_543_714_304, 4096, 12003.1, 791.0)],
     "unsloth": [(494_032_768, 8192, 16452.0, 804.8), (1_543_714_304, 8192, 11394.8, 786.2)],
     "unsloth-qlora": [(1_543_714_304, 8192, 9219.7, 791.2), (7_615_616_512, 8192, 8468.5, 796.3)],
     "unsloth-qlora+checkpointing": [(7_615_616_512, 8192, 3495.7, 789.1)],
 }
 REFERENCE_TOKENS = 8192
+# a path not measured yet -> the measured path that stands in for it: offload with prefetch (what the train stage
+# runs) does the work of offload on demand minus its copy stalls, so the on-demand rate is its lower bound
+STAND_INS = {"hf-qlora+checkpointing+offload": "hf-qlora+checkpointing+offload-on-demand",
+             "compiled+checkpointing+offload": "compiled+checkpointing+offload-on-demand"}
+
+
+def rows_of(path: str) -> list[tuple[float, int, float, float]]:
+    return MEASURED.get(path) or MEASURED[STAND_INS[path]]
 
 
 def path_of(k: Knobs) -> tuple[str, bool]:
     """The measured path that stands for these knobs, and whether its checkpointing was measured on it."""
-    offload = "+offload" if k.offload and k.gradient_checkpointing and k.backend == "hf" else ""
+    offload = ""
+    if k.offload and k.gradient_checkpointing and k.backend == "hf":
+        offload = "+offload" if k.prefetch else "+offload-on-demand"
     if k.method == "qlora":
         path = "unsloth-qlora" if k.backend == "unsloth" else "hf-qlora"
         return (f"{path}+checkpointing{offload}", True) if k.gradient_checkpointing else (path, False)
@@ -68,7 +80,7 @@ def utilisation(path: str, params: float, tokens: int = REFERENCE_TOKENS) -> flo
     """u at `tokens` per micro-batch, interpolated in log P over the path's sizes. At each size the measurement
     nearest in tokens stands, scaled by (tokens / its tokens)^γ (exact where the benchmark ran that micro-batch)."""
     nearest: dict[float, tuple[int, float, float]] = {}
-    for p, t, n, rate in MEASURED[path]:
+    for p, t, n, rate in rows_of(path):
         if p not in nearest or abs(math.log(t / tokens)) < abs(math.log(nearest[p][0] / tokens)):
             nearest[p] = (t, n, rate)
     points = sorted((p, n * 4 * p / (rate * 1e12) * (tokens / t) ** tokens_exponent(p)) for p, (t, n, rate) in nearest.items())
@@ -119,7 +131,7 @@ def tokens_per_second(profile: Profile, cfg: RouteConfig, k: Knobs, stage: str =
 def measured(k: Knobs) -> bool:
     """Whether the benchmark measured this path at this micro-batch (else the speed is derived, see the module doc)."""
     path, measured_gc = path_of(k)
-    at_size = any(t == k.tokens for _p, t, _n, _r in MEASURED[path])
+    at_size = any(t == k.tokens for _p, t, _n, _r in MEASURED.get(path, []))  # a stand-in is not a measurement
     return k.method != "full" and at_size and (measured_gc or not k.gradient_checkpointing)
 
 

@@ -119,14 +119,18 @@ def why_not(causal_lm) -> str | None:
     return None
 
 
-def use_chunked_loss(model, chunk: int | None = None) -> bool:
-    """Give the causal LM inside `model` the chunked loss for calls with labels; False (and a log line) if it cannot."""
+def use_chunked_loss(model, chunk: int | None = None, chunk_bytes: int | None = None) -> bool:
+    """Give the causal LM inside `model` the chunked loss for calls with labels; False (and a log line) if it cannot.
+
+    chunk: rows per chunk; else rows of about `chunk_bytes` fp32 logits (default CHUNK_BYTES)."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     reason = why_not(causal_lm)
     if reason is not None:
         log.info("chunked loss not used: %s", reason)
         return False
     original = causal_lm.forward
+    if chunk is None and chunk_bytes is not None:
+        chunk = chunk_rows(causal_lm.get_output_embeddings().weight.shape[0], chunk_bytes)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
                 labels=None, use_cache=None, logits_to_keep=0, num_items_in_batch=None, **kwargs):

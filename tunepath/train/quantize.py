@@ -21,9 +21,6 @@ from tunepath.train import TrainConfig
 log = logging.getLogger(__name__)
 
 
-UPCAST_FLOAT_PARAMS = False  # True: peft.prepare_model_for_kbit_training (fp32 embeddings, head and norms)
-
-
 class QLoRAUnavailable(ValueError):
     """QLoRA cannot run on this machine (no CUDA GPU, or bitsandbytes missing)."""
 
@@ -41,13 +38,13 @@ def check_qlora_support() -> None:
         raise QLoRAUnavailable("QLoRA needs bitsandbytes: pip install 'tunepath[gpu]' (or bitsandbytes), or use method lora")
 
 
-def load_4bit(base: str, cfg: TrainConfig, trust_remote_code: bool = False):
+def load_4bit(base: str, cfg: TrainConfig, trust_remote_code: bool = False, upcast_float_params: bool = False):
     """Load `base` with NF4 4-bit linear weights (double quantisation, bf16 compute), frozen, ready for adapters.
 
     The embeddings, LM head and norms stay in bf16. `peft.prepare_model_for_kbit_training` casts them to fp32
     (a guard for fp16 training): at 7B that is 2 GiB more for the embedding and head alone, an fp32 residual
     stream (twice the checkpointed activations), and the LM head's matmul in fp32. bf16 training needs none of
-    it; UPCAST_FLOAT_PARAMS = True restores peft's way (the benchmark measures both).
+    it; upcast_float_params=True restores peft's way (the benchmark measures both).
     """
     check_qlora_support()
     import torch
@@ -71,7 +68,7 @@ def load_4bit(base: str, cfg: TrainConfig, trust_remote_code: bool = False):
     )
     # Training never needs the KV cache, and with it on, packed samples attend to each other.
     model.config.use_cache = False
-    if UPCAST_FLOAT_PARAMS:
+    if upcast_float_params:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(

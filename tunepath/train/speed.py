@@ -11,6 +11,8 @@
   torch.compile ("regional compilation": one compiled graph reused by every layer; attention stays outside
   it). Costs about 20 s of compiling in the first steps at the 1.5B shape on an H200, and gives 1.5x the
   tokens/s there.
+  With a cache folder (the train stage passes the project's `.tunepath/compile-cache`), a rerun of the same
+  shapes compiles from torch's on-disk caches (`compile_cache.py`).
 - micro-batches (train.micro_batch_tokens): a batch of `batch_size` rows is split into micro-batches of at most
   that many tokens and their gradients accumulated, so the optimizer sees the same batch whatever the memory.
 
@@ -22,12 +24,14 @@ from __future__ import annotations
 import logging
 
 from tunepath.train import TrainConfig
+from tunepath.train.options import EngineOptions
 
 log = logging.getLogger(__name__)
 
 
-def apply(model, cfg: TrainConfig, backend: str) -> dict:
+def apply(model, cfg: TrainConfig, backend: str, options: EngineOptions | None = None) -> dict:
     """Switch on the speed paths `cfg` asks for; returns what was applied (recorded in metrics.json)."""
+    options = options or EngineOptions()
     if backend != "hf":
         ignored = [k for k, v in (("train.attention", cfg.attention == "varlen"), ("train.compile", cfg.compile is True)) if v]
         if ignored:
@@ -42,8 +46,12 @@ def apply(model, cfg: TrainConfig, backend: str) -> dict:
         attention.use_varlen_attention(model)
         applied["attention"] = "varlen"
     if cfg.chunked_loss:
-        applied["chunked_loss"] = loss.use_chunked_loss(model)
+        applied["chunked_loss"] = loss.use_chunked_loss(model, chunk_bytes=options.loss_chunk_bytes)
     if cfg.compile is True or (cfg.compile == "auto" and _on_cuda() and long_enough(cfg)):
+        if options.compile_cache is not None:
+            from tunepath.train import compile_cache
+
+            applied["compile_cache"] = compile_cache.use(options.compile_cache, model)
         applied["compiled_layers"] = compile_layers(model)
     log.info("speed paths: attention %s, chunked loss %s, compiled layers %d",
              applied["attention"], applied["chunked_loss"], applied["compiled_layers"])

@@ -17,6 +17,7 @@ Outputs (`artifacts/train/`, rewritten on every run; the same for both backends)
     metrics.json        backend (and why), method, weights ("adapter" | "model"), start_model, base_model,
                         stages (per plan stage: steps, losses, seconds, tokens/s, resumed_from_step),
                         first_loss, final_loss, trainable/total params, precision, mlflow_run_id,
+                        seconds_to_first_step (from the stage's start, loading and compiling included),
                         speed_paths (attention, chunked_loss, compiled_layers: see speed.py),
                         quantization (qlora: the bitsandbytes 4-bit settings of the base)
     adapter/            PEFT adapter (lora, qlora), relative to start_model, with the tokenizer; or
@@ -50,6 +51,7 @@ from pathlib import Path
 
 from tunepath.sections import ModelConfig
 from tunepath.train import TrainConfig
+from tunepath.train.options import EngineOptions
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +93,11 @@ def pick_backend(requested: str, method: str = "lora", processes: int = 1) -> tu
 
 
 def build_model(base: str, cfg: TrainConfig, method: str, precision: str, backend: str, max_length: int,
-                trust_remote_code: bool = False):
+                trust_remote_code: bool = False, options: EngineOptions | None = None):
     """The start model, ready to train: full weights, or wrapped with fresh LoRA adapters (lora, qlora)."""
     from tunepath.train import recipe
+
+    options = options or EngineOptions()
 
     cfg = cfg.resolved()  # callers outside the train stage (the benchmark) may pass `auto` knobs
     if backend == "unsloth":
@@ -105,7 +109,7 @@ def build_model(base: str, cfg: TrainConfig, method: str, precision: str, backen
         if not torch.cuda.is_available():
             raise ValueError(QLORA_ON_CPU)
         quantize = _gpu_module("quantize", "train.method qlora")
-        model = quantize.load_4bit(base, cfg, trust_remote_code)
+        model = quantize.load_4bit(base, cfg, trust_remote_code, options.upcast_float_params)
     else:
         model = recipe.load_pretrained(base, cfg, method, precision, trust_remote_code)
     if method in recipe.ADAPTER_METHODS and not _is_peft(model):
@@ -113,7 +117,7 @@ def build_model(base: str, cfg: TrainConfig, method: str, precision: str, backen
     if cfg.checkpoint_offload and cfg.gradient_checkpointing and backend == "hf":
         from tunepath.train import offload
 
-        offload.enable(model)
+        offload.enable(model, prefetch=options.offload_prefetch)
     return model
 
 
@@ -177,19 +181,32 @@ def fingerprint(cfg: TrainConfig, plan: dict, start: str, backend: str, precisio
 
 def run_train(cfg: TrainConfig, model: ModelConfig, plan_path: Path, tokenize_dir: Path, out_dir: Path, *,
               tracking_uri: str | None = None, on_progress: Callable[[dict], None] | None = None,
-              checkpoint_dir: Path | None = None, experiment: str = "tunepath", pipeline_run_id: str | None = None) -> dict:
+              checkpoint_dir: Path | None = None, experiment: str = "tunepath", pipeline_run_id: str | None = None,
+              compile_cache: Path | None = None) -> dict:
     """Train what the plan says; returns (and writes) metrics.json's content.
 
     tracking_uri: log per-step metrics to MLflow while training (None: no MLflow).
     on_progress: called with each logged step's metrics (stage, step, max_steps, loss, ...), e.g. to update a
     progress bar in a UI. checkpoint_dir: default `artifacts/checkpoints/train` beside `out_dir`.
     pipeline_run_id: the MLflow run of this pipeline run (tunepath.registry); None: a run of its own.
+    compile_cache: folder for torch.compile's caches (train.compile), shared by reruns (`compile_cache.py`).
     Under `accelerate launch` every process runs this; only the main one writes files and talks to MLflow.
     """
     from accelerate import PartialState
     from transformers import AutoTokenizer, set_seed
 
+    import time
+
     from tunepath.train import checkpoints, plot, recipe, speed, tracking
+
+    started = time.perf_counter()
+    first_step: list[float] = []
+
+    def progress(row: dict) -> None:
+        if not first_step:
+            first_step.append(time.perf_counter() - started)
+        if on_progress is not None:
+            on_progress(row)
 
     out_dir, tokenize_dir = Path(out_dir), Path(tokenize_dir)
     plan = json.loads(Path(plan_path).read_text(encoding="utf-8"))
@@ -226,8 +243,9 @@ def run_train(cfg: TrainConfig, model: ModelConfig, plan_path: Path, tokenize_di
     if start_from == "scratch":
         base = str(out_dir.resolve() / "init")
     set_seed(cfg.seed)
-    net = build_model(base, cfg, method, precision, backend, max_length, model.trust_remote_code)
-    speedups = speed.apply(net, cfg, backend)
+    options = EngineOptions(compile_cache=compile_cache)
+    net = build_model(base, cfg, method, precision, backend, max_length, model.trust_remote_code, options)
+    speedups = speed.apply(net, cfg, backend, options)
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     total = sum(p.numel() for p in net.parameters())
     collator = pick_collator(backend, tokenizer.pad_token_id)
@@ -250,7 +268,7 @@ def run_train(cfg: TrainConfig, model: ModelConfig, plan_path: Path, tokenize_di
             if stage_cfg.learning_rate != cfg.learning_rate:
                 log.info("%s: learning rate %g (train.dpo_learning_rate %s)", stage, stage_cfg.learning_rate, cfg.dpo_learning_rate)
             result = recipe.train_stage(net, stage, (i, len(stages)), tokenize_dir, tokenizer, collator, stage_cfg,
-                                        ckpt_root, precision, method, max_length, offset, sink, on_progress)
+                                        ckpt_root, precision, method, max_length, offset, sink, progress)
             trainer = result["trainer"]
             if dist.is_main_process:
                 trainer.state.save_to_json(str(_mkdir(out_dir / "stages" / stage) / "trainer_state.json"))
@@ -277,6 +295,8 @@ def run_train(cfg: TrainConfig, model: ModelConfig, plan_path: Path, tokenize_di
         "trainable_params": trainable,
         "total_params": total,
         "first_loss": steps[0]["loss"] if steps else None,
+        # to the first logged step (train.logging_steps, 1 by default): what compiling costs up front
+        "seconds_to_first_step": round(first_step[0], 2) if first_step else None,
         "final_loss": steps[-1]["loss"] if steps else None,
         "mlflow_run_id": sink.run_id if sink else None,
     }
