@@ -66,6 +66,9 @@ def ray_session(data):
     """Ray for one stage: the cluster at `data.ray_address`, or a local instance with `data.workers()` CPUs; shut
     down when the stage ends, failed or not, so no Ray process outlives it. A session the caller already opened
     (a test's, a flow's) is used as it is and left running."""
+    address = data.ray_address
+    if address is not None:
+        _check_reachable(address)
     ray = _ray()
     if ray.is_initialized():
         yield ray
@@ -73,13 +76,11 @@ def ray_session(data):
     from tunepath.offline import OFFLINE_ENV
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # offline and no telemetry, like every other tool here
-    address = data.ray_address
     try:
         if address is None:
             ray.init(num_cpus=data.workers(), include_dashboard=False, logging_level="WARNING",
                      object_store_memory=_object_store_bytes(data))
         else:
-            _check_reachable(address)
             # a cluster's workers do not inherit this process's environment: they get the offline settings here
             ray.init(address=address, logging_level="WARNING",
                      runtime_env={"env_vars": {**OFFLINE_ENV, "RAY_USAGE_STATS_ENABLED": "0"}})
@@ -104,26 +105,32 @@ def _object_store_bytes(data) -> int:
 class _Worker:
     """One Ray actor: `setup(*args)` once (a pool's initializer), then `work(item)` for each item it is given."""
 
-    def __init__(self, setup, args, work) -> None:
+    def __init__(self, setup, args) -> None:
         if setup is not None:
             setup(*args)
-        self.work = work
 
-    def run(self, item):
-        return self.work(item)
+    def run(self, work, item):
+        return work(item)
 
 
-def run_ordered(ray, work, items, workers: int, setup=None, args: tuple = ()):
-    """Yield `work(item)` for each item, in item order, from `workers` actors (1 CPU each) set up by `setup(*args)`.
+def start_actors(ray, workers: int, setup=None, args: tuple = ()) -> list:
+    """`workers` actors (1 CPU each), each set up by `setup(*args)`."""
+    actor = ray.remote(num_cpus=1, max_restarts=0)(_Worker)
+    return [actor.remote(setup, args) for _ in range(max(1, workers))]
+
+
+def run_ordered(ray, work, items, workers: int = 1, setup=None, args: tuple = (), actors: list | None = None):
+    """Yield `work(item)` for each item, in item order, from `actors` (kept) or `workers` new ones set up by
+    `setup(*args)` (stopped at the end).
 
     A failed item raises its own exception here (not Ray's wrapper), so the stage's one-line errors stay as they are.
     """
-    actor = ray.remote(num_cpus=1, max_restarts=0)(_Worker)
-    actors = [actor.remote(setup, args, work) for _ in range(max(1, workers))]
+    owned = actors is None
+    actors = start_actors(ray, workers, setup, args) if owned else actors
     pending: deque = deque()
     try:
         for index, item in enumerate(items):
-            pending.append(actors[index % len(actors)].run.remote(item))
+            pending.append(actors[index % len(actors)].run.remote(work, item))
             if len(pending) >= IN_FLIGHT * len(actors):
                 yield _get(ray, pending.popleft())
         while pending:
@@ -131,8 +138,9 @@ def run_ordered(ray, work, items, workers: int, setup=None, args: tuple = ()):
     finally:
         for ref in pending:
             ray.cancel(ref, force=True)
-        for a in actors:
-            ray.kill(a)
+        if owned:
+            for a in actors:
+                ray.kill(a)
 
 
 def _get(ray, ref):
@@ -189,16 +197,24 @@ class LazyRay:
     (tokenize's rerun) never starts Ray."""
 
     def __init__(self, data) -> None:
-        self.data, self._ray, self._stack = data, None, contextlib.ExitStack()
+        self.data, self._ray, self._stack, self._actors = data, None, contextlib.ExitStack(), []
 
     def start(self):
         if self._ray is None:
             self._ray = self._stack.enter_context(ray_session(self.data))
         return self._ray
 
+    def actors(self, workers: int, setup=None, args: tuple = ()) -> list:
+        """Actors kept for the session (at least `workers`): tokenize's splits reuse them, each actor loading the
+        tokenizer and its libraries once rather than once a split."""
+        ray = self.start()
+        if len(self._actors) < workers:
+            self._actors += start_actors(ray, workers - len(self._actors), setup, args)
+        return self._actors[:workers]
+
     def __enter__(self) -> "LazyRay":
         return self
 
     def __exit__(self, *exc) -> None:
-        self._ray = None
-        self._stack.close()
+        self._ray, self._actors = None, []
+        self._stack.close()  # ray.shutdown stops the actors

@@ -348,7 +348,7 @@ def _tokenized(kind: str, split: str, records: _Records, plan: EncodePlan, cfg: 
     if engine is not None and todo:
         from tunepath.engine import run_ordered
 
-        for _ in run_ordered(engine.start(), _map_job, todo, min(num_proc, len(todo)), _one_tokenizer_thread):
+        for _ in run_ordered(engine.start(), _map_job, todo, actors=engine.actors(min(num_proc, len(todo)), _actor_setup)):
             pass
     else:
         for job in todo:
@@ -411,12 +411,16 @@ def _map_shard(kind: str, split: str, shard: dict, plan: EncodePlan, cfg: Tokeni
 
 
 def _map_job(job: tuple) -> None:
-    """One shard on one Ray actor: the map runs in the actor's process, on the one thread `_one_tokenizer_thread` left it."""
+    """One shard on one Ray actor: the map runs in the actor's process, on the one thread `_actor_setup` left it."""
     _map_shard(*job, 1)
 
 
-def _one_tokenizer_thread() -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # an actor holds one CPU of the cluster: its tokenizer uses one thread
+def _actor_setup() -> None:
+    """A Ray actor holds one CPU: its tokenizer runs one thread; and its map shows no bars (the stage logs a line a shard)."""
+    from datasets.utils.tqdm import disable_progress_bars
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    disable_progress_bars()
 
 
 @contextlib.contextmanager
