@@ -343,7 +343,7 @@ def _tokenized(kind: str, split: str, records: _Records, plan: EncodePlan, cfg: 
     for shard in records.get(kind, split):
         key = hashlib.sha256(f"{settings}/{kind}/{split}/{shard['offset']}/{shard['sha256']}".encode()).hexdigest()[:32]
         if not (cache_root / key / MAP_FILES).exists():
-            todo.append((kind, split, shard, plan, cfg, cache_root / key))
+            todo.append((kind, split, {**shard, "path": shard["path"].absolute()}, plan, cfg, (cache_root / key).absolute()))
         keys.append(key)
     if engine is not None and todo:
         from tunepath.engine import run_ordered

@@ -351,9 +351,13 @@ def run_chunks(chunks, cfg, displays: list[str], work: Path, workers: int, data=
     if data is not None and data.engine == "ray":
         from tunepath.engine import RayTurns, ray_session, run_ordered
 
+        from dataclasses import replace
+
+        absolute = (replace(chunk, path=os.path.abspath(chunk.path)) for chunk in chunks)  # an actor's working folder is its own
         with ray_session(data) as ray:
             turns = RayTurns.start(ray)
-            yield from run_ordered(ray, check_chunk, chunks, workers, init_worker, (cfg, displays, str(work), None, None, turns))
+            yield from run_ordered(ray, check_chunk, absolute, workers, init_worker,
+                                   (cfg, displays, os.path.abspath(work), None, None, turns))
         return
     if workers <= 1:
         init_worker(cfg, displays, str(work))
