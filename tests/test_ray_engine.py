@@ -179,3 +179,17 @@ def test_validate_and_tokenize_on_ray_give_the_local_bytes(tmp_path, monkeypatch
         assert ray_validate[name] == local_validate[name], f"validate/{name} differs between the engines"
     for name in local_tokenize:
         assert ray_tokenize[name] == local_tokenize[name], f"tokenize/{name} differs between the engines"
+
+
+@pytest.mark.slow
+def test_results_come_in_item_order_and_a_failed_item_raises_its_own_error():
+    pytest.importorskip("ray", reason="the ray extra is not installed: pip install -e '.[ray]'")
+    import ray
+
+    from tunepath.engine import ray_session, run_ordered
+
+    with ray_session(DataConfig(engine="ray", num_proc=2)) as session:
+        assert list(run_ordered(session, int, [str(i) for i in range(25)], workers=2)) == list(range(25))
+        with pytest.raises(ValueError, match="invalid literal for int"):  # the item's own exception, not Ray's wrapper
+            list(run_ordered(session, int, ["1", "2", "x", "4", "5", "6"], workers=2))
+    assert not ray.is_initialized() and not _ray_processes()

@@ -136,11 +136,13 @@ def run_ordered(ray, work, items, workers: int = 1, setup=None, args: tuple = ()
         while pending:
             yield _get(ray, pending.popleft())
     finally:
-        for ref in pending:
-            ray.cancel(ref, force=True)
-        if owned:
+        if owned:  # stopped part-way or not, nothing of this run keeps a CPU
             for a in actors:
                 ray.kill(a)
+        else:
+            for ref in pending:
+                with contextlib.suppress(Exception):  # finished meanwhile, or its actor is gone
+                    ray.cancel(ref)
 
 
 def _get(ray, ref):
