@@ -2,6 +2,8 @@
 SHELL := /bin/bash
 VENV := .venv
 PYTHON ?= python3
+# pip extras of the install; CI adds ray: `make install EXTRAS=test,ray`
+EXTRAS ?= test
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
@@ -16,7 +18,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/pip install -q -e '.[$(EXTRAS)]'
 	touch $@
 
 install: $(VENV)/.installed  ## virtual environment in .venv with tunepath and its pinned dependencies

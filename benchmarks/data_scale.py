@@ -122,7 +122,7 @@ def _child(args) -> dict:
         from tunepath.validate import ValidateConfig, run_validate
 
         started, used = time.perf_counter(), _cpu()
-        summary = run_validate(ValidateConfig(), work / "raw", work / "validate", data=DataConfig(num_proc=args.num_proc))
+        summary = run_validate(ValidateConfig(), work / "raw", work / "validate", data=DataConfig(num_proc=args.num_proc, engine=args.engine))
         return {"seconds": time.perf_counter() - started, "cpu": _cpu() - used, "read": summary.get("read"), "accepted": summary.get("accepted"),
                 "rejected": summary.get("rejected"), "cpu_s": summary.get("cpu_s"), "num_proc": args.num_proc}
     if args.child == "tokenize":
@@ -134,7 +134,7 @@ def _child(args) -> dict:
 
         cfg = TokenizeConfig(max_length=args.max_length, cache_dir=str(work / "cache"))
         started, used = time.perf_counter(), _cpu()
-        summary = run_tokenize(cfg, ModelConfig(base=args.model), work / "validate", work / "tokenize", data=DataConfig(num_proc=args.num_proc))
+        summary = run_tokenize(cfg, ModelConfig(base=args.model), work / "validate", work / "tokenize", data=DataConfig(num_proc=args.num_proc, engine=args.engine))
         return {"seconds": time.perf_counter() - started, "cpu": _cpu() - used, "cached": summary["cached"], "timings": summary["timings"]}
     return _raw(args, work)
 
@@ -190,7 +190,7 @@ def run_child(args, stage: str) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     env.pop("TOKENIZERS_PARALLELISM", None)  # what a user's shell has: the tokenizer's thread pool on
     command = [sys.executable, "-m", "benchmarks.data_scale", "--child", stage, "--workdir", str(args.workdir),
-               "--model", args.model, "--max-length", str(args.max_length)] + (["--num-proc", str(args.num_proc)] if args.num_proc else [])
+               "--model", args.model, "--max-length", str(args.max_length), "--engine", args.engine] + (["--num-proc", str(args.num_proc)] if args.num_proc else [])
     out_path = Path(args.workdir) / f"child-{stage}.json"
     started = time.perf_counter()
     with open(out_path, "w") as out, open(Path(args.workdir) / f"child-{stage}.log", "w") as err:
@@ -206,19 +206,22 @@ def run_child(args, stage: str) -> dict:
     figures = json.loads(out_path.read_text().strip().splitlines()[-1])
     return {"stage": stage, "process_wall": round(wall, 2), "process_cpu": round(usage.ru_utime + usage.ru_stime, 2),
             "peak_rss_gb": round(usage.ru_maxrss / (1 << 20), 3), "peak_tree_rss_gb": round(tree.peak / (1 << 30), 3),
+            "tree_cpu": round(tree.cpu, 2),
             "load_average": round(os.getloadavg()[0], 2), **figures}
 
 
 class _TreeMemory:
     """The largest sum of RSS over a process and its descendants, sampled every 0.2 s: a worker pool's memory is
-    the sum of its processes (an upper bound: pages forked workers share with their parent count twice)."""
+    the sum of its processes (an upper bound: pages forked workers share with their parent count twice). Also
+    the CPU seconds of every process seen in the tree, as last sampled: Ray's daemons and actors are not reaped
+    by the stage's process, so wait4 does not count them (a lower bound: up to 0.2 s a process is missed)."""
 
     def __init__(self, pid: int) -> None:
         import threading
 
         import psutil
 
-        self.peak, self._stop = 0, threading.Event()
+        self.peak, self._stop, self._cpu = 0, threading.Event(), {}
         self._root = psutil.Process(pid)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -235,9 +238,15 @@ class _TreeMemory:
             for proc in procs:
                 try:
                     total += proc.memory_info().rss
+                    times = proc.cpu_times()
+                    self._cpu[proc.pid, proc.create_time()] = times.user + times.system
                 except psutil.Error:
                     pass
             self.peak = max(self.peak, total)
+
+    @property
+    def cpu(self) -> float:
+        return sum(self._cpu.values())
 
     def stop(self) -> None:
         self._stop.set()
@@ -267,9 +276,11 @@ def run_size(args, label: str, make) -> list[dict]:
     wanted = [s for s in ("validate", "tokenize", "rerun", "raw") if s in args.stages]
     for stage in (s.replace("rerun", "tokenize") for s in wanted):
         result = run_child(args, stage)
-        result.update(data=label, rows=rows, bytes=size)
-        if stage == "tokenize" and any(r["stage"] == "tokenize" for r in results):
-            result["stage"] = "tokenize rerun"
+        result.update(data=label, rows=rows, bytes=size, engine=args.engine)
+        if args.engine != "local" and stage != "raw":
+            result["stage"] += f" ({args.engine})"
+        if stage == "tokenize" and any(r["stage"].startswith("tokenize") for r in results):
+            result["stage"] = result["stage"].replace("tokenize", "tokenize rerun")
         print(f"  {result['stage']}: {result.get('seconds', 0):.1f} s, {result.get('cpu', 0):.1f} CPU-s, {result.get('peak_rss_gb')} GB"
               + (f" FAILED {result['failed']}" if result.get("failed") else ""), file=sys.stderr, flush=True)
         results.append(result)
@@ -343,9 +354,9 @@ def table(results: list[dict], cores: int) -> str:
                 lines.append(f"| {data} | {r['stage']} | | | {r['wall']} | {r['peak_rss_gb']:.2f} | | failed (exit {r['failed']}) | | | |")
                 continue
             tokens = r.get("tokens") if r["stage"] == "raw" else r.get("stage_tokens")
-            timed = tokens and r["stage"] in ("raw", "tokenize")
+            timed = tokens and r["stage"].split(" (")[0] in ("raw", "tokenize")
             speed = f"{tokens / r['seconds']:,.0f} | {tokens / r['seconds'] / cores:,.0f}" if timed else " | "
-            ratio = f"{raw['seconds'] / r['seconds']:.2f} | {raw['cpu'] / r['cpu']:.2f}" if raw and r["stage"] == "tokenize" else " | "
+            ratio = f"{raw['seconds'] / r['seconds']:.2f} | {raw['cpu'] / r['cpu']:.2f}" if raw and r["stage"].split(" (")[0] == "tokenize" else " | "
             lines.append(f"| {data} | {r['stage']} | {r['seconds']:.1f} | {r['cpu']:.1f} | {r['process_wall']:.1f} | {r['peak_rss_gb']:.2f} | {r.get('peak_tree_rss_gb', 0):.2f} | {speed} | {ratio} |")
     return "\n".join(lines)
 
@@ -376,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="JSON path (default: benchmarks/results/data_scale_cpu<cores>_<date>.json)")
     parser.add_argument("--packing", default="", help="also compare windowed and global packing at these sample counts (e.g. 100k,1M)")
     parser.add_argument("--num-proc", type=int, help="data.num_proc for the stages (default: every core), e.g. 1 to measure the speed-up")
+    parser.add_argument("--engine", choices=["local", "ray"], default="local",
+                        help="data.engine for the stages: ray starts a local Ray instance in each stage (needs the ray extra)")
     parser.add_argument("--layout", choices=["jsonl", "json", "csv"], default="jsonl",
                         help="the raw file's layout: JSONL, one JSON array, or CSV (instruction,output)")
     parser.add_argument("--child", choices=["validate", "tokenize", "raw"], help=argparse.SUPPRESS)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from tunepath.strict import Strict
@@ -21,6 +23,17 @@ class DataConfig(Strict):
         4.0, ge=0.25, le=4096,
         description="Memory the data stages aim to stay under: sets how much is read, tokenized and cut into blocks at a "
         "time. Does not change the outputs.",
+    )
+    engine: Literal["local", "ray"] = Field(
+        "local",
+        description="Where validate and tokenize run their per-chunk and per-shard work: local (process pools on this "
+        "machine) or ray (Ray actors, past one machine; needs the ray extra). Same outputs either way.",
+    )
+    ray_address: str | None = Field(
+        None,
+        description="The Ray cluster of data.engine ray: 'auto', 'host:port' (a head's GCS) or 'ray://host:10001' (Ray "
+        "Client); null: a local Ray instance with data.num_proc CPUs, stopped after the stage. A cluster's nodes need "
+        "this package and the same data, output and cache paths (a shared volume).",
     )
 
     def workers(self) -> int:

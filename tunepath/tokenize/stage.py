@@ -28,6 +28,7 @@ from pathlib import Path
 
 from tunepath.sections import DataConfig, ModelConfig
 from tunepath.tokenize import TokenizeConfig
+from tunepath.engine import LazyRay
 from tunepath.errors import StageError
 from tunepath.progress import DataPass, datasets_bars_off
 from tunepath.tokenize.cache import bound as bound_cache, touch
@@ -103,7 +104,7 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
     cached = []
     used = {cache_root / "records" / fingerprint[:32]}  # cache entries this run reads: never evicted by it
     # datasets' own bars say nothing the per-shard lines do not (and a bar per shard and split floods a terminal)
-    with datasets_bars_off():
+    with datasets_bars_off(), LazyRay(data) as engine:
         for kind, folder in FOLDERS.items():
             stats[folder] = {}
             for split in SPLITS:
@@ -118,7 +119,7 @@ def run_tokenize(cfg: TokenizeConfig, model: ModelConfig, validate_dir: Path, ou
                     timings[f"{folder}/{split}/cached"] = round(time.perf_counter() - clock, 3)
                     continue
                 mapped, hit = _tokenized(kind, split, records, plan, cfg, cache_root, settings, fingerprint, data.workers(), budget,
-                                         used)
+                                         used, engine if data.engine == "ray" else None)
                 cached.append(hit)
                 timings[f"{folder}/{split}/tokenize"] = round(time.perf_counter() - clock, 3)
                 clock = time.perf_counter()
@@ -323,11 +324,12 @@ def _drop_unused_fields(path: Path, fields: dict[str, set[str]]) -> None:
 
 
 def _tokenized(kind: str, split: str, records: _Records, plan: EncodePlan, cfg: TokenizeConfig, cache_root: Path, settings: str,
-               fingerprint: str, num_proc: int, budget: int, used: set[Path]):
+               fingerprint: str, num_proc: int, budget: int, used: set[Path], engine=None):
     """The map output for one (kind, split) and whether it all came from the cache; None when there are no records.
 
     Each shard of the split is mapped on its own and cached under its digest and the settings, so appended
-    rows map only the new shards. An index per records fingerprint lists the split's shard keys: a rerun on
+    rows map only the new shards. With a Ray `engine` (a `LazyRay`) the shards are mapped by Ray actors, one
+    shard and one tokenizer thread each, instead of one after the other by a local pool. An index per records fingerprint lists the split's shard keys: a rerun on
     the same records finds its map outputs without reading the records again.
     """
     index = cache_root / "splits" / f"{fingerprint[:32]}-{kind}-{split}.json"
@@ -337,15 +339,24 @@ def _tokenized(kind: str, split: str, records: _Records, plan: EncodePlan, cfg: 
             touch(cache_root / key)
             used.add(cache_root / key)
         return (_load_split(cache_root, keys, budget) if keys else None), True
-    keys, hit = [], True
+    keys, todo = [], []
     for shard in records.get(kind, split):
         key = hashlib.sha256(f"{settings}/{kind}/{split}/{shard['offset']}/{shard['sha256']}".encode()).hexdigest()[:32]
         if not (cache_root / key / MAP_FILES).exists():
-            _map_shard(kind, split, shard, plan, cfg, cache_root / key, num_proc)
-            hit = False
+            todo.append((kind, split, {**shard, "path": shard["path"].absolute()}, plan, cfg, (cache_root / key).absolute()))
+        keys.append(key)
+    if engine is not None and todo:
+        from tunepath.engine import run_ordered
+
+        for _ in run_ordered(engine.start(), _map_job, todo, actors=engine.actors(min(num_proc, len(todo)), _actor_setup)):
+            pass
+    else:
+        for job in todo:
+            _map_shard(*job, num_proc)
+    hit = not todo
+    for key in keys:
         touch(cache_root / key)
         used.add(cache_root / key)
-        keys.append(key)
     index.parent.mkdir(parents=True, exist_ok=True)
     partial = index.with_name(index.name + f".partial-{os.getpid()}")
     partial.write_text(json.dumps(keys) + "\n", encoding="utf-8")
@@ -397,6 +408,19 @@ def _map_shard(kind: str, split: str, shard: dict, plan: EncodePlan, cfg: Tokeni
     del mapped, source  # the map output's memory maps point into `partial`, renamed next
     shutil.rmtree(cache, ignore_errors=True)
     os.replace(partial, cache)
+
+
+def _map_job(job: tuple) -> None:
+    """One shard on one Ray actor: the map runs in the actor's process, on the one thread `_actor_setup` left it."""
+    _map_shard(*job, 1)
+
+
+def _actor_setup() -> None:
+    """A Ray actor holds one CPU: its tokenizer runs one thread; and its map shows no bars (the stage logs a line a shard)."""
+    from datasets.utils.tqdm import disable_progress_bars
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    disable_progress_bars()
 
 
 @contextlib.contextmanager

@@ -195,7 +195,7 @@ def _check_all(cfg: ValidateConfig, data: DataConfig, raw_dir: Path, files: list
                chunked={"documents": 0, "pieces": 0, "rule": RULE.format(max=cfg.text_chars.max)})
     progress = DataPass(log, "validate: read", total_bytes)
     unreadable: dict[str, list[str]] = {}
-    for result in run_chunks(_plan(cfg, raw_dir, files, displays, specs, tallies, warnings), cfg, displays, work, workers):
+    for result in run_chunks(_plan(cfg, raw_dir, files, displays, specs, tallies, warnings), cfg, displays, work, workers, data):
         run.chunks += 1
         run.worker_cpu += result.cpu_s
         tally = tallies[result.file]
@@ -266,9 +266,9 @@ def _plan(cfg: ValidateConfig, raw_dir: Path, files: list[Path], displays: list[
                 head = f.read(8192)
             plain = bom_codec(head) is None and not looks_binary(head)
             if suffix in JSONL_SUFFIXES and plain:
-                pieces = [dict(how="jsonl", start=s, end=e, first=line, nbytes=e - s) for s, e, line in plan_jsonl(path)]
+                pieces = [dict(how="jsonl", start=s, end=e, first=line, nbytes=e - s) for s, e, line in plan_jsonl(path, CHUNK_BYTES)]
             elif suffix == ".txt" and plain and text_split != "file":
-                cuts = plan_jsonl(path) if text_split == "line" else plan_text(path)
+                cuts = plan_jsonl(path, CHUNK_BYTES) if text_split == "line" else plan_text(path, CHUNK_BYTES)
                 pieces = [dict(how="text", start=s, end=e, first=line, nbytes=e - s) for s, e, line in cuts]
             elif suffix == ".json" and plain:
                 cuts = _peeked(plan_json_array(path, CHUNK_BYTES))  # nothing: not an array, read whole

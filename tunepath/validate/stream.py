@@ -170,16 +170,18 @@ class _Turns:
             self.condition.notify_all()
 
 
-def init_worker(cfg, displays: list[str], work: str, condition=None, turn=None) -> None:
+def init_worker(cfg, displays: list[str], work: str, condition=None, turn=None, turns=None) -> None:
+    """A worker's state: `condition` and `turn` are a local pool's turn counter, `turns` another engine's (see
+    `tunepath.engine.RayTurns`)."""
     import logging
 
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
-    if condition is not None:  # one of a pool: one thread each, so the pool never runs more threads than cores
+    if condition is not None or turns is not None:  # one of a pool: one thread each, so it never runs more threads than cores
         import pyarrow
 
         pyarrow.set_cpu_count(1)
     _STATE.clear()
-    _STATE.update(cfg=cfg, displays=displays, work=Path(work), turns=_Turns(condition, turn), normalisers={}, db=None)
+    _STATE.update(cfg=cfg, displays=displays, work=Path(work), turns=turns or _Turns(condition, turn), normalisers={}, db=None)
 
 
 def _db() -> sqlite3.Connection:
@@ -343,8 +345,20 @@ def workers_for(data, budget_bytes: int, chunks_hint: int | None = None) -> int:
     return max(1, min(n, chunks_hint)) if chunks_hint else n
 
 
-def run_chunks(chunks, cfg, displays: list[str], work: Path, workers: int):
-    """Yield the result of every chunk, in order; at most 2 chunks a worker are in flight."""
+def run_chunks(chunks, cfg, displays: list[str], work: Path, workers: int, data=None):
+    """Yield the result of every chunk, in order; at most 2 chunks a worker are in flight. `data.engine` ray runs
+    the same workers as Ray actors (`tunepath.engine`)."""
+    if data is not None and data.engine == "ray":
+        from tunepath.engine import RayTurns, ray_session, run_ordered
+
+        from dataclasses import replace
+
+        absolute = (replace(chunk, path=os.path.abspath(chunk.path)) for chunk in chunks)  # an actor's working folder is its own
+        with ray_session(data) as ray:
+            turns = RayTurns.start(ray)
+            yield from run_ordered(ray, check_chunk, absolute, workers, init_worker,
+                                   (cfg, displays, os.path.abspath(work), None, None, turns))
+        return
     if workers <= 1:
         init_worker(cfg, displays, str(work))
         try:
