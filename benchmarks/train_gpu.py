@@ -7,7 +7,7 @@ Usage:
     python -m benchmarks.train_gpu --cpu --tiny            # the same code end to end on CPU, tiny model
     python -m benchmarks.train_gpu --shapes 1.5b --variants b,b_compile --compile-cache   # time to first step: eager,
                                                            # compiled from an empty compile cache, then from the filled one
-    python -m benchmarks.train_gpu --shapes 7b --variants "b_gc+checkpoint_offload=true+offload_prefetch=0,b_gc+checkpoint_offload=true"
+    python -m benchmarks.train_gpu --shapes 7b --variants "b_gc+checkpoint_offload=true,b_gc+checkpoint_offload=true+offload_prefetch=1"
 
 Models are randomly initialised Qwen2 models of the real shapes (configs below, nothing downloaded); LoRA r=16
 on all linear layers; a synthetic chat data set with Alpaca-like lengths (mean ~150 tokens, long tail to
@@ -32,7 +32,8 @@ own process (unsloth patches transformers process-wide), one after another:
 
 A variant takes `+key=value` changes: TrainConfig fields, and engine switches (tunepath.train.options, no
 params.yaml key): upcast=true (peft's fp32 upcast on hf QLoRA), loss_chunk_mb=N (the chunked loss's chunk),
-offload_prefetch=0 (checkpoint offload brings each input back on demand instead of one layer ahead),
+offload_prefetch=1 (checkpoint offload brings the next input back one layer ahead; the train stage's default
+is on demand until the prefetch is measured on a GPU),
 compile_cache=cold|warm (torch.compile's caches in a folder of the variant's own: emptied first, or kept from
 the cold run; --compile-cache adds both runs for every compiling variant).
 

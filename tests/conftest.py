@@ -118,13 +118,11 @@ def _no_process_outlives_its_test(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _no_tracking_uri_leaks():
     """`mlflow.set_tracking_uri` in one test writes MLFLOW_TRACKING_URI into os.environ, which every later
-    subprocess would inherit (a later run would then log into another test's registry)."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
+    subprocess would inherit (a later run would then log into another test's registry). Restored to the session's
+    value, not to the value at the test's start: a module fixture that runs a pipeline sets it before this fixture
+    starts (the disk-full test's run once logged into the tool-calling module's mlflow.db that way)."""
     yield
-    if before is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = before
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 # Small and fast for tests; the pipeline code path is the same as `make run`.

@@ -117,17 +117,16 @@ ROWS = [
         "none", {"S5-no-pairs": ["0 preference pairs < 100"]}),
 
     # --- scenario 6: limited resources -> LoRA, QLoRA; LoRA CPT with its warning ------------------------
-    # (the smallest options are offloaded: their figures count the layer input prefetched for backward)
     row("s6-lora", profile(20_000, 0, 0, mem=48), ["sft"], "lora", "base", "none",
-        {"S6-lora": ["110.07 GB", "43.20 GB", "25.26 GB"]}),
+        {"S6-lora": ["110.05 GB", "43.20 GB", "25.26 GB"]}),
     row("s6-qlora", profile(20_000, 0, 0, mem=16), ["sft"], "qlora", "base", "none",
-        {"S6-qlora": ["15.83 GB > 14.40 GB", "6.70 GB"]}),
+        {"S6-qlora": ["15.81 GB > 14.40 GB", "6.70 GB"]}),
     row("s6-lora-cpt", profile(0, 200_000_000, 0, mem=48, chat=False), ["cpt"], "lora", "base", "recommended",
         {"S6-lora": ["43.20 GB"], "S6-retrieval": ["200,000,000"]}),
     row("s6-cpu-demo", profile(400, 40_000, 200, gpus=0, model=dict(params_b=0.0003), chat=False), ["sft"], "lora", "base", "recommended",
         {"goal": ["task_skill", "400", "40,000", "10,000,000", "style_required is off"], "S6-cpu": ["no GPU"]}),
     row("s6-nothing-fits", profile(20_000, 0, 0, mem=6), [], "qlora", "chat", "none",
-        {"S6-no-fit": ["6.43 GB per GPU > 5.40 GB", "['sft']"]}),
+        {"S6-no-fit": ["6.41 GB per GPU > 5.40 GB", "['sft']"]}),
     row("s6-full-over-time-budget", profile(3_000_000, 0, 0, model=QWEN15, budget=1), ["sft"], "lora", "base", "none",
         {"S6-lora": ["fits", "> 1.0 h budget"]}),
 ]

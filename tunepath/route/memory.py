@@ -98,7 +98,7 @@ class Knobs:
     chunked_loss: bool = True
     lora_rank: int = 16
     offload: bool = False  # train.checkpoint_offload (hf backend, with checkpointing)
-    prefetch: bool = True  # offload brings the next input back ahead (the train stage's way; runs before 2026-12-02 did not)
+    prefetch: bool = False  # offload brings the next input back ahead (off in the train stage until measured on a GPU)
     loss_chunk_bytes: int = CHUNK_BYTES  # the chunked loss's fp32 logits per chunk
     fp32_embeddings: bool = False  # hf QLoRA through peft's prepare_model_for_kbit_training (benchmark runs before 2026-12-01)
 

@@ -18,5 +18,8 @@ from tunepath.train.loss import CHUNK_BYTES
 class EngineOptions:
     upcast_float_params: bool = False  # hf QLoRA: peft.prepare_model_for_kbit_training's fp32 embeddings, head and norms
     loss_chunk_bytes: int = CHUNK_BYTES  # the chunked loss's fp32 logits per chunk
-    offload_prefetch: bool = True  # train.checkpoint_offload: copy the next layer's input back during this layer's backward
+    # train.checkpoint_offload: copy the next layer's input back during this layer's backward. Off by default: its CUDA
+    # side (side stream, events) has not run on a GPU yet, and offload on demand is the path measured on the H200.
+    # The benchmark turns it on with `+offload_prefetch=1` to measure it; then it can become the default.
+    offload_prefetch: bool = False
     compile_cache: Path | None = None  # folder for torch.compile's caches across runs (None: torch's own default)
