@@ -21,6 +21,7 @@ from __future__ import annotations
 
 FIRST = {
     "Config": ("data", "model", "train", "tokenize", "route", "validate", "evaluate", "merge", "register", "promote", "demo"),
+    "DataConfig": ("raw_dir", "num_proc", "memory_gb"),  # then the engine: Ray only for past one machine
     "TrainConfig": ("max_steps", "learning_rate", "lora_r", "batch_size", "epochs", "grad_accum", "lora_alpha", "lora_dropout",
                     "target_modules", "lr_scheduler", "warmup_steps", "seed", "precision", "backend", "num_processes"),
     "TokenizeConfig": ("max_length", "template", "pack", "overlong"),
