@@ -89,8 +89,9 @@ def test_custom_run_from_the_prefect_ui_then_model_in_the_mlflow_ui(browser, liv
     assert labels[:1] == ["recipe (Optional)"] and at < 16, labels[:20]  # above the fold, after data and model
     assert labels[at + 1:at + 3] == ["Learning Rate (Optional)", "Lora R (Optional)"], labels[:20]
     assert "is a const and cannot be changed" not in browser.page_source
-    sections = [label for label in labels if "· " in label and label.split(" · ")[0] in ("1", "2", "3", "4", "5", "Advanced", "Demo only")]
+    sections = [label for label in labels if "· " in label and label.split(" · ")[0] in ("1", "2", "3", "4", "5")]
     assert sections[:3] == ["1 · Data (Optional)", "2 · Model (Optional)", "3 · Train (Optional)"], sections  # the titles drawn
+    assert labels.index("Advanced · Engine (Optional)") < labels.index("2 · Model (Optional)")  # data's own advanced fields
     assert labels.index("Advanced · Weight Decay (Optional)") > at  # the train section's basics, then its advanced fields
     browser.save_screenshot(str(shots / "prefect-custom-run-form-top.png"))
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", field)
