@@ -17,11 +17,8 @@ was up to date; wall-clock per run. CPU count and load averages go into the JSON
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.parallel_runs import build_assets, make_project  # noqa: E402
+from benchmarks.parallel_runs import build_assets, finish, make_project  # noqa: E402
 
 STAGES = ("validate", "tokenize", "route", "train", "evaluate", "merge", "register")
 
@@ -130,15 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                 cells.append(f"{s.get('seconds', '-')} s {s.get('how', '')}{' (waited)' if s.get('waited') else ''}")
             print(f"| {stage} | " + " | ".join(cells) + " |")
         print("| whole run | " + " | ".join(f"{r[k]['run_s']:.0f} s" for k in keys) + " |\n")
-    record = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "machine": platform.machine(),
-              "python": platform.python_version(), "overrides": overrides, "load_before": load_before, "results": results}
-    dest = REPO / "benchmarks" / "results" / f"identical_runs_cpu{os.cpu_count()}_{record['date']}.json"
-    dest.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    print(f"written: {dest.relative_to(REPO)}")
-    if args.keep:
-        print(f"projects and logs: {work}")
-    else:
-        shutil.rmtree(work, ignore_errors=True)
+    finish("identical_runs", {"overrides": overrides, "load_before": load_before, "results": results}, work, args.keep)
     return 0
 
 

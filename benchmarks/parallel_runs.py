@@ -126,17 +126,23 @@ def main(argv: list[str] | None = None) -> int:
               f"{', '.join('lr=' + x for x in r['isolated']) or '-'} | {r['versions']} |")
     print(f"\nserial / parallel: {ratio:.2f}x on {os.cpu_count()} CPUs (load average before {load_before[0]:.2f}; "
           f"after parallel {results['parallel']['load_after'][0]:.2f})")
+    finish("parallel_runs", {"overrides": overrides, "load_before": load_before, "results": results,
+                              "serial_over_parallel": ratio}, work, args.keep)
+    return 0
+
+
+def finish(name: str, figures: dict, work: Path, keep: bool) -> None:
+    """Write the figures with the machine's to benchmarks/results/NAME_cpuN_DATE.json; remove the work folder
+    unless `keep`."""
     record = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "machine": platform.machine(),
-              "python": platform.python_version(), "overrides": overrides, "load_before": load_before,
-              "results": results, "serial_over_parallel": ratio}
-    dest = REPO / "benchmarks" / "results" / f"parallel_runs_cpu{os.cpu_count()}_{record['date']}.json"
+              "python": platform.python_version(), **figures}
+    dest = REPO / "benchmarks" / "results" / f"{name}_cpu{os.cpu_count()}_{record['date']}.json"
     dest.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     print(f"written: {dest.relative_to(REPO)}")
-    if args.keep:
+    if keep:
         print(f"projects and logs: {work}")
     else:
         shutil.rmtree(work, ignore_errors=True)
-    return 0
 
 
 if __name__ == "__main__":
