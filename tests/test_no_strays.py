@@ -11,10 +11,19 @@ from tests.conftest import stop_strays, strays
 
 
 def orphan_in(folder, tmp_path) -> int:
-    """A `sleep` whose parent shell exited at once, working in `folder`: nobody's descendant, adopted by init."""
+    """A `sleep` whose parent shell exited at once, working in `folder`: nobody's descendant, adopted by init.
+    Returned once it is `sleep`: until the shell's forked child has exec'd (late on a loaded machine), its command
+    line is the shell's, which names the pid file under `tmp_path`, and it would count as this test's."""
+    import psutil
+
     pid_file = tmp_path / "orphan.pid"
     subprocess.run(["sh", "-c", f"sleep 60 & echo $! > {pid_file}"], cwd=folder, check=True)
-    return int(pid_file.read_text())
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 20
+    while psutil.Process(pid).cmdline()[:1] != ["sleep"]:
+        assert time.monotonic() < deadline, f"pid {pid} never became sleep: {psutil.Process(pid).cmdline()}"
+        time.sleep(0.02)
+    return pid
 
 
 def test_a_left_process_is_found_and_stopped_and_others_are_not_touched(tmp_path):
