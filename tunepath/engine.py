@@ -15,11 +15,14 @@ be the same paths on every node (a shared volume), and every node needs this pac
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 from collections import deque
 
 from tunepath.errors import StageError
+
+log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5.0  # a head that does not take a TCP connection in this long is not there
 IN_FLIGHT = 2  # items queued per actor: one running, one waiting, so an actor never idles between items
@@ -92,9 +95,20 @@ def ray_session(data):
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise StageError(f"{where}: Ray did not start: {first}") from None
     try:
+        nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+        cpus = ray.cluster_resources().get("CPU", 0)
+        log.info("data engine ray: %s, %d node(s), %g CPUs", address or "a local instance", nodes, cpus)
         yield ray
     finally:
         ray.shutdown()
+
+
+def actor_count(ray, data, local: int) -> int:
+    """Actors for a stage: `data.num_proc` when set; on a cluster (`data.ray_address`) otherwise every CPU the
+    cluster has, not the driver's cores; on a local instance `local` (the machine's cores, within the memory rule)."""
+    if data.num_proc or data.ray_address is None:
+        return local
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def _object_store_bytes(data) -> int:
@@ -206,10 +220,13 @@ class LazyRay:
             self._ray = self._stack.enter_context(ray_session(self.data))
         return self._ray
 
-    def actors(self, workers: int, setup=None, args: tuple = ()) -> list:
-        """Actors kept for the session (at least `workers`): tokenize's splits reuse them, each actor loading the
-        tokenizer and its libraries once rather than once a split."""
+    def actors(self, workers: int, setup=None, args: tuple = (), most: int | None = None) -> list:
+        """Actors kept for the session: `workers`, or the cluster's CPUs (`actor_count`), at most `most` (the
+        items there are). Tokenize's splits reuse them, each actor loading the tokenizer and its libraries once
+        rather than once a split."""
         ray = self.start()
+        workers = actor_count(ray, self.data, workers)
+        workers = min(workers, most) if most else workers
         if len(self._actors) < workers:
             self._actors += start_actors(ray, workers - len(self._actors), setup, args)
         return self._actors[:workers]

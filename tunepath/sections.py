@@ -15,9 +15,9 @@ class DataConfig(Strict):
     raw_dir: str = Field("data/raw", description="Folder of input files (jsonl, json, parquet, csv, txt), read recursively.")
     num_proc: int | None = Field(
         None, ge=1, le=256,
-        description="Worker processes of the data stages (validate, tokenize); null: every core this process may run on. Each "
-        "worker runs one thread (one tokenizer thread), so workers x threads never exceed the cores; validate runs fewer "
-        "when data.memory_gb holds fewer of its chunks.",
+        description="Worker processes of the data stages (validate, tokenize); null: every core this process may run on (on "
+        "a Ray cluster, data.ray_address: every CPU of the cluster). Each worker runs one thread (one tokenizer thread), "
+        "so workers x threads never exceed the cores; validate runs fewer when data.memory_gb holds fewer of its chunks.",
     )
     memory_gb: float = Field(
         4.0, ge=0.25, le=4096,

@@ -348,7 +348,7 @@ def _tokenized(kind: str, split: str, records: _Records, plan: EncodePlan, cfg: 
     if engine is not None and todo:
         from tunepath.engine import run_ordered
 
-        for _ in run_ordered(engine.start(), _map_job, todo, actors=engine.actors(min(num_proc, len(todo)), _actor_setup)):
+        for _ in run_ordered(engine.start(), _map_job, todo, actors=engine.actors(num_proc, _actor_setup, most=len(todo))):
             pass
     else:
         for job in todo:

@@ -187,7 +187,8 @@ def _check_all(cfg: ValidateConfig, data: DataConfig, raw_dir: Path, files: list
     tallies: dict[str, FileTally] = {}
     displays = [_display_name(raw_dir, path) for path in files]
     total_bytes = sum(_size(p) for p in files)
-    workers = workers_for(data, int(data.memory_gb * (1 << 30)), max(1, -(-total_bytes // CHUNK_BYTES)))
+    chunk_count = sum(max(1, -(-_size(p) // CHUNK_BYTES)) for p in files) or 1  # a file is cut into its own chunks
+    workers = workers_for(data, int(data.memory_gb * (1 << 30)), chunk_count)
     run = _Run(tallies, warnings, ProfileTally(), GXTotals(), Splits(), workers=workers,
                control={"policy": cfg.control_token_policy, "rows": 0, "by_token": {}, "examples": []},
                placeholders={"policy": cfg.placeholder_policy, "filled": sorted(cfg.placeholders), "rows": 0,
@@ -195,7 +196,9 @@ def _check_all(cfg: ValidateConfig, data: DataConfig, raw_dir: Path, files: list
                chunked={"documents": 0, "pieces": 0, "rule": RULE.format(max=cfg.text_chars.max)})
     progress = DataPass(log, "validate: read", total_bytes)
     unreadable: dict[str, list[str]] = {}
-    for result in run_chunks(_plan(cfg, raw_dir, files, displays, specs, tallies, warnings), cfg, displays, work, workers, data):
+    ran: dict = {}
+    for result in run_chunks(_plan(cfg, raw_dir, files, displays, specs, tallies, warnings), cfg, displays, work, workers, data,
+                             ran, most=chunk_count):
         run.chunks += 1
         run.worker_cpu += result.cpu_s
         tally = tallies[result.file]
@@ -218,6 +221,7 @@ def _check_all(cfg: ValidateConfig, data: DataConfig, raw_dir: Path, files: list
         run.rejects_parts.append(work / f"rejects-{result.index:06d}.part")
         progress.step(result.nbytes, rows=result.tally.read)
     progress.done()
+    run.workers = ran.get("workers", run.workers)
     run.gx.ordered()
     for display, tally in tallies.items():
         if tally.read == 0 and display not in unreadable:

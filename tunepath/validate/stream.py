@@ -345,16 +345,22 @@ def workers_for(data, budget_bytes: int, chunks_hint: int | None = None) -> int:
     return max(1, min(n, chunks_hint)) if chunks_hint else n
 
 
-def run_chunks(chunks, cfg, displays: list[str], work: Path, workers: int, data=None):
+def run_chunks(chunks, cfg, displays: list[str], work: Path, workers: int, data=None, ran: dict | None = None,
+               most: int | None = None):
     """Yield the result of every chunk, in order; at most 2 chunks a worker are in flight. `data.engine` ray runs
-    the same workers as Ray actors (`tunepath.engine`)."""
+    the same workers as Ray actors (`tunepath.engine`): on a cluster as many as it has CPUs (at most `most`, the
+    chunks there are), and `ran["workers"]` says how many ran."""
     if data is not None and data.engine == "ray":
-        from tunepath.engine import RayTurns, ray_session, run_ordered
+        from tunepath.engine import RayTurns, actor_count, ray_session, run_ordered
 
         from dataclasses import replace
 
         absolute = (replace(chunk, path=os.path.abspath(chunk.path)) for chunk in chunks)  # an actor's working folder is its own
         with ray_session(data) as ray:
+            workers = actor_count(ray, data, workers)
+            workers = min(workers, most) if most else workers
+            if ran is not None:
+                ran["workers"] = workers
             turns = RayTurns.start(ray)
             yield from run_ordered(ray, check_chunk, absolute, workers, init_worker,
                                    (cfg, displays, os.path.abspath(work), None, None, turns))
