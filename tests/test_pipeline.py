@@ -155,7 +155,9 @@ def test_second_run_skips_every_stage(finished):
     before = artifact_counts(keys)
     client = MlflowClient(default_tracking_uri(root))
     runs_before = {r.info.run_id for r in client.search_runs([e.experiment_id for e in client.search_experiments()])}
-    state = finetune(config=cfg, project_dir=str(root), return_state=True)
+    # other data.num_proc and memory_gb: how the data stages run, not what they write, so nothing reruns
+    again = cfg.model_copy(update={"data": cfg.data.model_copy(update={"num_proc": 1, "memory_gb": 2.0})})
+    state = finetune(config=again, project_dir=str(root), return_state=True)
     result = state.result()
     assert result["ran"] == []
     assert result["skipped"] == list(STAGES)
