@@ -54,6 +54,33 @@ def test_a_malformed_address_is_named():
     assert _host_port("auto") is None
 
 
+class _BusyHead:
+    """What `ray` does against a head that aborts the first `aborts` Ray Client connections (its server for the
+    client did not come up in time)."""
+
+    def __init__(self, aborts: int) -> None:
+        self.aborts, self.calls, self.shutdowns = aborts, 0, 0
+
+    def init(self, **kwargs) -> None:
+        self.calls += 1
+        if self.calls <= self.aborts:
+            raise ConnectionAbortedError("Initialization failure from server:\nTraceback ...")
+
+    def shutdown(self) -> None:
+        self.shutdowns += 1
+
+
+def test_a_connection_the_head_aborts_is_tried_again_then_fails(monkeypatch):
+    import tunepath.engine as engine
+
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    head = _BusyHead(aborts=engine.CLIENT_ATTEMPTS - 1)
+    engine._connect(head, "ray://head:10001", {})
+    assert head.calls == engine.CLIENT_ATTEMPTS and head.shutdowns == engine.CLIENT_ATTEMPTS - 1
+    with pytest.raises(ConnectionAbortedError):
+        engine._connect(_BusyHead(aborts=engine.CLIENT_ATTEMPTS), "ray://head:10001", {})
+
+
 def test_the_engine_is_a_checked_param():
     with pytest.raises(ValueError, match="engine"):
         DataConfig(engine="spark")

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5.0  # a head that does not take a TCP connection in this long is not there
 IN_FLIGHT = 2  # items queued per actor: one running, one waiting, so an actor never idles between items
+CLIENT_ATTEMPTS = 3  # Ray Client connections a busy head aborted, tried again
 
 
 def _ray():
@@ -84,9 +85,7 @@ def ray_session(data):
             ray.init(num_cpus=data.workers(), include_dashboard=False, logging_level="WARNING",
                      object_store_memory=_object_store_bytes(data))
         else:
-            # a cluster's workers do not inherit this process's environment: they get the offline settings here
-            ray.init(address=address, logging_level="WARNING",
-                     runtime_env={"env_vars": {**OFFLINE_ENV, "RAY_USAGE_STATS_ENABLED": "0"}})
+            _connect(ray, address, {**OFFLINE_ENV, "RAY_USAGE_STATS_ENABLED": "0"})
     except StageError:
         raise
     except (ConnectionError, TimeoutError, ValueError, RuntimeError) as e:
@@ -101,6 +100,25 @@ def ray_session(data):
         yield ray
     finally:
         ray.shutdown()
+
+
+def _connect(ray, address: str, env: dict) -> None:
+    """Join the cluster; a cluster's workers do not inherit this process's environment, so they get `env` here.
+    A Ray Client connection the head aborts while it starts this client's server (a busy head: its server process
+    did not come up) is tried again, CLIENT_ATTEMPTS times in all."""
+    import time
+
+    for attempt in range(1, CLIENT_ATTEMPTS + 1):
+        try:
+            ray.init(address=address, logging_level="WARNING", runtime_env={"env_vars": env})
+            return
+        except ConnectionAbortedError as e:
+            ray.shutdown()
+            if attempt == CLIENT_ATTEMPTS:
+                raise
+            log.warning("data.ray_address %r: the head aborted the connection (%s); trying again (%d of %d)",
+                        address, (str(e).strip().splitlines() or [""])[0], attempt + 1, CLIENT_ATTEMPTS)
+            time.sleep(2 * attempt)
 
 
 def actor_count(ray, data, local: int) -> int:
