@@ -30,8 +30,9 @@ NODES = 3
 
 
 def _stop_cluster(temp: Path, port: int) -> None:
-    """What the cluster started: processes naming its folder or its GCS port, and their children. Not `ray stop`,
-    which stops every Ray instance of this user on the machine."""
+    """What the cluster started: processes naming its folder or its GCS port, and their children (Ray's agents,
+    whose titles Ray rewrites and whose environment names neither, so conftest's `stop_strays` does not find them).
+    Not `ray stop`, which stops every Ray instance of this user on the machine."""
     import psutil
 
     found = set()
@@ -70,16 +71,19 @@ def ray_cluster(nodes: int):
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def _set(project: Path, **data) -> None:
+def _set(project: Path, section: str, **values) -> None:
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["data"].update(data)
+    params[section].update(values)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def _stage(project: Path, name: str, env: dict) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "-m", "tunepath.cli", "--project", str(project), "stage", name],
-                         cwd=project, env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, f"tunepath stage {name}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return subprocess.run([sys.executable, "-m", "tunepath.cli", "--project", str(project), "stage", name],
+                          cwd=project, env=env, capture_output=True, text=True, timeout=900)
+
+
+def _passed(out: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert out.returncode == 0, f"{' '.join(out.args[-2:])}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return out
 
 
@@ -101,27 +105,24 @@ def test_the_stage_commands_on_a_ray_cluster_write_the_local_bytes(tmp_path, dem
         (chats.parent / f"chat-{i}.jsonl").write_text("".join(lines[i::4]), encoding="utf-8")
     chats.unlink()
     cache = tmp_path / "cache"  # one folder, emptied between the runs: its path is part of what the outputs hash
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["tokenize"]["cache_dir"] = str(cache)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _set(project, "tokenize", cache_dir=str(cache))
 
-    _set(project, engine="local", num_proc=2)
+    _set(project, "data", engine="local", num_proc=2)
     for name in ("validate", "tokenize"):
-        _stage(project, name, dict(os.environ))
+        _passed(_stage(project, name, dict(os.environ)))
     local = _outputs(project)
     shutil.rmtree(project / "artifacts")
     shutil.rmtree(cache)
 
     with ray_cluster(NODES) as (env, address):
-        _set(project, engine="ray", ray_address=address, num_proc=None)
-        logs = [_stage(project, name, env).stderr for name in ("validate", "tokenize")]
+        _set(project, "data", engine="ray", ray_address=address, num_proc=None)
+        logs = [_passed(_stage(project, name, env)).stderr for name in ("validate", "tokenize")]
         assert all(f"data engine ray: {address}, {NODES} node(s), {NODES} CPUs" in log for log in logs), logs
         report = json.loads((project / "artifacts" / "validate" / "report.json").read_text())
         assert report["streaming"]["chunks"] >= 6 and report["streaming"]["workers"] == NODES  # one actor per node
         clustered = _outputs(project)
         wrong = {**env, "RAY_AUTH_TOKEN": secrets.token_urlsafe(32)}  # a client without the cluster's token gets nothing run
-        refused = subprocess.run([sys.executable, "-m", "tunepath.cli", "--project", str(project), "stage", "validate"],
-                                 cwd=project, env=wrong, capture_output=True, text=True, timeout=600)
+        refused = _stage(project, "validate", wrong)
         assert refused.returncode != 0 and f"data.ray_address {address!r}" in refused.stderr, refused.stderr[-2000:]
 
     for stage, (theirs, ours) in zip(("validate", "tokenize"), zip(local, clustered)):

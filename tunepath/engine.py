@@ -121,12 +121,12 @@ def _connect(ray, address: str, env: dict) -> None:
             time.sleep(2 * attempt)
 
 
-def actor_count(ray, data, local: int) -> int:
-    """Actors for a stage: `data.num_proc` when set; on a cluster (`data.ray_address`) otherwise every CPU the
-    cluster has, not the driver's cores; on a local instance `local` (the machine's cores, within the memory rule)."""
-    if data.num_proc or data.ray_address is None:
-        return local
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+def actor_count(ray, data, local: int, most: int | None = None) -> int:
+    """Actors for a stage, at most `most` (the items there are): `data.num_proc` when set; on a cluster
+    (`data.ray_address`) otherwise every CPU the cluster has, not the driver's cores; on a local instance `local`
+    (the machine's cores, within the memory rule)."""
+    count = local if data.num_proc or data.ray_address is None else max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return min(count, most) if most else count
 
 
 def _object_store_bytes(data) -> int:
@@ -243,8 +243,7 @@ class LazyRay:
         items there are). Tokenize's splits reuse them, each actor loading the tokenizer and its libraries once
         rather than once a split."""
         ray = self.start()
-        workers = actor_count(ray, self.data, workers)
-        workers = min(workers, most) if most else workers
+        workers = actor_count(ray, self.data, workers, most)
         if len(self._actors) < workers:
             self._actors += start_actors(ray, workers - len(self._actors), setup, args)
         return self._actors[:workers]

@@ -186,8 +186,9 @@ def _check_all(cfg: ValidateConfig, data: DataConfig, raw_dir: Path, files: list
     specs, warnings = read_dataset_info(raw_dir) if cfg.read_dataset_info else ({}, [])
     tallies: dict[str, FileTally] = {}
     displays = [_display_name(raw_dir, path) for path in files]
-    total_bytes = sum(_size(p) for p in files)
-    chunk_count = sum(max(1, -(-_size(p) // CHUNK_BYTES)) for p in files) or 1  # a file is cut into its own chunks
+    sizes = [_size(p) for p in files]
+    total_bytes = sum(sizes)
+    chunk_count = sum(max(1, -(-size // CHUNK_BYTES)) for size in sizes) or 1  # a file is cut into its own chunks
     workers = workers_for(data, int(data.memory_gb * (1 << 30)), chunk_count)
     run = _Run(tallies, warnings, ProfileTally(), GXTotals(), Splits(), workers=workers,
                control={"policy": cfg.control_token_policy, "rows": 0, "by_token": {}, "examples": []},

@@ -357,8 +357,7 @@ def run_chunks(chunks, cfg, displays: list[str], work: Path, workers: int, data=
 
         absolute = (replace(chunk, path=os.path.abspath(chunk.path)) for chunk in chunks)  # an actor's working folder is its own
         with ray_session(data) as ray:
-            workers = actor_count(ray, data, workers)
-            workers = min(workers, most) if most else workers
+            workers = actor_count(ray, data, workers, most)
             if ran is not None:
                 ran["workers"] = workers
             turns = RayTurns.start(ray)
