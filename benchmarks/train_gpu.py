@@ -654,13 +654,22 @@ def main(argv: list[str] | None = None) -> int:
     variants = (args.variants or ("a,b_plain,b" if cpu else "a,b_plain,b,b_compile,b_fast,c")).split(",")
     if args.compile_cache:
         variants = with_cache_runs(variants)
-    warmup = args.warmup if args.warmup is not None else (1 if cpu else 3)
-    timed = args.timed if args.timed is not None else (6 if cpu else 12)
-    timed_a = args.timed_a if args.timed_a is not None else (12 if cpu else 30)
-    samples = args.samples or (200 if cpu else 2400)
+    args.warmup = args.warmup if args.warmup is not None else (1 if cpu else 3)
+    args.timed = args.timed if args.timed is not None else (6 if cpu else 12)
+    args.timed_a = args.timed_a if args.timed_a is not None else (12 if cpu else 30)
+    args.samples = args.samples or (200 if cpu else 2400)
     args.max_length = args.max_length or (512 if cpu else MAX_LENGTH)
-    work = Path(args.work or tempfile.mkdtemp(prefix="train_gpu-"))
-    work.mkdir(parents=True, exist_ok=True)
+    if args.work:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
+        return run_all(args, shapes, variants, cpu, Path(args.work))
+    # a temporary folder goes when the run ends: each shape's model folder is its size in bf16 (28 GiB at 14B)
+    with tempfile.TemporaryDirectory(prefix="train_gpu-") as work:
+        return run_all(args, shapes, variants, cpu, Path(work))
+
+
+def run_all(args, shapes: list[str], variants: list[str], cpu: bool, work: Path) -> int:
+    """Every (shape, variant) in its own process, in order; the report written after each."""
+    warmup, timed, timed_a, samples = args.warmup, args.timed, args.timed_a, args.samples
     flags = ["--work", str(work), "--max-length", str(args.max_length)] + (["--cpu"] if cpu else [])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 

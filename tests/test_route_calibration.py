@@ -3,7 +3,7 @@
 Every peak in benchmarks/results/train_<card>_*.json (torch's peak allocated memory, GiB) of a tunepath variant
 is compared with the estimate for the same shape and knobs, without route.overhead_gb (the CUDA context that
 torch's counter leaves out): within 15% of each. The 7B rows of the benchmark issue (2026-12-01, one H200,
-no result file yet) are below by hand; a result file with the same shape and variant replaces them. So are two
+no result file yet) and one 1.5B full fine-tuning run whose file was lost are below by hand; a result file with the same shape and variant replaces them. So are two
 full fine-tuning peaks measured before the speed paths (docs/routing.md's table: transformers' own loss, no
 compile), the only full-training measurements there are.
 """
@@ -24,12 +24,15 @@ RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 TOLERANCE = 0.15
 GIB = 2**30
 
+OLD_CHUNK = 1 << 30  # the chunked loss's chunk of the runs before the result files record it
 QWEN7 = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, vocab_size=152064, tie_word_embeddings=False)
-ISSUE_ROWS = [  # (shape, variant, parameters, micro-batch rows, peak GiB): the benchmark issue's 7B tables
-    ("7b", "b_compile", 7_615_616_512, 4, 56.3),
-    ("7b", "b_gc", 7_615_616_512, 4, 19.7),
-    ("7b", "bq", 7_615_616_512, 4, 67.1),
-    ("7b", "cq", 7_615_616_512, 4, 36.0),
+ISSUE_ROWS = [  # (shape, variant, parameters, micro-batch rows, peak GiB, loss chunk): the benchmark issue's 7B tables
+    ("7b", "b_compile", 7_615_616_512, 4, 56.3, OLD_CHUNK),
+    ("7b", "b_gc", 7_615_616_512, 4, 19.7, OLD_CHUNK),
+    ("7b", "bq", 7_615_616_512, 4, 67.1, OLD_CHUNK),
+    ("7b", "cq", 7_615_616_512, 4, 36.0, OLD_CHUNK),
+    # 2026-12-02, one H200: the run's log line; its result file was lost to the GPU machine's full disk
+    ("1.5b", "b_full", 1_543_714_304, 4, 46.92, CHUNK_BYTES),
 ]
 # (name, shape, parameters, knobs, peak GB): docs/routing.md, full fine-tuning in fp32 under bf16 autocast, batch 1
 FULL_ROWS = [
@@ -39,7 +42,6 @@ FULL_ROWS = [
 ]
 KNOWN_KEYS = {"backend", "method", "compile", "micro_batch_tokens", "gradient_checkpointing", "chunked_loss", "attention",
               "checkpoint_offload", "loss_chunk_mb", "upcast", "offload_prefetch", "compile_cache"}
-OLD_CHUNK = 1 << 30  # the chunked loss's chunk of the runs before the result files record it
 
 
 def measured_points() -> list:
@@ -54,9 +56,9 @@ def measured_points() -> list:
                 points.append(pytest.param(shape, variant, params, knobs_of(variant, run), run["peak_gib"],
                                            id=f"{path.stem}-{variant}"))
                 seen.add((shape, variant))
-    for shape, variant, params, rows, peak in ISSUE_ROWS:
+    for shape, variant, params, rows, peak, chunk in ISSUE_ROWS:
         if (shape, variant) not in seen:
-            k = knobs_of(variant, {"micro_batch": [rows]})
+            k = knobs_of(variant, {"micro_batch": [rows], "loss_chunk_bytes": chunk})
             points.append(pytest.param(shape, variant, params, k, peak, id=f"issue-{shape}-{variant}"))
     return points
 
@@ -137,8 +139,8 @@ def test_speed_table_matches_the_result_files():
                 if "speed_excluded" in run:
                     continue  # the file says why its window cannot be timed
                 k = knobs_of(variant, run)
-                if not k.chunked_loss or k.method == "full":
-                    continue  # b_plain (packing only) is not a train-stage path; full training has no speed entry yet
+                if not k.chunked_loss:
+                    continue  # b_plain (packing only) is not a train-stage path
                 name, _ = path_of(k)
                 runs_of.setdefault((name, data["params"][shape], k.tokens, f"{path.name} {shape} {variant}"), []).append(steady_rate(run))
     merged: dict[tuple, list[float]] = {}

@@ -112,7 +112,11 @@ def test_hours_follow_tokens_gpu_count_and_flops_per_token():
     lora = estimate_hours(p1, cfg, ["sft"], knobs("lora", rows=4))
     assert estimate_hours(p2, cfg, ["sft"], knobs("lora", rows=4)) == pytest.approx(lora / 2)
     assert estimate_hours(p1, RouteConfig(gpu_tflops=200), ["sft"], knobs("lora", rows=4)) == pytest.approx(lora / 2)
-    # full fine-tuning: the same utilisation over 6 FLOPs per parameter and token instead of 4
-    assert estimate_hours(p1, cfg, ["sft"], knobs("full", rows=4)) == pytest.approx(lora * 6 / 4)
+    # full fine-tuning without compile: the LoRA path's utilisation over 6 FLOPs per parameter and token, not 4
+    eager = estimate_hours(p1, cfg, ["sft"], knobs("lora", rows=4, compile=False))
+    assert estimate_hours(p1, cfg, ["sft"], knobs("full", rows=4, compile=False)) == pytest.approx(eager * 6 / 4)
+    # compiled, its own measured path: its matmuls keep the card busier than LoRA's (1.21x at 1.5B), so a token
+    # costs less than 6/4 of LoRA's time, and more than LoRA's
+    assert lora < estimate_hours(p1, cfg, ["sft"], knobs("full", rows=4)) < lora * 6 / 4
     assert estimate_hours(p1, cfg, ["sft"], knobs("lora", rows=4, gradient_checkpointing=True)) > lora
     assert estimate_hours(prof(gpus=0), cfg, ["sft"], knobs("full")) is None

@@ -1,7 +1,7 @@
 """Expected tokens/s and hours for one way of training, from the GPU benchmark's measured speeds.
 
 The benchmark (benchmarks/train_gpu.py, one H200) measured real tokens/s per training path and model size.
-Each measurement becomes a utilisation, u = tokens/s · 4·P / R, with R the card's dense bf16 matmul rate
+Each measurement becomes a utilisation, u = tokens/s · k·P / R, with R the card's dense bf16 matmul rate
 measured in the same run; on the user's card
 
     tokens/s = u(path, P, T) · route.gpu_tflops · 1e12 / (k·P)
@@ -11,8 +11,10 @@ full training, +2 for DPO and KTO (the reference model's forward). u is interpol
 measured sizes and held at the ends; T, the tokens per micro-batch, scales it by (T / 8,192)^γ, γ from the
 compiled path measured at 8,192 and 16,384 tokens. A path measured without checkpointing uses the compiled
 path's checkpointing slowdown at that size. A path not measured yet takes the rate of the path in STAND_INS
-(offload with its prefetch: offload on demand's rate, a lower bound) and the plan says it is derived. Full
-fine-tuning has no measurement with the speed paths yet: it uses the LoRA path's utilisation (over its 6 FLOPs).
+(offload with its prefetch at 1.5B: offload on demand's rate, a lower bound) and the plan says it is derived.
+Full fine-tuning compiled on the hf backend has its own paths, as a multiple of the LoRA path's utilisation
+at the same size (measured at 1.5B); full training without compile uses the LoRA path's utilisation over its
+6 FLOPs.
 tests/test_route_calibration.py keeps MEASURED equal to the result files.
 
 Hours = epochs · tokens / (n · tokens/s) / 3600, n GPUs (data parallel, linear).
@@ -37,24 +39,30 @@ from tunepath.route.profile import Profile
 H200_RATE = 790.0
 MEASURED: dict[str, list[tuple[float, int, float, float]]] = {
     "compiled": [(494_032_768, 8192, 44652.8, 804.8), (494_032_768, 16384, 81930.4, 804.8),
-                 (1_543_714_304, 8192, 42761.2, 788.9), (1_543_714_304, 16384, 50727.3, 786.2),
-                 (7_615_616_512, 8192, 16400.0, H200_RATE)],
-    "eager": [(494_032_768, 8192, 32376.8, 804.8), (1_543_714_304, 8192, 27319.3, 786.2)],
+                 (1_543_714_304, 8192, 40976.1, 788.0), (1_543_714_304, 16384, 50727.3, 786.2),
+                 (7_615_616_512, 8192, 16439.8, 789.8)],
+    "eager": [(494_032_768, 8192, 32376.8, 804.8), (1_543_714_304, 8192, 28392.8, 788.0),
+              (1_543_714_304, 16384, 28957.5, 786.2), (7_615_616_512, 8192, 11978.9, 789.8)],
     "compiled+checkpointing": [(1_543_714_304, 8192, 29788.5, 790.2), (7_615_616_512, 8192, 11679.6, 796.3)],
     "hf-qlora": [(1_543_714_304, 8192, 25935.3, 791.2), (7_615_616_512, 8192, 15300.0, H200_RATE)],
-    "hf-qlora+checkpointing": [(7_615_616_512, 8192, 10276.5, 795.0)],
-    # offload measured before its prefetch (2026-12-01): each layer input brought back when its backward starts
-    "hf-qlora+checkpointing+offload-on-demand": [(7_615_616_512, 8192, 8909.6, 795.7), (7_615_616_512, 4096, 7658.6, 795.7)],
+    "hf-qlora+checkpointing": [(7_615_616_512, 8192, 10305.0, 794.3), (14_770_033_664, 8192, 5389.2, 802.6)],
+    # offload with its prefetch (2026-12-02): the next layer's input brought back one layer ahead
+    "hf-qlora+checkpointing+offload": [(7_615_616_512, 8192, 9007.0, 787.9)],
+    # offload on demand: each layer input brought back when its backward starts
+    "hf-qlora+checkpointing+offload-on-demand": [(7_615_616_512, 8192, 8930.5, 794.3), (7_615_616_512, 4096, 7658.6, 795.7),
+                                                 (14_770_033_664, 4096, 4510.3, 802.4)],
     "compiled+checkpointing+offload-on-demand": [(1_543_714_304, 4096, 12003.1, 791.0)],
     "unsloth": [(494_032_768, 8192, 16452.0, 804.8), (1_543_714_304, 8192, 11394.8, 786.2)],
     "unsloth-qlora": [(1_543_714_304, 8192, 9219.7, 791.2), (7_615_616_512, 8192, 8468.5, 796.3)],
     "unsloth-qlora+checkpointing": [(7_615_616_512, 8192, 3495.7, 789.1)],
+    # full fine-tuning, compiled (fp32 weights under bf16 autocast, 2026-12-02). Without checkpointing: the run's
+    # log line (33,718 steady, 801.4 TFLOP/s card); its result file was lost to the GPU machine's full disk.
+    "full-compiled": [(1_543_714_304, 8192, 33718.0, 801.4)],
+    "full-compiled+checkpointing": [(1_543_714_304, 8192, 24936.2, 801.4)],
 }
 REFERENCE_TOKENS = 8192
-# a path not measured yet -> the measured path that stands in for it: offload with prefetch (what the train stage
-# runs) does the work of offload on demand minus its copy stalls, so the on-demand rate is its lower bound
-STAND_INS = {"hf-qlora+checkpointing+offload": "hf-qlora+checkpointing+offload-on-demand",
-             "compiled+checkpointing+offload": "compiled+checkpointing+offload-on-demand"}
+# a path not measured yet -> the measured path that stands in for it
+STAND_INS = {"compiled+checkpointing+offload": "compiled+checkpointing+offload-on-demand"}
 
 
 def rows_of(path: str) -> list[tuple[float, int, float, float]]:
@@ -63,6 +71,8 @@ def rows_of(path: str) -> list[tuple[float, int, float, float]]:
 
 def path_of(k: Knobs) -> tuple[str, bool]:
     """The measured path that stands for these knobs, and whether its checkpointing was measured on it."""
+    if k.method == "full" and k.compile and k.backend == "hf" and not k.offload:
+        return ("full-compiled+checkpointing", True) if k.gradient_checkpointing else ("full-compiled", False)
     offload = ""
     if k.offload and k.gradient_checkpointing and k.backend == "hf":
         offload = "+offload" if k.prefetch else "+offload-on-demand"
@@ -79,12 +89,28 @@ def path_of(k: Knobs) -> tuple[str, bool]:
 def utilisation(path: str, params: float, tokens: int = REFERENCE_TOKENS) -> float:
     """u at `tokens` per micro-batch, interpolated in log P over the path's sizes. At each size the measurement
     nearest in tokens stands, scaled by (tokens / its tokens)^γ (exact where the benchmark ran that micro-batch)."""
+    if path.startswith("full-"):
+        return _full_utilisation(path, params, tokens)
     nearest: dict[float, tuple[int, float, float]] = {}
     for p, t, n, rate in rows_of(path):
         if p not in nearest or abs(math.log(t / tokens)) < abs(math.log(nearest[p][0] / tokens)):
             nearest[p] = (t, n, rate)
-    points = sorted((p, n * 4 * p / (rate * 1e12) * (tokens / t) ** tokens_exponent(p)) for p, (t, n, rate) in nearest.items())
+    flops = path_flops(path)
+    points = sorted((p, n * flops * p / (rate * 1e12) * (tokens / t) ** tokens_exponent(p)) for p, (t, n, rate) in nearest.items())
     return _interpolate(points, params)
+
+
+def _full_utilisation(path: str, params: float, tokens: int) -> float:
+    """Full training as a multiple of its LoRA path's utilisation at the same size (the multiple measured at
+    1.5B: 1.21 compiled), so it follows the LoRA path's growth with size instead of being held at 1.5B's."""
+    lora = path.removeprefix("full-")
+    points = sorted((p, n * path_flops(path) * p / (rate * 1e12) / utilisation(lora, p, t)) for p, t, n, rate in MEASURED[path])
+    return _interpolate(points, params) * utilisation(lora, params, tokens)
+
+
+def path_flops(path: str) -> float:
+    """FLOPs per parameter and token of a measured path's runs (SFT): 6 for full training, 4 on frozen weights."""
+    return 6.0 if path.startswith("full-") else 4.0
 
 
 def tokens_exponent(params: float) -> float:
@@ -125,6 +151,7 @@ def tokens_per_second(profile: Profile, cfg: RouteConfig, k: Knobs, stage: str =
     u = utilisation(path, p, k.tokens)
     if k.gradient_checkpointing and not measured_gc:
         u *= checkpointing_factor(p)
+    # u of a path measured on frozen weights, for full training: the same matmul rate over 6 FLOPs, not 4
     return u * cfg.gpu_tflops * 1e12 / (flops_per_token(k.method, stage) * p)
 
 
@@ -132,7 +159,7 @@ def measured(k: Knobs) -> bool:
     """Whether the benchmark measured this path at this micro-batch (else the speed is derived, see the module doc)."""
     path, measured_gc = path_of(k)
     at_size = any(t == k.tokens for _p, t, _n, _r in MEASURED.get(path, []))  # a stand-in is not a measurement
-    return k.method != "full" and at_size and (measured_gc or not k.gradient_checkpointing)
+    return (k.method != "full" or path.startswith("full-")) and at_size and (measured_gc or not k.gradient_checkpointing)
 
 
 def estimate_hours(profile: Profile, cfg: RouteConfig, stages: list[str], k: Knobs, tokens: dict[str, float] | None = None) -> float | None:

@@ -53,7 +53,7 @@ def build_rows(table, bins: list[list[int]], extra: tuple[str, ...] = (), rows=N
     import pyarrow.compute as pc
 
     order = np.fromiter((i for b in bins for i in b), dtype=np.int64, count=sum(len(b) for b in bins))
-    taken = table.take(pa.array(order if rows is None else np.asarray(rows, dtype=np.int64)[order]))
+    taken = take_rows(table, order if rows is None else np.asarray(rows, dtype=np.int64)[order])
     sample_lengths = pc.list_value_length(taken["input_ids"]).to_numpy(zero_copy_only=False).astype(np.int32)
     bin_sizes = np.fromiter((len(b) for b in bins), dtype=np.int64, count=len(bins))
     sample_ends = np.cumsum(sample_lengths, dtype=np.int64)
@@ -77,6 +77,21 @@ def build_rows(table, bins: list[list[int]], extra: tuple[str, ...] = (), rows=N
             raise ValueError(f"column {name!r} can only be copied for unpacked rows")
         columns[name] = taken[name]
     return pa.table(columns)
+
+
+def take_rows(table, rows, memory_pool=None):
+    """`table.take(rows)`, reading only the span of rows the indices cover. pyarrow's take on a chunked list
+    column concatenates every chunk first: over a memory-mapped split, the whole column copied into memory
+    for each window (11.6 GB at 3M conversations). A slice is free, so the copy is the window's span."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    rows = np.asarray(rows, dtype=np.int64)
+    if not len(rows):
+        return table.slice(0, 0)
+    lo, hi = int(rows.min()), int(rows.max()) + 1
+    return pc.take(table.slice(lo, hi - lo), pa.array(rows - lo), memory_pool=memory_pool)
 
 
 def _flat(column):

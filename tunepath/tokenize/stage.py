@@ -34,7 +34,7 @@ from tunepath.progress import DataPass, datasets_bars_off
 from tunepath.tokenize.cache import bound as bound_cache, touch
 from tunepath.tokenize.batches import STATUS_NAMES, TRUNCATED, EncodePlan, cpt_batch, encoder_for, sft_batch
 from tunepath.tokenize.masks import check_encoder
-from tunepath.tokenize.packing import best_fit_decreasing, build_rows, padding_share
+from tunepath.tokenize.packing import best_fit_decreasing, build_rows, padding_share, take_rows
 from tunepath.tokenize.report import cut_samples, cut_warning, write_report
 from tunepath.tokenize.render import pin_date
 from tunepath.tokenize.shards import ShardWriter
@@ -669,14 +669,12 @@ def _finish_kto(mapped, cfg: TokenizeConfig, target: Path, run_key: str) -> dict
 def _save(table, kept, target: Path, stats: dict, run_key: str) -> None:
     """The kept rows of a memory-mapped table into Arrow shards, `SAVE_WINDOW_ROWS` at a time: preference pairs
     and feedback stream to disk as SFT rows and CPT blocks do, instead of being gathered into one table first."""
-    import pyarrow as pa
-
     writer = ShardWriter(target, _output_fingerprint(run_key, target))
     progress = DataPass(log, f"tokenize {target.parent.name}/{target.name}: write", 0)
     for lo in range(0, len(kept), SAVE_WINDOW_ROWS):
         window = kept[lo:lo + SAVE_WINDOW_ROWS]
         progress.step(rows=len(window))
-        writer.write(table.take(pa.array(window)))
+        writer.write(take_rows(table, window))
     _close(writer, target, stats)
     if len(kept) > SAVE_WINDOW_ROWS:
         progress.done()
