@@ -165,3 +165,23 @@ def test_the_loss_chunk_is_the_train_stage_s():
     from tunepath.train.loss import CHUNK_BYTES as TRAIN_CHUNK
 
     assert CHUNK_BYTES == TRAIN_CHUNK
+
+
+def test_a_path_follows_its_base_where_it_was_not_measured():
+    """hf QLoRA with checkpointing was measured at 7B and 14B only: at 1.5B it is hf QLoRA's measured u times
+    the slowdown checkpointing showed at 7B, not 7B's u kept (which put it above LoRA at 1.5B). Where a path
+    was measured, its u is the measurement's."""
+    from tunepath.route.speed import utilisation
+
+    at_7b = MEASURED["hf-qlora+checkpointing"][0]
+    assert at_7b[0] == 7_615_616_512
+    direct = at_7b[2] * 4 * at_7b[0] / (at_7b[3] * 1e12)
+    assert utilisation("hf-qlora+checkpointing", at_7b[0]) == pytest.approx(direct)
+    slowdown = direct / utilisation("hf-qlora", at_7b[0])
+    small = 1_543_714_304
+    assert utilisation("hf-qlora+checkpointing", small) == pytest.approx(slowdown * utilisation("hf-qlora", small))
+    assert utilisation("hf-qlora+checkpointing", small) < utilisation("hf-qlora", small) < utilisation("compiled", small)
+    # full training: its own measurement at 1.5B, and above LoRA's u there (its matmuls keep the card busier)
+    full = MEASURED["full-compiled"][0]
+    assert utilisation("full-compiled", full[0]) == pytest.approx(full[2] * 6 * full[0] / (full[3] * 1e12))
+    assert utilisation("full-compiled", full[0]) > utilisation("compiled", full[0])

@@ -214,3 +214,61 @@ def test_appended_records_tokenize_only_the_new_shards(chatml_model, tmp_path, m
     for part in ("sft/train", "sft/eval", "cpt/train"):
         if (tmp_path / "fresh-out" / part).exists():
             assert _load(tmp_path / "out" / part).to_dict() == _load(tmp_path / "fresh-out" / part).to_dict()
+
+
+def test_mapped_split_reads_any_span_across_its_files(tmp_path):
+    """A span read through maps of its own equals the same rows of the whole split, within and across files."""
+    from tunepath.tokenize.split import MappedSplit
+
+    paths, rows = [], []
+    for f, count in enumerate((7, 1, 12)):  # three files of several record batches each
+        path = tmp_path / f"part-{f}.arrow"
+        values = [{"input_ids": [f * 100 + r] * (1 + r % 4), "status": r % 3} for r in range(count)]
+        table = pa.Table.from_pylist(values)
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            for batch in table.to_batches(max_chunksize=3):
+                writer.write_batch(batch)
+        paths.append(path)
+        rows += values
+    mapped, whole = MappedSplit(paths, in_memory=False), MappedSplit(paths, in_memory=True)
+    assert len(mapped) == len(whole) == len(rows) == 20
+    assert mapped.table["status"].to_pylist() == [r["status"] for r in rows]
+    for lo, hi in [(0, 20), (0, 1), (6, 8), (7, 8), (5, 19), (19, 20), (3, 3)]:
+        span = mapped.rows(lo, hi, ["input_ids"])
+        assert span.column_names == ["input_ids"]
+        assert span.to_pylist() == whole.rows(lo, hi, ["input_ids"]).to_pylist() == [{"input_ids": r["input_ids"]} for r in rows[lo:hi]]
+
+
+def test_memory_mapped_splits_tokenize_to_the_same_outputs(chatml_model, tmp_path, monkeypatch):
+    """Every kind read a window at a time through memory maps (splits too large to read whole) writes what the
+    in-memory path writes, with windows and shards small enough to cross map files."""
+    from test_tokenize_pairs import _records as pair_records
+
+    chats = [{**r, "split": "eval"} if r["kind"] == "conversation" and i % 9 == 0 else r for i, r in enumerate(_records(80))]
+    validate = write_records(tmp_path / "v", chats + pair_records())
+    cfg = TokenizeConfig(max_length=64, cache_dir=str(tmp_path / "cache"))
+    model = ModelConfig(base=str(chatml_model))
+    monkeypatch.setattr(stage_module, "READ_BLOCK_BYTES", 3000)
+    monkeypatch.setattr(stage_module, "SHARD_BYTES", 1)  # a shard, so a map file, per block
+    monkeypatch.setattr(stage_module, "PACK_WINDOW_TOKENS", 500)
+    monkeypatch.setattr(stage_module, "SAVE_WINDOW_ROWS", 4)
+    monkeypatch.setattr(stage_module, "BYTES_PER_CPT_TOKEN", 1 << 30)
+    run_tokenize(cfg, model, validate, tmp_path / "in-memory")
+    loaded = []
+    real = stage_module._load_split
+
+    def mapped_only(cache_root, keys, budget):
+        split = real(cache_root, keys, 0)  # a budget of 0: every split memory-mapped
+        loaded.append((split.in_memory, len(split.paths)))
+        return split
+
+    monkeypatch.setattr(stage_module, "_load_split", mapped_only)
+    run_tokenize(cfg.model_copy(update={"cache_dir": str(tmp_path / "cache-2")}), model, validate, tmp_path / "mapped")
+    assert loaded and not any(in_memory for in_memory, _ in loaded) and max(files for _, files in loaded) > 3
+    for part in ("sft/train", "sft/eval", "cpt/train", "dpo/train", "dpo/eval", "kto/train", "kto/eval"):
+        assert (tmp_path / "in-memory" / part).exists(), part
+        assert _load(tmp_path / "mapped" / part).to_dict() == _load(tmp_path / "in-memory" / part).to_dict(), part
+    stats = [json.loads((tmp_path / run / "stats.json").read_text()) for run in ("in-memory", "mapped")]
+    for s in stats:
+        s.pop("seconds"), s.pop("timings")
+    assert stats[0] == stats[1]

@@ -12,9 +12,9 @@ measured sizes and held at the ends; T, the tokens per micro-batch, scales it by
 compiled path measured at 8,192 and 16,384 tokens. A path measured without checkpointing uses the compiled
 path's checkpointing slowdown at that size. A path not measured yet takes the rate of the path in STAND_INS
 (offload with its prefetch at 1.5B: offload on demand's rate, a lower bound) and the plan says it is derived.
-Full fine-tuning compiled on the hf backend has its own paths, as a multiple of the LoRA path's utilisation
-at the same size (measured at 1.5B); full training without compile uses the LoRA path's utilisation over its
-6 FLOPs.
+A path that adds a setting to a measured one (checkpointing, offload, full training over LoRA) is its base's
+u times the ratio measured between them (see `utilisation`); full training without compile uses the LoRA
+path's utilisation over its 6 FLOPs.
 tests/test_route_calibration.py keeps MEASURED equal to the result files.
 
 Hours = epochs · tokens / (n · tokens/s) / 3600, n GPUs (data parallel, linear).
@@ -87,25 +87,35 @@ def path_of(k: Knobs) -> tuple[str, bool]:
 
 
 def utilisation(path: str, params: float, tokens: int = REFERENCE_TOKENS) -> float:
-    """u at `tokens` per micro-batch, interpolated in log P over the path's sizes. At each size the measurement
-    nearest in tokens stands, scaled by (tokens / its tokens)^γ (exact where the benchmark ran that micro-batch)."""
-    if path.startswith("full-"):
-        return _full_utilisation(path, params, tokens)
-    nearest: dict[float, tuple[int, float, float]] = {}
-    for p, t, n, rate in rows_of(path):
-        if p not in nearest or abs(math.log(t / tokens)) < abs(math.log(nearest[p][0] / tokens)):
-            nearest[p] = (t, n, rate)
-    flops = path_flops(path)
-    points = sorted((p, n * flops * p / (rate * 1e12) * (tokens / t) ** tokens_exponent(p)) for p, (t, n, rate) in nearest.items())
+    """u at `tokens` per micro-batch. A path that adds one setting to another measured path (its base:
+    checkpointing to the compiled path, offload to checkpointing, full training to LoRA) is that base's u times
+    the ratio measured between the two, interpolated in log P over the sizes where the path was measured; so a
+    path measured only at 7B and 14B follows its base's measured trend down to 1.5B instead of keeping 7B's u.
+    A path with no base is interpolated in log P over its own sizes. At each size the measurement nearest in
+    tokens stands, scaled by (tokens / its tokens)^γ (exact where the benchmark ran that micro-batch)."""
+    base = base_path(path)
+    if base is not None:
+        ratios = sorted((p, u / utilisation(base, p, t)) for p, (t, u) in _nearest(path, tokens).items())
+        return _interpolate(ratios, params) * utilisation(base, params, tokens)
+    points = sorted((p, u * (tokens / t) ** tokens_exponent(p)) for p, (t, u) in _nearest(path, tokens).items())
     return _interpolate(points, params)
 
 
-def _full_utilisation(path: str, params: float, tokens: int) -> float:
-    """Full training as a multiple of its LoRA path's utilisation at the same size (the multiple measured at
-    1.5B: 1.21 compiled), so it follows the LoRA path's growth with size instead of being held at 1.5B's."""
-    lora = path.removeprefix("full-")
-    points = sorted((p, n * path_flops(path) * p / (rate * 1e12) / utilisation(lora, p, t)) for p, t, n, rate in MEASURED[path])
-    return _interpolate(points, params) * utilisation(lora, params, tokens)
+def base_path(path: str) -> str | None:
+    """The measured path this one adds a setting to, or None."""
+    if path.startswith("full-"):
+        return path.removeprefix("full-")
+    head, plus, _ = path.rpartition("+")
+    return head if plus and head in MEASURED else None
+
+
+def _nearest(path: str, tokens: int) -> dict[float, tuple[int, float]]:
+    """Per measured size: (tokens per micro-batch, u) of the measurement nearest in tokens to `tokens`."""
+    nearest: dict[float, tuple[int, float]] = {}
+    for p, t, n, rate in rows_of(path):
+        if p not in nearest or abs(math.log(t / tokens)) < abs(math.log(nearest[p][0] / tokens)):
+            nearest[p] = (t, n * path_flops(path) * p / (rate * 1e12))
+    return nearest
 
 
 def path_flops(path: str) -> float:

@@ -8,7 +8,7 @@ cache is cut back to `tokenize.cache_max_gb`, least recently used entries first 
 
 Memory stays bounded by `data.memory_gb`, not by the data: records are read in blocks of bytes and written
 apart per kind and split (memory-mapped by the map), map outputs larger than a share of the budget are
-memory-mapped, SFT rows are packed best-fit over windows of PACK_WINDOW_TOKENS (the same rows as one global
+memory-mapped and read a window at a time through maps of the window's own (`split.py`), SFT rows are packed best-fit over windows of PACK_WINDOW_TOKENS (the same rows as one global
 packing below that size; above it, a little more padding, reported in stats.json), CPT blocks are cut from
 chunks of documents, DPO pairs and KTO examples are gathered SAVE_WINDOW_ROWS at a time, and every output
 is written shard by shard.
@@ -445,15 +445,13 @@ MAP_FILES = "files.json"
 
 
 def _load_split(cache_root: Path, keys: list[str], budget: int):
-    """The cached map outputs of a split's shards, in order, as one Dataset. Packing reads every row; reading a
+    """The cached map outputs of a split's shards, in order, as one MappedSplit. Packing reads every row; reading a
     file whole was 5x faster than faulting its pages in through a memory map (a 92 MB output: 0.07 s against
     0.37 s), so outputs up to a quarter of the memory budget are read whole and larger ones memory-mapped."""
-    from datasets import Dataset, concatenate_datasets
+    from tunepath.tokenize.split import MappedSplit
 
     paths = [cache_root / key / name for key in keys for name in json.loads((cache_root / key / MAP_FILES).read_text(encoding="utf-8"))]
-    whole = sum(p.stat().st_size for p in paths) <= budget // 4
-    parts = [Dataset.from_file(str(p), in_memory=whole) for p in paths]
-    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+    return MappedSplit(paths, in_memory=sum(p.stat().st_size for p in paths) <= budget // 4)
 
 
 def _zero_stats() -> dict:
@@ -492,7 +490,7 @@ def _drop_examples(mapped, records, kind: str, split: str) -> dict:
 
     if mapped is None:
         return {}
-    table = mapped.data.table
+    table = mapped.table
     status = table["status"].to_numpy()
     examples = {}
     for code, name in STATUS_NAMES.items():
@@ -530,11 +528,11 @@ def _finish_sft(mapped, split: str, cfg: TokenizeConfig, target: Path, run_key: 
 
     if mapped is None:
         return _zero_stats()
-    table = mapped.data.table
+    table = mapped.table
     stats, kept = _status_stats(table)
     extra = ("prompt_ids", "record") if split == "eval" else ()  # record: the canonical record (this kind and split)
-    samples = table.select(["input_ids", "labels", *extra])
-    lengths = pc.list_value_length(samples["input_ids"]).to_numpy(zero_copy_only=False)[kept].astype(np.int64)
+    columns = ["input_ids", "labels", *extra]
+    lengths = pc.list_value_length(table["input_ids"]).to_numpy(zero_copy_only=False)[kept].astype(np.int64)
     pack = cfg.pack and split == "train"
     writer = ShardWriter(target, _output_fingerprint(run_key, target))
     packed_rows = windows = 0
@@ -546,7 +544,8 @@ def _finish_sft(mapped, split: str, cfg: TokenizeConfig, target: Path, run_key: 
         packed_rows += len(packed_bins)
         windows += 1
         bins = packed_bins if pack else [[i] for i in range(len(window))]
-        writer.write(build_rows(samples, bins, extra, rows=kept[lo:hi]))
+        first, last = int(kept[lo]), int(kept[hi - 1]) + 1  # the window's span of the split's rows
+        writer.write(build_rows(mapped.rows(first, last, columns), bins, extra, rows=kept[lo:hi] - first))
     rows = _close(writer, target, stats)
     if windows > 1:
         progress.done()
@@ -584,14 +583,13 @@ def _finish_cpt(mapped, cfg: TokenizeConfig, pad_id: int, target: Path, run_key:
 
     if mapped is None:
         return _zero_stats()
-    docs = mapped.data.table["input_ids"]
-    lengths = pc.list_value_length(docs).to_numpy(zero_copy_only=False).astype(np.int64)
+    lengths = pc.list_value_length(mapped.table["input_ids"]).to_numpy(zero_copy_only=False).astype(np.int64)
     cutter = BlockCutter(cfg.max_length, cfg.cpt_remainder, cfg.cpt_isolate_documents, pad_id)
     writer = ShardWriter(target, _output_fingerprint(run_key, target))
     progress = DataPass(log, "tokenize cpt: cut and write blocks", 0)
     chunks = 0
     for lo, hi in _windows(lengths, max(budget // 8 // BYTES_PER_CPT_TOKEN, cfg.max_length)):
-        writer.write(cutter.add(docs.slice(lo, hi - lo)))
+        writer.write(cutter.add(mapped.rows(lo, hi, ["input_ids"])["input_ids"]))
         progress.step(rows=hi - lo)
         chunks += 1
     writer.write(cutter.finish())
@@ -620,9 +618,10 @@ def _finish_dpo(mapped, cfg: TokenizeConfig, target: Path, run_key: str) -> dict
 
     if mapped is None:
         return _zero_stats()
-    table = mapped.data.table
+    table = mapped.table
     stats, kept = _status_stats(table)
-    pairs = table.select(["prompt_ids", "chosen_ids", "rejected_ids", "prompt", "chosen", "rejected"])
+    columns = ["prompt_ids", "chosen_ids", "rejected_ids", "prompt", "chosen", "rejected"]
+    pairs = table.select(columns)
 
     def total(name):  # from the list offsets of the memory-mapped column: no row is read
         lengths = pc.list_value_length(pairs[name]).to_numpy(zero_copy_only=False).astype(np.int64)
@@ -638,7 +637,7 @@ def _finish_dpo(mapped, cfg: TokenizeConfig, target: Path, run_key: str) -> dict
         padding_share_packed=share,
         rows=len(kept),
     )
-    _save(pairs, kept, target, stats, run_key)
+    _save(mapped, columns, kept, target, stats, run_key)
     return {**_zero_stats(), **stats}
 
 
@@ -649,9 +648,10 @@ def _finish_kto(mapped, cfg: TokenizeConfig, target: Path, run_key: str) -> dict
 
     if mapped is None:
         return {**_zero_stats(), "desirable": 0}
-    table = mapped.data.table
+    table = mapped.table
     stats, kept = _status_stats(table)
-    rows = table.select(["prompt_ids", "completion_ids", "label", "prompt", "completion"])
+    columns = ["prompt_ids", "completion_ids", "label", "prompt", "completion"]
+    rows = table.select(columns)
 
     def total(name):
         lengths = pc.list_value_length(rows[name]).to_numpy(zero_copy_only=False).astype(np.int64)
@@ -661,20 +661,21 @@ def _finish_kto(mapped, cfg: TokenizeConfig, target: Path, run_key: str) -> dict
     share = padding_share(prompt + completion, len(kept), cfg.max_length)
     stats.update(tokens=prompt + completion, label_tokens=completion, padding_share_unpacked=share,
                  padding_share_packed=share, rows=len(kept))
-    _save(rows, kept, target, stats, run_key)
+    _save(mapped, columns, kept, target, stats, run_key)
     desirable = int(np.asarray(rows["label"].to_numpy(zero_copy_only=False), dtype=bool)[kept].sum())
     return {**_zero_stats(), **stats, "desirable": desirable}
 
 
-def _save(table, kept, target: Path, stats: dict, run_key: str) -> None:
-    """The kept rows of a memory-mapped table into Arrow shards, `SAVE_WINDOW_ROWS` at a time: preference pairs
-    and feedback stream to disk as SFT rows and CPT blocks do, instead of being gathered into one table first."""
+def _save(mapped, columns: list[str], kept, target: Path, stats: dict, run_key: str) -> None:
+    """The kept rows of a split into Arrow shards, `SAVE_WINDOW_ROWS` at a time: preference pairs and feedback
+    stream to disk as SFT rows and CPT blocks do, instead of being gathered into one table first."""
     writer = ShardWriter(target, _output_fingerprint(run_key, target))
     progress = DataPass(log, f"tokenize {target.parent.name}/{target.name}: write", 0)
     for lo in range(0, len(kept), SAVE_WINDOW_ROWS):
         window = kept[lo:lo + SAVE_WINDOW_ROWS]
         progress.step(rows=len(window))
-        writer.write(take_rows(table, window))
+        first = int(window[0])
+        writer.write(take_rows(mapped.rows(first, int(window[-1]) + 1, columns), window - first))
     _close(writer, target, stats)
     if len(kept) > SAVE_WINDOW_ROWS:
         progress.done()

@@ -1,0 +1,43 @@
+"""A split's map outputs (Arrow files, in order) as one table for its small columns, and row spans read a
+window at a time.
+
+A memory-mapped page stays in the process's resident set for as long as its map is open, so reading every
+row of a large split through one long-lived map grows the RSS to the split's size (2.7 GB of file pages at
+1M conversations, about 8 GB at 3M), though the pages are only page cache. `rows` reads a span through maps
+of its own, opened for the span and closed when the caller lets the returned table go: the resident pages
+follow the window, not the split. Outputs small enough to read whole (`in_memory`) are simply sliced.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class MappedSplit:
+    def __init__(self, paths: list[Path], in_memory: bool) -> None:
+        import numpy as np
+        from datasets import Dataset, concatenate_datasets
+
+        self.paths = [str(p) for p in paths]
+        self.in_memory = in_memory
+        parts = [Dataset.from_file(p, in_memory=in_memory) for p in self.paths]
+        dataset = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+        self.table = dataset.data.table  # for the small columns (status, lengths) and single values
+        self.ends = np.cumsum([len(part) for part in parts], dtype=np.int64)  # rows up to the end of each file
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def rows(self, lo: int, hi: int, columns: list[str]):
+        """Rows [lo, hi) of `columns` as a pyarrow Table. Over memory maps, the maps are this table's own."""
+        import numpy as np
+        import pyarrow as pa
+
+        if self.in_memory or hi <= lo:
+            return self.table.select(columns).slice(lo, max(hi - lo, 0))
+        first = int(np.searchsorted(self.ends, lo, side="right"))
+        last = int(np.searchsorted(self.ends, hi - 1, side="right"))
+        start = int(self.ends[first - 1]) if first else 0
+        tables = [pa.ipc.open_stream(pa.memory_map(self.paths[i])).read_all().select(columns) for i in range(first, last + 1)]
+        joined = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+        return joined.slice(lo - start, hi - lo)
