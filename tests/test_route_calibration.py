@@ -3,9 +3,9 @@
 Every peak in benchmarks/results/train_<card>_*.json (torch's peak allocated memory, GiB) of a tunepath variant
 is compared with the estimate for the same shape and knobs, without route.overhead_gb (the CUDA context that
 torch's counter leaves out): within 15% of each. The 7B rows of the benchmark issue (2026-12-01, one H200,
-no result file yet) and one 1.5B full fine-tuning run whose file was lost are below by hand; a result file with the same shape and variant replaces them. So are two
-full fine-tuning peaks measured before the speed paths (docs/routing.md's table: transformers' own loss, no
-compile), the only full-training measurements there are.
+no result file yet) and one 1.5B full fine-tuning run whose file was lost are below by hand; a result file
+with the same shape and variant replaces them. So are two full fine-tuning peaks measured before the speed
+paths (docs/routing.md's table: transformers' own loss, no compile).
 """
 
 from __future__ import annotations

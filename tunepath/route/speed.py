@@ -161,7 +161,7 @@ def tokens_per_second(profile: Profile, cfg: RouteConfig, k: Knobs, stage: str =
     u = utilisation(path, p, k.tokens)
     if k.gradient_checkpointing and not measured_gc:
         u *= checkpointing_factor(p)
-    # u of a path measured on frozen weights, for full training: the same matmul rate over 6 FLOPs, not 4
+    # u is a share of the card's matmul rate: tokens/s is that rate over the method's FLOPs per token
     return u * cfg.gpu_tflops * 1e12 / (flops_per_token(k.method, stage) * p)
 
 

@@ -41,3 +41,10 @@ class MappedSplit:
         tables = [pa.ipc.open_stream(pa.memory_map(self.paths[i])).read_all().select(columns) for i in range(first, last + 1)]
         joined = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
         return joined.slice(lo - start, hi - lo)
+
+    def take(self, rows, columns: list[str]):
+        """The split's rows at the ascending indices `rows` (at least one), read through their span."""
+        from tunepath.tokenize.packing import take_rows
+
+        first = int(rows[0])
+        return take_rows(self.rows(first, int(rows[-1]) + 1, columns), rows - first)

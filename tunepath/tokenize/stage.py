@@ -8,10 +8,10 @@ cache is cut back to `tokenize.cache_max_gb`, least recently used entries first 
 
 Memory stays bounded by `data.memory_gb`, not by the data: records are read in blocks of bytes and written
 apart per kind and split (memory-mapped by the map), map outputs larger than a share of the budget are
-memory-mapped and read a window at a time through maps of the window's own (`split.py`), SFT rows are packed best-fit over windows of PACK_WINDOW_TOKENS (the same rows as one global
-packing below that size; above it, a little more padding, reported in stats.json), CPT blocks are cut from
-chunks of documents, DPO pairs and KTO examples are gathered SAVE_WINDOW_ROWS at a time, and every output
-is written shard by shard.
+memory-mapped and read a window at a time through maps of the window's own (`split.py`), SFT rows are packed
+best-fit over windows of PACK_WINDOW_TOKENS (the same rows as one global packing below that size; above it, a
+little more padding, reported in stats.json), CPT blocks are cut from chunks of documents, DPO pairs and KTO
+examples are gathered SAVE_WINDOW_ROWS at a time, and every output is written shard by shard.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from tunepath.progress import DataPass, datasets_bars_off
 from tunepath.tokenize.cache import bound as bound_cache, touch
 from tunepath.tokenize.batches import STATUS_NAMES, TRUNCATED, EncodePlan, cpt_batch, encoder_for, sft_batch
 from tunepath.tokenize.masks import check_encoder
-from tunepath.tokenize.packing import best_fit_decreasing, build_rows, padding_share, take_rows
+from tunepath.tokenize.packing import best_fit_decreasing, build_rows, padding_share
 from tunepath.tokenize.report import cut_samples, cut_warning, write_report
 from tunepath.tokenize.render import pin_date
 from tunepath.tokenize.shards import ShardWriter
@@ -674,8 +674,7 @@ def _save(mapped, columns: list[str], kept, target: Path, stats: dict, run_key: 
     for lo in range(0, len(kept), SAVE_WINDOW_ROWS):
         window = kept[lo:lo + SAVE_WINDOW_ROWS]
         progress.step(rows=len(window))
-        first = int(window[0])
-        writer.write(take_rows(mapped.rows(first, int(window[-1]) + 1, columns), window - first))
+        writer.write(mapped.take(window, columns))
     _close(writer, target, stats)
     if len(kept) > SAVE_WINDOW_ROWS:
         progress.done()
