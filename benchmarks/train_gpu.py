@@ -239,7 +239,8 @@ def run_variant(args) -> dict:
     model_dir = str(work / f"model-{args.shape}")
     data_dir = work / f"data-{shape['vocab_size']}"
     pad_id = shape["vocab_size"] - 1
-    steps = args.warmup + (args.timed_a if base_variant == "a" else args.timed)
+    timed_steps = args.timed_a if base_variant == "a" else args.timed
+    steps = args.warmup + timed_steps + args.profile  # the profiled steps come after the timed ones
     out = work / f"run-{args.shape}-{args.variant}"
     result: dict = {"variant": args.variant, "shape": args.shape, "device": "cuda" if cuda else "cpu"}
 
@@ -336,6 +337,12 @@ def run_variant(args) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.add_callback(Timer())
+    profiler = None
+    if args.profile:
+        from benchmarks.step_profile import StepProfiler
+
+        profiler = StepProfiler(first=args.warmup + timed_steps, count=args.profile, lora_r=LORA_R)
+        trainer.add_callback(profiler)
     fit = trainer.train()
     sync()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -350,7 +357,7 @@ def run_variant(args) -> dict:
         if step < steps:
             real[step] += n_real
             slots[step] += n_slots
-    timed = slice(args.warmup, len(times))
+    timed = slice(args.warmup, args.warmup + timed_steps)
     seconds = sum(times[timed])
     tokens = sum(real[timed])
     lengths = data_lengths(data_dir)
@@ -378,6 +385,10 @@ def run_variant(args) -> dict:
     if cuda:
         result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+    if profiler is not None:
+        profiled = real[args.warmup + timed_steps:]
+        scale = (tokens / max(len(times[timed]), 1)) / (sum(profiled) / len(profiled)) if profiled and sum(profiled) else 1.0
+        result["profile"] = profiler.summary(step_s=result["median_step_s"], scale=scale)
     if result.get("speed_paths", {}).get("compiled_layers"):
         from tunepath.train import compile_cache
 
@@ -386,7 +397,7 @@ def run_variant(args) -> dict:
 
 
 # variant keys that are engine switches (tunepath.train.options.EngineOptions), not TrainConfig fields
-ENGINE_KEYS = ("upcast", "loss_chunk_mb", "offload_prefetch", "compile_cache")
+ENGINE_KEYS = ("upcast", "loss_chunk_mb", "offload_prefetch", "attention_in_graph", "tf32", "compile_cache")
 
 
 def engine_options(spec: dict, work: Path, shape: str, variant: str):
@@ -403,6 +414,9 @@ def engine_options(spec: dict, work: Path, shape: str, variant: str):
         options["loss_chunk_bytes"] = int(spec["loss_chunk_mb"]) << 20
     if "offload_prefetch" in spec:
         options["offload_prefetch"] = bool(spec["offload_prefetch"])
+    for switch in ("attention_in_graph", "tf32"):
+        if switch in spec:
+            options[switch] = bool(spec[switch])
     state = spec.get("compile_cache")
     if state is not None:
         if state not in ("cold", "warm"):
@@ -633,6 +647,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/train_<card>_<date>.json)")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per variant process")
     parser.add_argument("--max-length", type=int, default=None, help=f"packed row length (default {MAX_LENGTH}; 512 on CPU)")
+    parser.add_argument("--profile", type=int, default=0,
+                        help="after the timed steps, profile this many more with torch.profiler: kernel time by kind")
     parser.add_argument("--compile-cache", action="store_true",
                         help="run each compiling variant twice, cold (empty compile cache) then warm: time to first step of each")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -690,7 +706,7 @@ def run_all(args, shapes: list[str], variants: list[str], cpu: bool, work: Path)
     order = [(s, v) for v in variants if v not in in_unsloth for s in shapes] + [(s, v) for v in in_unsloth for s in shapes]
     for shape, variant in order:
         log.info("running %s %s", shape, variant)
-        extra = ["--warmup", str(warmup), "--timed", str(timed), "--timed-a", str(timed_a)]
+        extra = ["--warmup", str(warmup), "--timed", str(timed), "--timed-a", str(timed_a), "--profile", str(args.profile)]
         result = spawn(["--child", "run", "--variant", variant, "--shape", shape, *extra, *flags], args.timeout)
         report["runs"].setdefault(shape, {})[variant] = result
         log.info("%s %s: %s", shape, variant, {k: result.get(k) for k in ("real_tokens_per_s", "peak_gib", "time_to_first_step_s", "error")})
@@ -700,6 +716,12 @@ def run_all(args, shapes: list[str], variants: list[str], cpu: bool, work: Path)
         report["runs"][shape] = {v: runs[v] for v in sorted(runs, key=lambda v: (VARIANTS.index(variant_spec(v)[0]), v))}
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(table(report))
+    for shape, runs in report["runs"].items():
+        for variant, r in runs.items():
+            if "profile" in r and "kernel_ms_per_step" in r["profile"]:
+                from benchmarks.step_profile import table as profile_table
+
+                print(f"\n{shape} {variant}, profiled steps:\n" + profile_table(r["profile"]))
     print(f"\nfull figures: {out}")
     return 0
 

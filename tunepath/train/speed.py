@@ -8,9 +8,10 @@
   transformers' default (SDPA with the packed-sample mask) elsewhere.
 - chunked loss (train.chunked_loss): LM head and cross-entropy in chunks on labelled tokens only (`loss.py`).
 - compiled layers (train.compile, auto: on CUDA for runs of 200 steps or more): each decoder layer through
-  torch.compile ("regional compilation": one compiled graph reused by every layer; attention stays outside
-  it). Costs about 20 s of compiling in the first steps at the 1.5B shape on an H200, and gives 1.5x the
-  tokens/s there.
+  torch.compile ("regional compilation": one compiled graph reused by every layer). With varlen attention the
+  attention call is inside each layer's graph (`attention.use_varlen_attention(in_graph=True)`: 1.14x at 1.5B
+  on an H200, `EngineOptions.attention_in_graph`). Costs about 20 s of compiling in the first steps at the
+  1.5B shape on an H200, and gives 1.5x the tokens/s there.
   With a cache folder (the train stage passes the project's `.tunepath/compile-cache`), a rerun of the same
   shapes compiles from torch's on-disk caches (`compile_cache.py`).
 - micro-batches (train.micro_batch_tokens): a batch of `batch_size` rows is split into micro-batches of at most
@@ -40,11 +41,16 @@ def apply(model, cfg: TrainConfig, backend: str, options: EngineOptions | None =
     from tunepath.train import attention, loss
 
     applied = {"attention": "sdpa", "chunked_loss": False, "compiled_layers": 0}
+    if options.tf32 and _on_cuda():
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = True  # the LoRA adapters' fp32 matmuls on tensor cores
+        applied["tf32"] = True
     if cfg.attention == "varlen" or (cfg.attention == "auto" and attention.available()):
         if not attention.available():
             log.warning("train.attention varlen: no CUDA varlen kernel here; attention runs per sample (correct, slow)")
-        attention.use_varlen_attention(model)
-        applied["attention"] = "varlen"
+        attention.use_varlen_attention(model, in_graph=options.attention_in_graph)
+        applied["attention"] = "varlen in graph" if options.attention_in_graph else "varlen"
     if cfg.chunked_loss:
         applied["chunked_loss"] = loss.use_chunked_loss(model, chunk_bytes=options.loss_chunk_bytes)
     if cfg.compile is True or (cfg.compile == "auto" and _on_cuda() and long_enough(cfg)):
