@@ -76,3 +76,32 @@ def test_a_run_evicts_the_entries_of_older_settings_and_keeps_its_own(chatml_mod
     assert again["cached"]  # what the run kept serves its rerun
     back = run_tokenize(cfg, model, validate, tmp_path / "out-2")
     assert not back["cached"]  # the evicted settings tokenize again, without an error
+
+
+def test_an_unreadable_map_output_is_named_dropped_and_mapped_again(chatml_model, tmp_path, caplog):
+    """A truncated Arrow file in the cache (a disk that filled, a copy cut short): the rerun says which file,
+    removes its entry, maps that shard again and writes the same rows as before."""
+    import json
+
+    from datasets import load_from_disk
+
+    records = [{"kind": "conversation", "split": "eval" if i % 5 == 0 else "train", "messages": m}
+               for i, m in enumerate(CONVERSATIONS * 6)]
+    validate = write_records(tmp_path / "v", records)
+    model = ModelConfig(base=str(chatml_model))
+    root = tmp_path / "cache"
+    cfg = TokenizeConfig(max_length=64, cache_dir=str(root), cache_max_gb=None)
+    run_tokenize(cfg, model, validate, tmp_path / "out")
+    before = load_from_disk(str(tmp_path / "out" / "sft" / "train"))["input_ids"]
+    entry = next(p for p in cache.entries(root) if (p / "files.json").exists())
+    broken = entry / json.loads((entry / "files.json").read_text())[0]
+    broken.write_bytes(broken.read_bytes()[:14])
+    import shutil
+
+    shutil.rmtree(root / "finished")  # the packed outputs' cache: without it the rerun packs from the map outputs
+    with caplog.at_level(logging.WARNING, logger="tunepath.tokenize.stage"):
+        result = run_tokenize(cfg, model, validate, tmp_path / "out-2")  # a fresh output folder: built from the cache
+    assert str(broken) in caplog.text and "mapping its shard again" in caplog.text
+    assert not result["cached"]
+    assert load_from_disk(str(tmp_path / "out-2" / "sft" / "train"))["input_ids"] == before
+    assert run_tokenize(cfg, model, validate, tmp_path / "out-3")["cached"]  # the entry written again serves the next run

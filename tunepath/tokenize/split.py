@@ -13,14 +13,32 @@ from __future__ import annotations
 from pathlib import Path
 
 
+class UnreadableFile(Exception):
+    """A map output that cannot be opened (truncated, overwritten, missing): `path` names it."""
+
+    def __init__(self, path: str, cause: Exception) -> None:
+        super().__init__(f"{path}: {type(cause).__name__}: {cause}")
+        self.path, self.cause = path, cause
+
+
+def _open(path: str, in_memory: bool):
+    import pyarrow as pa
+    from datasets import Dataset
+
+    try:
+        return Dataset.from_file(path, in_memory=in_memory)
+    except (pa.ArrowException, OSError) as e:  # ArrowInvalid for a truncated stream, FileNotFoundError for a gone file
+        raise UnreadableFile(path, e) from e
+
+
 class MappedSplit:
     def __init__(self, paths: list[Path], in_memory: bool) -> None:
         import numpy as np
-        from datasets import Dataset, concatenate_datasets
+        from datasets import concatenate_datasets
 
         self.paths = [str(p) for p in paths]
         self.in_memory = in_memory
-        parts = [Dataset.from_file(p, in_memory=in_memory) for p in self.paths]
+        parts = [_open(p, in_memory) for p in self.paths]
         dataset = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
         self.table = dataset.data.table  # for the small columns (status, lengths) and single values
         self.ends = np.cumsum([len(part) for part in parts], dtype=np.int64)  # rows up to the end of each file

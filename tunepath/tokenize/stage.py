@@ -325,6 +325,28 @@ def _drop_unused_fields(path: Path, fields: dict[str, set[str]]) -> None:
 
 def _tokenized(kind: str, split: str, records: _Records, plan: EncodePlan, cfg: TokenizeConfig, cache_root: Path, settings: str,
                fingerprint: str, num_proc: int, budget: int, used: set[Path], engine=None):
+    """`_map_split`, and once more if a cached map output cannot be read: its entry is removed (with a warning
+    that names the file) and its shard mapped again; a second unreadable file is an error."""
+    from tunepath.tokenize.split import UnreadableFile
+
+    args = (kind, split, records, plan, cfg, cache_root, settings, fingerprint, num_proc, budget, used, engine)
+    try:
+        return _map_split(*args)
+    except UnreadableFile as e:
+        entry = Path(e.path).parent
+        log.warning("tokenize cache: %s cannot be read (%s: %s); removing the entry %s and mapping its shard again",
+                    e.path, type(e.cause).__name__, e.cause, entry.name)
+        shutil.rmtree(entry, ignore_errors=True)
+        used.discard(entry)
+    try:
+        return _map_split(*args)
+    except UnreadableFile as e:
+        raise StageError(f"tokenize cache: {e.path} cannot be read right after it was written ({e.cause}); "
+                         f"check the disk under {cache_root}") from e
+
+
+def _map_split(kind: str, split: str, records: _Records, plan: EncodePlan, cfg: TokenizeConfig, cache_root: Path, settings: str,
+               fingerprint: str, num_proc: int, budget: int, used: set[Path], engine=None):
     """The map output for one (kind, split) and whether it all came from the cache; None when there are no records.
 
     Each shard of the split is mapped on its own and cached under its digest and the settings, so appended
