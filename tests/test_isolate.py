@@ -200,6 +200,11 @@ def test_the_rerun_of_an_interrupted_isolated_run_resumes_in_its_copy_and_others
     (home / "make.py").write_text(MAKE)
     (home / "params.yaml").write_text("a: 7\n")  # a run in place rewriting params.yaml: still the same run
     assert workspaces.run_key(home, {"a": 2}) == key
+    # a run killed while writing the shared registry leaves SQLite's journal beside it (the project's .gitignore
+    # may not name it): not a change of the project, not carried into a copy
+    (home / "mlflow.db-journal").write_bytes(b"\xd9\xd5\x05\xf9 \xa1c\xd7")
+    assert workspaces.run_key(home, {"a": 2}) == key and "mlflow.db-journal" not in isolate.changed_files(home)
+    (home / "mlflow.db-journal").unlink()
 
     proc, copy = hold_copy(home, key, "first", "kill")
     assert workspaces.resumable(home, key) is None  # its run is alive: not to be taken over

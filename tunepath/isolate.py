@@ -38,6 +38,9 @@ STATE = Path(".tunepath")
 WORKSPACES = STATE / "workspaces"
 HOME_FILE = Path(".tunepath") / "home"  # in a copy: the project it belongs to
 SHARED_LINKS = ("mlflow.db",)
+# SQLite's files beside a database while a writer works on it: a run killed mid-write leaves the journal until the
+# next connection rolls it back. Never a change of the project: not carried into a copy, not part of a run's key.
+SQLITE_SIDECARS = tuple(f"{name}{suffix}" for name in SHARED_LINKS for suffix in ("-journal", "-wal", "-shm"))
 LOCKS = Path(".tunepath") / "locks"
 
 
@@ -129,7 +132,8 @@ def changed_files(home: Path) -> list[str]:
     changed = [p for p in _git(home, "diff", "--name-only", "-z", "HEAD").split("\0") if p]
     changed += [p for p in _git(home, "ls-files", "--others", "--exclude-standard", "-z").split("\0") if p]
     state = f"{Path(STATE).as_posix()}/"
-    return sorted({p for p in changed if not p.startswith(state)})  # a project that does not ignore .tunepath/: not the copies
+    # a project that does not ignore .tunepath/: not the copies
+    return sorted({p for p in changed if not p.startswith(state) and p not in SQLITE_SIDECARS})
 
 
 def _copy_whole_yaml(src: Path, dst: Path, tries: int = 20) -> None:
